@@ -1,0 +1,33 @@
+# partialseg commands. Each target creates or reuses .venv and installs in the order the
+# environment needs: torch==2.13.0 (a local CPU wheel) first, then everything else.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+DEMO_DIR ?= demo_output
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+demo: install
+	$(PY) -m partialseg.demo --out $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/transforms.py
+	$(PY) benchmarks/losses.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from partialseg.cli import main
+
+sys.exit(main())
