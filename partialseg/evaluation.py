@@ -1,0 +1,685 @@
+"""Evaluation of segmentation predictions against a dataset's reference labels.
+
+``partialseg evaluate --pred DIR --dataset DIR`` pairs every labelled case of a dataset split
+with a prediction file, computes per case and class Dice, HD95 and ASSD with MONAI's metrics
+(HD95 and ASSD in mm, from the reference's voxel spacing), and writes ``metrics.csv``,
+``summary.json`` and ``boxplot.png``. See ``docs/evaluation.md``.
+
+Conventions when a class is empty (no NaN or inf ever reaches the outputs):
+
+============  ====  ======================  ======================  ==============
+prediction    ref   Dice                    HD95                    ASSD
+============  ====  ======================  ======================  ==============
+empty         empty 1.0                     0.0                     0.0  (``both_empty``)
+empty         some  0.0                     image diagonal (mm)     diagonal (``pred_empty``)
+some          empty 0.0                     image diagonal (mm)     diagonal (``ref_empty``)
+============  ====  ======================  ======================  ==============
+
+The image diagonal is the distance between the centres of two opposite corner voxels,
+``sqrt(sum(((n_i - 1) * s_i) ** 2))``, the largest distance possible on the grid.
+
+Only ``argparse`` and the standard library are imported at module level, so that
+``partialseg --help`` stays fast; numpy, torch and MONAI are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METRICS",
+    "STATUSES",
+    "image_diagonal",
+    "evaluate_case",
+    "find_prediction",
+    "evaluate_folder",
+    "summarize",
+    "format_table",
+    "add_arguments",
+    "run",
+]
+
+#: metric names, in the order of the CSV columns and the box plot's panels
+METRICS = ("dice", "hd95", "assd")
+#: per class status: both masks non-empty, both empty, only the prediction empty, only the reference empty
+STATUSES = ("ok", "both_empty", "pred_empty", "ref_empty")
+#: file name endings recognised when pairing predictions with cases, longest first
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+#: largest allowed difference between a prediction's and its reference's affine entries
+AFFINE_ATOL = 1e-3
+
+_UNITS = {"dice": "", "hd95": "mm", "assd": "mm"}
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+
+
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """Distance between the centres of two opposite corner voxels of a grid.
+
+    This is the largest distance possible between two voxels of the grid, the value given to
+    HD95 and ASSD when exactly one of the prediction and the reference is empty.
+
+    Args:
+        shape: spatial shape ``(H, W[, D])``.
+        spacing: voxel size along each axis (mm); ``None`` means 1 along every axis.
+
+    Returns:
+        ``sqrt(sum(((n_i - 1) * s_i) ** 2))``.
+
+    Raises:
+        ValueError: when ``spacing`` does not have one entry per axis.
+
+    Example:
+        >>> image_diagonal((4, 5))
+        5.0
+        >>> image_diagonal((4, 5), spacing=(2.0, 1.0))
+        7.211102550927978
+    """
+    spacing = [1.0] * len(shape) if spacing is None else [float(s) for s in spacing]
+    if len(spacing) != len(shape):
+        raise ValueError(f"spacing {tuple(spacing)} must have one entry per axis of shape {tuple(shape)}.")
+    return math.sqrt(sum(((int(n) - 1) * s) ** 2 for n, s in zip(shape, spacing)))
+
+
+def _where(case: str | None) -> str:
+    return f"case {case!r}: " if case else ""
+
+
+def _as_label_array(arr: Any, name: str, case: str | None, num_classes: int):
+    """Converts a label map (numpy array or tensor) to an int64 numpy array and validates it."""
+    import numpy as np
+
+    if hasattr(arr, "detach"):
+        arr = arr.detach().cpu().numpy()
+    arr = np.asarray(arr)
+    if arr.ndim not in (2, 3):
+        raise ValueError(
+            f"{_where(case)}{name} must be a 2D or 3D label map of class indices, got shape {arr.shape}."
+        )
+    if arr.dtype == bool:
+        arr = arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{_where(case)}{name} holds NaN or infinite values.")
+        if not np.array_equal(arr, np.round(arr)):
+            bad = arr[arr != np.round(arr)].flat[0]
+            raise ValueError(f"{_where(case)}{name} holds the non-integer value {bad}; expected class indices.")
+        arr = np.round(arr).astype(np.int64)
+    else:
+        arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise ValueError(
+            f"{_where(case)}{name} holds the value {bad}, outside the class indices 0..{num_classes - 1}."
+        )
+    return arr
+
+
+def evaluate_case(
+    pred: Any,
+    ref: Any,
+    classes: Sequence[str] | int,
+    spacing: Sequence[float] | None = None,
+    include_background: bool = False,
+    class_indices: Sequence[int] | None = None,
+    case: str | None = None,
+) -> list[dict]:
+    """Dice, HD95 and ASSD of one predicted label map against its reference, per class.
+
+    Distances use MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+    ``compute_average_surface_distance(symmetric=True)`` on the masks' edges (the voxels that a
+    binary erosion removes), Euclidean, scaled by ``spacing``; Dice uses ``compute_dice``.
+    Empty classes get the values of the module's table (``both_empty``: 1, 0, 0; ``pred_empty``
+    and ``ref_empty``: 0 and the image diagonal), never NaN or inf.
+
+    Args:
+        pred: predicted label map of class indices, shape ``(H, W)`` or ``(H, W, D)`` (numpy
+            array or tensor, integer or integer-valued float).
+        ref: reference label map, same shape as ``pred``.
+        classes: class names (index 0 = background) or the number of classes; with a number the
+            names are the indices as strings.
+        spacing: voxel size per axis (mm); ``None`` means 1.
+        include_background: evaluate class 0 too.
+        class_indices: evaluate only these class indices (default: all, class 0 only with
+            ``include_background``).
+        case: case name used in error messages.
+
+    Returns:
+        One dict per evaluated class, in index order, with keys ``class`` (name), ``class_index``,
+        ``dice``, ``hd95``, ``assd`` (floats), ``pred_voxels``, ``ref_voxels`` (ints) and
+        ``status`` (one of ``STATUSES``).
+
+    Raises:
+        ValueError: for shapes that differ or are not 2D/3D, values that are not class indices,
+            a wrong ``spacing`` length, or unknown ``class_indices``.
+
+    Example:
+        >>> import numpy as np
+        >>> ref = np.zeros((8, 8), dtype=int); ref[2:6, 2:6] = 1
+        >>> pred = np.zeros((8, 8), dtype=int); pred[2:6, 3:7] = 1
+        >>> row = evaluate_case(pred, ref, ["background", "square"])[0]
+        >>> row["class"], row["dice"], row["hd95"], row["assd"], row["status"]
+        ('square', 0.75, 1.0, 0.5, 'ok')
+    """
+    import numpy as np
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+    if isinstance(classes, int):
+        if classes < 1:
+            raise ValueError(f"{_where(case)}the number of classes must be at least 1, got {classes}.")
+        names = [str(i) for i in range(classes)]
+    else:
+        names = [str(c) for c in classes]
+        if not names:
+            raise ValueError(f"{_where(case)}classes must name at least one class, got an empty list.")
+    num_classes = len(names)
+    pred = _as_label_array(pred, "the prediction", case, num_classes)
+    ref = _as_label_array(ref, "the reference", case, num_classes)
+    if pred.shape != ref.shape:
+        raise ValueError(f"{_where(case)}prediction shape {pred.shape} differs from reference shape {ref.shape}.")
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != pred.ndim:
+            raise ValueError(
+                f"{_where(case)}spacing {spacing} must have one entry per spatial axis of shape {pred.shape}."
+            )
+        if not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"{_where(case)}spacing {spacing} must be positive and finite.")
+
+    if class_indices is None:
+        indices = list(range(0 if include_background else 1, num_classes))
+    else:
+        indices = sorted({int(i) for i in class_indices})
+        bad = [i for i in indices if not 0 <= i < num_classes]
+        if bad:
+            raise ValueError(f"{_where(case)}class_indices {bad} are not in 0..{num_classes - 1}.")
+        if not include_background:
+            indices = [i for i in indices if i != 0]
+
+    diagonal = image_diagonal(pred.shape, spacing)
+    rows: list[dict] = []
+    both: list[int] = []  # classes non-empty in prediction and reference: the MONAI metrics' job
+    for i in indices:
+        p_n, r_n = int(np.count_nonzero(pred == i)), int(np.count_nonzero(ref == i))
+        row = {"class": names[i], "class_index": i, "pred_voxels": p_n, "ref_voxels": r_n}
+        if p_n == 0 and r_n == 0:
+            row.update(dice=1.0, hd95=0.0, assd=0.0, status="both_empty")
+        elif p_n == 0 or r_n == 0:
+            row.update(dice=0.0, hd95=diagonal, assd=diagonal, status="pred_empty" if p_n == 0 else "ref_empty")
+        else:
+            row["status"] = "ok"
+            both.append(len(rows))
+        rows.append(row)
+
+    if both:
+        sel = [rows[k]["class_index"] for k in both]
+        # one-hot (1, K, *spatial) over the classes that both masks contain
+        p1h = torch.from_numpy(np.stack([pred == i for i in sel])[None]).float()
+        r1h = torch.from_numpy(np.stack([ref == i for i in sel])[None]).float()
+        dice = compute_dice(p1h, r1h, include_background=True, ignore_empty=False)[0]
+        hd95 = compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0]
+        assd = compute_average_surface_distance(p1h, r1h, include_background=True, symmetric=True, spacing=spacing)[0]
+        for j, k in enumerate(both):
+            values = {"dice": float(dice[j]), "hd95": float(hd95[j]), "assd": float(assd[j])}
+            for key, v in values.items():
+                if not math.isfinite(v):
+                    raise ValueError(
+                        f"{_where(case)}MONAI returned {key}={v} for class {rows[k]['class']!r}, whose "
+                        "prediction and reference are both non-empty."
+                    )
+            rows[k].update(values)
+    order = ("class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "status")
+    return [{key: row[key] for key in order} for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# dataset and prediction files
+# --------------------------------------------------------------------------------------------
+
+
+def _strip_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _read_dataset_json(dataset_dir: Path, split: str) -> tuple[list[str], list[dict]]:
+    """Reads ``dataset.json`` directly: (class names, the split's cases with absolute paths).
+
+    Used when ``partialseg.data.load_dataset`` is not available; same semantics as the format
+    of ``docs/data_format.md`` for what evaluation needs (paths relative to the dataset folder,
+    bare-string test entries, ``classes`` or MSD ``labels``).
+    """
+    path = dataset_dir / "dataset.json"
+    if not path.is_file():
+        raise ValueError(f"no dataset.json in {dataset_dir}.")
+    with open(path) as f:
+        desc = json.load(f)
+    if "classes" in desc:
+        names = [str(c) for c in desc["classes"]]
+    elif "labels" in desc:
+        labels = desc["labels"]
+        if not isinstance(labels, Mapping):
+            raise ValueError(f"{path}: 'labels' must be a mapping, got {type(labels).__name__}.")
+        try:
+            if all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: {"background": 0}
+                pairs = {int(v): str(k) for k, v in labels.items()}
+            else:  # MSD: {"0": "background"}
+                pairs = {int(k): str(v) for k, v in labels.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: 'labels' keys must be class indices: {e}") from e
+        if sorted(pairs) != list(range(len(pairs))):
+            raise ValueError(f"{path}: 'labels' indices {sorted(pairs)} are not 0..{len(pairs) - 1}.")
+        names = [pairs[i] for i in range(len(pairs))]
+    else:
+        raise ValueError(f"{path}: neither 'classes' nor 'labels' is given.")
+    if split not in desc:
+        raise ValueError(f"{path}: the dataset has no split {split!r} (splits: training, validation, test).")
+    if not isinstance(desc[split], list):
+        raise ValueError(f"{path}: split {split!r} must be a list of cases.")
+
+    def resolve(p: str) -> str:
+        return str(p) if os.path.isabs(p) else str((dataset_dir / p).resolve())
+
+    cases = []
+    for k, entry in enumerate(desc[split]):
+        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
+        if "image" not in entry:
+            raise ValueError(f"{path}: entry {k} of split {split!r} has no 'image'.")
+        for key in ("image", "label"):
+            if entry.get(key):
+                entry[key] = resolve(entry[key])
+        entry.setdefault("case", _strip_suffix(Path(entry["image"]).name))
+        cases.append(entry)
+    return names, cases
+
+
+def _load_cases(dataset_dir: Path, split: str) -> tuple[list[str], list[dict]]:
+    """Class names and datalist of a split, via ``partialseg.data.load_dataset`` when it exists."""
+    try:
+        from partialseg.data import load_dataset
+    except ImportError:
+        return _read_dataset_json(dataset_dir, split)
+    ds = load_dataset(dataset_dir)
+    cases = [dict(entry) for entry in ds.datalist(split)]
+    for entry in cases:
+        entry.setdefault("case", _strip_suffix(Path(entry["image"]).name))
+    return [str(c) for c in ds.classes], cases
+
+
+def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case: str | None = None) -> Path | None:
+    """Finds the prediction file of a case.
+
+    With ``NAME`` the image file name without its extension (``imagesTs/case_001.nii.gz`` ->
+    ``case_001``) and also the case name when it differs, the accepted names are, in
+    ``pred_dir``: the image's file name itself, ``NAME`` + any extension of ``IMAGE_SUFFIXES``,
+    ``NAME_seg`` + extension, and ``NAME/NAME_seg`` + extension (MONAI ``SaveImage``'s default
+    ``output_postfix="seg"``, with and without its per-case folder).
+
+    Args:
+        pred_dir: folder of predictions.
+        image: the case's image path.
+        case: the case's name, when it is not the image's file name.
+
+    Returns:
+        The one matching file, or ``None`` when nothing matches.
+
+    Raises:
+        ValueError: when more than one file matches (the message names the case and the files).
+    """
+    pred_dir = Path(pred_dir)
+    image_name = Path(image).name
+    stems = [_strip_suffix(image_name)]
+    if case and case not in stems:
+        stems.append(str(case))
+    candidates = [pred_dir / image_name]
+    for stem in stems:
+        for suffix in IMAGE_SUFFIXES:
+            candidates += [pred_dir / f"{stem}{suffix}", pred_dir / f"{stem}_seg{suffix}",
+                           pred_dir / stem / f"{stem}_seg{suffix}"]
+    found: list[Path] = []
+    for c in candidates:
+        if c.is_file() and c not in found:
+            found.append(c)
+    if len(found) > 1:
+        raise ValueError(
+            f"case {case or stems[0]!r}: several prediction files match in {pred_dir}: "
+            f"{[str(p.relative_to(pred_dir)) for p in found]}; keep one."
+        )
+    return found[0] if found else None
+
+
+def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str):
+    """Loads a label map as (int-valued array (spatial), affine numpy (4, 4), spacing tuple)."""
+    import numpy as np
+
+    try:
+        img = loader(str(path))
+    except Exception as e:  # noqa: BLE001 - reader errors vary by backend; re-raised with the case
+        raise ValueError(f"case {case!r}: cannot read the {what} {path}: {e}") from e
+    if img.shape[0] != 1:
+        raise ValueError(
+            f"case {case!r}: the {what} {path} has {img.shape[0]} channels; expected one label map "
+            "of class indices (argmax one-hot predictions before saving)."
+        )
+    arr = img[0]
+    nd = arr.ndim
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:-1, :nd], axis=0))
+    return np.asarray(arr), affine, spacing
+
+
+def _check_same_grid(case: str, pred_path, pred_shape, pred_affine, ref_path, ref_shape, ref_affine) -> None:
+    import numpy as np
+
+    if tuple(pred_shape) != tuple(ref_shape):
+        raise ValueError(
+            f"case {case!r}: the prediction {pred_path} has shape {tuple(pred_shape)}, the reference "
+            f"{ref_path} has shape {tuple(ref_shape)}; predictions must be on the reference grid."
+        )
+    if pred_affine.shape != ref_affine.shape or not np.allclose(pred_affine, ref_affine, atol=AFFINE_ATOL, rtol=0):
+        raise ValueError(
+            f"case {case!r}: the prediction {pred_path} and the reference {ref_path} have different affines "
+            f"(beyond {AFFINE_ATOL}):\n{np.round(pred_affine, 4)}\nvs\n{np.round(ref_affine, 4)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation and outputs
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
+    """Aggregates per case and class rows into per class statistics and an overall mean.
+
+    Args:
+        rows: dicts as returned by :func:`evaluate_case`, each with a ``case`` key added.
+        class_names: the evaluated classes, in the order of the summary.
+
+    Returns:
+        ``{"per_class": {name: {"n", "status": {status: count}, metric: {"mean", "std",
+        "median"}}}, "overall": {metric: mean over classes of the class means},
+        "status_counts": {status: count}}``. ``std`` is the population standard deviation
+        (``ddof=0``). A class with no rows has ``n = 0`` and no statistics, and is left out of
+        ``overall``.
+
+    Example:
+        >>> rows = [{"class": "a", "dice": 1.0, "hd95": 0.0, "assd": 0.0, "status": "ok"},
+        ...         {"class": "a", "dice": 0.5, "hd95": 2.0, "assd": 1.0, "status": "ok"}]
+        >>> s = summarize(rows, ["a"])
+        >>> s["per_class"]["a"]["dice"], s["overall"]["hd95"]
+        ({'mean': 0.75, 'std': 0.25, 'median': 0.75}, 1.0)
+    """
+    import numpy as np
+
+    per_class: dict[str, dict] = {}
+    for name in class_names:
+        sel = [r for r in rows if r["class"] == name]
+        entry: dict[str, Any] = {"n": len(sel), "status": {s: sum(r["status"] == s for r in sel) for s in STATUSES}}
+        if sel:
+            for m in METRICS:
+                v = np.asarray([r[m] for r in sel], dtype=np.float64)
+                entry[m] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
+        per_class[name] = entry
+    measured = [e for e in per_class.values() if e["n"]]
+    overall = {m: float(np.mean([e[m]["mean"] for e in measured])) for m in METRICS} if measured else {}
+    status_counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    return {"per_class": per_class, "overall": overall, "status_counts": status_counts}
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
+    fields = ["case", "class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "status"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (repr(r[k]) if isinstance(r[k], float) else r[k]) for k in fields})
+
+
+def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in class_names if any(r["class"] == n for r in rows)]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4.0), squeeze=False)
+    for ax, m in zip(axes[0], METRICS):
+        data = [[r[m] for r in rows if r["class"] == n] for n in names]
+        if data:
+            ax.boxplot(data)
+            ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+        ax.set_title(m.upper() if m != "dice" else "Dice")
+        ax.set_ylabel(f"{m} ({_UNITS[m]})" if _UNITS[m] else m)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(summary: Mapping) -> str:
+    """Text table of a summary: class, n, Dice mean±std, HD95 and ASSD mean±std (mm)."""
+    header = f"{'class':<20} {'n':>4}  {'Dice':>15}  {'HD95 (mm)':>17}  {'ASSD (mm)':>17}"
+    lines = [header, "-" * len(header)]
+
+    def cell(e, m, digits):
+        return f"{e[m]['mean']:.{digits}f} ± {e[m]['std']:.{digits}f}" if e["n"] else "-"
+
+    for name, e in summary["per_class"].items():
+        lines.append(f"{name:<20} {e['n']:>4}  {cell(e, 'dice', 4):>15}  {cell(e, 'hd95', 2):>17}  "
+                     f"{cell(e, 'assd', 2):>17}")
+    if summary["overall"]:
+        o = summary["overall"]
+        lines.append("-" * len(header))
+        lines.append(f"{'mean over classes':<20} {'':>4}  {o['dice']:>15.4f}  {o['hd95']:>17.2f}  {o['assd']:>17.2f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# a folder of predictions
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_folder(
+    pred_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    classes: Sequence[str | int] | None = None,
+    include_background: bool = False,
+    allow_missing: bool = False,
+    progress: bool = True,
+    arguments: Mapping[str, Any] | None = None,
+) -> dict:
+    """Evaluates a folder of predictions against the references of a dataset split.
+
+    Every case of ``split`` that has a ``label`` is paired with its prediction (see
+    :func:`find_prediction` for the accepted names); cases without a label are skipped and
+    listed in the summary. The prediction must lie on the reference's grid (same spatial shape,
+    affine within ``AFFINE_ATOL``). HD95 and ASSD use the reference's voxel spacing (mm). A case
+    whose ``annotated`` is a list (not ``"all"``) is evaluated on its annotated classes only.
+
+    Args:
+        pred_dir: folder of predicted label maps (class indices, one channel).
+        dataset_dir: dataset folder holding ``dataset.json`` (``docs/data_format.md``).
+        split: dataset split whose references are used.
+        out_dir: where ``metrics.csv``, ``summary.json`` and ``boxplot.png`` go; default
+            ``<pred_dir>/evaluation``.
+        classes: evaluate only these classes (names or indices); default all classes but the
+            background (which ``include_background`` adds).
+        include_background: evaluate class 0 too.
+        allow_missing: count a missing prediction as an empty one instead of raising.
+        progress: show a tqdm progress bar over cases (on a terminal).
+        arguments: recorded as ``summary["arguments"]`` (the CLI passes its arguments).
+
+    Returns:
+        The summary written to ``summary.json``: ``per_class``, ``overall``, ``status_counts``
+        (see :func:`summarize`), plus ``num_cases``, ``cases``, ``missing_predictions``,
+        ``skipped_unlabelled``, ``classes``, ``units``, ``outputs`` and ``arguments``.
+
+    Raises:
+        ValueError: naming the case, for a missing prediction (unless ``allow_missing``),
+            several matching predictions, a prediction not on the reference grid, or values that
+            are not class indices; also for a dataset without the split, labelled cases, or an
+            unknown class in ``classes``.
+    """
+    import numpy as np
+    from monai.transforms import LoadImage
+    from tqdm import tqdm
+
+    pred_dir, dataset_dir = Path(pred_dir), Path(dataset_dir)
+    if not pred_dir.is_dir():
+        raise ValueError(f"the prediction folder {pred_dir} does not exist.")
+    out_dir = pred_dir / "evaluation" if out_dir is None else Path(out_dir)
+    names, cases = _load_cases(dataset_dir, split)
+
+    if classes is None:
+        selected = list(range(0 if include_background else 1, len(names)))
+    else:
+        selected = []
+        for c in classes:
+            if isinstance(c, int) or (isinstance(c, str) and c.isdigit() and c not in names):
+                i = int(c)
+                if not 0 <= i < len(names):
+                    raise ValueError(f"class index {i} is not in 0..{len(names) - 1} (classes: {names}).")
+            elif c in names:
+                i = names.index(c)
+            else:
+                raise ValueError(f"unknown class {c!r}; the dataset's classes are {names}.")
+            if i == 0 and not include_background:
+                raise ValueError(f"class {names[0]!r} is the background; add include_background to evaluate it.")
+            if i not in selected:
+                selected.append(i)
+        selected.sort()
+    if not selected:
+        raise ValueError(f"no class to evaluate (classes: {names}, include_background={include_background}).")
+
+    labelled = [c for c in cases if c.get("label")]
+    skipped = [str(c["case"]) for c in cases if not c.get("label")]
+    if not labelled:
+        raise ValueError(f"split {split!r} of {dataset_dir} has no case with a reference label.")
+
+    # pair every case with its prediction first, so a missing file fails before any work
+    pairs = []
+    missing: list[str] = []
+    for entry in labelled:
+        case = str(entry["case"])
+        pred_path = find_prediction(pred_dir, entry["image"], case)
+        if pred_path is None:
+            if not allow_missing:
+                raise ValueError(
+                    f"case {case!r}: no prediction in {pred_dir} (looked for {Path(entry['image']).name}, "
+                    f"{_strip_suffix(Path(entry['image']).name)}[_seg].<ext> and <name>/<name>_seg.<ext>); "
+                    "use --allow-missing to count it as empty."
+                )
+            missing.append(case)
+        pairs.append((entry, case, pred_path))
+
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    rows: list[dict] = []
+    for entry, case, pred_path in tqdm(pairs, desc="evaluate", unit="case", disable=None if progress else True):
+        ref, ref_affine, spacing = _load_label(loader, entry["label"], "reference", case)
+        if pred_path is None:
+            pred = np.zeros(ref.shape, dtype=np.int64)
+        else:
+            pred, pred_affine, _ = _load_label(loader, pred_path, "prediction", case)
+            _check_same_grid(case, pred_path, pred.shape, pred_affine, entry["label"], ref.shape, ref_affine)
+        case_classes = selected
+        annotated = entry.get("annotated", "all")
+        if annotated != "all" and isinstance(annotated, (list, tuple)):
+            idx = set()
+            for a in annotated:
+                if isinstance(a, int) or (isinstance(a, str) and a.isdigit() and a not in names):
+                    idx.add(int(a))
+                elif a in names:
+                    idx.add(names.index(a))
+                else:
+                    raise ValueError(f"case {case!r}: annotated class {a!r} is not one of {names}.")
+            case_classes = [i for i in selected if i in idx]
+        if not case_classes:
+            continue
+        for row in evaluate_case(pred, ref, names, spacing=spacing, include_background=include_background,
+                                 class_indices=case_classes, case=case):
+            rows.append({"case": case, **row})
+
+    class_names = [names[i] for i in selected]
+    summary = summarize(rows, class_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"csv": out_dir / "metrics.csv", "summary": out_dir / "summary.json", "boxplot": out_dir / "boxplot.png"}
+    _write_csv(outputs["csv"], rows)
+    _write_boxplot(outputs["boxplot"], rows, class_names)
+    summary.update(
+        num_cases=len(pairs),
+        cases=[case for _, case, _ in pairs],
+        missing_predictions=missing,
+        skipped_unlabelled=skipped,
+        classes=class_names,
+        units=dict(_UNITS),
+        outputs={k: str(v) for k, v in outputs.items()},
+        arguments=dict(arguments) if arguments is not None else {
+            "pred": str(pred_dir), "dataset": str(dataset_dir), "split": split, "out": str(out_dir),
+            "classes": list(classes) if classes is not None else None,
+            "include_background": include_background, "allow_missing": allow_missing,
+        },
+    )
+    with open(outputs["summary"], "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``partialseg evaluate`` arguments to ``parser``."""
+    parser.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label maps")
+    parser.add_argument("--dataset", required=True, metavar="DIR", help="dataset folder with dataset.json")
+    parser.add_argument("--split", default="test", help="dataset split holding the references (default: test)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <pred>/evaluation)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                        help="evaluate only these classes (names or indices; default: all but background)")
+    parser.add_argument("--include-background", action="store_true", help="evaluate class 0 too")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="count a missing prediction as empty instead of stopping with an error")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``partialseg evaluate``: writes the outputs and prints the per class table.
+
+    Returns:
+        0 on success; errors (missing or mismatched predictions, ...) raise ``ValueError``.
+    """
+    arguments = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    summary = evaluate_folder(
+        pred_dir=args.pred,
+        dataset_dir=args.dataset,
+        split=args.split,
+        out_dir=args.out,
+        classes=args.classes,
+        include_background=args.include_background,
+        allow_missing=args.allow_missing,
+        progress=not getattr(args, "no_progress", False),
+        arguments=arguments,
+    )
+    print(format_table(summary))
+    counts = summary["status_counts"]
+    print(f"{summary['num_cases']} cases; empty: {counts['both_empty']} both, {counts['pred_empty']} prediction only, "
+          f"{counts['ref_empty']} reference only; missing predictions: {len(summary['missing_predictions'])}")
+    print(f"wrote {', '.join(summary['outputs'].values())}")
+    return 0
