@@ -1,0 +1,220 @@
+"""Checks of a partial-label dataset that need its files, run before any training starts."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset
+
+__all__ = ["ValidationReport", "read_image", "validate_dataset"]
+
+AFFINE_TOL = 1e-3
+_NIFTI = (".nii", ".nii.gz")
+
+
+def read_image(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image as ``(array, affine)``; spatial axes first, channels (if any) last.
+
+    NIfTI goes through nibabel directly (fast; ``dataobj`` keeps the stored dtype); every other
+    format through MONAI's ``LoadImage``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read; the message names it.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        if path.lower().endswith(_NIFTI):
+            import nibabel as nib
+
+            img = nib.load(path)
+            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        from monai.transforms import LoadImage
+
+        img = LoadImage(image_only=True)(path)
+        return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear message
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(round(s, 4)) for s in np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0)))
+
+
+@dataclass
+class _SourceSummary:
+    cases: int = 0
+    labelled: int = 0
+    annotated: Counter = field(default_factory=Counter)
+    values: set = field(default_factory=set)
+    spacings: set = field(default_factory=set)
+    shapes: set = field(default_factory=set)
+    modalities: set = field(default_factory=set)
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_dataset` found.
+
+    Attributes:
+        dataset: the dataset checked.
+        problems: one line per problem, each naming its case and file.
+        summary: split -> source -> counts, annotated classes, label values, spacings, shapes.
+    """
+
+    dataset: PartialDataset
+    problems: list[str]
+    summary: dict[str, dict[str, dict[str, Any]]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_invalid(self) -> None:
+        """Raise :class:`DatasetError` listing every problem, if there is any."""
+        if self.problems:
+            raise DatasetError(self.problems, header=f"dataset {self.dataset.name!r} failed validation")
+
+    def format(self) -> str:
+        """A human-readable per-split, per-source summary followed by the problems."""
+        classes = self.dataset.classes
+        lines = [f"dataset {self.dataset.name!r}: {len(classes)} classes {classes}"]
+        for split, sources in self.summary.items():
+            lines.append(f"\n[{split}]")
+            header = f"  {'source':<14}{'cases':>6}{'labelled':>9}  {'modality':<9}{'annotated classes (cases)':<44}{'label values':<18}spacing (mm) / shape"
+            lines.append(header)
+            for src, s in sources.items():
+                ann = ", ".join(f"{classes[i]}({n})" for i, n in sorted(s["annotated"].items())) or "-"
+                vals = ",".join(str(v) for v in s["label_values"]) or "-"
+                sp = "; ".join("x".join(f"{v:g}" for v in t) for t in s["spacings"][:3]) + (" ..." if len(s["spacings"]) > 3 else "")
+                sh = "; ".join("x".join(str(v) for v in t) for t in s["shapes"][:2]) + (" ..." if len(s["shapes"]) > 2 else "")
+                lines.append(f"  {src:<14}{s['cases']:>6}{s['labelled']:>9}  {','.join(s['modalities']) or '-':<9}{ann:<44}{vals:<18}{sp} / {sh}")
+        if self.problems:
+            lines.append(f"\n{len(self.problems)} problem(s):")
+            lines += [f"  - {p}" for p in self.problems]
+        else:
+            lines.append("\nno problems found")
+        return "\n".join(lines)
+
+
+def _check_case(case: dict[str, Any], ds: PartialDataset, split: str, summary: _SourceSummary, problems: list[str]) -> None:
+    where = f"case {case['case']!r} ({split}, source {case['source']!r})"
+    summary.cases += 1
+    if case.get("modality"):
+        summary.modalities.add(case["modality"])
+    try:
+        image, img_affine = read_image(case["image"])
+    except (FileNotFoundError, ValueError) as e:
+        problems.append(f"{where}: image {e}")
+        image = None
+    if image is not None:
+        summary.spacings.add(_spacing(img_affine))
+        if not np.issubdtype(image.dtype, np.number):
+            problems.append(f"{where}: image {case['image']} has non-numeric dtype {image.dtype}")
+        elif not np.isfinite(image).all():
+            n = int((~np.isfinite(image)).sum())
+            problems.append(f"{where}: image {case['image']} has {n} NaN or infinite value(s)")
+    if case.get("label") is None:
+        return
+    summary.labelled += 1
+    summary.annotated.update(case["annotated"])
+    try:
+        label, lab_affine = read_image(case["label"])
+    except (FileNotFoundError, ValueError) as e:
+        problems.append(f"{where}: label {e}")
+        return
+    summary.shapes.add(tuple(int(v) for v in label.shape))
+    if image is not None:
+        spatial = image.shape[: label.ndim]
+        if tuple(spatial) != tuple(label.shape):
+            problems.append(f"{where}: label {case['label']} has shape {tuple(label.shape)} but image {case['image']} has spatial shape {tuple(spatial)}")
+        elif not np.allclose(img_affine, lab_affine, atol=AFFINE_TOL):
+            problems.append(
+                f"{where}: label {case['label']} and image {case['image']} have different affines "
+                f"(max difference {np.abs(img_affine - lab_affine).max():.4g})"
+            )
+    values = np.unique(np.asarray(label))
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        bad = values[~np.isfinite(values) | (values != np.round(values))][:5]
+        problems.append(f"{where}: label {case['label']} holds non-integer values {bad.tolist()}")
+        return
+    values = values.astype(np.int64)
+    label_map = ds.label_maps.get(case["source"])
+    if label_map is not None:
+        unexplained = [int(v) for v in values if v != 0 and int(v) not in label_map]
+        if unexplained:
+            problems.append(
+                f"{where}: label {case['label']} holds value(s) {unexplained} that the label map of source "
+                f"{case['source']!r} does not list ({sorted(label_map)})"
+            )
+        mapped = set()
+        for v in values:
+            t = label_map.get(int(v), 0 if v == 0 else None)
+            if isinstance(t, tuple):
+                mapped.update(t)
+            elif t is not None:
+                mapped.add(t)
+        summary.values.update(mapped)
+    else:
+        unexplained = [int(v) for v in values if not 0 <= v < ds.num_classes]
+        if unexplained:
+            problems.append(
+                f"{where}: label {case['label']} holds value(s) {unexplained} that no class explains "
+                f"(classes are 0..{ds.num_classes - 1}: {ds.classes})"
+            )
+        summary.values.update(int(v) for v in values)
+
+
+def validate_dataset(
+    dataset: PartialDataset | str | os.PathLike, splits: Sequence[str] = SPLITS, progress: bool = False
+) -> ValidationReport:
+    """Check every case of a dataset against its files.
+
+    Finds: missing or unreadable images and labels, non-finite images, label and image grids
+    that differ (spatial shape, or affine beyond 1e-3), and label values that no class or
+    label map explains. Description-level problems (an ``annotated`` class that is not in
+    ``classes``) are already caught by :func:`partialseg.data.load_dataset`.
+
+    Args:
+        dataset: a loaded dataset, or a folder / ``dataset.json`` path.
+        splits: which splits to check.
+        progress: show a progress bar.
+
+    Returns:
+        a :class:`ValidationReport`; call ``raise_if_invalid()`` to turn problems into an error.
+    """
+    ds = dataset if isinstance(dataset, PartialDataset) else load_dataset(dataset)
+    problems: list[str] = []
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for split in splits:
+        cases = ds.splits.get(split, [])
+        if not cases:
+            continue
+        per_source: dict[str, _SourceSummary] = defaultdict(_SourceSummary)
+        iterator = cases
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(cases, desc=f"checking {split}", unit="case")
+        for case in iterator:
+            _check_case(case, ds, split, per_source[case["source"]], problems)
+        summary[split] = {
+            src: {
+                "cases": s.cases,
+                "labelled": s.labelled,
+                "annotated": dict(s.annotated),
+                "label_values": sorted(s.values),
+                "spacings": sorted(s.spacings),
+                "shapes": sorted(s.shapes),
+                "modalities": sorted(s.modalities),
+            }
+            for src, s in per_source.items()
+        }
+    return ValidationReport(dataset=ds, problems=problems, summary=summary)
