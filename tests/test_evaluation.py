@@ -1,0 +1,370 @@
+"""Tests of partialseg.evaluation on hand-made masks; expected values are computed by hand.
+
+MONAI's surface: the edge of a mask is the set of its voxels that a binary erosion (cross-shaped
+structuring element) removes, so a one-voxel-thick object is all edge and a filled 4 x 4 square's
+edge is its 12-pixel ring. HD95 is, for each direction (prediction edge -> nearest reference edge
+and back), the 95th percentile (linear interpolation) of the edge distances, then the larger of
+the two; ASSD is the mean of the distances of both directions pooled together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from partialseg import evaluation
+from partialseg.evaluation import evaluate_case, evaluate_folder, find_prediction, image_diagonal, summarize
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _mask(shape, *points):
+    a = np.zeros(shape, dtype=np.int64)
+    for p in points:
+        a[p] = 1
+    return a
+
+
+def _row(rows, name):
+    (row,) = [r for r in rows if r["class"] == name]
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate_case
+# --------------------------------------------------------------------------------------------
+
+# (spacing, pred voxel, ref voxel, expected distance): a single voxel is all edge, so both
+# directed distance sets hold one value, the voxels' distance; HD95 = ASSD = that distance.
+SINGLE_VOXEL_CASES = [
+    (None, (2, 1), (2, 4), 3.0),          # 3 pixels along axis 1
+    ((2.0, 1.0), (2, 1), (2, 4), 3.0),    # along axis 1, spacing 1 there
+    ((2.0, 1.0), (0, 1), (3, 1), 6.0),    # 3 pixels along axis 0, spacing 2: 6 mm
+    ((2.0, 1.0), (0, 0), (3, 4), math.sqrt(6.0**2 + 4.0**2)),  # (3*2, 4*1) mm
+]
+
+
+@pytest.mark.parametrize("spacing,p,r,expected", SINGLE_VOXEL_CASES)
+def test_single_voxel_distance(spacing, p, r, expected):
+    rows = evaluate_case(_mask((5, 6), p), _mask((5, 6), r), ["background", "dot"], spacing=spacing)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["class"] == "dot" and row["class_index"] == 1 and row["status"] == "ok"
+    assert row["dice"] == 0.0  # no overlap
+    assert row["hd95"] == pytest.approx(expected, abs=1e-5)
+    assert row["assd"] == pytest.approx(expected, abs=1e-5)
+    assert row["pred_voxels"] == 1 and row["ref_voxels"] == 1
+
+
+def test_shifted_squares():
+    # reference: rows 2-5, cols 2-5 (16 px); prediction: rows 2-5, cols 3-6 (16 px).
+    # overlap rows 2-5 x cols 3-5 = 12 px -> Dice = 2 * 12 / (16 + 16) = 0.75.
+    # Edges are the 12-pixel rings. Prediction ring -> reference ring: column 6 (4 px) is 1 away,
+    # the interior pixels of column 3 (rows 3, 4) are 1 away ((3,2) / (4,2)), the other 6 lie on
+    # the reference ring (0). Same the other way by symmetry. So each direction holds six 0s and
+    # six 1s: the 95th percentile is 1 -> HD95 = 1; ASSD = (6 + 6) / 24 = 0.5.
+    ref = np.zeros((8, 9), dtype=np.int64)
+    ref[2:6, 2:6] = 1
+    pred = np.zeros((8, 9), dtype=np.int64)
+    pred[2:6, 3:7] = 1
+    (row,) = evaluate_case(pred, ref, 2)
+    assert row["class"] == "1"
+    assert row["dice"] == pytest.approx(0.75)
+    assert row["hd95"] == pytest.approx(1.0)
+    assert row["assd"] == pytest.approx(0.5)
+    assert (row["pred_voxels"], row["ref_voxels"]) == (16, 16)
+    # with spacing (1, 3) (axis 1 is 3 mm): column 6's four pixels are now 3 mm away, but the
+    # pixels (3, 3), (4, 3) stay 1 mm away (from (2, 3) / (5, 3), one row off along axis 0).
+    # Each direction: six 0s, two 1s, four 3s -> ASSD = 2 * 14 / 24 = 7 / 6; the 95th
+    # percentile (position 0.95 * 11 = 10.45 among the sorted values) is 3 -> HD95 = 3.
+    (row,) = evaluate_case(pred, ref, 2, spacing=(1.0, 3.0))
+    assert row["dice"] == pytest.approx(0.75)
+    assert row["hd95"] == pytest.approx(3.0)
+    assert row["assd"] == pytest.approx(7 / 6)
+
+
+def test_hd95_ignores_one_outlier():
+    # reference: a one-pixel-thick line, row 0, cols 0-19 (20 px, all edge).
+    # prediction: the same line plus one stray pixel at (10, 0), 10 px below the line's start.
+    # pred -> ref: twenty 0s and one 10; sorted, the 95th percentile sits at position
+    # 0.95 * 20 = 19, still a 0. ref -> pred: twenty 0s. So HD95 = 0 (the maximum would be 10),
+    # ASSD = 10 / (21 + 20) = 10 / 41, Dice = 2 * 20 / (21 + 20) = 40 / 41.
+    ref = np.zeros((12, 20), dtype=np.int64)
+    ref[0, :] = 1
+    pred = ref.copy()
+    pred[10, 0] = 1
+    (row,) = evaluate_case(pred, ref, ["bg", "line"])
+    assert row["dice"] == pytest.approx(40 / 41)
+    assert row["hd95"] == pytest.approx(0.0, abs=1e-6)
+    assert row["assd"] == pytest.approx(10 / 41)
+
+
+def test_3d_cubes_anisotropic():
+    # 2x2x2 cubes (all voxels are edge), the prediction 2 voxels further along axis 2 with
+    # spacing (1, 1, 3). Each voxel's nearest voxel of the other cube is on the same (x, y):
+    # z = 1 -> 2 is 1 voxel = 3 mm (4 voxels), z = 0 -> 2 is 2 voxels = 6 mm (4 voxels); the same
+    # backwards. Directed sets [3, 3, 3, 3, 6, 6, 6, 6]: 95th percentile at position 6.65, between
+    # two 6s -> HD95 = 6. ASSD = (8 * 3 + 8 * 6) / 16 = 4.5. No overlap: Dice = 0.
+    ref = np.zeros((4, 4, 6), dtype=np.int64)
+    ref[1:3, 1:3, 0:2] = 1
+    pred = np.zeros((4, 4, 6), dtype=np.int64)
+    pred[1:3, 1:3, 2:4] = 1
+    (row,) = evaluate_case(pred, ref, ["background", "cube"], spacing=(1.0, 1.0, 3.0))
+    assert row["status"] == "ok"
+    assert row["dice"] == 0.0
+    assert row["hd95"] == pytest.approx(6.0)
+    assert row["assd"] == pytest.approx(4.5)
+    # half overlap: z 1-2 vs z 0-1 -> |A n B| = 4, Dice = 8 / 16 = 0.5
+    pred = np.zeros((4, 4, 6), dtype=np.int64)
+    pred[1:3, 1:3, 1:3] = 1
+    (row,) = evaluate_case(pred, ref, ["background", "cube"], spacing=(1.0, 1.0, 3.0))
+    assert row["dice"] == pytest.approx(0.5)
+    # pred z=1 voxels lie on the ref (0), z=2 voxels are 1 voxel = 3 mm away; same backwards:
+    # ASSD = (8 * 0 + 8 * 3) / 16 = 1.5; directed sets [0,0,0,0,3,3,3,3] -> HD95 = 3.
+    assert row["assd"] == pytest.approx(1.5)
+    assert row["hd95"] == pytest.approx(3.0)
+
+
+# grid 5 x 9, spacing (2, 0.5): diagonal = sqrt((4 * 2)^2 + (8 * 0.5)^2) = sqrt(80)
+DIAG = math.sqrt(80.0)
+EMPTY_CASES = [
+    # (pred has class, ref has class, dice, hd95, assd, status)
+    (False, False, 1.0, 0.0, 0.0, "both_empty"),
+    (False, True, 0.0, DIAG, DIAG, "pred_empty"),
+    (True, False, 0.0, DIAG, DIAG, "ref_empty"),
+]
+
+
+@pytest.mark.parametrize("in_pred,in_ref,dice,hd95,assd,status", EMPTY_CASES)
+def test_empty_conventions(in_pred, in_ref, dice, hd95, assd, status):
+    pred = _mask((5, 9), (1, 1)) if in_pred else np.zeros((5, 9), dtype=np.int64)
+    ref = _mask((5, 9), (3, 7)) if in_ref else np.zeros((5, 9), dtype=np.int64)
+    (row,) = evaluate_case(pred, ref, ["background", "x"], spacing=(2.0, 0.5))
+    assert row["status"] == status
+    assert row["dice"] == dice
+    assert row["hd95"] == pytest.approx(hd95)
+    assert row["assd"] == pytest.approx(assd)
+    assert all(math.isfinite(row[m]) for m in ("dice", "hd95", "assd"))
+
+
+def test_image_diagonal():
+    assert image_diagonal((4, 5)) == 5.0  # (3, 4) -> 5
+    assert image_diagonal((5, 9), (2.0, 0.5)) == pytest.approx(DIAG)
+    assert image_diagonal((2, 3, 4), (1.0, 1.0, 1.0)) == pytest.approx(math.sqrt(1 + 4 + 9))
+    with pytest.raises(ValueError, match="one entry per axis"):
+        image_diagonal((4, 5), (1.0,))
+
+
+def test_multiclass_and_background():
+    # class 1: identical single pixel; class 2: only in the reference; class 3: absent from both
+    ref = np.zeros((4, 4), dtype=np.int64)
+    ref[0, 0] = 1
+    ref[3, 3] = 2
+    pred = np.zeros((4, 4), dtype=np.int64)
+    pred[0, 0] = 1
+    names = ["background", "a", "b", "c"]
+    rows = evaluate_case(pred, ref, names)
+    assert [r["class"] for r in rows] == ["a", "b", "c"]
+    assert [r["status"] for r in rows] == ["ok", "pred_empty", "both_empty"]
+    a, b, c = rows
+    assert (a["dice"], a["hd95"], a["assd"]) == (1.0, 0.0, 0.0)
+    assert (b["dice"], b["hd95"], b["assd"]) == (0.0, pytest.approx(3 * math.sqrt(2)), pytest.approx(3 * math.sqrt(2)))
+    assert (c["dice"], c["hd95"], c["assd"]) == (1.0, 0.0, 0.0)
+    # background: pred has 15 px, ref 14 px, overlap 14 -> Dice = 28 / 29
+    rows = evaluate_case(pred, ref, names, include_background=True)
+    assert rows[0]["class"] == "background" and rows[0]["dice"] == pytest.approx(28 / 29)
+    # a subset of classes, the float label maps MONAI's LoadImage returns, and a torch tensor
+    import torch
+
+    rows = evaluate_case(torch.from_numpy(pred.astype(np.float32)), ref.astype(np.float32), names, class_indices=[2])
+    assert [r["class"] for r in rows] == ["b"]
+
+
+BAD_INPUTS = [
+    (np.zeros((3, 3)), np.zeros((3, 4)), {}, "case 'c7'.*differs"),
+    (np.zeros((3, 3)), np.full((3, 3), 5), {}, "case 'c7'.*reference holds the value 5"),
+    (np.full((3, 3), 0.5), np.zeros((3, 3)), {}, "case 'c7'.*non-integer"),
+    (np.zeros((3, 3)), np.zeros((3, 3)), {"spacing": (1.0, 1.0, 1.0)}, "case 'c7'.*spacing"),
+    (np.zeros(3), np.zeros(3), {}, "case 'c7'.*2D or 3D"),
+    (np.zeros((3, 3)), np.zeros((3, 3)), {"class_indices": [4]}, "case 'c7'.*class_indices"),
+]
+
+
+@pytest.mark.parametrize("pred,ref,kwargs,match", BAD_INPUTS)
+def test_bad_inputs(pred, ref, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_case(pred, ref, 3, case="c7", **kwargs)
+
+
+def test_summarize():
+    rows = [
+        {"class": "a", "dice": 1.0, "hd95": 0.0, "assd": 0.0, "status": "ok"},
+        {"class": "a", "dice": 0.0, "hd95": 4.0, "assd": 2.0, "status": "pred_empty"},
+        {"class": "a", "dice": 0.5, "hd95": 1.0, "assd": 1.0, "status": "ok"},
+        {"class": "b", "dice": 1.0, "hd95": 0.0, "assd": 0.0, "status": "both_empty"},
+    ]
+    s = summarize(rows, ["a", "b", "c"])
+    a = s["per_class"]["a"]
+    assert a["n"] == 3 and a["status"] == {"ok": 2, "both_empty": 0, "pred_empty": 1, "ref_empty": 0}
+    assert a["dice"]["mean"] == pytest.approx(0.5)
+    assert a["dice"]["std"] == pytest.approx(math.sqrt((0.25 + 0.25 + 0) / 3))  # population std
+    assert a["hd95"]["median"] == 1.0
+    assert s["per_class"]["c"] == {"n": 0, "status": {"ok": 0, "both_empty": 0, "pred_empty": 0, "ref_empty": 0}}
+    # overall: mean over classes with rows (a: 0.5, b: 1.0)
+    assert s["overall"]["dice"] == pytest.approx(0.75)
+    assert s["overall"]["hd95"] == pytest.approx((5 / 3 + 0) / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# prediction files and folders
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["case_001.nii.gz", "case_001.nii", "case_001_seg.nii.gz", "case_001/case_001_seg.nii.gz"])
+def test_find_prediction_names(tmp_path, name):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+    (tmp_path / "case_0011.nii.gz").write_bytes(b"")  # a neighbour that must not match
+    assert find_prediction(tmp_path, "/data/imagesTs/case_001.nii.gz") == tmp_path / name
+    assert find_prediction(tmp_path, "/data/imagesTs/case_002.nii.gz") is None
+
+
+def test_find_prediction_ambiguous(tmp_path):
+    (tmp_path / "case_001.nii.gz").write_bytes(b"")
+    (tmp_path / "case_001_seg.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="case 'case_001'.*several prediction files"):
+        find_prediction(tmp_path, "imagesTs/case_001.nii.gz", "case_001")
+
+
+SPACING = (2.0, 1.0, 1.0)
+SHAPE = (6, 6, 4)
+
+
+def _save(path, arr, spacing=SPACING, origin=(0.0, 0.0, 0.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    nib.save(nib.Nifti1Image(arr.astype(np.uint8), affine), str(path))
+
+
+def _make_dataset(root, labels_key="classes"):
+    """Two labelled test cases (classes a, b) and one bare-string test image without a label."""
+    ds = root / "ds"
+    ref1 = np.zeros(SHAPE, dtype=np.uint8)
+    ref1[1, 1, 1] = 1
+    ref1[4, 4, 2] = 2
+    ref2 = np.zeros(SHAPE, dtype=np.uint8)
+    ref2[1, 1, 1] = 1
+    for name, ref in (("case_001", ref1), ("case_002", ref2), ("case_003", ref2)):
+        _save(ds / "imagesTs" / f"{name}.nii.gz", np.zeros(SHAPE))
+        _save(ds / "labelsTs" / f"{name}.nii.gz", ref)
+    desc = {
+        "name": "tiny",
+        "training": [],
+        "test": [
+            {"image": "imagesTs/case_001.nii.gz", "label": "labelsTs/case_001.nii.gz", "annotated": "all"},
+            {"image": "imagesTs/case_002.nii.gz", "label": "labelsTs/case_002.nii.gz"},
+            "imagesTs/case_003.nii.gz",
+        ],
+    }
+    if labels_key == "classes":
+        desc["classes"] = ["background", "a", "b"]
+    else:
+        desc["labels"] = {"0": "background", "1": "a", "2": "b"}
+    (ds / "dataset.json").write_text(json.dumps(desc))
+    return ds, ref1, ref2
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    return evaluation.run(parser.parse_args(argv))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save(preds / "case_001.nii.gz", ref1)  # named like the image: perfect
+    pred2 = np.zeros(SHAPE, dtype=np.uint8)
+    pred2[2, 1, 1] = 1  # one voxel along axis 0 (2 mm) from the reference voxel; b absent in both
+    _save(preds / "case_002" / "case_002_seg.nii.gz", pred2)  # MONAI SaveImage's naming
+
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--no-progress"]) == 0
+    out = preds / "evaluation"
+    assert {p.name for p in out.iterdir()} == {"metrics.csv", "summary.json", "boxplot.png"}
+    assert (out / "boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    import csv
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["case"], r["class"]): r for r in rows}
+    assert sorted(got) == [("case_001", "a"), ("case_001", "b"), ("case_002", "a"), ("case_002", "b")]
+    assert float(got["case_001", "a"]["dice"]) == 1.0 and float(got["case_001", "a"]["hd95"]) == 0.0
+    assert got["case_002", "a"]["status"] == "ok"
+    assert float(got["case_002", "a"]["dice"]) == 0.0
+    assert float(got["case_002", "a"]["hd95"]) == pytest.approx(2.0)  # 1 voxel x 2 mm along axis 0
+    assert float(got["case_002", "a"]["assd"]) == pytest.approx(2.0)
+    assert got["case_002", "b"]["status"] == "both_empty"
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_cases"] == 2 and s["cases"] == ["case_001", "case_002"]
+    assert s["skipped_unlabelled"] == ["case_003"] and s["missing_predictions"] == []
+    assert s["classes"] == ["a", "b"]
+    # a: Dice (1, 0) -> mean 0.5, std 0.5, median 0.5; HD95 (0, 2) -> mean 1; b: Dice (1, 1)
+    assert s["per_class"]["a"]["dice"] == {"mean": 0.5, "std": 0.5, "median": 0.5}
+    assert s["per_class"]["a"]["hd95"]["mean"] == pytest.approx(1.0)
+    assert s["per_class"]["b"]["dice"]["mean"] == 1.0
+    assert s["overall"]["dice"] == pytest.approx(0.75)
+    assert s["overall"]["hd95"] == pytest.approx(0.5)
+    assert s["status_counts"] == {"ok": 3, "both_empty": 1, "pred_empty": 0, "ref_empty": 0}
+    assert s["arguments"]["pred"] == str(preds) and s["arguments"]["split"] == "test"
+    printed = capsys.readouterr().out
+    assert "Dice" in printed and "HD95" in printed and "0.5000 ± 0.5000" in printed
+
+
+def test_missing_prediction(tmp_path):
+    ds, ref1, _ = _make_dataset(tmp_path, labels_key="labels")  # MSD "labels" instead of "classes"
+    preds = tmp_path / "preds"
+    _save(preds / "case_001_seg.nii.gz", ref1)
+    with pytest.raises(ValueError, match="case 'case_002'.*no prediction"):
+        evaluate_folder(preds, ds, progress=False)
+    out = tmp_path / "eval"
+    s = evaluate_folder(preds, ds, out_dir=out, allow_missing=True, classes=["a"], progress=False)
+    assert s["missing_predictions"] == ["case_002"] and s["classes"] == ["a"]
+    # case_002 counted as an empty prediction: a -> pred_empty, Dice 0, HD95 = ASSD = diagonal
+    # of the 6 x 6 x 4 grid at (2, 1, 1) mm: sqrt((5 * 2)^2 + 5^2 + 3^2) = sqrt(134)
+    a = s["per_class"]["a"]
+    assert a["status"]["pred_empty"] == 1 and a["dice"]["mean"] == 0.5
+    assert a["hd95"]["mean"] == pytest.approx(math.sqrt(134) / 2)
+    assert (out / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("kind", ["shape", "affine"])
+def test_grid_mismatch_names_case(tmp_path, kind):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save(preds / "case_001.nii.gz", ref1)
+    if kind == "shape":
+        _save(preds / "case_002.nii.gz", np.zeros((6, 6, 5)))
+        match = "case 'case_002'.*shape"
+    else:
+        _save(preds / "case_002.nii.gz", ref2, origin=(0.0, 0.5, 0.0))
+        match = "case 'case_002'.*affine"
+    with pytest.raises(ValueError, match=match):
+        evaluate_folder(preds, ds, progress=False)
+
+
+def test_unknown_class_and_split(tmp_path):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    with pytest.raises(ValueError, match="unknown class 'liver'"):
+        evaluate_folder(preds, ds, classes=["liver"], progress=False)
+    with pytest.raises(ValueError, match="validation"):
+        evaluate_folder(preds, ds, split="validation", progress=False)
