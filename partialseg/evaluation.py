@@ -256,68 +256,19 @@ def _strip_suffix(name: str) -> str:
     return Path(name).stem
 
 
-def _read_dataset_json(dataset_dir: Path, split: str) -> tuple[list[str], list[dict]]:
-    """Reads ``dataset.json`` directly: (class names, the split's cases with absolute paths).
-
-    Used when ``partialseg.data.load_dataset`` is not available; same semantics as the format
-    of ``docs/data_format.md`` for what evaluation needs (paths relative to the dataset folder,
-    bare-string test entries, ``classes`` or MSD ``labels``).
-    """
-    path = dataset_dir / "dataset.json"
-    if not path.is_file():
-        raise ValueError(f"no dataset.json in {dataset_dir}.")
-    with open(path) as f:
-        desc = json.load(f)
-    if "classes" in desc:
-        names = [str(c) for c in desc["classes"]]
-    elif "labels" in desc:
-        labels = desc["labels"]
-        if not isinstance(labels, Mapping):
-            raise ValueError(f"{path}: 'labels' must be a mapping, got {type(labels).__name__}.")
-        try:
-            if all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: {"background": 0}
-                pairs = {int(v): str(k) for k, v in labels.items()}
-            else:  # MSD: {"0": "background"}
-                pairs = {int(k): str(v) for k, v in labels.items()}
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: 'labels' keys must be class indices: {e}") from e
-        if sorted(pairs) != list(range(len(pairs))):
-            raise ValueError(f"{path}: 'labels' indices {sorted(pairs)} are not 0..{len(pairs) - 1}.")
-        names = [pairs[i] for i in range(len(pairs))]
-    else:
-        raise ValueError(f"{path}: neither 'classes' nor 'labels' is given.")
-    if split not in desc:
-        raise ValueError(f"{path}: the dataset has no split {split!r} (splits: training, validation, test).")
-    if not isinstance(desc[split], list):
-        raise ValueError(f"{path}: split {split!r} must be a list of cases.")
-
-    def resolve(p: str) -> str:
-        return str(p) if os.path.isabs(p) else str((dataset_dir / p).resolve())
-
-    cases = []
-    for k, entry in enumerate(desc[split]):
-        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
-        if "image" not in entry:
-            raise ValueError(f"{path}: entry {k} of split {split!r} has no 'image'.")
-        for key in ("image", "label"):
-            if entry.get(key):
-                entry[key] = resolve(entry[key])
-        entry.setdefault("case", _strip_suffix(Path(entry["image"]).name))
-        cases.append(entry)
-    return names, cases
-
-
 def _load_cases(dataset_dir: Path, split: str) -> tuple[list[str], list[dict]]:
-    """Class names and datalist of a split, via ``partialseg.data.load_dataset`` when it exists."""
-    try:
-        from partialseg.data import load_dataset
-    except ImportError:
-        return _read_dataset_json(dataset_dir, split)
+    """Class names and datalist of a split, read with :func:`partialseg.data.load_dataset`.
+
+    Raises:
+        ValueError: the dataset has no such split (``DatasetError``, a ``ValueError``, for a
+            malformed description).
+    """
+    from partialseg.data import load_dataset
+
     ds = load_dataset(dataset_dir)
-    cases = [dict(entry) for entry in ds.datalist(split)]
-    for entry in cases:
-        entry.setdefault("case", _strip_suffix(Path(entry["image"]).name))
-    return [str(c) for c in ds.classes], cases
+    if split not in ds.splits:
+        raise ValueError(f"the dataset {dataset_dir} has no split {split!r} (splits: {sorted(ds.splits)}).")
+    return [str(c) for c in ds.classes], ds.datalist(split)
 
 
 def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case: str | None = None) -> Path | None:
@@ -362,8 +313,12 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
     return found[0] if found else None
 
 
-def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str):
-    """Loads a label map as (int-valued array (spatial), affine numpy (4, 4), spacing tuple)."""
+def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str, label_map: Mapping | None = None):
+    """Loads a label map as (array (spatial), affine numpy (4, 4), spacing tuple).
+
+    ``label_map`` (a datalist entry's source value -> class index map) is applied with
+    :class:`partialseg.transforms.RemapLabels`, as training does.
+    """
     import numpy as np
 
     try:
@@ -375,11 +330,20 @@ def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str):
             f"case {case!r}: the {what} {path} has {img.shape[0]} channels; expected one label map "
             "of class indices (argmax one-hot predictions before saving)."
         )
-    arr = img[0]
+    arr = img
+    if label_map:
+        from partialseg.transforms import RemapLabels
+
+        try:
+            arr = RemapLabels(label_map)(img)
+        except ValueError as e:
+            raise ValueError(f"case {case!r}: the {what} {path}: {e}") from e
+    arr = arr[0]
     nd = arr.ndim
     affine = np.asarray(img.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:-1, :nd], axis=0))
-    return np.asarray(arr), affine, spacing
+    arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
+    return arr, affine, spacing
 
 
 def _check_same_grid(case: str, pred_path, pred_shape, pred_affine, ref_path, ref_shape, ref_affine) -> None:
@@ -509,8 +473,10 @@ def evaluate_folder(
     Every case of ``split`` that has a ``label`` is paired with its prediction (see
     :func:`find_prediction` for the accepted names); cases without a label are skipped and
     listed in the summary. The prediction must lie on the reference's grid (same spatial shape,
-    affine within ``AFFINE_ATOL``). HD95 and ASSD use the reference's voxel spacing (mm). A case
-    whose ``annotated`` is a list (not ``"all"``) is evaluated on its annotated classes only.
+    affine within ``AFFINE_ATOL``). HD95 and ASSD use the reference's voxel spacing (mm). The
+    dataset is read with :func:`partialseg.data.load_dataset`; a reference whose source has a
+    ``label_maps`` entry is remapped to global class indices first (``RemapLabels``), and a
+    case that annotates only some classes is evaluated on those classes only.
 
     Args:
         pred_dir: folder of predicted label maps (class indices, one channel).
@@ -591,24 +557,15 @@ def evaluate_folder(
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     rows: list[dict] = []
     for entry, case, pred_path in tqdm(pairs, desc="evaluate", unit="case", disable=None if progress else True):
-        ref, ref_affine, spacing = _load_label(loader, entry["label"], "reference", case)
+        ref, ref_affine, spacing = _load_label(loader, entry["label"], "reference", case, entry.get("label_map"))
         if pred_path is None:
             pred = np.zeros(ref.shape, dtype=np.int64)
         else:
             pred, pred_affine, _ = _load_label(loader, pred_path, "prediction", case)
             _check_same_grid(case, pred_path, pred.shape, pred_affine, entry["label"], ref.shape, ref_affine)
-        case_classes = selected
-        annotated = entry.get("annotated", "all")
-        if annotated != "all" and isinstance(annotated, (list, tuple)):
-            idx = set()
-            for a in annotated:
-                if isinstance(a, int) or (isinstance(a, str) and a.isdigit() and a not in names):
-                    idx.add(int(a))
-                elif a in names:
-                    idx.add(names.index(a))
-                else:
-                    raise ValueError(f"case {case!r}: annotated class {a!r} is not one of {names}.")
-            case_classes = [i for i in selected if i in idx]
+        # load_dataset gives the annotated classes as sorted indices ("all" expanded)
+        annotated = entry.get("annotated")
+        case_classes = selected if annotated is None else [i for i in selected if i in set(annotated)]
         if not case_classes:
             continue
         for row in evaluate_case(pred, ref, names, spacing=spacing, include_background=include_background,

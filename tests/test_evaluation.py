@@ -368,3 +368,47 @@ def test_unknown_class_and_split(tmp_path):
         evaluate_folder(preds, ds, classes=["liver"], progress=False)
     with pytest.raises(ValueError, match="validation"):
         evaluate_folder(preds, ds, split="validation", progress=False)
+
+
+def test_partial_reference_and_label_map(tmp_path):
+    # a test case from a source whose value 1 means class "b" (label_maps), annotating only "b":
+    # the reference is remapped before evaluation and class "a" gets no row.
+    ds = tmp_path / "ds"
+    ref = np.zeros(SHAPE, dtype=np.uint8)
+    ref[2, 2, 2] = 1
+    _save(ds / "imagesTs" / "p1.nii.gz", np.zeros(SHAPE))
+    _save(ds / "labelsTs" / "p1.nii.gz", ref)
+    desc = {
+        "classes": ["background", "a", "b"],
+        "training": [],
+        "test": [{"image": "imagesTs/p1.nii.gz", "label": "labelsTs/p1.nii.gz", "annotated": ["b"], "source": "src"}],
+        "label_maps": {"src": {"1": "b"}},
+    }
+    (ds / "dataset.json").write_text(json.dumps(desc))
+    pred = np.zeros(SHAPE, dtype=np.uint8)
+    pred[2, 2, 2] = 2
+    pred[0, 0, 0] = 1  # class a is not annotated in this case: not evaluated
+    _save(tmp_path / "preds" / "p1.nii.gz", pred)
+    s = evaluate_folder(tmp_path / "preds", ds, progress=False)
+    assert s["per_class"]["a"]["n"] == 0 and "dice" not in s["per_class"]["a"]
+    assert s["per_class"]["b"]["dice"]["mean"] == 1.0
+    assert s["overall"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}  # class a has no rows: left out
+
+
+def test_partialseg_command(tmp_path, capsys):
+    from partialseg import cli
+
+    for module_name, _ in cli.COMMANDS.values():  # the command imports every subcommand module
+        pytest.importorskip(module_name, reason=f"{module_name} (another subcommand) is not there yet")
+    main = cli.main
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save(preds / "case_001.nii.gz", ref1)
+    _save(preds / "case_002.nii.gz", ref2)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--include-background", "--no-progress"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["classes"] == ["background", "a", "b"] and s["overall"]["dice"] == 1.0
+    assert s["arguments"]["include_background"] is True
+    assert "background" in capsys.readouterr().out
