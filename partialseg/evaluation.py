@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,9 +228,14 @@ def evaluate_case(
         # one-hot (1, K, *spatial) over the classes that both masks contain
         p1h = torch.from_numpy(np.stack([pred == i for i in sel])[None]).float()
         r1h = torch.from_numpy(np.stack([ref == i for i in sel])[None]).float()
-        dice = compute_dice(p1h, r1h, include_background=True, ignore_empty=False)[0]
-        hd95 = compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0]
-        assd = compute_average_surface_distance(p1h, r1h, include_background=True, symmetric=True, spacing=spacing)[0]
+        with warnings.catch_warnings():
+            # MONAI 1.6 calls its own deprecated get_mask_edges(always_return_as_numpy=...) internally
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            dice = compute_dice(p1h, r1h, include_background=True, ignore_empty=False)[0]
+            hd95 = compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0]
+            assd = compute_average_surface_distance(
+                p1h, r1h, include_background=True, symmetric=True, spacing=spacing
+            )[0]
         for j, k in enumerate(both):
             values = {"dice": float(dice[j]), "hd95": float(hd95[j]), "assd": float(assd[j])}
             for key, v in values.items():
@@ -410,7 +416,8 @@ def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: (repr(r[k]) if isinstance(r[k], float) else r[k]) for k in fields})
+            # MONAI computes in float32: 7 significant digits carry all of it
+            writer.writerow({k: (format(r[k], ".7g") if isinstance(r[k], float) else r[k]) for k in fields})
 
 
 def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[str]) -> None:
@@ -620,20 +627,27 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``partialseg evaluate``: writes the outputs and prints the per class table.
 
     Returns:
-        0 on success; errors (missing or mismatched predictions, ...) raise ``ValueError``.
+        0 on success; 2 when the evaluation cannot be done (a missing or mismatched prediction,
+        a bad dataset, ...), after printing the error, which names the case, to stderr.
     """
+    import sys
+
     arguments = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    summary = evaluate_folder(
-        pred_dir=args.pred,
-        dataset_dir=args.dataset,
-        split=args.split,
-        out_dir=args.out,
-        classes=args.classes,
-        include_background=args.include_background,
-        allow_missing=args.allow_missing,
-        progress=not getattr(args, "no_progress", False),
-        arguments=arguments,
-    )
+    try:
+        summary = evaluate_folder(
+            pred_dir=args.pred,
+            dataset_dir=args.dataset,
+            split=args.split,
+            out_dir=args.out,
+            classes=args.classes,
+            include_background=args.include_background,
+            allow_missing=args.allow_missing,
+            progress=not getattr(args, "no_progress", False),
+            arguments=arguments,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(summary))
     counts = summary["status_counts"]
     print(f"{summary['num_cases']} cases; empty: {counts['both_empty']} both, {counts['pred_empty']} prediction only, "

@@ -20,7 +20,7 @@ import pytest
 from partialseg import evaluation
 from partialseg.evaluation import evaluate_case, evaluate_folder, find_prediction, image_diagonal, summarize
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no NaN arithmetic
 
 
 def _mask(shape, *points):
@@ -328,12 +328,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "Dice" in printed and "HD95" in printed and "0.5000 ± 0.5000" in printed
 
 
-def test_missing_prediction(tmp_path):
+def test_missing_prediction(tmp_path, capsys):
     ds, ref1, _ = _make_dataset(tmp_path, labels_key="labels")  # MSD "labels" instead of "classes"
     preds = tmp_path / "preds"
     _save(preds / "case_001_seg.nii.gz", ref1)
     with pytest.raises(ValueError, match="case 'case_002'.*no prediction"):
         evaluate_folder(preds, ds, progress=False)
+    # the command prints the error and returns 2, writing nothing
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--no-progress"]) == 2
+    assert "case 'case_002'" in capsys.readouterr().err
+    assert not (preds / "evaluation").exists()
     out = tmp_path / "eval"
     s = evaluate_folder(preds, ds, out_dir=out, allow_missing=True, classes=["a"], progress=False)
     assert s["missing_predictions"] == ["case_002"] and s["classes"] == ["a"]
