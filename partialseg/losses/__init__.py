@@ -1,0 +1,26 @@
+"""Partial-label losses: every loss takes logits (B, C, *spatial) and a ``<0,p,1>`` target.
+
+See ``docs/losses.md`` for the equations, the decisions (empty annotation, unknown voxels,
+absent classes, dtypes) and the measured speed.
+"""
+
+from partialseg.losses.compatible import CompatibleLoss, ConditionalCompatibleLoss, PriorLoss, conditional_compatible_terms
+from partialseg.losses.marginal import (
+    ExclusionCELoss,
+    ExclusionDiceLoss,
+    MarginalCELoss,
+    MarginalDiceLoss,
+    MarginalExclusionLoss,
+)
+
+__all__ = [
+    "CompatibleLoss",
+    "PriorLoss",
+    "ConditionalCompatibleLoss",
+    "conditional_compatible_terms",
+    "MarginalCELoss",
+    "MarginalDiceLoss",
+    "ExclusionCELoss",
+    "ExclusionDiceLoss",
+    "MarginalExclusionLoss",
+]

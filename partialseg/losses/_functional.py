@@ -1,0 +1,501 @@
+"""Shared primitives of the partial-label losses.
+
+Everything here works on the ``<0,p,1>`` target representation (see ``docs/data_format.md``):
+for a voxel ``i`` and a class ``c``, ``target[b, c, i] == 1`` means "known member",
+``== 0`` means "known non-member" and any other value (``0 < v < 1``) means "unknown".
+
+Two views of one target are used by the losses:
+
+* the **known masks** ``K1 = (t == 1)`` and ``K0 = (t == 0)`` (DCL's ``1[y = 1]``, ``1[y = 0]``);
+* the **candidate set** ``S_i = {c : t_c > 0}``: the classes voxel ``i`` may belong to. For a
+  labelled voxel it is its class, for a partially labelled voxel it is the merged class of the
+  marginal loss (the classes unknown there), for an unlabelled voxel it is every class. A voxel
+  whose entries are all 0 is contradictory input; its candidate set is taken as every class
+  (no information) so that the marginal losses stay finite.
+
+The module holds a probability-domain reference implementation (plain autograd, used by the
+conditional DCL losses and the tests) and custom :class:`torch.autograd.Function` s with
+hand-written backward passes for the hot paths (logits in, one shared softmax, masks applied
+after the activation, all sums in float32 or float64).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "POSITIVE_BASES",
+    "NEGATIVE_BASES",
+    "compute_dtype",
+    "check_input_target",
+    "reduce_voxelwise",
+    "reduce_channelwise",
+    "dice_from_sums",
+    "candidate_mask",
+    "sample_unknown_classes",
+    "compatible_terms_from_probs",
+    "prior_terms_from_probs",
+    "marginal_softmax_stats",
+    "compatible_from_logits",
+]
+
+POSITIVE_BASES = ("ce", "dice", "ta_ce", "ta_dice")
+NEGATIVE_BASES = ("ce", "dice", "ex_ce", "ex_dice")
+
+# below this, exp(x - max) sums are recomputed with a per-set maximum (see _log_candidate_sum)
+_UNDERFLOW = 1e-30
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); every other floating dtype computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_input_target(input: Tensor, target: Tensor, name: str) -> None:
+    """Raise ValueError unless ``input`` and ``target`` are (B, C, *spatial) of one shape, C >= 2."""
+    if input.ndim < 3:
+        raise ValueError(f"{name}: input must be (B, C, *spatial), got shape {tuple(input.shape)}.")
+    if target.shape != input.shape:
+        raise ValueError(
+            f"{name}: target shape {tuple(target.shape)} differs from input shape {tuple(input.shape)};"
+            " the target must be the <0,p,1> map with one channel per class."
+        )
+    if input.shape[1] < 2:
+        raise ValueError(f"{name}: softmax over classes needs at least 2 channels, got {input.shape[1]}.")
+    if not input.is_floating_point():
+        raise ValueError(f"{name}: input must hold floating-point logits, got dtype {input.dtype}.")
+
+
+def reduce_voxelwise(per_voxel: Tensor, reduction: str, spatial_shape: Sequence[int]) -> Tensor:
+    """Reduce a (B, N) per-voxel loss: "sum", "mean" (over all B * N voxels) or "none" (B, *spatial)."""
+    if reduction == "sum":
+        return per_voxel.sum()
+    if reduction == "mean":
+        return per_voxel.mean()
+    return per_voxel.reshape(per_voxel.shape[0], *spatial_shape)
+
+
+def reduce_channelwise(f: Tensor, reduction: str, n_spatial: int) -> Tensor:
+    """Reduce a (B, C) (or (1, C) for batch Dice) loss like MONAI: "none" keeps (B, C, 1, ..., 1)."""
+    if reduction == "sum":
+        return f.sum()
+    if reduction == "mean":
+        return f.mean()
+    return f.reshape(*f.shape, *([1] * n_spatial))
+
+
+def dice_from_sums(intersection: Tensor, pred_sum: Tensor, target_sum: Tensor, smooth_nr: float, smooth_dr: float) -> Tensor:
+    """MONAI's soft Dice loss ``1 - (2 I + smooth_nr) / (sum P + sum T + smooth_dr)``."""
+    return 1.0 - (2.0 * intersection + smooth_nr) / (pred_sum + target_sum + smooth_dr)
+
+
+def candidate_mask(target: Tensor) -> Tensor:
+    """Candidate set ``S = (t > 0)`` with all-zero voxels opened to every class. Shape of ``target``, bool."""
+    cand = target > 0
+    empty = ~cand.any(1, keepdim=True)
+    if bool(empty.any()):
+        cand = cand | empty
+    return cand
+
+
+def sample_unknown_classes(target: Tensor) -> Tensor:
+    """DCL's image-level unlabelled set: (B, C, 1, ..) bool, True where a class is unknown anywhere in the sample."""
+    unknown = (target > 0) & (target < 1)
+    return unknown.flatten(2).any(2).reshape(*target.shape[:2], *([1] * (target.ndim - 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# probability-domain reference (plain autograd); used by PriorLoss / ConditionalCompatibleLoss
+# ----------------------------------------------------------------------------------------------
+
+
+def _safe_log(x: Tensor) -> Tensor:
+    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def compatible_terms_from_probs(
+    probs: Tensor,
+    target: Tensor,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    alpha_pos: float = 1.0,
+    alpha_neg: float = 1.0,
+    eps: float = 1.0,
+) -> Tensor:
+    """Per-voxel DCL compatible loss ``alpha_pos L_P + alpha_neg L_N`` (Eq. 2) from probabilities.
+
+    Args:
+        probs: (B, C, *spatial) class probabilities (not logits); they need not sum to 1
+            (CompNet's ``z_cap + z_delta``), but each must lie in [0, 1].
+        target: (B, C, *spatial) ``<0,p,1>`` map.
+        positive: positive bases, a subset of ``("ce", "dice", "ta_ce", "ta_dice")`` (Eq. 11, 13, 15, 16).
+        negative: negative bases, a subset of ``("ce", "dice", "ex_ce", "ex_dice")`` (Eq. 12, 14, 17, 18).
+        alpha_pos: weight of ``L_P``.
+        alpha_neg: weight of ``L_N``.
+        eps: the exclusive bases' epsilon (Eq. 17), 1 in the paper.
+
+    Returns:
+        (B, *spatial) per-voxel loss (summed over classes), in the dtype of ``probs``.
+    """
+    k1 = target == 1
+    k0 = target == 0
+    zero = probs.new_zeros(())
+    out = probs.new_zeros(probs.shape[:1] + probs.shape[2:])
+    cand = candidate_mask(target)
+    q = (probs * cand).sum(1)
+    has1 = k1.any(1)
+    for base in positive:
+        if base == "ce":  # Eq. 11
+            out = out + alpha_pos * torch.where(k1, -_safe_log(probs), zero).sum(1)
+        elif base == "dice":  # Eq. 13
+            out = out + alpha_pos * torch.where(k1, 1 - 2 * probs / (1 + probs), zero).sum(1)
+        elif base == "ta_ce":  # Eq. 15: -log of the candidate (merged) probability
+            out = out + alpha_pos * -_safe_log(q)
+        elif base == "ta_dice":  # Eq. 16
+            out = out + alpha_pos * (1 - 2 * q / (q + 1))
+    if negative:
+        excl = sample_unknown_classes(target) & k0
+        s_ex = (probs * excl).sum(1)
+    for base in negative:
+        if base == "ce":  # Eq. 12
+            out = out + alpha_neg * torch.where(k0, -_safe_log(1 - probs), zero).sum(1)
+        elif base == "dice":  # Eq. 14
+            out = out + alpha_neg * torch.where(k0, 2 * probs / (1 + probs), zero).sum(1)
+        elif base == "ex_ce":  # Eq. 17
+            term = torch.where(k0, torch.log(probs + eps), zero).sum(1)
+            out = out + alpha_neg * (term + torch.where(has1, torch.log(s_ex + eps), zero))
+        elif base == "ex_dice":  # Eq. 18
+            term = torch.where(k0, 2 * probs / (probs + 1), zero).sum(1)
+            out = out + alpha_neg * (term + torch.where(has1, 2 * s_ex / (s_ex + 1), zero))
+    return out
+
+
+def prior_terms_from_probs(probs: Tensor, cond_label: Tensor, negative: Sequence[str], eps: float = 1.0) -> Tensor:
+    """Per-voxel DCL prior loss (Eq. 7) from the 2m CompNet probabilities.
+
+    Args:
+        probs: (B, 2m, *spatial) probabilities, intersection channels first, extra channels last.
+        cond_label: (B, m, *spatial) conditional labels ``y^c`` (``<0,p,1>``).
+        negative: the ``f_N`` bases (``"ce"``: ``-log(1-a)``, ``"dice"``: ``2a/(1+a)``,
+            ``"ex_ce"``: ``log(a+eps)``, ``"ex_dice"``: ``2a/(a+1)``), summed.
+        eps: epsilon of ``"ex_ce"``.
+
+    Returns:
+        (B, *spatial) per-voxel loss.
+    """
+    m = cond_label.shape[1]
+    z_cap, z_delta = probs[:, :m], probs[:, m:]
+    zero = probs.new_zeros(())
+    incl = cond_label == 0  # inclusiveness: the intersection is 0 where y^c is 0
+    excl = cond_label == 1  # exclusiveness: the extra part is 0 where y^c is 1
+    out = probs.new_zeros(probs.shape[:1] + probs.shape[2:])
+    for base in negative:
+        if base == "ce":
+            f_cap, f_delta = -_safe_log(1 - z_cap), -_safe_log(1 - z_delta)
+        elif base == "ex_ce":
+            f_cap, f_delta = torch.log(z_cap + eps), torch.log(z_delta + eps)
+        else:  # "dice" and "ex_dice" share f_N(a, 0) = 2a / (a + 1)
+            f_cap, f_delta = 2 * z_cap / (1 + z_cap), 2 * z_delta / (1 + z_delta)
+        out = out + torch.where(incl, f_cap, zero).sum(1) + torch.where(excl, f_delta, zero).sum(1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# logits -> losses with hand-written backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(e, Z, max) with ``e = exp(x - max)`` over dim 1 and ``Z = sum e``; x is (B, C, N)."""
+    mx = x.amax(1, keepdim=True)
+    e = torch.sub(x, mx)
+    e.exp_()
+    z = e.sum(1, keepdim=True)
+    return e, z, mx
+
+
+def _log_candidate_sum(x: Tensor, mx: Tensor, cand: Tensor, z_s: Tensor) -> Tensor:
+    """``log sum_{c in S} exp(x_c)`` per voxel (B, 1, N), exact even when ``z_s`` underflows.
+
+    ``z_s = sum_S exp(x - max)`` is computed with the all-class maximum; where it underflows
+    (a candidate set far below the winning class: extreme logits) it is recomputed with the
+    candidate set's own maximum on those voxels only.
+    """
+    log_zs = torch.log(z_s) + mx
+    bad = z_s < _UNDERFLOW
+    if bool(bad.any()):
+        masked = x.masked_fill(~cand, float("-inf"))
+        exact = torch.logsumexp(masked, 1, keepdim=True)
+        log_zs = torch.where(bad, exact, log_zs)
+    return log_zs
+
+
+class _MarginalExclusionFunction(torch.autograd.Function):
+    """One softmax, up to four outputs, one backward.
+
+    Outputs (each computed only if requested, else an empty tensor):
+
+    * ``mce``  (B, N): marginal CE per voxel ``log Z - log Z_S`` (DCL ``ta_ce`` too);
+    * ``ece``  (B, N): exclusion CE per voxel ``sum_c [t_c = 0] log(p_c + eps)``;
+    * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels, where a
+      channel's prediction P is the candidate probability q if the channel is a candidate there,
+      else its own probability, and its target T is 1 if it is a candidate, else 0;
+    * ``edice`` (3, B, C): exclusion Dice sums (I = sum p [t = 0], sum p, sum [t = 0]).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, want: tuple[bool, bool, bool, bool], eps: float):  # type: ignore[override]
+        want_mce, want_ece, want_mdice, want_edice = want
+        e, z, mx = _softmax_parts(x)
+        cand = candidate_mask(t)
+        q = z_s = None
+        if want_mce or want_mdice:
+            z_s = (e * cand).sum(1, keepdim=True)  # == z bitwise where every class is a candidate
+            q = z_s / z  # candidate probability, exactly 1 where S = all
+        p = e.mul_(z.reciprocal())  # e is no longer needed: p = e / Z in place
+        empty = x.new_empty(0)
+        mce = ece = mdice = edice = empty
+        ctx.want = want
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        saved: list[Tensor] = [p, cand]
+        if want_mce:
+            log_zs = _log_candidate_sum(x, mx, cand, z_s)
+            log_q = log_zs - (torch.log(z) + mx)
+            mce = (-log_q).squeeze(1)
+            saved.extend([x, log_q, log_zs])
+        k0 = None
+        if want_ece or want_edice:
+            k0 = t == 0
+            saved.append(k0)
+        if want_ece:
+            ece = torch.where(k0, torch.log(p + eps), p.new_zeros(())).sum(1)
+        if want_mdice:
+            informative = ~cand.all(1, keepdim=True)  # voxels that say something
+            pred = torch.where(cand, q, p)
+            pred.mul_(informative)
+            tgt = cand & informative
+            inter = (pred * tgt).sum(2)
+            mdice = torch.stack([inter, pred.sum(2), tgt.sum(2, dtype=p.dtype)])
+            saved.append(informative)
+            saved.append(q)
+        if want_edice:
+            inter = torch.where(k0, p, p.new_zeros(())).sum(2)
+            edice = torch.stack([inter, p.sum(2), k0.sum(2, dtype=p.dtype)])
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*(o for o in (mce, ece, mdice, edice) if o.numel() == 0))
+        return mce, ece, mdice, edice
+
+    @staticmethod
+    def backward(ctx, g_mce: Tensor, g_ece: Tensor, g_mdice: Tensor, g_edice: Tensor):  # type: ignore[override]
+        want_mce, want_ece, want_mdice, want_edice = ctx.want
+        saved = list(ctx.saved_tensors)
+        p, cand = saved[0], saved[1]
+        idx = 2
+        x = log_q = log_zs = k0 = informative = q = None
+        if want_mce:
+            x, log_q, log_zs = saved[idx : idx + 3]
+            idx += 3
+        if want_ece or want_edice:
+            k0 = saved[idx]
+            idx += 1
+        if want_mdice:
+            informative, q = saved[idx], saved[idx + 1]
+        # gradient with respect to the probabilities, then through the softmax
+        g_p = None
+        if want_ece and g_ece is not None:
+            g_p = torch.where(k0, g_ece.unsqueeze(1) / (p + ctx.eps), p.new_zeros(()))
+        if want_edice and g_edice is not None:
+            g_i, g_sp = g_edice[0].unsqueeze(2), g_edice[1].unsqueeze(2)
+            term = torch.where(k0, g_i + g_sp, g_sp)
+            g_p = term if g_p is None else g_p.add_(term)
+        if want_mdice and g_mdice is not None:
+            g_i, g_sp = g_mdice[0].unsqueeze(2), g_mdice[1].unsqueeze(2)
+            g_pred = torch.where(cand, g_i + g_sp, g_sp)  # dL/dP_c
+            g_pred.mul_(informative)
+            g_q = (g_pred * cand).sum(1, keepdim=True)  # every candidate channel reads q
+            term = torch.where(cand, g_q, g_pred)
+            g_p = term if g_p is None else g_p.add_(term)
+        grad = None
+        if g_p is not None:
+            dot = (p * g_p).sum(1, keepdim=True)
+            grad = g_p.sub_(dot).mul_(p)
+        if want_mce and g_mce is not None:
+            # d(-log q)/dx = p - r, r = softmax restricted to the candidate set
+            if bool((log_q < -60).any()):  # candidate mass underflows in p: exact r from logits
+                r = torch.where(cand, torch.exp(x - log_zs), p.new_zeros(()))
+            else:
+                r = torch.where(cand, p * torch.exp(-log_q), p.new_zeros(()))
+            term = r.neg_().add_(p).mul_(g_mce.unsqueeze(1))
+            grad = term if grad is None else grad.add_(term)
+        return grad, None, None, None
+
+
+def marginal_softmax_stats(
+    x: Tensor, target: Tensor, mce: bool = False, ece: bool = False, mdice: bool = False, edice: bool = False, eps: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shared-softmax statistics of the marginal / exclusion losses, with a hand-written backward.
+
+    Args:
+        x: (B, C, *spatial) logits; computed in float32 (float64 stays float64).
+        target: (B, C, *spatial) ``<0,p,1>`` map.
+        mce, ece, mdice, edice: which outputs to compute (the others come back empty).
+        eps: exclusion CE epsilon (Eq. 11 of the marginal paper, 1 there).
+
+    Returns:
+        ``(mce (B, N), ece (B, N), mdice (3, B, C), edice (3, B, C))`` with ``N`` the number of
+        voxels; the Dice entries hold (intersection, prediction sum, target sum).
+    """
+    dt = compute_dtype(x)
+    xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
+    tb = target.reshape(target.shape[0], target.shape[1], -1)
+    return _MarginalExclusionFunction.apply(xb, tb, (mce, ece, mdice, edice), float(eps))
+
+
+class _CompatibleFunction(torch.autograd.Function):
+    """DCL compatible loss per voxel from logits: forward (B, N), backward by hand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, positive: tuple[str, ...], negative: tuple[str, ...], a_pos: float, a_neg: float, eps: float):  # type: ignore[override]
+        e, z, mx = _softmax_parts(x)
+        log_z = torch.log(z) + mx
+        cand = q = log_q = excl = s_ex = has1 = None
+        if "ta_ce" in positive or "ta_dice" in positive:
+            cand = candidate_mask(t)
+            z_s = (e * cand).sum(1, keepdim=True)
+            q = z_s / z
+            log_q = _log_candidate_sum(x, mx, cand, z_s) - log_z
+        p = e.mul_(z.reciprocal())
+        k1 = t == 1
+        k0 = t == 0
+        zero = p.new_zeros(())
+        out = p.new_zeros((x.shape[0], x.shape[2]))
+        if "ex_ce" in negative or "ex_dice" in negative:
+            has1 = k1.any(1, keepdim=True)
+            excl = sample_unknown_classes(t) & k0
+            s_ex = (p * excl).sum(1, keepdim=True)
+        log_p = None
+        for base in positive:
+            if base == "ce":
+                log_p = x - log_z if log_p is None else log_p  # exact log-softmax
+                out += a_pos * torch.where(k1, -log_p, zero).sum(1)
+            elif base == "dice":
+                out += a_pos * torch.where(k1, (1 - p) / (1 + p), zero).sum(1)
+            elif base == "ta_ce":
+                out += a_pos * (-log_q).squeeze(1)
+            elif base == "ta_dice":
+                out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
+        for base in negative:
+            if base == "ce":
+                log_p = x - log_z if log_p is None else log_p
+                out += a_neg * torch.where(k0, -_log1m_softmax(log_p), zero).sum(1)
+            elif base == "dice":
+                out += a_neg * torch.where(k0, 2 * p / (1 + p), zero).sum(1)
+            elif base == "ex_ce":
+                out += a_neg * (torch.where(k0, torch.log(p + eps), zero).sum(1) + torch.where(has1, torch.log(s_ex + eps), zero).squeeze(1))
+            elif base == "ex_dice":
+                out += a_neg * (torch.where(k0, 2 * p / (p + 1), zero).sum(1) + torch.where(has1, 2 * s_ex / (s_ex + 1), zero).squeeze(1))
+        ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
+        ctx.save_for_backward(p, t, x, log_z, *(v for v in (cand, log_q, excl, s_ex, has1, log_p) if v is not None))
+        ctx.has = tuple(v is not None for v in (cand, log_q, excl, s_ex, has1, log_p))
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        p, t, x, log_z, *rest = ctx.saved_tensors
+        it = iter(rest)
+        cand, log_q, excl, s_ex, has1, log_p = (next(it) if h else None for h in ctx.has)
+        a_pos, a_neg, eps = ctx.a_pos, ctx.a_neg, ctx.eps
+        g = g_out.unsqueeze(1)
+        k1 = t == 1
+        k0 = t == 0
+        zero = p.new_zeros(())
+        g_p = torch.zeros_like(p)  # dL/dp (probability space)
+        g_x = torch.zeros_like(p)  # terms written directly in logit space
+        for base in ctx.positive:
+            if base == "ce":  # d(-log p_k)/dx = p - onehot_k
+                n1 = k1.sum(1, keepdim=True, dtype=p.dtype)
+                g_x += (p * n1 - k1.to(p.dtype)) * (a_pos * g)
+            elif base == "dice":
+                g_p += torch.where(k1, -2 / (1 + p) ** 2, zero) * (a_pos * g)
+            elif base == "ta_ce":  # p - softmax restricted to S
+                r = torch.where(cand, torch.exp(x - (log_q + log_z)), zero)
+                g_x += (p - r) * (a_pos * g)
+            elif base == "ta_dice":
+                q = torch.exp(log_q)
+                g_p += torch.where(cand, -2 / (1 + q) ** 2, zero) * (a_pos * g)
+        for base in ctx.negative:
+            if base == "ce":
+                g_x += _neg_ce_grad(p, log_p, k0) * (a_neg * g)
+            elif base == "dice":
+                g_p += torch.where(k0, 2 / (1 + p) ** 2, zero) * (a_neg * g)
+            elif base == "ex_ce":
+                g_p += (torch.where(k0, 1 / (p + eps), zero) + torch.where(has1 & excl, 1 / (s_ex + eps), zero)) * (a_neg * g)
+            elif base == "ex_dice":
+                g_p += (torch.where(k0, 2 / (p + 1) ** 2, zero) + torch.where(has1 & excl, 2 / (s_ex + 1) ** 2, zero)) * (a_neg * g)
+        dot = (p * g_p).sum(1, keepdim=True)
+        g_x += (g_p - dot) * p
+        return g_x, None, None, None, None, None, None
+
+
+def _neg_ce_grad(p: Tensor, log_p: Tensor, k0: Tensor) -> Tensor:
+    """Gradient of ``-sum_c [t_c = 0] log(1 - p_c)`` with respect to the logits, exact at extremes.
+
+    Term c gives ``w_c (delta_cj - p_j)`` with ``w_c = p_c / (1 - p_c)``. For classes with
+    ``p_c <= 1/2`` (``w_c <= 1``) it is used as written; the one class above 1/2 (if known 0)
+    is written as ``p_c`` on itself and ``-p_c p_j / (1 - p_c)`` (in log space) on the others.
+    """
+    zero = p.new_zeros(())
+    l1m = _log1m_softmax(log_p)
+    big = p > 0.5
+    w = torch.where(k0 & ~big, torch.exp(log_p - l1m), zero)
+    grad = w - p * w.sum(1, keepdim=True)
+    bk = big & k0
+    if bool(bk.any()):
+        has = bk.any(1, keepdim=True)
+        p_big = torch.where(bk, p, zero).sum(1, keepdim=True)
+        l1m_big = torch.where(bk, l1m, zero).sum(1, keepdim=True)
+        other = -p_big * torch.exp(log_p - l1m_big)
+        grad = grad + torch.where(has, torch.where(bk, p_big, other), zero)
+    return grad
+
+
+def _log1m_softmax(log_p: Tensor) -> Tensor:
+    """``log(1 - p)`` from log-probabilities, exact when ``p`` rounds to 1 (extreme logits).
+
+    For ``p <= 1/2`` it is ``log1p(-p)``; otherwise the class is the voxel's only class above
+    1/2 and ``1 - p`` is the summed probability of the other classes, taken in log space.
+    """
+    p = log_p.exp()
+    direct = torch.log1p(-p.clamp(max=0.5))
+    big = p > 0.5
+    if not bool(big.any()):
+        return direct
+    others = torch.logsumexp(log_p.masked_fill(big, float("-inf")), 1, keepdim=True)
+    return torch.where(big, others.expand_as(log_p), direct)
+
+
+def compatible_from_logits(
+    x: Tensor, target: Tensor, positive: Sequence[str], negative: Sequence[str], alpha_pos: float, alpha_neg: float, eps: float = 1.0
+) -> Tensor:
+    """Per-voxel DCL compatible loss (B, N) from logits with a hand-written backward.
+
+    Args:
+        x: (B, C, *spatial) logits; computed in float32 (float64 stays float64).
+        target: (B, C, *spatial) ``<0,p,1>`` map.
+        positive: positive bases (see :data:`POSITIVE_BASES`).
+        negative: negative bases (see :data:`NEGATIVE_BASES`).
+        alpha_pos: weight of L_P.
+        alpha_neg: weight of L_N.
+        eps: epsilon of ``ex_ce``.
+
+    Returns:
+        (B, N) per-voxel loss.
+    """
+    dt = compute_dtype(x)
+    xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
+    tb = target.to(dt).reshape(target.shape[0], target.shape[1], -1)
+    return _CompatibleFunction.apply(xb, tb, tuple(positive), tuple(negative), float(alpha_pos), float(alpha_neg), float(eps))

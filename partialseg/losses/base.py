@@ -1,0 +1,69 @@
+"""Argument handling shared by the partial-label loss classes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["PartialLabelLoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class PartialLabelLoss(_Loss):
+    """Base class: validates MONAI-style arguments and holds the optional class weight buffer.
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weight: optional non-negative per-class weights (a number or a sequence), stored as
+            the buffer ``class_weight``.
+
+    Raises:
+        ValueError: on an unknown reduction or a negative weight.
+    """
+
+    class_weight: torch.Tensor | None
+
+    def __init__(self, reduction: str = "mean", weight: Sequence[float] | float | torch.Tensor | None = None) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"Unsupported reduction: {reduction!r}, available options are {list(_REDUCTIONS)}.")
+        super().__init__(reduction=reduction)
+        if weight is not None:
+            w = torch.as_tensor(weight, dtype=torch.float32)
+            if w.ndim > 1:
+                raise ValueError(f"weight must be a number or a 1-D sequence of per-class weights, got shape {tuple(w.shape)}.")
+            if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+                raise ValueError(f"weight must be finite and non-negative, got {w.tolist()}.")
+            self.register_buffer("class_weight", w)
+        else:
+            self.class_weight = None
+
+    def _apply_weight(self, f: torch.Tensor) -> torch.Tensor:
+        """Multiply a (B, C) per-channel loss by ``class_weight`` (MONAI DiceLoss semantics)."""
+        if self.class_weight is None:
+            return f
+        w = self.class_weight.to(f)
+        if w.ndim == 1 and w.shape[0] != f.shape[1]:
+            raise ValueError(
+                f"weight has {w.shape[0]} entries but the loss has {f.shape[1]} channels"
+                " (with include_background=False the weight must leave out class 0)."
+            )
+        return f * w
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """Return ``float(value)`` or raise ValueError naming it when it is negative or not finite."""
+    v = float(value)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
+    return v
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return ``float(value)`` or raise ValueError naming it unless it is finite and > 0."""
+    v = float(value)
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
+    return v
