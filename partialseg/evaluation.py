@@ -53,6 +53,8 @@ METRICS = ("dice", "hd95", "assd")
 STATUSES = ("ok", "both_empty", "pred_empty", "ref_empty")
 #: file name endings recognised when pairing predictions with cases, longest first
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+#: ``SaveImage`` postfixes accepted in prediction names: bundles' "seg", and MONAI's default "trans"
+SAVE_POSTFIXES = ("seg", "trans")
 #: largest allowed difference between a prediction's and its reference's affine entries
 AFFINE_ATOL = 1e-3
 
@@ -283,8 +285,9 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
     With ``NAME`` the image file name without its extension (``imagesTs/case_001.nii.gz`` ->
     ``case_001``) and also the case name when it differs, the accepted names are, in
     ``pred_dir``: the image's file name itself, ``NAME`` + any extension of ``IMAGE_SUFFIXES``,
-    ``NAME_seg`` + extension, and ``NAME/NAME_seg`` + extension (MONAI ``SaveImage``'s default
-    ``output_postfix="seg"``, with and without its per-case folder).
+    ``NAME_seg`` + extension and ``NAME/NAME_seg`` + extension (MONAI ``SaveImage`` with the
+    bundles' ``output_postfix="seg"``, without and with its default per-case folder), and the
+    same with ``_trans`` (``SaveImage``'s default postfix).
 
     Args:
         pred_dir: folder of predictions.
@@ -305,8 +308,9 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
     candidates = [pred_dir / image_name]
     for stem in stems:
         for suffix in IMAGE_SUFFIXES:
-            candidates += [pred_dir / f"{stem}{suffix}", pred_dir / f"{stem}_seg{suffix}",
-                           pred_dir / stem / f"{stem}_seg{suffix}"]
+            candidates.append(pred_dir / f"{stem}{suffix}")
+            for postfix in SAVE_POSTFIXES:
+                candidates += [pred_dir / f"{stem}_{postfix}{suffix}", pred_dir / stem / f"{stem}_{postfix}{suffix}"]
     found: list[Path] = []
     for c in candidates:
         if c.is_file() and c not in found:
@@ -555,7 +559,7 @@ def evaluate_folder(
             if not allow_missing:
                 raise ValueError(
                     f"case {case!r}: no prediction in {pred_dir} (looked for {Path(entry['image']).name}, "
-                    f"{_strip_suffix(Path(entry['image']).name)}[_seg].<ext> and <name>/<name>_seg.<ext>); "
+                    f"{_strip_suffix(Path(entry['image']).name)}[_seg|_trans].<ext> and <name>/<name>_seg.<ext>); "
                     "use --allow-missing to count it as empty."
                 )
             missing.append(case)

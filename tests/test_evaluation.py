@@ -225,7 +225,10 @@ def test_summarize():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["case_001.nii.gz", "case_001.nii", "case_001_seg.nii.gz", "case_001/case_001_seg.nii.gz"])
+@pytest.mark.parametrize(
+    "name",
+    ["case_001.nii.gz", "case_001.nii", "case_001_seg.nii.gz", "case_001/case_001_seg.nii.gz", "case_001/case_001_trans.nii.gz"],
+)
 def test_find_prediction_names(tmp_path, name):
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_bytes(b"")
