@@ -1,0 +1,337 @@
+"""Tests of the synthetic benchmark generators (partialseg.data.synthetic) and ``make-data``.
+
+Every family is generated once per seed at a small size (module-scoped fixtures), so the whole
+file runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from partialseg.data.synthetic import FAMILIES, make_dataset
+from partialseg.data.synthetic import _common as C
+from partialseg.data.synthetic import abdomen, atrium, cardiac, polyp
+
+# family -> small generation options used throughout
+SMALL = {
+    "cardiac2d": {"size": 48, "num_train": 3, "num_test": 1, "variant": "wholeheart"},
+    "abdomen3d": {"size": (40, 40, 32), "num_train": 1, "num_full": 1, "num_test": 1},
+    "polyp2d": {"size": 48, "num_train": 20, "num_test": 2},
+    "atrium3d": {"size": (32, 32, 24), "num_train": 5, "num_test": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """family -> {"a": dir (seed 0), "b": dir (seed 0 again), "c": dir (seed 1)}."""
+    out = {}
+    for family, opts in SMALL.items():
+        dirs = {}
+        for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
+            d = tmp_path_factory.mktemp(f"{family}_{tag}")
+            make_dataset(family, d, seed=seed, **opts)
+            dirs[tag] = d
+        out[family] = dirs
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _desc(root: Path) -> dict:
+    return json.loads((root / "dataset.json").read_text())
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array and affine of a NIfTI or PNG file (PNG: identity affine)."""
+    if path.suffix == ".png":
+        return np.asarray(Image.open(path)), np.eye(4)
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _explained_classes(desc: dict, case: dict, value: int) -> list[str]:
+    """Global class names a label value stands for, after the case's source label map."""
+    maps = desc.get("label_maps", {})
+    source = case.get("source", "default")
+    if source in maps:
+        target = maps[source][str(value)]
+        return list(target) if isinstance(target, list) else [target]
+    return [desc["classes"][value]]
+
+
+FAMILY_NAMES = sorted(SMALL)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_same_seed_gives_identical_files(generated, family):
+    a, b = _files(generated[family]["a"]), _files(generated[family]["b"])
+    assert sorted(a) == sorted(b)
+    differing = [name for name in a if a[name] != b[name]]
+    assert differing == []
+    assert "preview.png" in a and "dataset.json" in a
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_different_seed_gives_different_images(generated, family):
+    a, c = generated[family]["a"], generated[family]["c"]
+    first = _desc(a)["training"][0]["image"]
+    assert (a / first).read_bytes() != (c / first).read_bytes()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_dataset_json_layout_and_paths(generated, family):
+    root = generated[family]["a"]
+    desc = _desc(root)
+    assert desc["classes"][0] == "background"
+    assert desc["labels"] == {str(i): c for i, c in enumerate(desc["classes"])}
+    assert desc["numTraining"] == len(desc["training"]) and desc["numTest"] == len(desc["test"])
+    for split in ("training", "test"):
+        for case in desc[split]:
+            for key in ("image", "label", "label_true"):
+                if key in case:
+                    assert (root / case[key]).is_file(), case[key]
+            if "label" in case:
+                img, img_aff = _read(root / case["image"])
+                lab, lab_aff = _read(root / case["label"])
+                assert lab.shape == img.shape[: lab.ndim]
+                np.testing.assert_allclose(lab_aff, img_aff, atol=1e-6)
+                assert np.isfinite(img).all()
+    assert (root / "preview.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_training_labels_hold_exactly_their_annotated_classes(generated, family):
+    root = generated[family]["a"]
+    desc = _desc(root)
+    classes = desc["classes"]
+    for case in desc["training"]:
+        if "label" not in case:
+            continue
+        label, _ = _read(root / case["label"])
+        values = [int(v) for v in np.unique(label) if v != 0]
+        annotated = classes[1:] if case["annotated"] == "all" else case["annotated"]
+        if case["annotated"] == ["background"]:  # whole heart: one non-annotated value
+            assert values == [1], case
+            continue
+        if case.get("weak_type") == "missing":  # the hybrid paper's unrecognised polyp
+            assert values == [], case
+            continue
+        explained = sorted({c for v in values for c in _explained_classes(desc, case, v)})
+        assert explained == sorted(annotated), (case, values)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_test_labels_are_complete(generated, family):
+    root = generated[family]["a"]
+    desc = _desc(root)
+    for case in desc["test"]:
+        assert case["annotated"] == "all"
+        label, _ = _read(root / case["label"])
+        assert sorted(int(v) for v in np.unique(label)) == list(range(len(desc["classes"]))), case
+
+
+def _disjoint(masks: dict[str, np.ndarray]) -> bool:
+    return int(np.sum([m.astype(np.int32) for m in masks.values()], axis=0).max()) <= 1
+
+
+def test_cardiac_structures_disjoint_and_nested():
+    shape = (64, 64)
+    for i in range(3):
+        rng = C.case_rng(5, "cardiac2d", "training", i)
+        params = cardiac.sample_subject(rng, shape)
+        areas = {}
+        for phase in cardiac.PHASES:
+            image, gt, masks = cardiac.render_case(params, phase, rng, shape)
+            assert image.shape == shape and image.dtype == np.float32
+            assert _disjoint(masks)
+            for k, name in enumerate(cardiac.CLASSES[1:], start=1):
+                np.testing.assert_array_equal(gt == k, masks[name])
+                assert masks[name].sum() > 10
+            # the myocardium encloses the LV cavity: the LV never touches background or RV
+            ring = ndimage.binary_dilation(masks["LV"]) & ~masks["LV"]
+            assert masks["MYO"][ring].all()
+            areas[phase] = (masks["LV"].sum(), masks["MYO"].sum())
+        assert areas["ES"][0] < 0.7 * areas["ED"][0]  # the cavity shrinks at end-systole
+        assert 0.7 < areas["ES"][1] / areas["ED"][1] < 1.4  # the myocardium is conserved (thicker)
+
+
+def test_cardiac_wholeheart_semantics(generated):
+    root = generated["cardiac2d"]["a"]
+    desc = _desc(root)
+    assert desc["variant"] == "wholeheart"
+    cases = desc["training"]
+    assert {c["phase"] for c in cases} == {"ED", "ES"}
+    assert all(c["subject"] == cases[2 * (j // 2)]["subject"] for j, c in enumerate(cases))
+    whole = [j for j, c in enumerate(cases) if c["annotated"] == ["background"]]
+    assert whole, "the wholeheart variant has whole-heart cases"
+    shape = (48, 48)
+    for j in whole:
+        i = j // 2
+        rng = C.case_rng(0, "cardiac2d", "training", i)
+        params = cardiac.sample_subject(rng, shape)
+        for p, phase in enumerate(cardiac.PHASES):
+            _, gt, _ = cardiac.render_case(params, phase, rng, shape)
+            if 2 * i + p == j:
+                label, _ = _read(root / cases[j]["label"])
+                np.testing.assert_array_equal(label, (gt > 0).astype(np.uint8))
+
+
+def test_cardiac_single_variant_is_balanced(tmp_path):
+    make_dataset("cardiac2d", tmp_path, seed=2, size=32, num_train=6, num_test=0)
+    desc = _desc(tmp_path)
+    counts = {}
+    for c in desc["training"]:
+        counts[c["annotated"][0]] = counts.get(c["annotated"][0], 0) + 1
+    assert counts == {"LV": 4, "MYO": 4, "RV": 4}
+    assert _read(tmp_path / desc["training"][0]["image"])[1][0, 0] == pytest.approx(1.37)
+
+
+def test_abdomen_organs_disjoint_and_sided():
+    shape, spacing = (40, 40, 32), (7.2, 7.2, 6.0)
+    for i, source in enumerate(abdomen.SOURCES):
+        rng = C.case_rng(9, "abdomen3d", "training", i)
+        image, gt, organs, lesions, affine = abdomen.render_case(rng, shape, spacing, source)
+        assert image.dtype == np.int16 and image.min() >= -1024
+        assert _disjoint(organs)
+        for k, name in enumerate(abdomen.CLASSES[1:], start=1):
+            np.testing.assert_array_equal(gt == k, organs[name])
+            assert organs[name].sum() > 5, name
+        assert not (lesions & ~(organs["liver"] | organs["pancreas"])).any()
+        # RAS+ world x: patient's right is +x; the grid is stored LPS-like (i towards the left)
+        assert affine[0, 0] < 0
+
+        def world_x(mask):
+            return (affine @ np.r_[np.argwhere(mask).mean(axis=0), 1.0])[0]
+
+        assert world_x(organs["kidney_left"]) < 0 < world_x(organs["kidney_right"])
+        assert world_x(organs["spleen"]) < 0 < world_x(organs["liver"])
+
+
+def test_abdomen_kidney_source_lateral_split(generated):
+    root = generated["abdomen3d"]["a"]
+    desc = _desc(root)
+    assert desc["label_maps"]["kidney"] == {"1": ["kidney_left", "kidney_right"]}
+    assert desc["label_maps"]["liver"] == {"1": "liver", "2": "liver"}
+    kidney_cases = [c for c in desc["training"] if c["source"] == "kidney"]
+    assert kidney_cases
+    for case in kidney_cases:
+        assert case["annotated"] == ["kidney_left", "kidney_right"]
+        label, affine = _read(root / case["label"])
+        assert set(np.unique(label)) == {0, 1}
+        comps, n = ndimage.label(label == 1)
+        assert n == 2
+        xs = sorted((affine @ np.r_[np.argwhere(comps == k).mean(axis=0), 1.0])[0] for k in (1, 2))
+        assert xs[0] < 0 < xs[1]  # one kidney on each side of the midline (world x = 0)
+    # each source has its own grid spacing and intensity profile
+    spacings = {c["source"]: tuple(np.round(nib.load(str(root / c["image"])).header.get_zooms(), 3))
+                for c in desc["training"]}
+    assert len(set(spacings.values())) == len(abdomen.SOURCES)
+    assert {c["contrast"] for c in desc["training"]} == {s["profile"] for s in abdomen.SOURCES.values()}
+
+
+def test_abdomen_mr_modality(tmp_path):
+    make_dataset("abdomen3d", tmp_path, seed=0, size=(32, 32, 24), num_train=0, num_full=1, num_test=0,
+                 modality="MR")
+    desc = _desc(tmp_path)
+    assert desc["modality"] == {"0": "MR"} and desc["training"][0]["modality"] == "MR"
+    image, _ = _read(tmp_path / desc["training"][0]["image"])
+    assert image.dtype == np.float32 and image.min() >= 0
+
+
+def test_polyp_weak_masks(generated):
+    root = generated["polyp2d"]["a"]
+    desc = _desc(root)
+    cases = desc["training"]
+    strong = [c for c in cases if c["source"] == "strong"]
+    weak = [c for c in cases if c["source"] == "weak"]
+    assert len(strong) == 2 and len(weak) == 18
+    kinds = [c["weak_type"] for c in weak]
+    assert set(kinds) == set(polyp.WEAK_TYPES)
+    assert kinds.count("missing") == round(0.4 * len(weak))
+    for c in weak:
+        label, _ = _read(root / c["label"])
+        true, _ = _read(root / c["label_true"])
+        assert true.any()
+        if c["weak_type"] == "missing":
+            assert not label.any()
+        else:
+            assert label.any() and not np.array_equal(label, true)
+    image, _ = _read(root / cases[0]["image"])
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+
+
+def test_polyp_weak_mask_kinds_directly():
+    rng = np.random.default_rng(0)
+    image, mask = polyp.render_frame(rng, (64, 64))
+    assert image.shape == (64, 64, 3) and 0 <= image.min() and image.max() <= 1
+    ell = polyp.weak_mask(rng, mask, "ellipse")
+    dice = 2 * (ell & mask).sum() / (ell.sum() + mask.sum())
+    assert 0.5 < dice < 1.0  # an approximation, not the outline
+    assert not polyp.weak_mask(rng, mask, "missing").any()
+    with pytest.raises(ValueError, match="scribble"):
+        polyp.weak_mask(rng, mask, "scribble")
+
+
+def test_atrium_labelled_fraction_and_disjoint(generated, tmp_path):
+    desc = _desc(generated["atrium3d"]["a"])
+    labelled = [c for c in desc["training"] if "label" in c]
+    assert len(labelled) == 1 and all(c["annotated"] == "all" for c in labelled)
+    assert all("annotated" not in c for c in desc["training"] if "label" not in c)
+    make_dataset("atrium3d", tmp_path, seed=0, size=24, num_train=10, num_test=0, labelled_fraction=0.2)
+    assert sum("label" in c for c in _desc(tmp_path)["training"]) == 2
+    rng = C.case_rng(0, "atrium3d", "training", 0)
+    image, gt, masks, _ = atrium.render_case(rng, (40, 40, 32), (2.4, 2.4, 2.25))
+    assert _disjoint(masks) and masks["left_atrium"].sum() > 100
+    # other blood pools stay at least one wall voxel away from the LA
+    assert not (ndimage.binary_dilation(masks["left_atrium"]) & masks["other_blood"]).any()
+    np.testing.assert_array_equal(gt == 1, masks["left_atrium"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"family": "brain3d"}, ValueError),
+        ({"family": "cardiac2d", "seed": -1}, ValueError),
+        ({"family": "cardiac2d", "size": (32, 32, 32)}, ValueError),
+        ({"family": "cardiac2d", "size": 8}, ValueError),
+        ({"family": "cardiac2d", "variant": "partial"}, ValueError),
+        ({"family": "abdomen3d", "modality": "PET"}, ValueError),
+        ({"family": "polyp2d", "missing_fraction": 1.5}, ValueError),
+        ({"family": "atrium3d", "labelled_fraction": 0.0}, ValueError),
+        ({"family": "polyp2d", "modality": "CT"}, TypeError),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, error):
+    kwargs = dict(kwargs)
+    family = kwargs.pop("family")
+    with pytest.raises(error):
+        make_dataset(family, tmp_path, **{"num_train": 1, "num_test": 0, **kwargs})
+
+
+def test_families_listed():
+    assert set(FAMILIES) == set(SMALL)
+
+
+def test_cli_make_data(tmp_path, capsys):
+    from partialseg.cli import main
+
+    out = tmp_path / "card"
+    rc = main(["make-data", "cardiac2d", "--out", str(out), "--size", "32", "--num-train", "2", "--num-test", "1",
+               "--seed", "4", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "preview" in text and any(f"{s}_only" in text for s in ("LV", "MYO", "RV"))
+    assert (out / "dataset.json").is_file() and (out / "preview.png").is_file()
+    # an option of another family is refused, not silently ignored
+    assert main(["make-data", "cardiac2d", "--out", str(out), "--modality", "MR", "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        main(["make-data", "brain3d", "--out", str(out)])
