@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="48^3 label, one repeat (seconds)")
     parser.add_argument("--size", type=int, default=None, help="cube side (default 128, 48 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, 1 with --quick)")
-    parser.add_argument("--out", type=str, default=None, help="JSON path (default benchmarks/results/transforms_cpu.json)")
+    parser.add_argument(
+        "--out", type=str, default=None, help="JSON path (default benchmarks/results/transforms_cpu.json)"
+    )
     args = parser.parse_args(argv)
     size = args.size or (48 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 5)

@@ -74,7 +74,8 @@ def test_dictionary_same_box_and_invertd_round_trip():
     out = pre({"image": img, "label": label})
     assert out["image"].shape == out["label"].shape == (1, 32, 40, 30)
     assert set(np.unique(out["label"].numpy())) <= {0.0, 1.0, 2.0}  # nearest-exact for the label
-    np.testing.assert_array_equal(out["foreground_start_coord"], AtlasCrop((32, 40, 30), margin=1).compute_bounding_box(img)[0])
+    box_start = AtlasCrop((32, 40, 30), margin=1).compute_bounding_box(img)[0]
+    np.testing.assert_array_equal(out["foreground_start_coord"], box_start)
     # a 'prediction' on the reference shape goes back to the label's original grid
     out["pred"] = out["label"].clone()
     inv = Invertd(keys="pred", transform=pre, orig_keys="label", nearest_interp=False)(out)
@@ -134,4 +135,6 @@ def test_bad_inputs():
     with pytest.raises(KeyError, match="source_key"):
         AtlasCropd(["label"], spatial_size=4)({"label": torch.rand(1, 8, 8)})
     with pytest.raises(ValueError, match="'label'"):
-        AtlasCropd(["image", "label"], spatial_size=(4, 4))({"image": torch.rand(1, 8, 8), "label": torch.rand(1, 8, 8, 8)})
+        AtlasCropd(["image", "label"], spatial_size=(4, 4))(
+            {"image": torch.rand(1, 8, 8), "label": torch.rand(1, 8, 8, 8)}
+        )

@@ -46,7 +46,10 @@ class ForegroundPasted(MapTransform):
         >>> import torch
         >>> d = {"image_j": torch.zeros(1, 2, 2), "label_j": torch.zeros(1, 2, 2, dtype=torch.long),
         ...      "image_i": torch.ones(1, 2, 2), "label_i": torch.full((1, 2, 2), 3), "mask": torch.eye(2)[None]}
-        >>> out = ForegroundPasted(["image_j", "label_j"], ["image_i", "label_i"], "mask", output_keys=["image_m", "label_m"])(d)
+        >>> t = ForegroundPasted(
+        ...     ["image_j", "label_j"], ["image_i", "label_i"], "mask", output_keys=["image_m", "label_m"]
+        ... )
+        >>> out = t(d)
         >>> out["image_m"].tolist(), out["label_m"].tolist()
         ([[[1.0, 0.0], [0.0, 1.0]]], [[[3, 0], [0, 3]]])
     """
@@ -66,9 +69,13 @@ class ForegroundPasted(MapTransform):
         self.source_keys = ensure_tuple(source_keys)
         self.output_keys = self.keys if output_keys is None else ensure_tuple(output_keys)
         if len(self.source_keys) != len(self.keys):
-            raise ValueError(f"source_keys must have one entry per key: keys={self.keys}, source_keys={self.source_keys}.")
+            raise ValueError(
+                f"source_keys must have one entry per key: keys={self.keys}, source_keys={self.source_keys}."
+            )
         if len(self.output_keys) != len(self.keys):
-            raise ValueError(f"output_keys must have one entry per key: keys={self.keys}, output_keys={self.output_keys}.")
+            raise ValueError(
+                f"output_keys must have one entry per key: keys={self.keys}, output_keys={self.output_keys}."
+            )
         self.mask_key = mask_key
         self.paster = ForegroundPaste(mask_threshold=mask_threshold)
 
