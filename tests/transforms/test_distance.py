@@ -7,6 +7,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
@@ -238,3 +241,18 @@ def test_bad_inputs():
         SignedDistanceMap(num_classes=2, spacing="meta")(label)
     with pytest.raises(ValueError, match="spacing"):
         SignedDistanceMap(num_classes=2, spacing=(1.0, 2.0, 3.0))(label)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hnp.arrays(np.bool_, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=5)),
+    st.tuples(*[st.floats(0.5, 3.0)] * 3),
+)
+def test_property_brute_force(mask, spacing):
+    sp = spacing[: mask.ndim]
+    out = signed_distance_map(mask, sp)
+    if mask.all():
+        assert np.all(out == -1.0)
+        return
+    np.testing.assert_allclose(out, brute_force_sdm(mask, sp), atol=1e-5)
+    assert np.all(np.abs(out) <= 1.0)
