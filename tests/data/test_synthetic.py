@@ -227,7 +227,7 @@ def test_abdomen_kidney_source_lateral_split(generated):
         assert case["annotated"] == ["kidney_left", "kidney_right"]
         label, affine = _read(root / case["label"])
         assert set(np.unique(label)) == {0, 1}
-        comps, n = ndimage.label(label == 1)
+        comps, n = ndimage.label(label == 1, structure=np.ones((3, 3, 3)))
         assert n == 2
         xs = sorted((affine @ np.r_[np.argwhere(comps == k).mean(axis=0), 1.0])[0] for k in (1, 2))
         assert xs[0] < 0 < xs[1]  # one kidney on each side of the midline (world x = 0)

@@ -32,6 +32,7 @@ __all__ = [
     "radial_modulation",
     "rician_noise",
     "smooth_noise",
+    "largest_component",
     "warp",
     "world_grid",
     "affine_from_spacing",
@@ -382,6 +383,16 @@ class DatasetWriter:
         path = self.root / "dataset.json"
         write_json(path, desc)
         return path
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest fully connected component of a boolean ``mask`` (``mask`` itself if <= 1)."""
+    comps, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    if n <= 1:
+        return mask
+    counts = np.bincount(comps.ravel())
+    counts[0] = 0
+    return comps == int(np.argmax(counts))
 
 
 def slice_with_most(label: np.ndarray, axis: int = 2) -> int:

@@ -173,13 +173,13 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
 
     def place(name: str, mask: np.ndarray) -> None:
         nonlocal occupied
-        mask = mask & cavity & ~ndimage.binary_dilation(occupied, iterations=1)
+        mask = C.largest_component(mask & cavity & ~ndimage.binary_dilation(occupied, iterations=1))
         organs[name] = mask
         occupied = occupied | mask
 
     k_rot = rng.uniform(-0.25, 0.25)
     for name, side in (("kidney_right", 1.0), ("kidney_left", -1.0)):
-        c = np.array([side * 62.0, spine_y + 12.0, -20.0 if side > 0 else -8.0]) + jitter(7.0)
+        c = np.array([side * 62.0 * bx / 135.0, spine_y + 12.0, -20.0 if side > 0 else -8.0]) + jitter(7.0)
         f = size_factor()
         place(name, _inside(xyz, c, (24.0 * f, 24.0 * f, 52.0 * f), side * (0.35 + k_rot), lumps_a, 0.08))
     kidney_medulla = {}
@@ -193,7 +193,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
     prad = np.array([17.0, 12.0, 11.0, 8.5]) * size_factor()
     place("pancreas", _tube(xyz, pts, prad, lumps_a, 0.12))
 
-    c = np.array([-88.0, spine_y + 25.0, 40.0]) + jitter(8.0)
+    c = np.array([-0.6 * bx, spine_y + 28.0, 40.0]) + jitter(6.0)
     f = size_factor()
     place("spleen", _inside(xyz, c, (26.0 * f, 42.0 * f, 48.0 * f), -0.5, lumps_b, 0.1))
 

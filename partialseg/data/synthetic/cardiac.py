@@ -134,8 +134,8 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
     re = r_endo + thick
     rv_ell = C.ellipsoid((a, b), (0.0, -0.42 * re - 0.35 * re * rv_scale),
                          (1.2 * re * (0.6 + 0.4 * rv_scale), 0.95 * re * rv_scale))
-    rv = (rv_ell <= 1.0) & ~epi
-    rv_wall = (rv_ell <= 1.0 + 2.6 * s / (0.95 * re * rv_scale)) & ~rv & ~epi
+    rv = C.largest_component((rv_ell <= 1.0) & ~epi)
+    rv_wall = (rv_ell <= 1.0 + 2.6 * s / (0.95 * re * rv_scale)) & ~(rv_ell <= 1.0) & ~epi
     # papillary muscles: dark dots inside the LV cavity, labelled LV (ACDC convention)
     pap = np.zeros(shape, dtype=bool)
     pr = params["pap_radius"] * (1.2 if phase == "ES" else 1.0)
