@@ -1,6 +1,20 @@
-"""MONAI transforms for partial, weak and missing labels (array transforms and ``d`` twins)."""
+"""MONAI transforms for partial, weak and missing labels (array transforms and ``d`` twins).
 
+Groups, each an ``array.py`` + ``dictionary.py`` pair as in MONAI:
+
+- ``partial``: PartialLabelToVector, RemapLabels, LateralSplit (the partial-label data model);
+- ``distance``: SignedDistanceMap (DTML);
+- ``spatial``: AtlasCrop (atlas method), invertible;
+- ``mix``: ForegroundPaste (hybrid method).
+"""
+
+from partialseg.transforms.distance import *  # noqa: F401,F403
+from partialseg.transforms.distance import __all__ as _distance_all
+from partialseg.transforms.mix import *  # noqa: F401,F403
+from partialseg.transforms.mix import __all__ as _mix_all
 from partialseg.transforms.partial import *  # noqa: F401,F403
 from partialseg.transforms.partial import __all__ as _partial_all
+from partialseg.transforms.spatial import *  # noqa: F401,F403
+from partialseg.transforms.spatial import __all__ as _spatial_all
 
-__all__ = list(_partial_all)
+__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all]
