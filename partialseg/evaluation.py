@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from partialseg.data.spec import IMAGE_SUFFIXES, case_name
+
 __all__ = [
     "METRICS",
     "STATUSES",
@@ -51,8 +53,6 @@ __all__ = [
 METRICS = ("dice", "hd95", "assd")
 #: per class status: both masks non-empty, both empty, only the prediction empty, only the reference empty
 STATUSES = ("ok", "both_empty", "pred_empty", "ref_empty")
-#: file name endings recognised when pairing predictions with cases, longest first
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 #: ``SaveImage`` postfixes accepted in prediction names: bundles' "seg", and MONAI's default "trans"
 SAVE_POSTFIXES = ("seg", "trans")
 #: largest allowed difference between a prediction's and its reference's affine entries
@@ -256,14 +256,6 @@ def evaluate_case(
 # --------------------------------------------------------------------------------------------
 
 
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def _load_cases(dataset_dir: Path, split: str) -> tuple[list[str], list[dict]]:
     """Class names and datalist of a split, read with :func:`partialseg.data.load_dataset`.
 
@@ -302,7 +294,7 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
     """
     pred_dir = Path(pred_dir)
     image_name = Path(image).name
-    stems = [_strip_suffix(image_name)]
+    stems = [case_name(image_name)]
     if case and case not in stems:
         stems.append(str(case))
     candidates = [pred_dir / image_name]
@@ -559,7 +551,7 @@ def evaluate_folder(
             if not allow_missing:
                 raise ValueError(
                     f"case {case!r}: no prediction in {pred_dir} (looked for {Path(entry['image']).name}, "
-                    f"{_strip_suffix(Path(entry['image']).name)}[_seg|_trans].<ext> and <name>/<name>_seg.<ext>); "
+                    f"{case_name(Path(entry['image']).name)}[_seg|_trans].<ext> and <name>/<name>_seg.<ext>); "
                     "use --allow-missing to count it as empty."
                 )
             missing.append(case)

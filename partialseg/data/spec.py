@@ -18,9 +18,11 @@ from typing import Any, Union
 
 __all__ = [
     "ALL",
+    "IMAGE_SUFFIXES",
     "DatasetError",
     "LabelMap",
     "PartialDataset",
+    "case_name",
     "load_dataset",
     "union_datasets",
 ]
@@ -128,9 +130,14 @@ class PartialDataset:
         return {"name": self.name, "classes": list(self.classes), **splits, "label_maps": inverse_maps}
 
 
-def _case_name(path: str) -> str:
-    base = os.path.basename(path)
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".npy", ".tif", ".tiff"):
+#: image file endings recognised in case names, longest first
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """A case's name: its image file name without the extension (``a/b/case_01.nii.gz`` -> ``case_01``)."""
+    base = os.path.basename(str(path))
+    for ext in IMAGE_SUFFIXES:
         if base.lower().endswith(ext):
             return base[: -len(ext)]
     return os.path.splitext(base)[0]
@@ -215,7 +222,7 @@ def _parse_case(
     if not isinstance(raw, Mapping):
         problems.append(f"{split}[{index}]: a case must be a dict or an image path, got {raw!r}")
         return None
-    name = _case_name(str(raw.get("image", f"{split}[{index}]")))
+    name = case_name(str(raw.get("image", f"{split}[{index}]")))
     where = f"case {name!r} ({split}[{index}])"
     try:
         image = _resolve_path(root, raw.get("image"), "image", where)
