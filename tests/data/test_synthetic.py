@@ -234,8 +234,8 @@ def test_abdomen_kidney_source_lateral_split(generated):
     # each source has its own grid spacing and intensity profile
     spacings = {c["source"]: tuple(np.round(nib.load(str(root / c["image"])).header.get_zooms(), 3))
                 for c in desc["training"]}
-    assert len(set(spacings.values())) == len(abdomen.SOURCES)
-    assert {c["contrast"] for c in desc["training"]} == {s["profile"] for s in abdomen.SOURCES.values()}
+    assert len(set(spacings.values())) == len(abdomen.MARGINAL_SOURCES)
+    assert {c["contrast"] for c in desc["training"]} == {abdomen.SOURCES[s]["profile"] for s in abdomen.MARGINAL_SOURCES}
 
 
 def test_abdomen_mr_modality(tmp_path):
@@ -245,6 +245,21 @@ def test_abdomen_mr_modality(tmp_path):
     assert desc["modality"] == {"0": "MR"} and desc["training"][0]["modality"] == "MR"
     image, _ = _read(tmp_path / desc["training"][0]["image"])
     assert image.dtype == np.float32 and image.min() >= 0
+
+
+def test_abdomen_multimodal_atlas_setting(tmp_path):
+    make_dataset("abdomen3d", tmp_path, seed=0, size=(32, 32, 24), num_train=1, num_test=2, modality="CT+MR")
+    desc = _desc(tmp_path)
+    assert "label_maps" not in desc
+    by_source = {c["source"]: c for c in desc["training"]}
+    assert sorted(by_source) == ["ct_partial", "mr_partial"]
+    assert by_source["ct_partial"]["modality"] == "CT" and by_source["ct_partial"]["annotated"] == ["liver", "stomach"]
+    assert by_source["mr_partial"]["modality"] == "MR"
+    for case in desc["training"]:
+        label, _ = _read(tmp_path / case["label"])
+        names = {desc["classes"][int(v)] for v in np.unique(label) if v}
+        assert names == set(case["annotated"])
+    assert [c["modality"] for c in desc["test"]] == ["CT", "MR"]
 
 
 def test_polyp_weak_masks(generated):

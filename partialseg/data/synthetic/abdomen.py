@@ -37,7 +37,7 @@ CLASSES = ["background", "liver", "spleen", "kidney_left", "kidney_right", "panc
 DEFAULT_SIZE = (64, 64, 48)
 #: field of view (mm) along x, y, z; the spacing is FOV / size (times a per-source factor)
 FOV_MM = (288.0, 288.0, 192.0)
-MODALITIES = ("CT", "MR")
+MODALITIES = ("CT", "MR", "CT+MR")
 
 #: source -> (annotated classes, label map or None, contrast profile, noise, blur sigma (voxels), FOV factor)
 SOURCES: dict[str, dict[str, Any]] = {
@@ -47,7 +47,15 @@ SOURCES: dict[str, dict[str, Any]] = {
     "pancreas": {"annotated": ["pancreas"], "profile": "pancreatic", "noise": 10.0, "blur": 0.5, "fov": 0.95},
     "kidney": {"annotated": ["kidney_left", "kidney_right"], "profile": "nephrographic", "noise": 18.0,
                "blur": 0.7, "fov": 1.02},
+    # the atlas paper's multimodal setting (modality "CT+MR"): disjoint organ sets per modality
+    "ct_partial": {"annotated": ["liver", "stomach"], "profile": "portal", "noise": 14.0, "blur": 0.6, "fov": 1.0},
+    "mr_partial": {"annotated": ["spleen", "kidney_left", "kidney_right", "pancreas"], "profile": "portal",
+                   "noise": 14.0, "blur": 0.7, "fov": 1.0},
 }
+#: the marginal-loss paper's union: one fully labelled source and four single-organ sources
+MARGINAL_SOURCES = ("full", "liver", "spleen", "pancreas", "kidney")
+#: the atlas paper's multimodal union (values are global class indices, no label maps)
+MULTIMODAL_SOURCES = ("ct_partial", "mr_partial")
 LABEL_MAPS = {
     "liver": {"1": "liver", "2": "liver"},
     "spleen": {"1": "spleen"},
@@ -86,7 +94,8 @@ _MR_BASE = {
     "kidney_cortex": 420, "kidney_medulla": 260, "spleen": 300, "liver": 460, "liver_lesion": 250,
     "stomach_wall": 330, "stomach_fluid": 90, "stomach_gas": 5, "pancreas": 540, "pancreas_lesion": 300,
 }
-_MR_GAIN = {"full": 1.0, "liver": 0.85, "spleen": 1.15, "pancreas": 0.95, "kidney": 1.08}
+_MR_GAIN = {"full": 1.0, "liver": 0.85, "spleen": 1.15, "pancreas": 0.95, "kidney": 1.08, "ct_partial": 1.0,
+            "mr_partial": 1.0}
 
 
 def _inside(coords, centre, radii, rotation=0.0, lumps=None, amp=0.0) -> np.ndarray:
@@ -127,8 +136,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {sorted(SOURCES)}, got {source!r}")
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     shape = tuple(shape)
     affine = C.affine_from_spacing(spacing, shape, flip_xy=True)
     x0, y0, z0 = C.world_grid(affine, shape)
@@ -287,6 +296,10 @@ def _source_label(source: str, gt: np.ndarray, lesions: np.ndarray) -> np.ndarra
         out[(gt == 5) & lesions] = 2
     elif source == "kidney":
         out[(gt == 3) | (gt == 4)] = 1
+    elif source in MULTIMODAL_SOURCES:
+        for name in SOURCES[source]["annotated"]:
+            k = CLASSES.index(name)
+            out[gt == k] = k
     else:
         raise ValueError(f"unknown source {source!r}")
     return out
@@ -301,11 +314,14 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         out_dir: dataset folder.
         seed: dataset seed.
         size: volume shape, one int or ``(X, Y, Z)``; default 64 x 64 x 48 (about 4.5 x 4.5 x 4 mm).
-        num_train: training cases per partially labelled source (liver, spleen, pancreas, kidney);
-            default 8.
-        num_test: fully labelled test cases; default 8.
-        num_full: training cases of the fully labelled ``full`` source; default 4.
-        modality: ``"CT"`` (HU, int16) or ``"MR"`` (T1-like, float32).
+        num_train: training cases per partially labelled source (liver, spleen, pancreas, kidney; with
+            ``"CT+MR"``: ct_partial, mr_partial); default 8.
+        num_test: fully labelled test cases (with ``"CT+MR"``: alternately CT and MR); default 8.
+        num_full: training cases of the fully labelled ``full`` source; default 4 (0 with ``"CT+MR"``,
+            where they are CT).
+        modality: ``"CT"`` (HU, int16), ``"MR"`` (T1-like, float32), or ``"CT+MR"``: the atlas
+            paper's multimodal setting, CT cases annotating liver and stomach and MR cases
+            annotating spleen, both kidneys and pancreas (label values = global indices).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -315,14 +331,14 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=24)
     n_part = 8 if num_train is None else int(num_train)
-    n_full = 4 if num_full is None else int(num_full)
+    n_full = (0 if modality == "CT+MR" else 4) if num_full is None else int(num_full)
     n_test = 8 if num_test is None else int(num_test)
     if n_part < 0 or n_full < 0 or n_test < 0 or n_part + n_full < 1:
         raise ValueError(f"case counts must be >= 0 with at least one training case, got "
                          f"num_train={n_part}, num_full={n_full}, num_test={n_test}")
     writer = C.DatasetWriter(Path(out_dir), ".nii.gz")
     jobs = [("training", "full")] * n_full
-    for source in ("liver", "spleen", "pancreas", "kidney"):
+    for source in MULTIMODAL_SOURCES if modality == "CT+MR" else MARGINAL_SOURCES[1:]:
         jobs += [("training", source)] * n_part
     jobs += [("test", "full")] * n_test
     panels: list[tuple[np.ndarray, np.ndarray | None, str]] = []
@@ -333,7 +349,10 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         counters[split] += 1
         rng = C.case_rng(seed, "abdomen3d", split, i)
         spacing = tuple(f * SOURCES[source]["fov"] / n for f, n in zip(FOV_MM, shape))
-        image, gt, _, lesions, affine = render_case(rng, shape, spacing, source, modality)
+        case_modality = modality
+        if modality == "CT+MR":
+            case_modality = "MR" if source == "mr_partial" or (split == "test" and i % 2 == 1) else "CT"
+        image, gt, _, lesions, affine = render_case(rng, shape, spacing, source, case_modality)
         label = _source_label(source, gt, lesions) if split == "training" else gt
         name = f"{source}_{i:03d}" if split == "training" else f"test_{i:03d}"
         folder = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
@@ -344,25 +363,28 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         annotated = SOURCES[source]["annotated"] if split == "training" else "all"
         annotated = list(annotated) if isinstance(annotated, list) else annotated
         writer.add(split, {"image": img_rel, "label": lab_rel, "annotated": annotated, "source": source,
-                           "modality": modality, "contrast": SOURCES[source]["profile"] if modality == "CT" else "T1"})
-        key = f"{split}:{source}"
+                           "modality": case_modality,
+                           "contrast": SOURCES[source]["profile"] if case_modality == "CT" else "T1"})
+        key = f"{split}:{source}:{case_modality}"
         if key not in shown:
             shown.add(key)
             k = C.slice_with_most(label if label.any() else gt, axis=2)
             # axial slice in radiological view: array i runs towards the patient's left (columns),
             # j towards posterior (rows, anterior at the top)
             view = image[:, :, k].T.astype(np.float32)
-            if modality == "CT":  # soft-tissue window
+            if case_modality == "CT":  # soft-tissue window
                 view = np.clip((view + 160.0) / 400.0, 0.0, 1.0)
             panels.append((view, label[:, :, k].T, f"{name} ann={annotated}"))
 
+    if modality == "CT+MR":
+        what = ("CT cases annotating liver and stomach, MR cases annotating spleen, kidneys and pancreas "
+                "(atlas paper's multimodal setting); test fully labelled, alternately CT and MR.")
+    else:
+        what = ("a small fully labelled source plus liver-, spleen-, pancreas- and kidney-only sources "
+                "(kidneys share value 1, split left/right by world side); test fully labelled.")
     header = {
         "name": "abdomen3d",
-        "description": (
-            f"Synthetic abdominal {modality} (liver, spleen, kidneys, pancreas, stomach), seed {seed}: a small "
-            "fully labelled source plus liver-, spleen-, pancreas- and kidney-only sources (kidneys share "
-            "value 1, split left/right by world side); test fully labelled."
-        ),
+        "description": f"Synthetic abdominal {modality} (liver, spleen, kidneys, pancreas, stomach), seed {seed}: {what}",
         "reference": "partialseg synthetic benchmark (marginal-loss and atlas settings)",
         "licence": "CC0",
         "tensorImageSize": "3D",
@@ -371,7 +393,8 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         "family": "abdomen3d",
         "seed": int(seed),
     }
-    path = writer.finish(header, LABEL_MAPS)
+    used = {case["source"] for case in writer.training}
+    path = writer.finish(header, {k: v for k, v in LABEL_MAPS.items() if k in used})
     C.write_preview(writer.root / "preview.png", panels, len(CLASSES), f"abdomen3d ({modality}), seed {seed}",
                     ncols=3)
     return path
