@@ -233,104 +233,110 @@ def _log_candidate_sum(x: Tensor, mx: Tensor, cand: Tensor, z_s: Tensor) -> Tens
     return log_zs
 
 
+def _softmax_backward(g_p: Tensor, p: Tensor) -> Tensor:
+    """``p * (g_p - sum_c p_c g_pc)``: gradient through the softmax over dim 1 (fused kernel)."""
+    return torch._softmax_backward_data(g_p, p, 1, p.dtype)
+
+
+def _acc(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total.add_(term)
+
+
 class _MarginalExclusionFunction(torch.autograd.Function):
     """One softmax, up to four outputs, one backward.
 
-    Outputs (each computed only if requested, else an empty tensor):
+    With ``v = [t == 0]`` (known absent: the exclusion label ``e``) and the candidate set
+    ``S = {c : v_c = 0}``, the outputs (each computed only if requested, else empty) are
 
-    * ``mce``  (B, N): marginal CE per voxel ``log Z - log Z_S`` (DCL ``ta_ce`` too);
-    * ``ece``  (B, N): exclusion CE per voxel ``sum_c [t_c = 0] log(p_c + eps)``;
-    * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels, where a
-      channel's prediction P is the candidate probability q if the channel is a candidate there,
-      else its own probability, and its target T is 1 if it is a candidate, else 0;
-    * ``edice`` (3, B, C): exclusion Dice sums (I = sum p [t = 0], sum p, sum [t = 0]).
+    * ``mce``  (B, N): marginal CE per voxel ``-log q``, ``q = sum_S p = 1 - sum_c v_c p_c``;
+    * ``ece``  (B, N): exclusion CE per voxel ``sum_c v_c log(p_c + eps)``;
+    * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels (some
+      ``v = 1``), where a channel's prediction P is ``q`` if it is a candidate, else ``p_c``,
+      and its target T is 1 if it is a candidate, else 0;
+    * ``edice`` (3, B, C): exclusion Dice sums (``sum v p``, ``sum p``, ``sum v``).
+
+    ``q`` is taken as ``1 - sum_c v_c p_c``: exactly 1 (zero loss, zero gradient) where no class
+    is known absent. Where it is small (< 1e-3, including extreme logits) it is recomputed
+    exactly as ``exp(logsumexp_S x - logsumexp x)`` on those voxels only.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, want: tuple[bool, bool, bool, bool], eps: float):  # type: ignore[override]
         want_mce, want_ece, want_mdice, want_edice = want
-        e, z, mx = _softmax_parts(x)
-        cand = candidate_mask(t)
-        q = z_s = None
-        if want_mce or want_mdice:
-            z_s = (e * cand).sum(1, keepdim=True)  # == z bitwise where every class is a candidate
-            q = z_s / z  # candidate probability, exactly 1 where S = all
-        p = e.mul_(z.reciprocal())  # e is no longer needed: p = e / Z in place
+        ctx.want, ctx.eps = want, eps
+        ctx.set_materialize_grads(False)
+        p = torch.softmax(x, 1)
+        v = torch.empty_like(p)
+        torch.eq(t, 0, out=v)
         empty = x.new_empty(0)
         mce = ece = mdice = edice = empty
-        ctx.want = want
-        ctx.eps = eps
-        ctx.set_materialize_grads(False)
-        saved: list[Tensor] = [p, cand]
+        s_nc = q = low_idx = r_rows = informative = None
+        vp = None
+        if want_mce or want_mdice or want_edice:
+            vp = p * v
+        if want_mce or want_mdice:
+            s_nc = vp.sum(1, keepdim=True)  # probability of the known-absent classes
+            q = 1.0 - s_nc
         if want_mce:
-            log_zs = _log_candidate_sum(x, mx, cand, z_s)
-            log_q = log_zs - (torch.log(z) + mx)
+            log_q = torch.log1p(-s_nc)
+            low = (s_nc > 0.999).squeeze(1)  # q < 1e-3: exact path on these voxels
+            if bool(low.any()):
+                low_idx = low.nonzero(as_tuple=True)
+                xs = x.permute(0, 2, 1)[low_idx]  # (k, C)
+                cand = v.permute(0, 2, 1)[low_idx] == 0
+                cand |= ~cand.any(1, keepdim=True)  # all-zero voxel: no information
+                masked = xs.masked_fill(~cand, float("-inf"))
+                exact = torch.logsumexp(masked, 1) - torch.logsumexp(xs, 1)
+                log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
+                r_rows = torch.softmax(masked, 1)
             mce = (-log_q).squeeze(1)
-            saved.extend([x, log_q, log_zs])
-        k0 = None
-        if want_ece or want_edice:
-            k0 = t == 0
-            saved.append(k0)
         if want_ece:
-            ece = torch.where(k0, torch.log(p + eps), p.new_zeros(())).sum(1)
+            ece = (v * torch.log(p + eps)).sum(1)
         if want_mdice:
-            informative = ~cand.all(1, keepdim=True)  # voxels that say something
-            pred = torch.where(cand, q, p)
-            pred.mul_(informative)
-            tgt = cand & informative
-            inter = (pred * tgt).sum(2)
-            mdice = torch.stack([inter, pred.sum(2), tgt.sum(2, dtype=p.dtype)])
-            saved.append(informative)
-            saved.append(q)
+            informative = (v.sum(1, keepdim=True) > 0).to(p.dtype)  # (B, 1, N)
+            mq = informative * q
+            a = torch.bmm(v, torch.cat([mq, informative], 1).transpose(1, 2))  # (B, C, 2)
+            b = torch.bmm(vp, informative.transpose(1, 2)).squeeze(2)  # sum v p M
+            s_mq, s_m = mq.sum(2), informative.sum(2)  # (B, 1)
+            inter = s_mq - a[..., 0]
+            mdice = torch.stack([inter, s_mq + b - a[..., 0], s_m - a[..., 1]])
         if want_edice:
-            inter = torch.where(k0, p, p.new_zeros(())).sum(2)
-            edice = torch.stack([inter, p.sum(2), k0.sum(2, dtype=p.dtype)])
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(*(o for o in (mce, ece, mdice, edice) if o.numel() == 0))
+            edice = torch.stack([vp.sum(2), p.sum(2), v.sum(2)])
+        ctx.low_idx, ctx.r_rows = low_idx, r_rows
+        ctx.save_for_backward(p, v, q, informative)
         return mce, ece, mdice, edice
 
     @staticmethod
     def backward(ctx, g_mce: Tensor, g_ece: Tensor, g_mdice: Tensor, g_edice: Tensor):  # type: ignore[override]
         want_mce, want_ece, want_mdice, want_edice = ctx.want
-        saved = list(ctx.saved_tensors)
-        p, cand = saved[0], saved[1]
-        idx = 2
-        x = log_q = log_zs = k0 = informative = q = None
-        if want_mce:
-            x, log_q, log_zs = saved[idx : idx + 3]
-            idx += 3
-        if want_ece or want_edice:
-            k0 = saved[idx]
-            idx += 1
-        if want_mdice:
-            informative, q = saved[idx], saved[idx + 1]
-        # gradient with respect to the probabilities, then through the softmax
-        g_p = None
-        if want_ece and g_ece is not None:
-            g_p = torch.where(k0, g_ece.unsqueeze(1) / (p + ctx.eps), p.new_zeros(()))
-        if want_edice and g_edice is not None:
-            g_i, g_sp = g_edice[0].unsqueeze(2), g_edice[1].unsqueeze(2)
-            term = torch.where(k0, g_i + g_sp, g_sp)
-            g_p = term if g_p is None else g_p.add_(term)
-        if want_mdice and g_mdice is not None:
-            g_i, g_sp = g_mdice[0].unsqueeze(2), g_mdice[1].unsqueeze(2)
-            g_pred = torch.where(cand, g_i + g_sp, g_sp)  # dL/dP_c
-            g_pred.mul_(informative)
-            g_q = (g_pred * cand).sum(1, keepdim=True)  # every candidate channel reads q
-            term = torch.where(cand, g_q, g_pred)
-            g_p = term if g_p is None else g_p.add_(term)
-        grad = None
-        if g_p is not None:
-            dot = (p * g_p).sum(1, keepdim=True)
-            grad = g_p.sub_(dot).mul_(p)
+        p, v, q, informative = ctx.saved_tensors
+        low_idx = ctx.low_idx
+        g_p = None  # dL/dp
         if want_mce and g_mce is not None:
-            # d(-log q)/dx = p - r, r = softmax restricted to the candidate set
-            if bool((log_q < -60).any()):  # candidate mass underflows in p: exact r from logits
-                r = torch.where(cand, torch.exp(x - log_zs), p.new_zeros(()))
-            else:
-                r = torch.where(cand, p * torch.exp(-log_q), p.new_zeros(()))
-            term = r.neg_().add_(p).mul_(g_mce.unsqueeze(1))
-            grad = term if grad is None else grad.add_(term)
+            # d(-log q)/dp_j = -(1 - v_j) / q
+            iq = g_mce.unsqueeze(1) / q
+            if low_idx is not None:  # handled exactly below
+                iq = iq.squeeze(1).index_put(low_idx, iq.new_zeros(())).unsqueeze(1)
+            g_p = torch.addcmul(-iq, v, iq)
+        if want_ece and g_ece is not None:
+            g_p = _acc(g_p, v * g_ece.unsqueeze(1) / (p + ctx.eps))
+        if want_mdice and g_mdice is not None:
+            g_i, g_sp = g_mdice[0], g_mdice[1]  # (B, C)
+            h = (g_i + g_sp).unsqueeze(1)  # (B, 1, C)
+            # candidate channels read q: dL/dq = sum_{c in S} (gI_c + gSP_c)
+            g_q = (h.sum(2, keepdim=True) - torch.bmm(h, v)) * informative  # (B, 1, N)
+            # dL/dp_j = v_j gSP_j + (1 - v_j) g_q on informative voxels
+            d = torch.baddbmm(-g_q, g_sp.unsqueeze(2), informative)
+            g_p = _acc(g_p, torch.addcmul(g_q, v, d))
+        if want_edice and g_edice is not None:
+            g_p = _acc(g_p, torch.addcmul(g_edice[1].unsqueeze(2), v, g_edice[0].unsqueeze(2)))
+        if g_p is None:
+            return None, None, None, None
+        grad = _softmax_backward(g_p, p)
+        if want_mce and g_mce is not None and low_idx is not None:
+            p_rows = p.permute(0, 2, 1)[low_idx]
+            rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
+            grad.permute(0, 2, 1).index_put_(low_idx, rows, accumulate=True)
         return grad, None, None, None
 
 
