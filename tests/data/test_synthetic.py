@@ -244,7 +244,7 @@ def test_abdomen_mr_modality(tmp_path):
     desc = _desc(tmp_path)
     assert desc["modality"] == {"0": "MR"} and desc["training"][0]["modality"] == "MR"
     image, _ = _read(tmp_path / desc["training"][0]["image"])
-    assert image.dtype == np.float32 and image.min() >= 0
+    assert image.dtype == np.int16 and image.min() >= 0
 
 
 def test_abdomen_multimodal_atlas_setting(tmp_path):

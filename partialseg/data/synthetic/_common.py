@@ -33,6 +33,7 @@ __all__ = [
     "rician_noise",
     "smooth_noise",
     "largest_component",
+    "to_int16",
     "warp",
     "world_grid",
     "affine_from_spacing",
@@ -417,6 +418,11 @@ def parse_size(size: int | Sequence[int] | None, default: Sequence[int], minimum
     if min(values) < minimum:
         raise ValueError(f"size values must be >= {minimum}, got {list(values)}")
     return tuple(values)
+
+
+def to_int16(image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Round ``image * scale`` to int16 (clipped to its range), as scanners store MR magnitudes."""
+    return np.clip(np.round(image * scale), -32768, 32767).astype(np.int16)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

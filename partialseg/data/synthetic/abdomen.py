@@ -126,7 +126,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
         shape: volume shape ``(X, Y, Z)``.
         spacing: voxel size in mm.
         source: a key of :data:`SOURCES` (selects the intensity profile).
-        modality: ``"CT"`` (HU, int16) or ``"MR"`` (float32).
+        modality: ``"CT"`` (HU) or ``"MR"`` (T1-like arbitrary units); both int16.
 
     Returns:
         ``(image, ground_truth, organ_masks, lesion_mask, affine)``: the image; the uint8 ground
@@ -277,7 +277,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
         image = lut[tissue] * (1.0 + 0.05 * C.smooth_noise(rng, shape, scale=2.5))
         image = C.partial_volume(image, prof["blur"])
         image = image * C.bias_field(rng, shape, 0.25)
-        image = C.rician_noise(rng, image, prof["noise"] * 1.5)
+        image = C.to_int16(C.rician_noise(rng, image, prof["noise"] * 1.5))
     return image, gt, organs, lesions, affine
 
 
@@ -319,7 +319,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         num_test: fully labelled test cases (with ``"CT+MR"``: alternately CT and MR); default 8.
         num_full: training cases of the fully labelled ``full`` source; default 4 (0 with ``"CT+MR"``,
             where they are CT).
-        modality: ``"CT"`` (HU, int16), ``"MR"`` (T1-like, float32), or ``"CT+MR"``: the atlas
+        modality: ``"CT"`` (HU, int16), ``"MR"`` (T1-like, int16), or ``"CT+MR"``: the atlas
             paper's multimodal setting, CT cases annotating liver and stomach and MR cases
             annotating spleen, both kidneys and pancreas (label values = global indices).
         progress: show a tqdm progress bar.

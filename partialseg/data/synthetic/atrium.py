@@ -167,7 +167,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         name = f"la_{i:03d}" if split == "training" else f"test_{i:03d}"
         folder = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
         img_abs, img_rel = writer.path(folder[0], name)
-        C.write_nifti(img_abs, image, affine)
+        C.write_nifti(img_abs, C.to_int16(image, 1000.0), affine)  # MR magnitude, int16
         entry: dict[str, Any] = {"image": img_rel}
         if labelled:
             lab_abs, lab_rel = writer.path(folder[1], name)

@@ -223,7 +223,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
             name = f"{subject}_{phase}"
             img_abs, img_rel = writer.path("imagesTr" if split == "training" else "imagesTs", name)
             lab_abs, lab_rel = writer.path("labelsTr" if split == "training" else "labelsTs", name)
-            C.write_nifti(img_abs, image, affine)
+            C.write_nifti(img_abs, C.to_int16(image, 1000.0), affine)  # MR magnitude, int16
             entry: dict[str, Any] = {"image": img_rel, "label": lab_rel}
             if split == "training":
                 kind = kinds[int(assignment[2 * i + p])]
