@@ -245,19 +245,21 @@ def _acc(total: Tensor | None, term: Tensor) -> Tensor:
 class _MarginalExclusionFunction(torch.autograd.Function):
     """One softmax, up to four outputs, one backward.
 
-    With ``v = [t == 0]`` (known absent: the exclusion label ``e``) and the candidate set
-    ``S = {c : v_c = 0}``, the outputs (each computed only if requested, else empty) are
+    With the candidate mask ``w = [t != 0]`` (the voxel may belong to the class) and the
+    exclusion label ``v = 1 - w = [t == 0]`` (known absent), the outputs (each computed only if
+    requested, else empty) are
 
-    * ``mce``  (B, N): marginal CE per voxel ``-log q``, ``q = sum_S p = 1 - sum_c v_c p_c``;
+    * ``mce``  (B, N): marginal CE per voxel ``-log q``, ``q = sum_c w_c p_c``;
     * ``ece``  (B, N): exclusion CE per voxel ``sum_c v_c log(p_c + eps)``;
     * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels (some
-      ``v = 1``), where a channel's prediction P is ``q`` if it is a candidate, else ``p_c``,
-      and its target T is 1 if it is a candidate, else 0;
-    * ``edice`` (3, B, C): exclusion Dice sums (``sum v p``, ``sum p``, ``sum v``).
+      class known absent), where a channel's prediction P is ``q`` if it is a candidate, else
+      ``p_c``, and its target T is ``w_c``;
+    * ``edice`` (3, B, C): exclusion Dice sums (``sum v p``, ``sum M p``, ``sum v``) with ``M``
+      the informative voxels (unlabelled voxels change nothing).
 
-    ``q`` is taken as ``1 - sum_c v_c p_c``: exactly 1 (zero loss, zero gradient) where no class
-    is known absent. Where it is small (< 1e-3, including extreme logits) it is recomputed
-    exactly as ``exp(logsumexp_S x - logsumexp x)`` on those voxels only.
+    ``q`` is set to exactly 1 where every class is a candidate (zero loss, zero gradient). Where
+    it underflows (extreme logits) it is recomputed as ``exp(logsumexp_S x - logsumexp x)`` on
+    those voxels only. A voxel of all zeros (no candidate) is treated as unlabelled by ``mce``.
     """
 
     @staticmethod
@@ -265,78 +267,88 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         want_mce, want_ece, want_mdice, want_edice = want
         ctx.want, ctx.eps = want, eps
         ctx.set_materialize_grads(False)
+        n_cls = x.shape[1]
         p = torch.softmax(x, 1)
-        v = torch.empty_like(p)
-        torch.eq(t, 0, out=v)
+        w = torch.empty_like(p)
+        torch.ne(t, 0, out=w)
         empty = x.new_empty(0)
         mce = ece = mdice = edice = empty
-        s_nc = q = low_idx = r_rows = informative = None
-        vp = None
+        q = low_idx = r_rows = informative = v = None
         if want_mce or want_mdice or want_edice:
-            vp = p * v
+            informative = w.sum(1, keepdim=True) < n_cls  # some class known absent
         if want_mce or want_mdice:
-            s_nc = vp.sum(1, keepdim=True)  # probability of the known-absent classes
-            q = 1.0 - s_nc
+            wp = p * w
+            q = torch.where(informative, wp.sum(1, keepdim=True), 1.0)  # candidate probability
         if want_mce:
-            log_q = torch.log1p(-s_nc)
-            low = (s_nc > 0.999).squeeze(1)  # q < 1e-3: exact path on these voxels
-            if bool(low.any()):
+            low = (q < _UNDERFLOW).squeeze(1)
+            log_q = torch.log(q)
+            if bool(low.any()):  # exact on these voxels only
                 low_idx = low.nonzero(as_tuple=True)
                 xs = x.permute(0, 2, 1)[low_idx]  # (k, C)
-                cand = v.permute(0, 2, 1)[low_idx] == 0
+                cand = w.permute(0, 2, 1)[low_idx] > 0
                 cand |= ~cand.any(1, keepdim=True)  # all-zero voxel: no information
                 masked = xs.masked_fill(~cand, float("-inf"))
                 exact = torch.logsumexp(masked, 1) - torch.logsumexp(xs, 1)
                 log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
                 r_rows = torch.softmax(masked, 1)
             mce = (-log_q).squeeze(1)
+        if want_ece or want_edice:
+            v = 1.0 - w
         if want_ece:
             ece = (v * torch.log(p + eps)).sum(1)
         if want_mdice:
-            informative = (v.sum(1, keepdim=True) > 0).to(p.dtype)  # (B, 1, N)
-            mq = informative * q
-            a = torch.bmm(v, torch.cat([mq, informative], 1).transpose(1, 2))  # (B, C, 2)
-            b = torch.bmm(vp, informative.transpose(1, 2)).squeeze(2)  # sum v p M
-            s_mq, s_m = mq.sum(2), informative.sum(2)  # (B, 1)
-            inter = s_mq - a[..., 0]
-            mdice = torch.stack([inter, s_mq + b - a[..., 0], s_m - a[..., 1]])
+            m = informative.to(p.dtype)  # (B, 1, N)
+            mq = m * q
+            wq = torch.bmm(w, torch.cat([mq, m], 1).transpose(1, 2))  # (B, C, 2): sum w M q, sum w M
+            sp = torch.bmm(torch.stack([p, wp], 1).flatten(1, 2), m.transpose(1, 2)).squeeze(2)
+            s_p, s_wp = sp[:, :n_cls], sp[:, n_cls:]  # sum M p, sum M w p
+            inter = wq[..., 0]
+            mdice = torch.stack([inter, s_p - s_wp + inter, wq[..., 1]])
         if want_edice:
-            edice = torch.stack([vp.sum(2), p.sum(2), v.sum(2)])
+            m = informative.to(p.dtype)
+            s_pm = torch.bmm(p, m.transpose(1, 2)).squeeze(2)  # sum M p
+            edice = torch.stack([(p * v).sum(2), s_pm, v.sum(2)])
         ctx.low_idx, ctx.r_rows = low_idx, r_rows
-        ctx.save_for_backward(p, v, q, informative)
+        if informative is not None:
+            informative = informative.to(p.dtype)
+        ctx.save_for_backward(p, w, q, informative)
         return mce, ece, mdice, edice
 
     @staticmethod
     def backward(ctx, g_mce: Tensor, g_ece: Tensor, g_mdice: Tensor, g_edice: Tensor):  # type: ignore[override]
         want_mce, want_ece, want_mdice, want_edice = ctx.want
-        p, v, q, informative = ctx.saved_tensors
+        p, w, q, informative = ctx.saved_tensors
         low_idx = ctx.low_idx
         g_p = None  # dL/dp
         if want_mce and g_mce is not None:
-            # d(-log q)/dp_j = -(1 - v_j) / q
-            iq = g_mce.unsqueeze(1) / q
+            # d(-log q)/dp_j = -w_j / q  (0 where q is exactly 1 and the softmax term cancels)
+            # (exactly 0 on uninformative voxels, where q == 1 carries no gradient)
+            iq = torch.where(informative > 0, g_mce.unsqueeze(1) / q, 0.0)
             if low_idx is not None:  # handled exactly below
                 iq = iq.squeeze(1).index_put(low_idx, iq.new_zeros(())).unsqueeze(1)
-            g_p = torch.addcmul(-iq, v, iq)
+            g_p = w * (-iq)
         if want_ece and g_ece is not None:
-            g_p = _acc(g_p, v * g_ece.unsqueeze(1) / (p + ctx.eps))
+            g_p = _acc(g_p, (1.0 - w) * g_ece.unsqueeze(1) / (p + ctx.eps))
         if want_mdice and g_mdice is not None:
             g_i, g_sp = g_mdice[0], g_mdice[1]  # (B, C)
             h = (g_i + g_sp).unsqueeze(1)  # (B, 1, C)
-            # candidate channels read q: dL/dq = sum_{c in S} (gI_c + gSP_c)
-            g_q = (h.sum(2, keepdim=True) - torch.bmm(h, v)) * informative  # (B, 1, N)
-            # dL/dp_j = v_j gSP_j + (1 - v_j) g_q on informative voxels
-            d = torch.baddbmm(-g_q, g_sp.unsqueeze(2), informative)
-            g_p = _acc(g_p, torch.addcmul(g_q, v, d))
+            g_q = torch.bmm(h, w) * informative  # candidate channels read q: dL/dq = sum_c w_c (gI_c + gSP_c)
+            # dL/dp_j = M [gSP_j + w_j (g_q - gSP_j)]
+            d = torch.baddbmm(g_q, g_sp.unsqueeze(2), informative, alpha=-1)
+            g_p = _acc(g_p, torch.baddbmm(w * d, g_sp.unsqueeze(2), informative))
         if want_edice and g_edice is not None:
-            g_p = _acc(g_p, torch.addcmul(g_edice[1].unsqueeze(2), v, g_edice[0].unsqueeze(2)))
+            # d/dp_j: gI_j v_j + gSP_j M
+            g_i, g_sp = g_edice[0].unsqueeze(2), g_edice[1].unsqueeze(2)
+            g_p = _acc(g_p, torch.baddbmm((1.0 - w) * g_i, g_sp, informative))
         if g_p is None:
             return None, None, None, None
         grad = _softmax_backward(g_p, p)
-        if want_mce and g_mce is not None and low_idx is not None:
-            p_rows = p.permute(0, 2, 1)[low_idx]
-            rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
-            grad.permute(0, 2, 1).index_put_(low_idx, rows, accumulate=True)
+        if want_mce and g_mce is not None:
+            # exact zero where every class is a candidate (q == 1): p - p, not p - p / q
+            if low_idx is not None:
+                p_rows = p.permute(0, 2, 1)[low_idx]
+                rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
+                grad.permute(0, 2, 1).index_put_(low_idx, rows, accumulate=True)
         return grad, None, None, None
 
 
