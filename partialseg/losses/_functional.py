@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -373,90 +374,116 @@ def marginal_softmax_stats(
     return _MarginalExclusionFunction.apply(xb, tb, (mce, ece, mdice, edice), float(eps))
 
 
+def _mask(t: Tensor, value: float, like: Tensor, equal: bool = True) -> Tensor:
+    """Float mask ``[t == value]`` (or ``!=``) in the dtype of ``like``, one pass."""
+    out = torch.empty_like(like)
+    (torch.eq if equal else torch.ne)(t, value, out=out)
+    return out
+
+
 class _CompatibleFunction(torch.autograd.Function):
-    """DCL compatible loss per voxel from logits: forward (B, N), backward by hand."""
+    """DCL compatible loss per voxel from logits: forward (B, N), backward by hand.
+
+    Gradients are gathered with respect to the probabilities (``g_p``, then one fused softmax
+    backward) except for the log terms, which are written in logit space (``g_x``) so that they
+    stay exact when probabilities underflow.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, positive: tuple[str, ...], negative: tuple[str, ...], a_pos: float, a_neg: float, eps: float):  # type: ignore[override]
-        e, z, mx = _softmax_parts(x)
-        log_z = torch.log(z) + mx
-        cand = q = log_q = excl = s_ex = has1 = None
-        if "ta_ce" in positive or "ta_dice" in positive:
-            cand = candidate_mask(t)
-            z_s = (e * cand).sum(1, keepdim=True)
-            q = z_s / z
-            log_q = _log_candidate_sum(x, mx, cand, z_s) - log_z
-        p = e.mul_(z.reciprocal())
-        k1 = t == 1
-        k0 = t == 0
-        zero = p.new_zeros(())
+        n_cls = x.shape[1]
+        p = torch.softmax(x, 1)
         out = p.new_zeros((x.shape[0], x.shape[2]))
+        need_log = "ce" in positive or "ce" in negative
+        log_p = torch.log_softmax(x, 1) if need_log else None
+        k1 = _mask(t, 1.0, p) if ("ce" in positive or "dice" in positive or "ex_ce" in negative or "ex_dice" in negative) else None
+        k0 = _mask(t, 0.0, p) if negative else None
+        w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
+        if "ta_ce" in positive or "ta_dice" in positive:
+            w = _mask(t, 0.0, p, equal=False)
+            informative = w.sum(1, keepdim=True) < n_cls
+            q = torch.where(informative, (p * w).sum(1, keepdim=True), 1.0)
         if "ex_ce" in negative or "ex_dice" in negative:
-            has1 = k1.any(1, keepdim=True)
-            excl = sample_unknown_classes(t) & k0
+            has1 = (k1.sum(1, keepdim=True) > 0).to(p.dtype)
+            excl = sample_unknown_classes(t).to(p.dtype) * k0
             s_ex = (p * excl).sum(1, keepdim=True)
-        log_p = None
         for base in positive:
-            if base == "ce":
-                log_p = x - log_z if log_p is None else log_p  # exact log-softmax
-                out += a_pos * torch.where(k1, -log_p, zero).sum(1)
-            elif base == "dice":
-                out += a_pos * torch.where(k1, (1 - p) / (1 + p), zero).sum(1)
-            elif base == "ta_ce":
-                out += a_pos * (-log_q).squeeze(1)
-            elif base == "ta_dice":
+            if base == "ce":  # Eq. 11 (exact log-softmax)
+                out -= a_pos * (k1 * log_p).sum(1)
+            elif base == "dice":  # Eq. 13
+                out += a_pos * (k1 * ((1 - p) / (1 + p))).sum(1)
+            elif base == "ta_ce":  # Eq. 15: -log q, exact where q underflows
+                log_q = torch.log(q)
+                low = (q < _UNDERFLOW).squeeze(1)
+                if bool(low.any()):
+                    low_idx = low.nonzero(as_tuple=True)
+                    xs = x.permute(0, 2, 1)[low_idx]
+                    cand = w.permute(0, 2, 1)[low_idx] > 0
+                    cand |= ~cand.any(1, keepdim=True)
+                    masked = xs.masked_fill(~cand, float("-inf"))
+                    exact = torch.logsumexp(masked, 1) - torch.logsumexp(xs, 1)
+                    log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
+                    r_rows = torch.softmax(masked, 1)
+                out -= a_pos * log_q.squeeze(1)
+            elif base == "ta_dice":  # Eq. 16
                 out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
         for base in negative:
-            if base == "ce":
-                log_p = x - log_z if log_p is None else log_p
-                out += a_neg * torch.where(k0, -_log1m_softmax(log_p), zero).sum(1)
-            elif base == "dice":
-                out += a_neg * torch.where(k0, 2 * p / (1 + p), zero).sum(1)
-            elif base == "ex_ce":
-                out += a_neg * (torch.where(k0, torch.log(p + eps), zero).sum(1) + torch.where(has1, torch.log(s_ex + eps), zero).squeeze(1))
-            elif base == "ex_dice":
-                out += a_neg * (torch.where(k0, 2 * p / (p + 1), zero).sum(1) + torch.where(has1, 2 * s_ex / (s_ex + 1), zero).squeeze(1))
+            if base == "ce":  # Eq. 12, log(1 - p) exact at p -> 1
+                out -= a_neg * (k0 * _log1m_softmax(log_p)).sum(1)
+            elif base == "dice":  # Eq. 14
+                out += a_neg * (k0 * (2 * p / (1 + p))).sum(1)
+            elif base == "ex_ce":  # Eq. 17
+                out += a_neg * ((k0 * torch.log(p + eps)).sum(1) + (has1 * torch.log(s_ex + eps)).squeeze(1))
+            elif base == "ex_dice":  # Eq. 18
+                out += a_neg * ((k0 * (2 * p / (p + 1))).sum(1) + (has1 * (2 * s_ex / (s_ex + 1))).squeeze(1))
         ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
-        ctx.save_for_backward(p, t, x, log_z, *(v for v in (cand, log_q, excl, s_ex, has1, log_p) if v is not None))
-        ctx.has = tuple(v is not None for v in (cand, log_q, excl, s_ex, has1, log_p))
+        ctx.low_idx, ctx.r_rows = low_idx, r_rows
+        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1)
+        ctx.has = tuple(v is not None for v in saved)
+        ctx.save_for_backward(*(v for v in saved if v is not None))
         return out
 
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
-        p, t, x, log_z, *rest = ctx.saved_tensors
-        it = iter(rest)
-        cand, log_q, excl, s_ex, has1, log_p = (next(it) if h else None for h in ctx.has)
+        it = iter(ctx.saved_tensors)
+        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1 = (next(it) if h else None for h in ctx.has)
         a_pos, a_neg, eps = ctx.a_pos, ctx.a_neg, ctx.eps
         g = g_out.unsqueeze(1)
-        k1 = t == 1
-        k0 = t == 0
-        zero = p.new_zeros(())
-        g_p = torch.zeros_like(p)  # dL/dp (probability space)
-        g_x = torch.zeros_like(p)  # terms written directly in logit space
+        g_p = None  # dL/dp (probability space)
+        g_x = None  # terms written directly in logit space
         for base in ctx.positive:
-            if base == "ce":  # d(-log p_k)/dx = p - onehot_k
-                n1 = k1.sum(1, keepdim=True, dtype=p.dtype)
-                g_x += (p * n1 - k1.to(p.dtype)) * (a_pos * g)
+            if base == "ce":  # d(-sum_k log p_k)/dx = n1 p - k1
+                n1 = k1.sum(1, keepdim=True)
+                g_x = _acc(g_x, torch.addcmul(-k1, p, n1).mul_(a_pos * g))
             elif base == "dice":
-                g_p += torch.where(k1, -2 / (1 + p) ** 2, zero) * (a_pos * g)
-            elif base == "ta_ce":  # p - softmax restricted to S
-                r = torch.where(cand, torch.exp(x - (log_q + log_z)), zero)
-                g_x += (p - r) * (a_pos * g)
+                g_p = _acc(g_p, k1 * (-2 * a_pos) / (1 + p) ** 2 * g)
+            elif base == "ta_ce":  # dL/dp_j = -w_j / q on informative voxels, exact rows below
+                iq = torch.where(informative, (a_pos * g) / q, 0.0)
+                if ctx.low_idx is not None:
+                    iq = iq.squeeze(1).index_put(ctx.low_idx, iq.new_zeros(())).unsqueeze(1)
+                g_p = _acc(g_p, w * (-iq))
             elif base == "ta_dice":
-                q = torch.exp(log_q)
-                g_p += torch.where(cand, -2 / (1 + q) ** 2, zero) * (a_pos * g)
+                gq = torch.where(informative, -2 * a_pos / (1 + q) ** 2 * g, 0.0)
+                g_p = _acc(g_p, w * gq)
         for base in ctx.negative:
             if base == "ce":
-                g_x += _neg_ce_grad(p, log_p, k0) * (a_neg * g)
+                g_x = _acc(g_x, _neg_ce_grad(p, log_p, k0).mul_(a_neg * g))
             elif base == "dice":
-                g_p += torch.where(k0, 2 / (1 + p) ** 2, zero) * (a_neg * g)
+                g_p = _acc(g_p, k0 * (2 * a_neg) / (1 + p) ** 2 * g)
             elif base == "ex_ce":
-                g_p += (torch.where(k0, 1 / (p + eps), zero) + torch.where(has1 & excl, 1 / (s_ex + eps), zero)) * (a_neg * g)
+                term = k0 / (p + eps) + excl * (has1 / (s_ex + eps))
+                g_p = _acc(g_p, term.mul_(a_neg * g))
             elif base == "ex_dice":
-                g_p += (torch.where(k0, 2 / (p + 1) ** 2, zero) + torch.where(has1 & excl, 2 / (s_ex + 1) ** 2, zero)) * (a_neg * g)
-        dot = (p * g_p).sum(1, keepdim=True)
-        g_x += (g_p - dot) * p
-        return g_x, None, None, None, None, None, None
+                term = k0 * 2 / (p + 1) ** 2 + excl * (has1 * 2 / (s_ex + 1) ** 2)
+                g_p = _acc(g_p, term.mul_(a_neg * g))
+        grad = g_x
+        if g_p is not None:
+            grad = _acc(grad, _softmax_backward(g_p, p))
+        if ctx.low_idx is not None:
+            p_rows = p.permute(0, 2, 1)[ctx.low_idx]
+            rows = (p_rows - ctx.r_rows) * (a_pos * g_out[ctx.low_idx]).unsqueeze(1)
+            grad.permute(0, 2, 1).index_put_(ctx.low_idx, rows, accumulate=True)
+        return grad, None, None, None, None, None, None
 
 
 def _neg_ce_grad(p: Tensor, log_p: Tensor, k0: Tensor) -> Tensor:
@@ -467,6 +494,7 @@ def _neg_ce_grad(p: Tensor, log_p: Tensor, k0: Tensor) -> Tensor:
     is written as ``p_c`` on itself and ``-p_c p_j / (1 - p_c)`` (in log space) on the others.
     """
     zero = p.new_zeros(())
+    k0 = k0 > 0
     l1m = _log1m_softmax(log_p)
     big = p > 0.5
     w = torch.where(k0 & ~big, torch.exp(log_p - l1m), zero)
@@ -515,5 +543,21 @@ def compatible_from_logits(
     """
     dt = compute_dtype(x)
     xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
-    tb = target.to(dt).reshape(target.shape[0], target.shape[1], -1)
-    return _CompatibleFunction.apply(xb, tb, tuple(positive), tuple(negative), float(alpha_pos), float(alpha_neg), float(eps))
+    tb = target.reshape(target.shape[0], target.shape[1], -1)
+    positive, negative = tuple(positive), tuple(negative)
+    out = None
+    if "ce" in positive:
+        # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a
+        # <0,p,1> map): use its fused kernel, ignoring voxels without a 1
+        k1 = tb == 1
+        n1 = k1.sum(1)
+        if int(n1.max()) <= 1:
+            idx = torch.where(n1 > 0, k1.to(torch.uint8).argmax(1), -100)
+            out = F.cross_entropy(xb, idx, ignore_index=-100, reduction="none")
+            if alpha_pos != 1.0:
+                out = out * alpha_pos
+            positive = tuple(b for b in positive if b != "ce")
+    if positive or negative:
+        rest = _CompatibleFunction.apply(xb, tb, positive, negative, float(alpha_pos), float(alpha_neg), float(eps))
+        out = rest if out is None else out + rest
+    return out
