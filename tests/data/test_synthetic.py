@@ -253,7 +253,8 @@ def test_abdomen_multimodal_atlas_setting(tmp_path):
     assert "label_maps" not in desc
     by_source = {c["source"]: c for c in desc["training"]}
     assert sorted(by_source) == ["ct_partial", "mr_partial"]
-    assert by_source["ct_partial"]["modality"] == "CT" and by_source["ct_partial"]["annotated"] == ["liver", "stomach"]
+    assert by_source["ct_partial"]["modality"] == "CT"
+    assert by_source["ct_partial"]["annotated"] == ["liver", "stomach"]
     assert by_source["mr_partial"]["modality"] == "MR"
     for case in desc["training"]:
         label, _ = _read(tmp_path / case["label"])

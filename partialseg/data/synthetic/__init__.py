@@ -31,7 +31,10 @@ __all__ = ["FAMILIES", "make_dataset"]
 #: family name -> (module, one-line description)
 FAMILIES = {
     "cardiac2d": ("partialseg.data.synthetic.cardiac", "2D short-axis cardiac MR: LV, MYO, RV (DCL)"),
-    "abdomen3d": ("partialseg.data.synthetic.abdomen", "3D abdominal CT/MR, six organs, partially labelled sources (marginal, atlas)"),
+    "abdomen3d": (
+        "partialseg.data.synthetic.abdomen",
+        "3D abdominal CT/MR, six organs, partially labelled sources (marginal, atlas)",
+    ),
     "polyp2d": ("partialseg.data.synthetic.polyp", "2D RGB endoscopy polyps, strong + weak masks (hybrid)"),
     "atrium3d": ("partialseg.data.synthetic.atrium", "3D left-atrium MR, labelled + unlabelled (DTML)"),
 }

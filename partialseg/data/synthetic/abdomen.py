@@ -251,7 +251,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
     paint = [
         (body, "subcut_fat"), (inner, "muscle"), (cavity, "visceral_fat"), (paraspinal, "muscle"),
         (vertebra, "marrow"), (cortex, "bone"), (posterior_arch, "bone"), (disc, "disc"), (canal, "csf"),
-        (aorta, "aorta"), (ivc, "ivc"), (bowel, "bowel"), (bowel_gas, "bowel_gas"), (gallbladder & cavity, "gallbladder"),
+        (aorta, "aorta"), (ivc, "ivc"), (bowel, "bowel"), (bowel_gas, "bowel_gas"),
+        (gallbladder & cavity, "gallbladder"),
         (organs["kidney_right"] | organs["kidney_left"], "kidney_cortex"),
         (kidney_medulla["kidney_right"] | kidney_medulla["kidney_left"], "kidney_medulla"),
         (organs["spleen"], "spleen"), (organs["liver"], "liver"), (stomach, "stomach_wall"),
@@ -388,7 +389,8 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
                 "(kidneys share value 1, split left/right by world side); test fully labelled.")
     header = {
         "name": "abdomen3d",
-        "description": f"Synthetic abdominal {modality} (liver, spleen, kidneys, pancreas, stomach), seed {seed}: {what}",
+        "description": (f"Synthetic abdominal {modality} (liver, spleen, kidneys, pancreas, stomach), "
+                        f"seed {seed}: {what}"),
         "reference": "partialseg synthetic benchmark (marginal-loss and atlas settings)",
         "licence": "CC0",
         "tensorImageSize": "3D",

@@ -108,7 +108,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int],
     pa0 = c + np.array([-6.0, 34.0, -4.0])
     pa = _segment(xyz, pa0, pa0 + np.array([-18.0, -16.0, 36.0]), rng.uniform(10.0, 13.0))[0] <= 1.0
 
-    lung = (C.ellipsoid((x, y), (62.0, -10.0), (30.0, 45.0)) <= 1.0) | (C.ellipsoid((x, y), (-64.0, -10.0), (30.0, 45.0)) <= 1.0)
+    lung = (C.ellipsoid((x, y), (62.0, -10.0), (30.0, 45.0)) <= 1.0) | (
+        C.ellipsoid((x, y), (-64.0, -10.0), (30.0, 45.0)) <= 1.0)
     fat = C.smooth_noise(rng, shape, scale=8.0) > 1.0
 
     tissue = np.full(shape, T["tissue"], dtype=np.uint8)

@@ -34,7 +34,8 @@ PHASES = ("ED", "ES")
 VARIANTS = ("single", "wholeheart")
 
 # tissue codes of the intensity map (not labels)
-_T_OTHER, _T_LUNG, _T_LIVER, _T_MUSCLE, _T_FAT, _T_AORTA, _T_PERIFAT, _T_RVWALL, _T_RV, _T_MYO, _T_LV, _T_PAP = range(12)
+(_T_OTHER, _T_LUNG, _T_LIVER, _T_MUSCLE, _T_FAT, _T_AORTA,
+ _T_PERIFAT, _T_RVWALL, _T_RV, _T_MYO, _T_LV, _T_PAP) = range(12)
 _TISSUE_MEAN = {
     _T_OTHER: 0.42, _T_LUNG: 0.05, _T_LIVER: 0.33, _T_MUSCLE: 0.27, _T_FAT: 0.78, _T_AORTA: 0.80,
     _T_PERIFAT: 0.72, _T_RVWALL: 0.30, _T_RV: 0.86, _T_MYO: 0.26, _T_LV: 0.88, _T_PAP: 0.30,

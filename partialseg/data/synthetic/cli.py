@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--variant", choices=("single", "wholeheart"), default=None,
                        help="cardiac2d: one structure per training case, or also whole-heart cases (default single)")
     group.add_argument("--modality", choices=("CT", "MR", "CT+MR"), default=None,
-                       help="abdomen3d: CT (HU), MR, or CT+MR (atlas setting: organ sets split by modality); default CT")
+                       help="abdomen3d: CT (HU), MR, or CT+MR (atlas setting: organ sets split by modality); "
+                            "default CT")
     group.add_argument("--num-full", type=int, default=None,
                        help="abdomen3d: training cases of the fully labelled source (default 4)")
     group.add_argument("--strong-fraction", type=float, default=None,
