@@ -235,7 +235,8 @@ def test_abdomen_kidney_source_lateral_split(generated):
     spacings = {c["source"]: tuple(np.round(nib.load(str(root / c["image"])).header.get_zooms(), 3))
                 for c in desc["training"]}
     assert len(set(spacings.values())) == len(abdomen.MARGINAL_SOURCES)
-    assert {c["contrast"] for c in desc["training"]} == {abdomen.SOURCES[s]["profile"] for s in abdomen.MARGINAL_SOURCES}
+    profiles = {abdomen.SOURCES[s]["profile"] for s in abdomen.MARGINAL_SOURCES}
+    assert {c["contrast"] for c in desc["training"]} == profiles
 
 
 def test_abdomen_mr_modality(tmp_path):
