@@ -197,7 +197,7 @@ def test_cardiac_single_variant_is_balanced(tmp_path):
 
 def test_abdomen_organs_disjoint_and_sided():
     shape, spacing = (40, 40, 32), (7.2, 7.2, 6.0)
-    for i, source in enumerate(abdomen.SOURCES):
+    for i, source in enumerate(list(abdomen.SOURCES) * 2):
         rng = C.case_rng(9, "abdomen3d", "training", i)
         image, gt, organs, lesions, affine = abdomen.render_case(rng, shape, spacing, source)
         assert image.dtype == np.int16 and image.min() >= -1024
@@ -213,6 +213,8 @@ def test_abdomen_organs_disjoint_and_sided():
             return (affine @ np.r_[np.argwhere(mask).mean(axis=0), 1.0])[0]
 
         assert world_x(organs["kidney_left"]) < 0 < world_x(organs["kidney_right"])
+        for name, mask in organs.items():  # every organ is one piece
+            assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 1, name
         assert world_x(organs["spleen"]) < 0 < world_x(organs["liver"])
 
 
