@@ -394,8 +394,8 @@ class _CompatibleFunction(torch.autograd.Function):
         n_cls = x.shape[1]
         p = torch.softmax(x, 1)
         out = p.new_zeros((x.shape[0], x.shape[2]))
-        need_log = "ce" in positive or "ce" in negative
-        log_p = torch.log_softmax(x, 1) if need_log else None
+        log_p = torch.log_softmax(x, 1) if "ce" in positive else None
+        one_m = ce_low = None
         k1 = _mask(t, 1.0, p) if ("ce" in positive or "dice" in positive or "ex_ce" in negative or "ex_dice" in negative) else None
         k0 = _mask(t, 0.0, p) if negative else None
         w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
@@ -429,7 +429,12 @@ class _CompatibleFunction(torch.autograd.Function):
                 out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
         for base in negative:
             if base == "ce":  # Eq. 12, log(1 - p) exact at p -> 1
-                out -= a_neg * (k0 * _log1m_softmax(log_p)).sum(1)
+                one_m, ce_low = _one_minus_p(p)
+                term = (k0 * torch.log(one_m)).sum(1)
+                if ce_low is not None:
+                    rows = _neg_ce_rows(x.permute(0, 2, 1)[ce_low], k0.permute(0, 2, 1)[ce_low])
+                    term = term.index_put(ce_low, -rows)
+                out -= a_neg * term
             elif base == "dice":  # Eq. 14
                 out += a_neg * (k0 * (2 * p / (1 + p))).sum(1)
             elif base == "ex_ce":  # Eq. 17
@@ -437,8 +442,8 @@ class _CompatibleFunction(torch.autograd.Function):
             elif base == "ex_dice":  # Eq. 18
                 out += a_neg * ((k0 * (2 * p / (p + 1))).sum(1) + (has1 * (2 * s_ex / (s_ex + 1))).squeeze(1))
         ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
-        ctx.low_idx, ctx.r_rows = low_idx, r_rows
-        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1)
+        ctx.low_idx, ctx.r_rows, ctx.ce_low = low_idx, r_rows, ce_low
+        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, one_m, x if ce_low is not None else None)
         ctx.has = tuple(v is not None for v in saved)
         ctx.save_for_backward(*(v for v in saved if v is not None))
         return out
@@ -446,7 +451,7 @@ class _CompatibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
         it = iter(ctx.saved_tensors)
-        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1 = (next(it) if h else None for h in ctx.has)
+        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, one_m, x = (next(it) if h else None for h in ctx.has)
         a_pos, a_neg, eps = ctx.a_pos, ctx.a_neg, ctx.eps
         g = g_out.unsqueeze(1)
         g_p = None  # dL/dp (probability space)
@@ -467,7 +472,16 @@ class _CompatibleFunction(torch.autograd.Function):
                 g_p = _acc(g_p, w * gq)
         for base in ctx.negative:
             if base == "ce":
-                g_x = _acc(g_x, _neg_ce_grad(p, log_p, k0).mul_(a_neg * g))
+                # term c: w_c (delta_cj - p_j), w_c = p_c / (1 - p_c)
+                wgt = k0 * p / one_m
+                term = torch.addcmul(wgt, p, wgt.sum(1, keepdim=True), value=-1)
+                if ctx.ce_low is not None:  # exact rows where 1 - p underflows
+                    with torch.enable_grad():
+                        xr = x.permute(0, 2, 1)[ctx.ce_low].detach().requires_grad_(True)
+                        rows = _neg_ce_rows(xr, k0.permute(0, 2, 1)[ctx.ce_low])
+                        (g_rows,) = torch.autograd.grad(rows.sum(), xr)
+                    term.permute(0, 2, 1).index_put_(ctx.ce_low, g_rows)
+                g_x = _acc(g_x, term.mul_(a_neg * g))
             elif base == "dice":
                 g_p = _acc(g_p, k0 * (2 * a_neg) / (1 + p) ** 2 * g)
             elif base == "ex_ce":
@@ -486,42 +500,26 @@ class _CompatibleFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _neg_ce_grad(p: Tensor, log_p: Tensor, k0: Tensor) -> Tensor:
-    """Gradient of ``-sum_c [t_c = 0] log(1 - p_c)`` with respect to the logits, exact at extremes.
+def _one_minus_p(p: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """``1 - p`` without cancellation, and the voxels where it underflows.
 
-    Term c gives ``w_c (delta_cj - p_j)`` with ``w_c = p_c / (1 - p_c)``. For classes with
-    ``p_c <= 1/2`` (``w_c <= 1``) it is used as written; the one class above 1/2 (if known 0)
-    is written as ``p_c`` on itself and ``-p_c p_j / (1 - p_c)`` (in log space) on the others.
+    At most one class per voxel has ``p > 1/2``; its ``1 - p`` is the summed probability of the
+    other classes, which is exact. Returns the (B, C, N) map and the indices (b, n) of voxels
+    where that sum is below 1e-30 (extreme logits), or None.
     """
-    zero = p.new_zeros(())
-    k0 = k0 > 0
-    l1m = _log1m_softmax(log_p)
-    big = p > 0.5
-    w = torch.where(k0 & ~big, torch.exp(log_p - l1m), zero)
-    grad = w - p * w.sum(1, keepdim=True)
-    bk = big & k0
-    if bool(bk.any()):
-        has = bk.any(1, keepdim=True)
-        p_big = torch.where(bk, p, zero).sum(1, keepdim=True)
-        l1m_big = torch.where(bk, l1m, zero).sum(1, keepdim=True)
-        other = -p_big * torch.exp(log_p - l1m_big)
-        grad = grad + torch.where(has, torch.where(bk, p_big, other), zero)
-    return grad
+    small = p <= 0.5
+    s_small = (p * small).sum(1, keepdim=True)
+    one_m = torch.where(small, 1.0 - p, s_small)
+    low = (s_small < _UNDERFLOW).squeeze(1) & ~small.all(1)
+    return one_m, (low.nonzero(as_tuple=True) if bool(low.any()) else None)
 
 
-def _log1m_softmax(log_p: Tensor) -> Tensor:
-    """``log(1 - p)`` from log-probabilities, exact when ``p`` rounds to 1 (extreme logits).
-
-    For ``p <= 1/2`` it is ``log1p(-p)``; otherwise the class is the voxel's only class above
-    1/2 and ``1 - p`` is the summed probability of the other classes, taken in log space.
-    """
-    p = log_p.exp()
-    direct = torch.log1p(-p.clamp(max=0.5))
-    big = p > 0.5
-    if not bool(big.any()):
-        return direct
-    others = torch.logsumexp(log_p.masked_fill(big, float("-inf")), 1, keepdim=True)
-    return torch.where(big, others.expand_as(log_p), direct)
+def _neg_ce_rows(xs: Tensor, k0s: Tensor) -> Tensor:
+    """``-sum_c k0_c log(1 - p_c)`` for a few rows (k, C) of logits, in log space (exact)."""
+    n_cls = xs.shape[1]
+    eye = torch.eye(n_cls, dtype=torch.bool, device=xs.device)
+    others = xs.unsqueeze(1).expand(-1, n_cls, n_cls).masked_fill(eye, float("-inf")).logsumexp(2)
+    return -(k0s * (others - xs.logsumexp(1, keepdim=True))).sum(1)
 
 
 def compatible_from_logits(
