@@ -88,14 +88,18 @@ class ValidationReport:
         lines = [f"dataset {self.dataset.name!r}: {len(classes)} classes {classes}"]
         for split, sources in self.summary.items():
             lines.append(f"\n[{split}]")
-            header = f"  {'source':<14}{'cases':>6}{'labelled':>9}  {'modality':<9}{'annotated classes (cases)':<44}{'label values':<18}spacing (mm) / shape"
-            lines.append(header)
+            lines.append(f"  {'source':<14}{'cases':>6}{'labelled':>9}  {'modality':<11}{'values':<15}{'spacing (mm)':<18}{'shape':<14}annotated classes (cases)")
             for src, s in sources.items():
-                ann = ", ".join(f"{classes[i]}({n})" for i, n in sorted(s["annotated"].items())) or "-"
+                counts = s["annotated"]
+                if s["labelled"] and len(counts) == len(classes) and all(n == s["labelled"] for n in counts.values()):
+                    ann = f"all ({s['labelled']})"
+                else:
+                    ann = ", ".join(f"{classes[i]} ({n})" for i, n in sorted(counts.items())) or "-"
                 vals = ",".join(str(v) for v in s["label_values"]) or "-"
-                sp = "; ".join("x".join(f"{v:g}" for v in t) for t in s["spacings"][:3]) + (" ..." if len(s["spacings"]) > 3 else "")
-                sh = "; ".join("x".join(str(v) for v in t) for t in s["shapes"][:2]) + (" ..." if len(s["shapes"]) > 2 else "")
-                lines.append(f"  {src:<14}{s['cases']:>6}{s['labelled']:>9}  {','.join(s['modalities']) or '-':<9}{ann:<44}{vals:<18}{sp} / {sh}")
+                sp = "x".join(f"{v:g}" for v in s["spacings"][0]) + (" ..." if len(s["spacings"]) > 1 else "") if s["spacings"] else "-"
+                sh = "x".join(str(v) for v in s["shapes"][0]) + (" ..." if len(s["shapes"]) > 1 else "") if s["shapes"] else "-"
+                modality = ",".join(s["modalities"]) or "-"
+                lines.append(f"  {src:<14}{s['cases']:>6}{s['labelled']:>9}  {modality:<11}{vals:<15}{sp:<18}{sh:<14}{ann}")
         if self.problems:
             lines.append(f"\n{len(self.problems)} problem(s):")
             lines += [f"  - {p}" for p in self.problems]

@@ -63,7 +63,7 @@ def test_check_command(tiny_dataset, capsys):
     root = tiny_dataset()
     assert main(["check", str(root), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "[training]" in out and "spleen(2)" in out and "no problems found" in out
+    assert "[training]" in out and "spleen (1)" in out and "all (1)" in out and "no problems found" in out
     save_nifti(root / "labelsTr/spl.nii.gz", np.full((6, 5, 4), 9, np.uint8))
     assert main(["check", str(root), "--quiet", "--json", str(root / "r.json")]) == 1
     assert "value(s) [9]" in capsys.readouterr().out and (root / "r.json").exists()
