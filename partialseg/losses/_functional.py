@@ -353,6 +353,91 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _MarginalCEFunction(torch.autograd.Function):
+    """Marginal CE alone, per voxel (B, N): few passes, few fresh allocations.
+
+    Forward: ``p = softmax(x)``, ``w = [t != 0]``, ``q = sum_c w_c p_c`` (set to 1 where every
+    class is a candidate); backward: ``p (a - w b)`` with ``a = g``, ``b = g / q`` on informative
+    voxels (0 elsewhere), written into the forward's scratch buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor):  # type: ignore[override]
+        n_cls = x.shape[1]
+        p = torch.softmax(x, 1)
+        w = torch.empty_like(p)
+        torch.ne(t, 0, out=w)
+        buf = torch.mul(p, w)
+        n_cand = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w)  # (B, 1, N), one GEMM read of w
+        informative = n_cand < n_cls
+        q = torch.where(informative, buf.sum(1, keepdim=True), 1.0)
+        log_q = torch.log(q)
+        low = (q < _UNDERFLOW).squeeze(1)
+        low_idx = r_rows = None
+        if bool(low.any()):
+            low_idx, exact, r_rows = _exact_candidate_rows(x, w, low)
+            log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
+        ctx.low_idx, ctx.r_rows, ctx.buf = low_idx, r_rows, buf  # scratch reused for the gradient
+        ctx.save_for_backward(p, w, q, informative)
+        return (-log_q).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        p, w, q, informative = ctx.saved_tensors
+        buf = ctx.buf if ctx.buf is not None else torch.empty_like(p)
+        ctx.buf = None  # a second backward (retain_graph) must not overwrite the first gradient
+        g = g_out.unsqueeze(1)
+        a = torch.where(informative, g, 0.0)
+        b = torch.where(informative, g / q, 0.0)
+        if ctx.low_idx is not None:
+            a = a.squeeze(1).index_put(ctx.low_idx, a.new_zeros(())).unsqueeze(1)
+            b = b.squeeze(1).index_put(ctx.low_idx, b.new_zeros(())).unsqueeze(1)
+        grad = torch.addcmul(a, w, b, value=-1, out=buf).mul_(p)
+        if ctx.low_idx is not None:
+            p_rows = p.permute(0, 2, 1)[ctx.low_idx]
+            rows = (p_rows - ctx.r_rows) * g_out[ctx.low_idx].unsqueeze(1)
+            grad.permute(0, 2, 1).index_put_(ctx.low_idx, rows, accumulate=True)
+        return grad, None
+
+
+class _ExclusionCEFunction(torch.autograd.Function):
+    """Exclusion CE alone, per voxel (B, N): ``sum_c [t_c = 0] log(p_c + eps)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, eps: float):  # type: ignore[override]
+        p = torch.softmax(x, 1)
+        v = torch.empty_like(p)
+        torch.eq(t, 0, out=v)
+        buf = torch.log1p(p) if eps == 1.0 else torch.log(p + eps)
+        out = buf.mul_(v).sum(1)
+        ctx.eps, ctx.buf = eps, buf  # scratch reused for the gradient
+        ctx.save_for_backward(p, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        p, v = ctx.saved_tensors
+        buf = ctx.buf if ctx.buf is not None else torch.empty_like(p)
+        ctx.buf = None  # a second backward (retain_graph) must not overwrite the first gradient
+        # dL/dp = v / (p + eps) * g, then through the softmax: p (g_p - sum_c p_c g_pc), in place
+        torch.add(p, ctx.eps, out=buf)
+        torch.div(v, buf, out=buf)
+        buf.mul_(g_out.unsqueeze(1)).mul_(p)
+        dot = buf.sum(1, keepdim=True)
+        return buf.addcmul_(p, dot, value=-1), None, None
+
+
+def _exact_candidate_rows(x: Tensor, w: Tensor, low: Tensor):
+    """Exact ``log q`` and the candidate softmax on the voxels ``low`` (B, N) where ``q`` underflows."""
+    low_idx = low.nonzero(as_tuple=True)
+    xs = x.permute(0, 2, 1)[low_idx]  # (k, C)
+    cand = w.permute(0, 2, 1)[low_idx] > 0
+    cand |= ~cand.any(1, keepdim=True)  # all-zero voxel: no information
+    masked = xs.masked_fill(~cand, float("-inf"))
+    exact = torch.logsumexp(masked, 1) - torch.logsumexp(xs, 1)
+    return low_idx, exact, torch.softmax(masked, 1)
+
+
 def marginal_softmax_stats(
     x: Tensor, target: Tensor, mce: bool = False, ece: bool = False, mdice: bool = False, edice: bool = False, eps: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -371,6 +456,11 @@ def marginal_softmax_stats(
     dt = compute_dtype(x)
     xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
     tb = target.reshape(target.shape[0], target.shape[1], -1)
+    empty = xb.new_empty(0)
+    if (mce, ece, mdice, edice) == (True, False, False, False):
+        return _MarginalCEFunction.apply(xb, tb), empty, empty, empty
+    if (mce, ece, mdice, edice) == (False, True, False, False):
+        return empty, _ExclusionCEFunction.apply(xb, tb, float(eps)), empty, empty
     return _MarginalExclusionFunction.apply(xb, tb, (mce, ece, mdice, edice), float(eps))
 
 
