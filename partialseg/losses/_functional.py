@@ -365,34 +365,36 @@ class _MarginalCEFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, t: Tensor):  # type: ignore[override]
         n_cls = x.shape[1]
         p = torch.softmax(x, 1)
-        w = torch.empty_like(p)
-        torch.ne(t, 0, out=w)
-        buf = torch.mul(p, w)
+        w = torch.sign(t)  # [t != 0] for t in [0, 1]
         n_cand = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w)  # (B, 1, N), one GEMM read of w
         informative = n_cand < n_cls
+        buf = w.mul_(p)  # w p, in place
         q = torch.where(informative, buf.sum(1, keepdim=True), 1.0)
         log_q = torch.log(q)
         low = (q < _UNDERFLOW).squeeze(1)
         low_idx = r_rows = None
         if bool(low.any()):
-            low_idx, exact, r_rows = _exact_candidate_rows(x, w, low)
+            low_idx, exact, r_rows = _exact_candidate_rows(x, t, low)
             log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
         ctx.low_idx, ctx.r_rows, ctx.buf = low_idx, r_rows, buf  # scratch reused for the gradient
-        ctx.save_for_backward(p, w, q, informative)
+        ctx.save_for_backward(p, t, q, informative)
         return (-log_q).squeeze(1)
 
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
-        p, w, q, informative = ctx.saved_tensors
-        buf = ctx.buf if ctx.buf is not None else torch.empty_like(p)
-        ctx.buf = None  # a second backward (retain_graph) must not overwrite the first gradient
+        p, t, q, informative = ctx.saved_tensors
+        buf = ctx.buf  # holds w p from the forward
+        if buf is None:  # a second backward (retain_graph): rebuild it
+            buf = torch.sign(t).mul_(p)
+        ctx.buf = None
         g = g_out.unsqueeze(1)
         a = torch.where(informative, g, 0.0)
         b = torch.where(informative, g / q, 0.0)
         if ctx.low_idx is not None:
             a = a.squeeze(1).index_put(ctx.low_idx, a.new_zeros(())).unsqueeze(1)
             b = b.squeeze(1).index_put(ctx.low_idx, b.new_zeros(())).unsqueeze(1)
-        grad = torch.addcmul(a, w, b, value=-1, out=buf).mul_(p)
+        # d(-log q)/dx = p - w p / q, as a p - b (w p), in place in the scratch buffer
+        grad = buf.mul_(-b).addcmul_(p, a)
         if ctx.low_idx is not None:
             p_rows = p.permute(0, 2, 1)[ctx.low_idx]
             rows = (p_rows - ctx.r_rows) * g_out[ctx.low_idx].unsqueeze(1)
@@ -455,7 +457,7 @@ def marginal_softmax_stats(
     """
     dt = compute_dtype(x)
     xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
-    tb = target.reshape(target.shape[0], target.shape[1], -1)
+    tb = target.to(dt).reshape(target.shape[0], target.shape[1], -1)
     empty = xb.new_empty(0)
     if (mce, ece, mdice, edice) == (True, False, False, False):
         return _MarginalCEFunction.apply(xb, tb), empty, empty, empty
@@ -637,10 +639,10 @@ def compatible_from_logits(
     if "ce" in positive:
         # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a
         # <0,p,1> map): use its fused kernel, ignoring voxels without a 1
-        k1 = tb == 1
-        n1 = k1.sum(1)
-        if int(n1.max()) <= 1:
-            idx = torch.where(n1 > 0, k1.to(torch.uint8).argmax(1), -100)
+        top, arg = tb.max(1)  # a 1 is the largest entry of its voxel
+        # at most one 1 per voxel unless some voxel's entries sum to 2 or more
+        if float(tb.sum(1).max()) < 2.0:
+            idx = torch.where(top == 1, arg, -100)
             out = F.cross_entropy(xb, idx, ignore_index=-100, reduction="none")
             if alpha_pos != 1.0:
                 out = out * alpha_pos
