@@ -270,13 +270,12 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_cls = x.shape[1]
         p = torch.softmax(x, 1)
-        w = torch.empty_like(p)
-        torch.ne(t, 0, out=w)
+        w = torch.sign(t)  # [t != 0] for t in [0, 1]
         empty = x.new_empty(0)
         mce = ece = mdice = edice = empty
         q = low_idx = r_rows = informative = v = None
         if want_mce or want_mdice or want_edice:
-            informative = w.sum(1, keepdim=True) < n_cls  # some class known absent
+            informative = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w) < n_cls  # some class known absent
         if want_mce or want_mdice:
             wp = p * w
             q = torch.where(informative, wp.sum(1, keepdim=True), 1.0)  # candidate probability
@@ -640,9 +639,10 @@ def compatible_from_logits(
         # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a
         # <0,p,1> map): use its fused kernel, ignoring voxels without a 1
         top, arg = tb.max(1)  # a 1 is the largest entry of its voxel
-        # at most one 1 per voxel unless some voxel's entries sum to 2 or more
-        if float(tb.sum(1).max()) < 2.0:
-            idx = torch.where(top == 1, arg, -100)
+        has1 = top == 1
+        # at most one 1 per voxel (always so in a <0,p,1> map): a second 1 would leave >= 1 beside the top
+        if not bool((has1 & (tb.sum(1) - top >= 1)).any()):
+            idx = torch.where(has1, arg, -100)
             out = F.cross_entropy(xb, idx, ignore_index=-100, reduction="none")
             if alpha_pos != 1.0:
                 out = out * alpha_pos
