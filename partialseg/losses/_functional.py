@@ -252,15 +252,20 @@ class _MarginalExclusionFunction(torch.autograd.Function):
 
     * ``mce``  (B, N): marginal CE per voxel ``-log q``, ``q = sum_c w_c p_c``;
     * ``ece``  (B, N): exclusion CE per voxel ``sum_c v_c log(p_c + eps)``;
-    * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels (some
-      class known absent), where a channel's prediction P is ``q`` if it is a candidate, else
-      ``p_c``, and its target T is ``w_c``;
-    * ``edice`` (3, B, C): exclusion Dice sums (``sum v p``, ``sum M p``, ``sum v``) with ``M``
-      the informative voxels (unlabelled voxels change nothing).
+    * ``mdice`` (3, B, C): marginal Dice sums (I, sum P, sum T) over informative voxels ``M``
+      (some class known absent), where a channel's prediction P is ``q`` if it is a candidate,
+      else ``p_c``, and its target T is ``w_c``;
+    * ``edice`` (3, B, C): exclusion Dice sums (``sum v p``, ``sum M p``, ``sum v``); unlabelled
+      voxels change nothing.
 
     ``q`` is set to exactly 1 where every class is a candidate (zero loss, zero gradient). Where
     it underflows (extreme logits) it is recomputed as ``exp(logsumexp_S x - logsumexp x)`` on
     those voxels only. A voxel of all zeros (no candidate) is treated as unlabelled by ``mce``.
+
+    Backward: every term's gradient with respect to ``p`` is, up to a per-voxel constant (which
+    the softmax backward removes), ``v (a_c + b_i) + v g_e / (p + eps) + gSP_e,c M_i`` with a
+    per-channel ``a`` and a per-voxel ``b``; it is built in one buffer and pushed through one fused
+    softmax backward.
     """
 
     @staticmethod
@@ -273,82 +278,78 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         w = torch.sign(t)  # [t != 0] for t in [0, 1]
         empty = x.new_empty(0)
         mce = ece = mdice = edice = empty
-        q = low_idx = r_rows = informative = v = None
+        q = low_idx = r_rows = informative = None
         if want_mce or want_mdice or want_edice:
-            informative = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w) < n_cls  # some class known absent
+            n_cand = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w)  # (B, 1, N), one GEMM read of w
+            informative = (n_cand < n_cls).to(p.dtype)  # M: some class known absent
         if want_mce or want_mdice:
             wp = p * w
-            q = torch.where(informative, wp.sum(1, keepdim=True), 1.0)  # candidate probability
+            q = torch.where(informative > 0, wp.sum(1, keepdim=True), 1.0)  # candidate probability
         if want_mce:
             low = (q < _UNDERFLOW).squeeze(1)
             log_q = torch.log(q)
             if bool(low.any()):  # exact on these voxels only
-                low_idx = low.nonzero(as_tuple=True)
-                xs = x.permute(0, 2, 1)[low_idx]  # (k, C)
-                cand = w.permute(0, 2, 1)[low_idx] > 0
-                cand |= ~cand.any(1, keepdim=True)  # all-zero voxel: no information
-                masked = xs.masked_fill(~cand, float("-inf"))
-                exact = torch.logsumexp(masked, 1) - torch.logsumexp(xs, 1)
+                low_idx, exact, r_rows = _exact_candidate_rows(x, w, low)
                 log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
-                r_rows = torch.softmax(masked, 1)
             mce = (-log_q).squeeze(1)
-        if want_ece or want_edice:
-            v = 1.0 - w
-        if want_ece:
-            ece = (v * torch.log(p + eps)).sum(1)
         if want_mdice:
-            m = informative.to(p.dtype)  # (B, 1, N)
-            mq = m * q
-            wq = torch.bmm(w, torch.cat([mq, m], 1).transpose(1, 2))  # (B, C, 2): sum w M q, sum w M
-            sp = torch.bmm(torch.stack([p, wp], 1).flatten(1, 2), m.transpose(1, 2)).squeeze(2)
-            s_p, s_wp = sp[:, :n_cls], sp[:, n_cls:]  # sum M p, sum M w p
+            mq = informative * q
+            wq = torch.bmm(w, torch.cat([mq, informative], 1).transpose(1, 2))  # (B, C, 2): sum w M q, sum w M
             inter = wq[..., 0]
-            mdice = torch.stack([inter, s_p - s_wp + inter, wq[..., 1]])
+            s_vp = p.sum(2) - wp.sum(2)  # sum v p: v = 1 only on informative voxels
+            mdice = torch.stack([inter, s_vp + inter, wq[..., 1]])
+        v = w.neg_().add_(1.0)  # v = 1 - w, in place: w is not needed any more
+        if want_ece:
+            lg = torch.log1p(p) if eps == 1.0 else torch.log(p + eps)
+            ece = lg.mul_(v).sum(1)
         if want_edice:
-            m = informative.to(p.dtype)
-            s_pm = torch.bmm(p, m.transpose(1, 2)).squeeze(2)  # sum M p
+            s_pm = torch.bmm(p, informative.transpose(1, 2)).squeeze(2)  # sum M p
             edice = torch.stack([(p * v).sum(2), s_pm, v.sum(2)])
         ctx.low_idx, ctx.r_rows = low_idx, r_rows
-        if informative is not None:
-            informative = informative.to(p.dtype)
-        ctx.save_for_backward(p, w, q, informative)
+        ctx.save_for_backward(p, v, q, informative)
         return mce, ece, mdice, edice
 
     @staticmethod
     def backward(ctx, g_mce: Tensor, g_ece: Tensor, g_mdice: Tensor, g_edice: Tensor):  # type: ignore[override]
         want_mce, want_ece, want_mdice, want_edice = ctx.want
-        p, w, q, informative = ctx.saved_tensors
+        p, v, q, informative = ctx.saved_tensors
         low_idx = ctx.low_idx
-        g_p = None  # dL/dp
-        if want_mce and g_mce is not None:
-            # d(-log q)/dp_j = -w_j / q  (0 where q is exactly 1 and the softmax term cancels)
-            # (exactly 0 on uninformative voxels, where q == 1 carries no gradient)
+        use_mce = want_mce and g_mce is not None
+        use_ece = want_ece and g_ece is not None
+        use_mdice = want_mdice and g_mdice is not None
+        use_edice = want_edice and g_edice is not None
+        if not (use_mce or use_ece or use_mdice or use_edice):
+            return None, None, None, None
+        b_, c_ = p.shape[0], p.shape[1]
+        a = p.new_zeros(b_, c_, 1)  # per-channel coefficient of v
+        b = p.new_zeros(b_, 1, p.shape[2])  # per-voxel coefficient of v
+        if use_mce:
+            # d(-log q)/dp_j = -w_j / q  ==  v_j / q - 1 / q  (the constant drops in the softmax)
             iq = torch.where(informative > 0, g_mce.unsqueeze(1) / q, 0.0)
             if low_idx is not None:  # handled exactly below
                 iq = iq.squeeze(1).index_put(low_idx, iq.new_zeros(())).unsqueeze(1)
-            g_p = w * (-iq)
-        if want_ece and g_ece is not None:
-            g_p = _acc(g_p, (1.0 - w) * g_ece.unsqueeze(1) / (p + ctx.eps))
-        if want_mdice and g_mdice is not None:
+            b = b + iq
+        if use_mdice:
             g_i, g_sp = g_mdice[0], g_mdice[1]  # (B, C)
             h = (g_i + g_sp).unsqueeze(1)  # (B, 1, C)
-            g_q = torch.bmm(h, w) * informative  # candidate channels read q: dL/dq = sum_c w_c (gI_c + gSP_c)
-            # dL/dp_j = M [gSP_j + w_j (g_q - gSP_j)]
-            d = torch.baddbmm(g_q, g_sp.unsqueeze(2), informative, alpha=-1)
-            g_p = _acc(g_p, torch.baddbmm(w * d, g_sp.unsqueeze(2), informative))
-        if want_edice and g_edice is not None:
-            # d/dp_j: gI_j v_j + gSP_j M
-            g_i, g_sp = g_edice[0].unsqueeze(2), g_edice[1].unsqueeze(2)
-            g_p = _acc(g_p, torch.baddbmm((1.0 - w) * g_i, g_sp, informative))
-        if g_p is None:
-            return None, None, None, None
+            # candidate channels read q: dL/dq = sum_c w_c (gI_c + gSP_c) = sum h - sum v h
+            g_q = (h.sum(2, keepdim=True) - torch.bmm(h, v)) * informative
+            # dL/dp_j = M [v_j gSP_j + w_j g_q]  ==  v_j (gSP_j - g_q) + M g_q
+            a = a + g_sp.unsqueeze(2)
+            b = b - g_q
+        if use_edice:
+            a = a + g_edice[0].unsqueeze(2)  # d sum v p / dp = v
+        g_p = a + b  # (B, C, N)
+        if use_ece:
+            g_p.addcdiv_(g_ece.unsqueeze(1).expand_as(g_p), p + ctx.eps)
+        g_p.mul_(v)
+        if use_edice:
+            g_p.baddbmm_(g_edice[1].unsqueeze(2), informative)  # d sum M p / dp = M
         grad = _softmax_backward(g_p, p)
-        if want_mce and g_mce is not None:
-            # exact zero where every class is a candidate (q == 1): p - p, not p - p / q
-            if low_idx is not None:
-                p_rows = p.permute(0, 2, 1)[low_idx]
-                rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
-                grad.permute(0, 2, 1).index_put_(low_idx, rows, accumulate=True)
+        if use_mce and low_idx is not None:
+            p_rows = p.permute(0, 2, 1)[low_idx]
+            rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
+            grad.permute(0, 2, 1).index_put_(low_idx, rows, accumulate=True)
         return grad, None, None, None
 
 
