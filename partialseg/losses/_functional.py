@@ -302,9 +302,13 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         if want_ece:
             lg = torch.log1p(p) if eps == 1.0 else torch.log(p + eps)
             ece = lg.mul_(v).sum(1)
+        scratch = wp if (want_mce or want_mdice) else None
         if want_edice:
             s_pm = torch.bmm(p, informative.transpose(1, 2)).squeeze(2)  # sum M p
-            edice = torch.stack([(p * v).sum(2), s_pm, v.sum(2)])
+            vp = torch.mul(p, v, out=scratch) if scratch is not None else p * v
+            edice = torch.stack([vp.sum(2), s_pm, v.sum(2)])
+            scratch = vp
+        ctx.scratch = scratch  # a dead temporary, reused for the gradient buffer (not a saved tensor)
         ctx.low_idx, ctx.r_rows = low_idx, r_rows
         ctx.save_for_backward(p, v, q, informative)
         return mce, ece, mdice, edice
@@ -339,7 +343,8 @@ class _MarginalExclusionFunction(torch.autograd.Function):
             b = b - g_q
         if use_edice:
             a = a + g_edice[0].unsqueeze(2)  # d sum v p / dp = v
-        g_p = a + b  # (B, C, N)
+        scratch, ctx.scratch = ctx.scratch, None  # a second backward (retain_graph) allocates
+        g_p = torch.add(a, b, out=scratch) if scratch is not None else a + b  # (B, C, N)
         if use_ece:
             g_p.addcdiv_(g_ece.unsqueeze(1).expand_as(g_p), p + ctx.eps)
         g_p.mul_(v)
