@@ -492,9 +492,9 @@ class _CompatibleFunction(torch.autograd.Function):
         p = torch.softmax(x, 1)
         out = p.new_zeros((x.shape[0], x.shape[2]))
         log_p = torch.log_softmax(x, 1) if "ce" in positive else None
-        one_m = ce_low = None
+        neg_ce = ce_low = None
         k1 = _mask(t, 1.0, p) if ("ce" in positive or "dice" in positive or "ex_ce" in negative or "ex_dice" in negative) else None
-        k0 = _mask(t, 0.0, p) if negative else None
+        k0 = torch.sign(t).neg_().add_(1.0) if negative else None  # [t == 0] for t in [0, 1]
         w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
         if "ta_ce" in positive or "ta_dice" in positive:
             w = _mask(t, 0.0, p, equal=False)
@@ -526,8 +526,9 @@ class _CompatibleFunction(torch.autograd.Function):
                 out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
         for base in negative:
             if base == "ce":  # Eq. 12, log(1 - p) exact at p -> 1
-                one_m, ce_low = _one_minus_p(p)
-                term = (k0 * torch.log(one_m)).sum(1)
+                neg_ce = _NegCEParts(p)
+                ce_low = neg_ce.low
+                term = neg_ce.log_one_minus_p().mul_(k0).sum(1)
                 if ce_low is not None:
                     rows = _neg_ce_rows(x.permute(0, 2, 1)[ce_low], k0.permute(0, 2, 1)[ce_low])
                     term = term.index_put(ce_low, -rows)
@@ -539,8 +540,8 @@ class _CompatibleFunction(torch.autograd.Function):
             elif base == "ex_dice":  # Eq. 18
                 out += a_neg * ((k0 * (2 * p / (p + 1))).sum(1) + (has1 * (2 * s_ex / (s_ex + 1))).squeeze(1))
         ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
-        ctx.low_idx, ctx.r_rows, ctx.ce_low = low_idx, r_rows, ce_low
-        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, one_m, x if ce_low is not None else None)
+        ctx.low_idx, ctx.r_rows, ctx.ce_low, ctx.neg_ce = low_idx, r_rows, ce_low, neg_ce
+        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, x if ce_low is not None else None)
         ctx.has = tuple(v is not None for v in saved)
         ctx.save_for_backward(*(v for v in saved if v is not None))
         return out
@@ -548,7 +549,7 @@ class _CompatibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out: Tensor):  # type: ignore[override]
         it = iter(ctx.saved_tensors)
-        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, one_m, x = (next(it) if h else None for h in ctx.has)
+        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, x = (next(it) if h else None for h in ctx.has)
         a_pos, a_neg, eps = ctx.a_pos, ctx.a_neg, ctx.eps
         g = g_out.unsqueeze(1)
         g_p = None  # dL/dp (probability space)
@@ -570,8 +571,8 @@ class _CompatibleFunction(torch.autograd.Function):
         for base in ctx.negative:
             if base == "ce":
                 # term c: w_c (delta_cj - p_j), w_c = p_c / (1 - p_c)
-                wgt = k0 * p / one_m
-                term = torch.addcmul(wgt, p, wgt.sum(1, keepdim=True), value=-1)
+                wgt = torch.div(p, ctx.neg_ce.one_minus_p(p), out=None).mul_(k0)
+                term = wgt.addcmul_(p, wgt.sum(1, keepdim=True), value=-1)
                 if ctx.ce_low is not None:  # exact rows where 1 - p underflows
                     with torch.enable_grad():
                         xr = x.permute(0, 2, 1)[ctx.ce_low].detach().requires_grad_(True)
@@ -597,18 +598,36 @@ class _CompatibleFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _one_minus_p(p: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-    """``1 - p`` without cancellation, and the voxels where it underflows.
+class _NegCEParts:
+    """``1 - p`` without cancellation for the DCL negative CE base.
 
-    At most one class per voxel has ``p > 1/2``; its ``1 - p`` is the summed probability of the
-    other classes, which is exact. Returns the (B, C, N) map and the indices (b, n) of voxels
-    where that sum is below 1e-30 (extreme logits), or None.
+    At most one class per voxel has ``p > 1/2``; for the others ``1 - p`` is exact. For that one
+    class, ``1 - p`` is the summed probability of the other classes (exact), written back at its
+    index. ``low`` lists the voxels (b, n) where even that sum underflows (extreme logits).
     """
-    small = p <= 0.5
-    s_small = (p * small).sum(1, keepdim=True)
-    one_m = torch.where(small, 1.0 - p, s_small)
-    low = (s_small < _UNDERFLOW).squeeze(1) & ~small.all(1)
-    return one_m, (low.nonzero(as_tuple=True) if bool(low.any()) else None)
+
+    def __init__(self, p: Tensor) -> None:
+        self.p = p
+        pmax, self.imax = p.max(1, keepdim=True)
+        self.big = pmax > 0.5
+        self.s_small = self.low = None
+        if bool(self.big.any()):
+            self.s_small = torch.where(p > 0.5, 0.0, p).sum(1, keepdim=True)
+            low = (self.big & (self.s_small < _UNDERFLOW)).squeeze(1)
+            self.low = low.nonzero(as_tuple=True) if bool(low.any()) else None
+
+    def _fix(self, out: Tensor, value: Tensor) -> Tensor:
+        if self.s_small is not None:
+            out.scatter_(1, self.imax, torch.where(self.big, value, out.gather(1, self.imax)))
+        return out
+
+    def one_minus_p(self, p: Tensor) -> Tensor:
+        """(B, C, N) ``1 - p``, exact."""
+        return self._fix(torch.rsub(p, 1.0), self.s_small)
+
+    def log_one_minus_p(self) -> Tensor:
+        """(B, C, N) ``log(1 - p)``, exact (``-inf`` only on ``low`` voxels)."""
+        return self._fix(torch.neg(self.p).log1p_(), None if self.s_small is None else torch.log(self.s_small))
 
 
 def _neg_ce_rows(xs: Tensor, k0s: Tensor) -> Tensor:
