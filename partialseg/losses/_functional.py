@@ -608,11 +608,14 @@ class _NegCEParts:
 
     def __init__(self, p: Tensor) -> None:
         self.p = p
-        pmax, self.imax = p.max(1, keepdim=True)
-        self.big = pmax > 0.5
+        big_mask = torch.empty_like(p)
+        torch.gt(p, 0.5, out=big_mask)
+        count, index = _count_and_index(big_mask)
+        self.big = (count > 0).unsqueeze(1)
+        self.imax = index.long().unsqueeze(1)
         self.s_small = self.low = None
         if bool(self.big.any()):
-            self.s_small = torch.where(p > 0.5, 0.0, p).sum(1, keepdim=True)
+            self.s_small = torch.where(big_mask > 0, 0.0, p).sum(1, keepdim=True)
             low = (self.big & (self.s_small < _UNDERFLOW)).squeeze(1)
             self.low = low.nonzero(as_tuple=True) if bool(low.any()) else None
 
@@ -628,6 +631,15 @@ class _NegCEParts:
     def log_one_minus_p(self) -> Tensor:
         """(B, C, N) ``log(1 - p)``, exact (``-inf`` only on ``low`` voxels)."""
         return self._fix(torch.neg(self.p).log1p_(), None if self.s_small is None else torch.log(self.s_small))
+
+
+def _count_and_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per voxel, the number of set entries of a (B, C, N) 0/1 mask and the sum of their class
+    indices (the index itself when there is one), in one GEMM: two (B, N) float tensors."""
+    n_cls = mask.shape[1]
+    rows = torch.stack([torch.ones(n_cls, dtype=mask.dtype, device=mask.device), torch.arange(n_cls, dtype=mask.dtype, device=mask.device)])
+    out = torch.matmul(rows, mask)  # (B, 2, N)
+    return out[:, 0], out[:, 1]
 
 
 def _neg_ce_rows(xs: Tensor, k0s: Tensor) -> Tensor:
@@ -663,11 +675,9 @@ def compatible_from_logits(
     if "ce" in positive:
         # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a
         # <0,p,1> map): use its fused kernel, ignoring voxels without a 1
-        top, arg = tb.max(1)  # a 1 is the largest entry of its voxel
-        has1 = top == 1
-        # at most one 1 per voxel (always so in a <0,p,1> map): a second 1 would leave >= 1 beside the top
-        if not bool((has1 & (tb.sum(1) - top >= 1)).any()):
-            idx = torch.where(has1, arg, -100)
+        count, index = _count_and_index(_mask(tb, 1.0, xb))
+        if float(count.max()) <= 1.0:  # at most one 1 per voxel (always so in a <0,p,1> map)
+            idx = torch.where(count > 0, index.long(), -100)
             out = F.cross_entropy(xb, idx, ignore_index=-100, reduction="none")
             if alpha_pos != 1.0:
                 out = out * alpha_pos
