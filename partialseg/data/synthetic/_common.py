@@ -178,6 +178,23 @@ def partial_volume(image: np.ndarray, sigma: float | Sequence[float]) -> np.ndar
 # --------------------------------------------------------------------------------------------
 
 
+def case_counts(num_train: int | None, num_test: int | None, default_train: int, default_test: int) -> tuple[int, int]:
+    """Training and test case counts, defaults filled in and checked (``num_train >= 1``, ``num_test >= 0``)."""
+    n_train = default_train if num_train is None else int(num_train)
+    n_test = default_test if num_test is None else int(num_test)
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {n_train} and {n_test}")
+    return n_train, n_test
+
+
+def deformed_world_grid(rng: np.random.Generator, affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
+                        scale: float, magnitude: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World coordinates (mm) of every voxel after a smooth random deformation (see :func:`deformation_field`)."""
+    x0, y0, z0 = world_grid(affine, shape)
+    disp = deformation_field(rng, shape, scale=scale, magnitude=magnitude)
+    return x0 + disp[0] * spacing[0], y0 + disp[1] * spacing[1], z0 + disp[2] * spacing[2]
+
+
 def affine_from_spacing(spacing: Sequence[float], shape: Sequence[int], flip_xy: bool = False) -> np.ndarray:
     """A 4x4 voxel-to-world (RAS+, mm) affine whose grid centre sits at the world origin.
 

@@ -140,12 +140,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     shape = tuple(shape)
     affine = C.affine_from_spacing(spacing, shape, flip_xy=True)
-    x0, y0, z0 = C.world_grid(affine, shape)
     # world coordinates of every voxel after a smooth random deformation (mm)
-    disp = C.deformation_field(rng, shape, scale=10.0, magnitude=1.2)
-    x = x0 + disp[0] * spacing[0]
-    y = y0 + disp[1] * spacing[1]
-    z = z0 + disp[2] * spacing[2]
+    x, y, z = C.deformed_world_grid(rng, affine, shape, spacing, scale=10.0, magnitude=1.2)
     xyz = (x, y, z)
     lumps_a = C.smooth_noise(rng, shape, scale=6.0)
     lumps_b = C.smooth_noise(rng, shape, scale=9.0)

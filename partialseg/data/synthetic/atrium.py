@@ -59,11 +59,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int],
     """
     shape = tuple(shape)
     affine = C.affine_from_spacing(spacing, shape)
-    x0, y0, z0 = C.world_grid(affine, shape)
-    disp = C.deformation_field(rng, shape, scale=10.0, magnitude=1.5)
-    x = x0 + disp[0] * spacing[0]
-    y = y0 + disp[1] * spacing[1]
-    z = z0 + disp[2] * spacing[2]
+    x, y, z = C.deformed_world_grid(rng, affine, shape, spacing, scale=10.0, magnitude=1.5)
     xyz = (x, y, z)
     lumps = C.smooth_noise(rng, shape, scale=6.0)
 
@@ -150,10 +146,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         Path of the written ``dataset.json``.
     """
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=24)
-    n_train = 40 if num_train is None else int(num_train)
-    n_test = 10 if num_test is None else int(num_test)
-    if n_train < 1 or n_test < 0:
-        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {n_train} and {n_test}")
+    n_train, n_test = C.case_counts(num_train, num_test, 40, 10)
     if not 0.0 < labelled_fraction <= 1.0:
         raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction}")
     n_lab = min(n_train, max(1, int(round(labelled_fraction * n_train))))

@@ -203,10 +203,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=32)
-    n_train = 24 if num_train is None else int(num_train)
-    n_test = 8 if num_test is None else int(num_test)
-    if n_train < 1 or n_test < 0:
-        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {n_train} and {n_test}")
+    n_train, n_test = C.case_counts(num_train, num_test, 24, 8)
     affine = C.affine_from_spacing(SPACING, shape)
     writer = C.DatasetWriter(Path(out_dir), ".nii.gz")
     kinds = ["LV", "MYO", "RV"] + (["wholeheart"] if variant == "wholeheart" else [])

@@ -188,10 +188,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         Path of the written ``dataset.json``.
     """
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=32)
-    n_train = 100 if num_train is None else int(num_train)
-    n_test = 30 if num_test is None else int(num_test)
-    if n_train < 1 or n_test < 0:
-        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {n_train} and {n_test}")
+    n_train, n_test = C.case_counts(num_train, num_test, 100, 30)
     if not 0.0 < strong_fraction <= 1.0:
         raise ValueError(f"strong_fraction must be in (0, 1], got {strong_fraction}")
     if not 0.0 <= missing_fraction <= 1.0:
