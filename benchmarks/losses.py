@@ -6,7 +6,8 @@
 Time: forward + backward from logits, repetitions of baseline and candidate interleaved in one
 process (``baseline, candidate, baseline, candidate, ...``) so that load from other processes
 hits both alike; the ratio is taken on the minimum over repetitions (the least disturbed run),
-the median is printed too.
+the median is stored too. One torch thread by default (``--threads``): on a machine shared with
+other jobs this keeps the ratios reproducible.
 
 Memory: the peak resident memory a single forward + backward adds, measured in a fresh
 subprocess per loss: inputs are built, the kernel's peak counter (VmHWM) is reset through
@@ -157,7 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {RESULT.relative_to(ROOT)}; none with --quick)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of loss names")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: on a shared machine one busy core then disturbs less)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     reps = args.reps or (2 if args.quick else 15)
     names = args.only or list(CASES)

@@ -46,7 +46,7 @@ __all__ = [
 POSITIVE_BASES = ("ce", "dice", "ta_ce", "ta_dice")
 NEGATIVE_BASES = ("ce", "dice", "ex_ce", "ex_dice")
 
-# below this, exp(x - max) sums are recomputed with a per-set maximum (see _log_candidate_sum)
+# below this a candidate mass (or 1 - p) is recomputed from the logits in log space (extreme logits)
 _UNDERFLOW = 1e-30
 
 
@@ -207,31 +207,6 @@ def prior_terms_from_probs(probs: Tensor, cond_label: Tensor, negative: Sequence
 # ----------------------------------------------------------------------------------------------
 # logits -> losses with hand-written backward
 # ----------------------------------------------------------------------------------------------
-
-
-def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(e, Z, max) with ``e = exp(x - max)`` over dim 1 and ``Z = sum e``; x is (B, C, N)."""
-    mx = x.amax(1, keepdim=True)
-    e = torch.sub(x, mx)
-    e.exp_()
-    z = e.sum(1, keepdim=True)
-    return e, z, mx
-
-
-def _log_candidate_sum(x: Tensor, mx: Tensor, cand: Tensor, z_s: Tensor) -> Tensor:
-    """``log sum_{c in S} exp(x_c)`` per voxel (B, 1, N), exact even when ``z_s`` underflows.
-
-    ``z_s = sum_S exp(x - max)`` is computed with the all-class maximum; where it underflows
-    (a candidate set far below the winning class: extreme logits) it is recomputed with the
-    candidate set's own maximum on those voxels only.
-    """
-    log_zs = torch.log(z_s) + mx
-    bad = z_s < _UNDERFLOW
-    if bool(bad.any()):
-        masked = x.masked_fill(~cand, float("-inf"))
-        exact = torch.logsumexp(masked, 1, keepdim=True)
-        log_zs = torch.where(bad, exact, log_zs)
-    return log_zs
 
 
 def _softmax_backward(g_p: Tensor, p: Tensor) -> Tensor:
