@@ -70,7 +70,7 @@ def make_inputs(shape: tuple[int, ...], seed: int = 0):
     b, c = shape[:2]
     x = torch.randn(shape, generator=g)
     lab = torch.randint(0, c, (b, *shape[2:]), generator=g)
-    oh = torch.nn.functional.one_hot(lab, c).movedim(-1, 1).float()
+    oh = torch.nn.functional.one_hot(lab, c).movedim(-1, 1).float().contiguous()  # as a collated batch
     t = oh.clone()
     annotated = lab[1] == 1
     cls = torch.arange(c).view(c, *([1] * (len(shape) - 2)))
@@ -162,7 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch threads (default 1: on a shared machine one busy core then disturbs less)"
     )
     args = parser.parse_args(argv)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     reps = args.reps or (2 if args.quick else 15)
     names = args.only or list(CASES)

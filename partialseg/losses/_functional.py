@@ -209,6 +209,18 @@ def prior_terms_from_probs(probs: Tensor, cond_label: Tensor, negative: Sequence
 # ----------------------------------------------------------------------------------------------
 
 
+def _flat(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, C, N) contiguous logits and target in the compute dtype (no copy when already so).
+
+    Contiguity matters: element-wise kernels on mixed layouts (a target built with ``movedim``,
+    a channels-last network output) are several times slower than on matching layouts.
+    """
+    dt = compute_dtype(x)
+    xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1).contiguous()
+    tb = target.to(dt).reshape(target.shape[0], target.shape[1], -1).contiguous()
+    return xb, tb
+
+
 def _softmax_backward(g_p: Tensor, p: Tensor) -> Tensor:
     """``p * (g_p - sum_c p_c g_pc)``: gradient through the softmax over dim 1 (fused kernel)."""
     return torch._softmax_backward_data(g_p, p, 1, p.dtype)
@@ -435,9 +447,7 @@ def marginal_softmax_stats(
         ``(mce (B, N), ece (B, N), mdice (3, B, C), edice (3, B, C))`` with ``N`` the number of
         voxels; the Dice entries hold (intersection, prediction sum, target sum).
     """
-    dt = compute_dtype(x)
-    xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
-    tb = target.to(dt).reshape(target.shape[0], target.shape[1], -1)
+    xb, tb = _flat(x, target)
     empty = xb.new_empty(0)
     if (mce, ece, mdice, edice) == (True, False, False, False):
         return _MarginalCEFunction.apply(xb, tb), empty, empty, empty
@@ -642,9 +652,7 @@ def compatible_from_logits(
     Returns:
         (B, N) per-voxel loss.
     """
-    dt = compute_dtype(x)
-    xb = x.to(dt).reshape(x.shape[0], x.shape[1], -1)
-    tb = target.reshape(target.shape[0], target.shape[1], -1)
+    xb, tb = _flat(x, target)
     positive, negative = tuple(positive), tuple(negative)
     out = None
     if "ce" in positive:
