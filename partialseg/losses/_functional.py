@@ -260,41 +260,42 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         want_mce, want_ece, want_mdice, want_edice = want
         ctx.want, ctx.eps = want, eps
         ctx.set_materialize_grads(False)
-        n_cls = x.shape[1]
+        n_cls, n_b = x.shape[1], x.shape[0]
         p = torch.softmax(x, 1)
-        w = torch.sign(t)  # [t != 0] for t in [0, 1]
+        v = torch.empty_like(p)
+        torch.eq(t, 0, out=v)  # known absent; the candidates are w = 1 - v
         empty = x.new_empty(0)
         mce = ece = mdice = edice = empty
-        q = low_idx = r_rows = informative = None
+        q = low_idx = r_rows = informative = scratch = None
         if want_mce or want_mdice or want_edice:
-            n_cand = torch.bmm(w.new_ones(x.shape[0], 1, n_cls), w)  # (B, 1, N), one GEMM read of w
-            informative = (n_cand < n_cls).to(p.dtype)  # M: some class known absent
+            n_abs = torch.bmm(v.new_ones(n_b, 1, n_cls), v)  # (B, 1, N), one GEMM read of v
+            informative = (n_abs > 0).to(p.dtype)  # M: some class known absent
         if want_mce or want_mdice:
-            wp = p * w
+            scratch = torch.mul(p, v)  # v p
+            s_vp = scratch.sum(2) if want_mdice else None  # per channel: sum v p
+            wp = torch.sub(p, scratch, out=scratch)  # w p = p - v p, exact (v in {0, 1})
             q = torch.where(informative > 0, wp.sum(1, keepdim=True), 1.0)  # candidate probability
         if want_mce:
             low = (q < _UNDERFLOW).squeeze(1)
             log_q = torch.log(q)
             if bool(low.any()):  # exact on these voxels only
-                low_idx, exact, r_rows = _exact_candidate_rows(x, w, low)
+                low_idx, exact, r_rows = _exact_candidate_rows(x, 1.0 - v, low)
                 log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
             mce = (-log_q).squeeze(1)
+        s_v = v.sum(2) if (want_mdice or want_edice) else None  # per channel: sum v
         if want_mdice:
             mq = informative * q
-            wq = torch.bmm(w, torch.cat([mq, informative], 1).transpose(1, 2))  # (B, C, 2): sum w M q, sum w M
-            inter = wq[..., 0]
-            s_vp = p.sum(2) - wp.sum(2)  # sum v p: v = 1 only on informative voxels
-            mdice = torch.stack([inter, s_vp + inter, wq[..., 1]])
-        v = w.neg_().add_(1.0)  # v = 1 - w, in place: w is not needed any more
+            # I = sum_i w M q = sum M q - sum v M q; T sums: sum w M = sum M - sum v (v = 1 => M = 1)
+            inter = mq.sum(2) - torch.bmm(v, mq.transpose(1, 2)).squeeze(2)
+            mdice = torch.stack([inter, s_vp + inter, informative.sum(2) - s_v])
         if want_ece:
             lg = torch.log1p(p) if eps == 1.0 else torch.log(p + eps)
             ece = lg.mul_(v).sum(1)
-        scratch = wp if (want_mce or want_mdice) else None
         if want_edice:
             s_pm = torch.bmm(p, informative.transpose(1, 2)).squeeze(2)  # sum M p
-            vp = torch.mul(p, v, out=scratch) if scratch is not None else p * v
-            edice = torch.stack([vp.sum(2), s_pm, v.sum(2)])
-            scratch = vp
+            # sum v p per channel as B*C row dot products (no temporary)
+            s_vp_e = torch.bmm(v.view(n_b * n_cls, 1, -1), p.view(n_b * n_cls, -1, 1)).view(n_b, n_cls)
+            edice = torch.stack([s_vp_e, s_pm, s_v])
         ctx.scratch = scratch  # a dead temporary, reused for the gradient buffer (not a saved tensor)
         ctx.low_idx, ctx.r_rows = low_idx, r_rows
         ctx.save_for_backward(p, v, q, informative)
@@ -413,12 +414,10 @@ class _ExclusionCEFunction(torch.autograd.Function):
         p, v = ctx.saved_tensors
         buf = ctx.buf if ctx.buf is not None else torch.empty_like(p)
         ctx.buf = None  # a second backward (retain_graph) must not overwrite the first gradient
-        # dL/dp = v / (p + eps) * g, then through the softmax: p (g_p - sum_c p_c g_pc), in place
+        # dL/dp = v / (p + eps) * g, then through the softmax (fused)
         torch.add(p, ctx.eps, out=buf)
         torch.div(v, buf, out=buf)
-        buf.mul_(g_out.unsqueeze(1)).mul_(p)
-        dot = buf.sum(1, keepdim=True)
-        return buf.addcmul_(p, dot, value=-1), None, None
+        return _softmax_backward(buf.mul_(g_out.unsqueeze(1)), p), None, None
 
 
 def _exact_candidate_rows(x: Tensor, w: Tensor, low: Tensor):
