@@ -10,8 +10,8 @@ Two views of one target are used by the losses:
 * the **candidate set** ``S_i = {c : t_c > 0}``: the classes voxel ``i`` may belong to. For a
   labelled voxel it is its class, for a partially labelled voxel it is the merged class of the
   marginal loss (the classes unknown there), for an unlabelled voxel it is every class. A voxel
-  whose entries are all 0 is contradictory input; its candidate set is taken as every class
-  (no information) so that the marginal losses stay finite.
+  whose entries are all 0 is contradictory input; the marginal CE takes its candidate set as
+  every class (no information) so that it stays finite, the other terms read it as written.
 
 The module holds a probability-domain reference implementation (plain autograd, used by the
 conditional DCL losses and the tests) and custom :class:`torch.autograd.Function` s with
@@ -21,6 +21,7 @@ after the activation, all sums in float32 or float64).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -48,6 +49,9 @@ NEGATIVE_BASES = ("ce", "dice", "ex_ce", "ex_dice")
 
 # below this a candidate mass (or 1 - p) is recomputed from the logits in log space (extreme logits)
 _UNDERFLOW = 1e-30
+# log(1 - p) below this (1 - p < 1e-2) is recomputed from the logits (DCL negative CE): float32 p
+# carries ~6e-8 absolute error, i.e. < 6e-6 relative error in 1 - p above it
+_LOG_SATURATED = math.log(1e-2)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -476,9 +480,9 @@ class _CompatibleFunction(torch.autograd.Function):
         p = torch.softmax(x, 1)
         out = p.new_zeros((x.shape[0], x.shape[2]))
         log_p = torch.log_softmax(x, 1) if "ce" in positive else None
-        neg_ce = ce_low = None
+        ce_low = None
         k1 = _mask(t, 1.0, p) if ("ce" in positive or "dice" in positive or "ex_ce" in negative or "ex_dice" in negative) else None
-        k0 = torch.sign(t).neg_().add_(1.0) if negative else None  # [t == 0] for t in [0, 1]
+        k0 = _mask(t, 0.0, p) if negative else None
         w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
         if "ta_ce" in positive or "ta_dice" in positive:
             w = _mask(t, 0.0, p, equal=False)
@@ -509,10 +513,13 @@ class _CompatibleFunction(torch.autograd.Function):
             elif base == "ta_dice":  # Eq. 16
                 out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
         for base in negative:
-            if base == "ce":  # Eq. 12, log(1 - p) exact at p -> 1
-                neg_ce = _NegCEParts(p)
-                ce_low = neg_ce.low
-                term = neg_ce.log_one_minus_p().mul_(k0).sum(1)
+            if base == "ce":  # Eq. 12: -log(1 - p) at the zeros
+                lg = torch.clamp(p, max=1.0 - 2.0**-24).neg_().log1p_().mul_(k0)  # finite: p = 1 reads as saturated
+                # 1 - p < 1e-2 (a confident mistake on a known-absent class): float32 p leaves too
+                # few digits in 1 - p, so those voxels are recomputed from the logits in log space
+                sat = (lg.amin(1) < _LOG_SATURATED)
+                ce_low = sat.nonzero(as_tuple=True) if bool(sat.any()) else None
+                term = lg.sum(1)
                 if ce_low is not None:
                     rows = _neg_ce_rows(x.permute(0, 2, 1)[ce_low], k0.permute(0, 2, 1)[ce_low])
                     term = term.index_put(ce_low, -rows)
@@ -524,7 +531,7 @@ class _CompatibleFunction(torch.autograd.Function):
             elif base == "ex_dice":  # Eq. 18
                 out += a_neg * ((k0 * (2 * p / (p + 1))).sum(1) + (has1 * (2 * s_ex / (s_ex + 1))).squeeze(1))
         ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
-        ctx.low_idx, ctx.r_rows, ctx.ce_low, ctx.neg_ce = low_idx, r_rows, ce_low, neg_ce
+        ctx.low_idx, ctx.r_rows, ctx.ce_low = low_idx, r_rows, ce_low
         saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, x if ce_low is not None else None)
         ctx.has = tuple(v is not None for v in saved)
         ctx.save_for_backward(*(v for v in saved if v is not None))
@@ -555,7 +562,8 @@ class _CompatibleFunction(torch.autograd.Function):
         for base in ctx.negative:
             if base == "ce":
                 # term c: w_c (delta_cj - p_j), w_c = p_c / (1 - p_c)
-                wgt = torch.div(p, ctx.neg_ce.one_minus_p(p), out=None).mul_(k0)
+                wgt = torch.clamp(p, max=1.0 - 2.0**-24).neg_().add_(1.0)  # 1 - p, > 0 (saturated rows: below)
+                wgt = torch.div(p, wgt, out=wgt).mul_(k0)
                 term = wgt.addcmul_(p, wgt.sum(1, keepdim=True), value=-1)
                 if ctx.ce_low is not None:  # exact rows where 1 - p underflows
                     with torch.enable_grad():
@@ -580,41 +588,6 @@ class _CompatibleFunction(torch.autograd.Function):
             rows = (p_rows - ctx.r_rows) * (a_pos * g_out[ctx.low_idx]).unsqueeze(1)
             grad.permute(0, 2, 1).index_put_(ctx.low_idx, rows, accumulate=True)
         return grad, None, None, None, None, None, None
-
-
-class _NegCEParts:
-    """``1 - p`` without cancellation for the DCL negative CE base.
-
-    At most one class per voxel has ``p > 1/2``; for the others ``1 - p`` is exact. For that one
-    class, ``1 - p`` is the summed probability of the other classes (exact), written back at its
-    index. ``low`` lists the voxels (b, n) where even that sum underflows (extreme logits).
-    """
-
-    def __init__(self, p: Tensor) -> None:
-        self.p = p
-        big_mask = torch.empty_like(p)
-        torch.gt(p, 0.5, out=big_mask)
-        count, index = _count_and_index(big_mask)
-        self.big = (count > 0).unsqueeze(1)
-        self.imax = index.long().unsqueeze(1)
-        self.s_small = self.low = None
-        if bool(self.big.any()):
-            self.s_small = torch.where(big_mask > 0, 0.0, p).sum(1, keepdim=True)
-            low = (self.big & (self.s_small < _UNDERFLOW)).squeeze(1)
-            self.low = low.nonzero(as_tuple=True) if bool(low.any()) else None
-
-    def _fix(self, out: Tensor, value: Tensor) -> Tensor:
-        if self.s_small is not None:
-            out.scatter_(1, self.imax, torch.where(self.big, value, out.gather(1, self.imax)))
-        return out
-
-    def one_minus_p(self, p: Tensor) -> Tensor:
-        """(B, C, N) ``1 - p``, exact."""
-        return self._fix(torch.rsub(p, 1.0), self.s_small)
-
-    def log_one_minus_p(self) -> Tensor:
-        """(B, C, N) ``log(1 - p)``, exact (``-inf`` only on ``low`` voxels)."""
-        return self._fix(torch.neg(self.p).log1p_(), None if self.s_small is None else torch.log(self.s_small))
 
 
 def _count_and_index(mask: Tensor) -> tuple[Tensor, Tensor]:

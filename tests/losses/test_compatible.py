@@ -287,3 +287,20 @@ def test_bad_conditional_shapes():
         PriorLoss()(torch.zeros(1, 5, 4), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="target"):
         ConditionalCompatibleLoss()(torch.zeros(1, 4, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("gap", [5.0, 9.0, 12.0, 20.0, 80.0])
+def test_negative_ce_near_saturation_is_accurate(gap):
+    # 1 - p_0 ranges from 7e-3 down to 1e-35: float32 result within 1e-5 of the float64 value,
+    # through the log1p path (1 - p >= 1e-4) or the log-space path (below)
+    x = torch.tensor([[[gap], [0.0], [-3.0]]])
+    t = torch.tensor([[[0.0], [1.0], [0.0]]])
+    loss = CompatibleLoss(None, "ce", reduction="sum")
+    x64 = x.double().requires_grad_(True)
+    ref = -(torch.logsumexp(x64[:, 1:], 1) - torch.logsumexp(x64, 1)) - torch.log1p(-torch.softmax(x64, 1)[:, 2])
+    (g_ref,) = torch.autograd.grad(ref.sum(), x64)
+    x32 = x.clone().requires_grad_(True)
+    out = loss(x32, t)
+    out.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(x32.grad, g_ref.float(), rtol=1e-4, atol=1e-6)
