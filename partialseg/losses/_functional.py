@@ -277,8 +277,12 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         if want_mce or want_mdice:
             scratch = torch.mul(p, v)  # v p
             s_vp = scratch.sum(2) if want_mdice else None  # per channel: sum v p
-            wp = torch.sub(p, scratch, out=scratch)  # w p = p - v p, exact (v in {0, 1})
-            q = torch.where(informative > 0, wp.sum(1, keepdim=True), 1.0)  # candidate probability
+            if want_mce:  # -log q needs q to float32 relative precision: sum the candidates
+                wp = torch.sub(p, scratch, out=scratch)  # w p = p - v p, exact (v in {0, 1})
+                q_in = wp.sum(1, keepdim=True)
+            else:  # the Dice only needs q to float32 absolute precision
+                q_in = 1.0 - scratch.sum(1, keepdim=True)
+            q = torch.where(informative > 0, q_in, 1.0)  # candidate probability
         if want_mce:
             low = (q < _UNDERFLOW).squeeze(1)
             log_q = torch.log(q)
@@ -336,10 +340,14 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         if use_edice:
             a = a + g_edice[0].unsqueeze(2)  # d sum v p / dp = v
         scratch, ctx.scratch = ctx.scratch, None  # a second backward (retain_graph) allocates
-        g_p = torch.add(a, b, out=scratch) if scratch is not None else a + b  # (B, C, N)
+        if use_mce or use_mdice:
+            g_p = torch.add(a, b, out=scratch) if scratch is not None else a + b  # (B, C, N)
+        else:  # a per-channel coefficient only
+            g_p = torch.mul(v, a, out=scratch) if scratch is not None else v * a
         if use_ece:
             g_p.addcdiv_(g_ece.unsqueeze(1).expand_as(g_p), p + ctx.eps)
-        g_p.mul_(v)
+        if use_mce or use_mdice or use_ece:
+            g_p.mul_(v)
         if use_edice:
             g_p.baddbmm_(g_edice[1].unsqueeze(2), informative)  # d sum M p / dp = M
         grad = _softmax_backward(g_p, p)
