@@ -5,7 +5,8 @@ Groups, each an ``array.py`` + ``dictionary.py`` pair as in MONAI:
 - ``partial``: PartialLabelToVector, RemapLabels, LateralSplit (the partial-label data model);
 - ``distance``: SignedDistanceMap (DTML);
 - ``spatial``: AtlasCrop (atlas method), invertible;
-- ``mix``: ForegroundPaste (hybrid method).
+- ``mix``: ForegroundPaste (hybrid method);
+- ``conditional``: ConditionalSupervision, SingleLabelView (DCL's CompNet).
 """
 
 from partialseg.transforms.distance import *  # noqa: F401,F403
@@ -17,4 +18,7 @@ from partialseg.transforms.partial import __all__ as _partial_all
 from partialseg.transforms.spatial import *  # noqa: F401,F403
 from partialseg.transforms.spatial import __all__ as _spatial_all
 
-__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all]
+from partialseg.transforms.conditional import *  # noqa: F401,F403,E402
+from partialseg.transforms.conditional import __all__ as _conditional_all  # noqa: E402
+
+__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all, *_conditional_all]

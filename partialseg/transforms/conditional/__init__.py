@@ -1,0 +1,18 @@
+"""Conditional supervision for DCL's CompNet: ``z = g(y_t, y_c)`` and single-label views."""
+
+from partialseg.transforms.conditional.array import (
+    ConditionalSupervision,
+    SingleLabelView,
+    conditional_supervision,
+    label_view,
+)
+from partialseg.transforms.conditional.dictionary import (
+    ConditionalSupervisiond,
+    ConditionalSupervisionD,
+    ConditionalSupervisionDict,
+)
+
+__all__ = [
+    "ConditionalSupervision", "ConditionalSupervisiond", "ConditionalSupervisionD", "ConditionalSupervisionDict",
+    "SingleLabelView", "conditional_supervision", "label_view",
+]
