@@ -1,0 +1,335 @@
+"""Deep Compatible Learning trainer (Zhang & Zhuang, DCL, Algorithm 1).
+
+Stage 1 (``lambda_dual=0``) trains PrimNet (a :class:`~partialseg.networks.CompNet`) on the
+conditional compatible loss ``L_cc`` (Eq. 8). Stage 2 (``lambda_dual=0.2`` in the paper) adds
+the dual task: per iteration a random class ``c_s``; DualNet, a frozen copy of PrimNet, segments
+the ``c_s`` conditional image with the primal target as its ``c_s`` condition, labelled by
+PrimNet's prediction (section 3.3.2, Eq. 9-10). The loss ``(1 - lambda) L_prim + lambda L_dual``
+reaches PrimNet only: DualNet's parameters take no gradient, ``L_dual`` flows back through
+DualNet's input into PrimNet's prediction (the closed loop ``D(P(y^{c_s}))`` of Eq. 9).
+:class:`DualNetworkUpdater` copies PrimNet into DualNet whenever the validation metric improves.
+
+Hyperparameters (``lambda_dual``, the loss and its bases, the optimiser and its learning rate:
+1e-2 in stage 1, 1e-4 in stage 2) are constructor arguments, set from bundle configs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer
+from monai.utils import CommonKeys as Keys
+from monai.utils import min_version, optional_import
+from torch import Tensor, nn
+
+from partialseg.networks.compnet import compnet_segment, pack_conditional_input
+from partialseg.transforms.conditional.array import conditional_supervision, label_view
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = ["DCLTrainer", "DualNetworkUpdater", "dual_swap"]
+
+
+def dual_swap(
+    image: Tensor,
+    cond_image: Tensor,
+    cond_label: Tensor,
+    prim_pred: Tensor,
+    s: int,
+    p: float = 0.5,
+) -> dict[str, Tensor]:
+    """The dual task of DCL section 3.3.2 for selected class ``s``.
+
+    - dual target image ``x_d^t = x_p^{c_s}`` (the ``c_s`` conditional image);
+    - dual target label ``y_d^t``: the ``<0,p,1>`` map of the ``c_s`` conditional case, which
+      annotates ``s``: channel ``s`` is its conditional label, every other channel 0 inside
+      class ``s`` and ``p`` outside (:func:`~partialseg.transforms.label_view`);
+    - dual conditions: the primal ones, with the ``c_s`` pair replaced by the primal target
+      image and PrimNet's prediction of class ``s`` on it, ``P(y^{c_s})`` of Eq. 9:
+      ``cond_label`` (the network input) holds the probability, so ``L_dual`` reaches PrimNet
+      through it; ``cond_label_hard`` holds ``argmax == s`` (detached), the label that
+      ``z_d = g(y_d^t, y_d^c)`` and the prior loss read.
+
+    Args:
+        image: ``(B, C, *spatial)`` primal target images.
+        cond_image: ``(B, m * C, *spatial)`` primal conditional images.
+        cond_label: ``(B, m, *spatial)`` primal conditional labels.
+        prim_pred: ``(B, m, *spatial)`` PrimNet's class probabilities on the primal target.
+        s: the selected class.
+        p: value of unknown entries.
+
+    Returns:
+        dict with ``image``, ``label``, ``cond_image``, ``cond_label``, ``cond_label_hard``.
+
+    Example:
+        >>> import torch
+        >>> img = torch.zeros(1, 1, 1, 2); cimg = torch.tensor([[[[1.0, 1.0]], [[2.0, 2.0]]]])
+        >>> clab = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+        >>> pred = torch.tensor([[[[0.9, 0.3]], [[0.1, 0.7]]]])
+        >>> d = dual_swap(img, cimg, clab, pred, s=1)
+        >>> d["image"].flatten().tolist(), d["label"].flatten().tolist()
+        ([2.0, 2.0], [0.5, 0.0, 0.0, 1.0])
+        >>> d["cond_image"].flatten().tolist(), d["cond_label"].flatten().tolist(), d["cond_label_hard"].flatten().tolist()
+        ([1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.10000000149011612, 0.699999988079071], [1.0, 0.0, 0.0, 1.0])
+    """
+    c, m = image.shape[1], cond_label.shape[1]
+    if not 0 <= s < m:
+        raise ValueError(f"selected class s={s} is outside [0, {m}).")
+    if prim_pred.shape != cond_label.shape:
+        raise ValueError(f"prim_pred {tuple(prim_pred.shape)} must match cond_label {tuple(cond_label.shape)}.")
+    lo, hi = s * c, (s + 1) * c
+    hard = (prim_pred.detach().argmax(1, keepdim=True) == s).to(cond_label.dtype)
+    return {
+        "image": cond_image[:, lo:hi],
+        "label": label_view(cond_label, [s], p, channel_dim=1),
+        "cond_image": torch.cat([cond_image[:, :lo], image.to(cond_image.dtype), cond_image[:, hi:]], 1),
+        "cond_label": torch.cat([cond_label[:, :s], prim_pred[:, s : s + 1].to(cond_label.dtype), cond_label[:, s + 1 :]], 1),
+        "cond_label_hard": torch.cat([cond_label[:, :s], hard, cond_label[:, s + 1 :]], 1),
+    }
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else net
+
+
+class DCLTrainer(SupervisedTrainer):
+    """MONAI ``SupervisedTrainer`` running DCL's Algorithm 1 (stage 1 or stage 2).
+
+    Each batch is a dictionary with the target image (``image_key``, ``(B, C, *spatial)``), its
+    ``<0,p,1>`` map (``label_key``, ``(B, m, *spatial)``) and one conditional pair per class
+    (``cond_image_key`` ``(B, m * C, *spatial)``, ``cond_label_key`` ``(B, m, *spatial)``), as
+    :class:`~partialseg.data.conditional.ConditionalDataset` gives. The iteration computes
+    ``z = g(y_t, y_c)`` (Eq. 5), PrimNet's logits, ``L_prim = loss_function(logits, z, y_c)``
+    and, when ``lambda_dual > 0``, the dual task (:func:`dual_swap`) through DualNet:
+    ``loss = (1 - lambda_dual) L_prim + lambda_dual L_dual`` (Eq. 10).
+
+    ``engine.state.output`` holds ``image``, ``label``, ``pred`` (PrimNet's ``m``-class
+    probabilities ``z_cap + z_delta``), ``loss``, ``loss_prim``, ``loss_dual`` (0 in stage 1) and
+    ``dual_class`` (-1 in stage 1), so MONAI's handlers (stats, checkpoints, metrics) work. The
+    selected class of iteration ``i`` comes from ``numpy.random.default_rng([seed, i])``
+    (reproducible across resumes). At each epoch start the trainer calls
+    ``train_data_loader.dataset.set_epoch(epoch)`` when the dataset has it (new conditional draws).
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
+        iteration_update, inferer, postprocessing, key_train_metric, additional_metrics,
+        metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate,
+        optim_set_to_none, amp_kwargs: as ``monai.engines.SupervisedTrainer``; ``network`` is
+            PrimNet (a CompNet, or any module mapping the packed input to ``2m`` logits).
+        loss_function: ``loss(logits, z, cond_label)``, e.g.
+            :class:`~partialseg.losses.ConditionalCompatibleLoss` (Eq. 8).
+        lambda_dual: weight of the dual task in ``[0, 1)``; 0 = stage 1, 0.2 = the paper's stage 2.
+        dual_network: DualNet; None = a frozen copy of PrimNet made at the first stage-2
+            iteration (after checkpoint loaders have run). It is frozen (no gradient) and kept
+            in eval mode either way.
+        dual_classes: classes ``c_s`` may take (None = all ``m``).
+        seed: seed of the selected class.
+        p: value of unknown entries (the dual target's other channels).
+        image_key, label_key, cond_image_key, cond_label_key: batch keys.
+
+    Raises:
+        ValueError: ``lambda_dual`` outside ``[0, 1)``, empty or negative ``dual_classes``.
+        TypeError: ``dual_network`` is not an ``nn.Module``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        lambda_dual: float = 0.0,
+        dual_network: nn.Module | None = None,
+        dual_classes: Sequence[int] | None = None,
+        seed: int = 0,
+        p: float = 0.5,
+        image_key: str = "image",
+        label_key: str = "label",
+        cond_image_key: str = "cond_image",
+        cond_label_key: str = "cond_label",
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        iteration_update: Callable | None = None,
+        inferer: Inferer | None = None,
+        postprocessing: Any = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if isinstance(lambda_dual, bool) or not isinstance(lambda_dual, (int, float)) or not 0.0 <= float(lambda_dual) < 1.0:
+            raise ValueError(f"lambda_dual must be a number in [0, 1), got {lambda_dual!r}.")
+        if dual_network is not None and not isinstance(dual_network, nn.Module):
+            raise TypeError(f"dual_network must be an nn.Module or None, got {type(dual_network).__name__}.")
+        if dual_classes is not None:
+            dual_classes = [int(c) for c in dual_classes]
+            if not dual_classes or min(dual_classes) < 0:
+                raise ValueError(f"dual_classes must be non-empty class indices, got {dual_classes!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        if not 0.0 < float(p) < 1.0:
+            raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}.")
+        kwargs: dict[str, Any] = {}
+        if metric_cmp_fn is not None:
+            kwargs["metric_cmp_fn"] = metric_cmp_fn
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=iteration_update,
+            inferer=inferer,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            train_handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            amp_kwargs=amp_kwargs,
+            **kwargs,
+        )
+        self.lambda_dual = float(lambda_dual)
+        self.dual_network = dual_network
+        if dual_network is not None:
+            self._freeze(dual_network)
+        self.dual_classes = dual_classes
+        self.seed = seed
+        self.p = float(p)
+        self.keys = (image_key, label_key, cond_image_key, cond_label_key)
+        self.dual_refreshes: list[int] = []  # trainer iterations at which DualNet was refreshed
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_data_epoch)
+
+    @staticmethod
+    def _freeze(net: nn.Module) -> None:
+        net.requires_grad_(False)
+        net.eval()
+
+    def _set_data_epoch(self, engine: DCLTrainer) -> None:
+        dataset = getattr(engine.data_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(engine.state.epoch - 1)
+
+    def refresh_dual(self) -> None:
+        """Copy PrimNet's current weights into DualNet (creating DualNet if needed)."""
+        prim = _unwrap(self.network)
+        if self.dual_network is None:
+            self.dual_network = copy.deepcopy(prim)
+        else:
+            self.dual_network.load_state_dict(prim.state_dict())
+        self._freeze(self.dual_network)
+        self.dual_refreshes.append(int(self.state.iteration))
+
+    def select_class(self, iteration: int, m: int) -> int:
+        """The dual class ``c_s`` of ``iteration``."""
+        choices = self.dual_classes if self.dual_classes is not None else list(range(m))
+        if max(choices) >= m:
+            raise ValueError(f"dual_classes {choices} are outside [0, {m}).")
+        return int(choices[int(np.random.default_rng([self.seed, iteration]).integers(len(choices)))])
+
+    def _iteration(self, engine: DCLTrainer, batchdata: dict[str, Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        missing = [k for k in engine.keys if k not in batchdata]
+        if missing:
+            raise KeyError(f"DCLTrainer: the batch lacks {missing} (keys {sorted(batchdata)}); use ConditionalDataset.")
+        image, label, cond_image, cond_label = (
+            torch.as_tensor(batchdata[k]).to(engine.state.device, non_blocking=engine.non_blocking) for k in engine.keys
+        )
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
+        stage2 = engine.lambda_dual > 0
+        if stage2 and engine.dual_network is None:
+            engine.refresh_dual()
+        s = engine.select_class(engine.state.iteration, cond_label.shape[1]) if stage2 else -1
+
+        def _compute_pred_loss() -> None:
+            logits = engine.inferer(pack_conditional_input(image, cond_image, cond_label), engine.network)
+            pred = compnet_segment(logits.float())
+            engine.state.output[Keys.PRED] = pred
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            z = conditional_supervision(label, cond_label, channel_dim=1)
+            loss_prim = engine.loss_function(logits, z, cond_label).mean()
+            loss = loss_prim
+            loss_dual = torch.zeros((), device=loss_prim.device)
+            if stage2:
+                d = dual_swap(image, cond_image, cond_label, pred, s, engine.p)
+                dual_logits = engine.dual_network(pack_conditional_input(d["image"], d["cond_image"], d["cond_label"]))  # type: ignore[misc]
+                z_d = conditional_supervision(d["label"], d["cond_label_hard"], channel_dim=1)
+                loss_dual = engine.loss_function(dual_logits, z_d, d["cond_label_hard"]).mean()
+                loss = (1.0 - engine.lambda_dual) * loss_prim + engine.lambda_dual * loss_dual
+            engine.state.output.update({Keys.LOSS: loss, "loss_prim": loss_prim.detach(), "loss_dual": loss_dual.detach(), "dual_class": s})
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        engine.network.train()
+        if stage2:
+            engine.dual_network.eval()  # type: ignore[union-attr]
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _compute_pred_loss()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _compute_pred_loss()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class DualNetworkUpdater:
+    """Refresh DualNet from PrimNet whenever the validation evaluator's key metric improves.
+
+    Attach to the evaluator (e.g. the one a ``ValidationHandler`` runs): after the evaluator's
+    own best-metric bookkeeping at ``EPOCH_COMPLETED``, a new ``best_metric_epoch`` /
+    ``best_metric`` means PrimNet just reached its best validation score, and it is copied into
+    the trainer's DualNet (Algorithm 1, line 17-18; section 4.1.2). Nothing happens in stage 1.
+
+    Args:
+        trainer: the :class:`DCLTrainer`.
+
+    Example (bundle config):
+        ``{"_target_": "partialseg.engines.dcl.DualNetworkUpdater", "trainer": "@train#trainer"}``
+        in ``validate#handlers``.
+    """
+
+    def __init__(self, trainer: DCLTrainer) -> None:
+        if not isinstance(trainer, DCLTrainer):
+            raise TypeError(f"trainer must be a DCLTrainer, got {type(trainer).__name__}.")
+        self.trainer = trainer
+        self._seen: tuple[float, int] | None = None
+
+    def attach(self, engine: Any) -> None:
+        """Register on ``engine``'s (the evaluator's) ``EPOCH_COMPLETED``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        best = (float(engine.state.best_metric), int(engine.state.best_metric_epoch))
+        if best[1] == -1 or best == self._seen:
+            return
+        self._seen = best
+        if self.trainer.lambda_dual > 0:
+            self.trainer.refresh_dual()
