@@ -1,0 +1,144 @@
+"""ConditionalInferer / SupportBank: K-set averaging, sliding windows aligned with the conditions,
+save / load with the model, reproducible draws, bad arguments."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from torch import nn
+
+import partialseg.inferers.conditional as inferer_module
+from partialseg.inferers import ConditionalInferer, SupportBank
+from partialseg.networks import CompNet, compnet_segment, pack_conditional_input
+from partialseg.transforms import PartialLabelToVector
+
+M, C = 3, 1
+
+
+def _bank(n_per_class=2, size=(24, 24), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_class * M
+    images = torch.rand(n, C, *size, generator=g)
+    labels = (torch.rand(n, *size, generator=g) > 0.5).float()
+    return SupportBank(images, labels, torch.arange(n) % M, num_classes=M)
+
+
+def _pointwise_net(seed=0):
+    torch.manual_seed(seed)
+    return CompNet(2, C, M, backbone=nn.Conv2d(C * (1 + M) + M, 2 * M, 1)).eval()
+
+
+def test_average_over_k_sets_by_hand():
+    bank, net = _bank(), _pointwise_net()
+    x = torch.rand(2, C, 24, 24)
+    inf = ConditionalInferer(bank, num_samples=3, seed=5)
+    with torch.no_grad():
+        out = inf(x, net)
+        manual = []
+        for k in range(3):
+            ci, cl = inf.conditions(k, x)
+            assert ci.shape == (2, M * C, 24, 24) and cl.shape == (2, M, 24, 24)
+            manual.append(compnet_segment(net(pack_conditional_input(x, ci, cl))))
+    torch.testing.assert_close(out, torch.stack(manual).mean(0))
+    torch.testing.assert_close(out.sum(1), torch.ones(2, 24, 24))
+    # each set takes one entry of class j for condition j
+    rng = np.random.default_rng([5, 1])
+    idx = [pool[int(rng.integers(len(pool)))] for pool in bank.pools]
+    assert bank.classes[idx].tolist() == list(range(M))
+    torch.testing.assert_close(inf.conditions(1, x)[1][0], bank.labels[idx])
+    # different K sets differ, the same seed repeats
+    with torch.no_grad():
+        assert not torch.allclose(ConditionalInferer(bank, 1, seed=5)(x, net), ConditionalInferer(bank, 1, seed=6)(x, net))
+        torch.testing.assert_close(ConditionalInferer(bank, 3, seed=5)(x, net), out)
+
+
+def test_sliding_window_crops_target_and_conditions_together():
+    # a pointwise network gives the same output on any window if (and only if) every window
+    # sees the target and its conditions at the same positions
+    bank, net = _bank(), _pointwise_net()
+    x = torch.rand(1, C, 24, 24)
+    with torch.no_grad():
+        whole = ConditionalInferer(bank, 2, inferer=SimpleInferer())(x, net)
+        windows = ConditionalInferer(bank, 2, inferer=SlidingWindowInferer(roi_size=(8, 8), sw_batch_size=3, overlap=0.25))(x, net)
+    torch.testing.assert_close(windows, whole)
+
+
+def test_sliding_window_with_a_unet_shapes():
+    bank = _bank()
+    net = CompNet(2, C, M, backbone_kwargs={"channels": (4, 8), "strides": (2,)}).eval()
+    with torch.no_grad():
+        out = ConditionalInferer(bank, 2, inferer=SlidingWindowInferer(roi_size=(16, 16), overlap=0.5, mode="gaussian"))(torch.rand(2, C, 24, 24), net)
+    assert out.shape == (2, M, 24, 24)
+
+
+def test_save_load_round_trip(tmp_path):
+    bank, net = _bank(), _pointwise_net()
+    path = tmp_path / "support_bank.pt"
+    bank.save(path)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    loaded = SupportBank.load(path)
+    for k, v in bank.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    x = torch.rand(1, C, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ConditionalInferer(str(path), 2)(x, net), ConditionalInferer(bank, 2)(x, net))
+
+
+def test_resize_or_reject_other_grids():
+    bank, net = _bank(size=(12, 12)), _pointwise_net()
+    with torch.no_grad():
+        assert ConditionalInferer(bank, 1)(torch.rand(1, C, 24, 24), net).shape == (1, M, 24, 24)
+        _, cl = ConditionalInferer(bank, 1).conditions(0, torch.rand(1, C, 24, 24))
+    assert set(cl.unique().tolist()) <= {0.0, 1.0}  # labels resized by nearest neighbour
+    with pytest.raises(ValueError, match="grid"):
+        ConditionalInferer(bank, 1, match="error")(torch.rand(1, C, 24, 24), net)
+
+
+def test_from_dataset_takes_annotated_cases():
+    rng = np.random.default_rng(0)
+    annotated = [[1], [2], [0], [1], "all", []]
+    gts = [rng.integers(0, M, size=(1, 8, 8)) for _ in annotated]
+    cases = [{"image": torch.full((1, 8, 8), float(i)), "label": torch.as_tensor(PartialLabelToVector(M)(g, a))} for i, (g, a) in enumerate(zip(gts, annotated))]
+    bank = SupportBank.from_dataset(cases, M, annotated=annotated, per_class=2, seed=1)
+    for img, lab, c in zip(bank.images, bank.labels, bank.classes.tolist()):
+        i = int(img[0, 0, 0])
+        assert annotated[i] == "all" or c in annotated[i]
+        torch.testing.assert_close(lab, torch.as_tensor(gts[i][0] == c, dtype=torch.float32))
+    assert sorted(bank.classes.tolist()) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"\[0\]"):
+        SupportBank.from_dataset(cases[:2], M, annotated=annotated[:2])
+    assert SupportBank.from_dataset(cases[:2], M, annotated=annotated[:2], missing="any").num_classes == M
+
+
+BAD_BANKS = [
+    (lambda: SupportBank(torch.rand(3, 1, 4, 4), torch.ones(3, 4, 4), torch.tensor([0, 1, 1]), 3), "no support entry"),
+    (lambda: SupportBank(torch.rand(3, 1, 4, 4), torch.ones(3, 4, 5), torch.tensor([0, 1, 2]), 3), "expected"),
+    (lambda: SupportBank(torch.rand(3, 1, 4, 4), 2 * torch.ones(3, 4, 4), torch.tensor([0, 1, 2]), 3), r"\[0, 1\]"),
+    (lambda: SupportBank(torch.rand(3, 1, 4, 4), torch.ones(3, 4, 4), torch.tensor([0, 1, 3]), 3), "outside"),
+    (lambda: SupportBank(torch.rand(3, 1, 4, 4), torch.ones(3, 4, 4), torch.tensor([0, 1, 2]), 1), "num_classes"),
+    (lambda: ConditionalInferer(_bank(), num_samples=0), "num_samples"),
+    (lambda: ConditionalInferer(_bank(), seed=-1), "seed"),
+    (lambda: ConditionalInferer(_bank(), match="crop"), "match"),
+]
+
+
+@pytest.mark.parametrize("make, match", BAD_BANKS)
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+    with pytest.raises(TypeError):
+        ConditionalInferer(object())
+
+
+def test_bad_inputs():
+    net = _pointwise_net()
+    with pytest.raises(ValueError, match="channel"):
+        ConditionalInferer(_bank())(torch.rand(1, 2, 24, 24), net)
+
+
+def test_doctests():
+    assert doctest.testmod(inferer_module).failed == 0
