@@ -1,5 +1,6 @@
 """Partial-label datasets: the ``dataset.json`` description, unions, validation, benchmarks."""
 
+from partialseg.data.datalists import bundle_datalist, ensure_dataset
 from partialseg.data.spec import ALL, DatasetError, LabelMap, PartialDataset, load_dataset, union_datasets
 from partialseg.data.validation import ValidationReport, read_image, validate_dataset
 
@@ -9,6 +10,8 @@ __all__ = [
     "LabelMap",
     "PartialDataset",
     "ValidationReport",
+    "bundle_datalist",
+    "ensure_dataset",
     "load_dataset",
     "read_image",
     "union_datasets",

@@ -12,6 +12,7 @@ from partialseg.losses.marginal import (
     MarginalDiceLoss,
     MarginalExclusionLoss,
 )
+from partialseg.losses.mixed import MixedSupervisionLoss
 
 __all__ = [
     "CompatibleLoss",
@@ -23,4 +24,5 @@ __all__ = [
     "ExclusionCELoss",
     "ExclusionDiceLoss",
     "MarginalExclusionLoss",
+    "MixedSupervisionLoss",
 ]

@@ -7,9 +7,20 @@ from typing import Sequence
 import torch
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PartialLabelLoss"]
+__all__ = ["PartialLabelLoss", "plain_tensor"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def plain_tensor(x):
+    """``x`` as a plain ``torch.Tensor`` when it is a subclass (MONAI ``MetaTensor``), else ``x``.
+
+    The autograd graph is kept (``as_subclass`` is a view). Losses unwrap their inputs so that the
+    hand-written autograd functions see plain tensors and skip MetaTensor's per-op overhead.
+    """
+    if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+        return x.as_subclass(torch.Tensor)
+    return x
 
 
 class PartialLabelLoss(_Loss):
@@ -25,6 +36,10 @@ class PartialLabelLoss(_Loss):
     """
 
     class_weight: torch.Tensor | None
+
+    def __call__(self, *args, **kwargs):
+        # MONAI pipelines hand MetaTensors to losses; compute on plain tensors (same graph)
+        return super().__call__(*(plain_tensor(a) for a in args), **{k: plain_tensor(v) for k, v in kwargs.items()})
 
     def __init__(self, reduction: str = "mean", weight: Sequence[float] | float | torch.Tensor | None = None) -> None:
         if reduction not in _REDUCTIONS:

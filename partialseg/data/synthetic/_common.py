@@ -62,7 +62,7 @@ def case_rng(seed: int, family: str, split: str, index: int) -> np.random.Genera
     """
     if int(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    split_id = {"plan": 0, "training": 1, "test": 2}[split]
+    split_id = {"plan": 0, "training": 1, "test": 2, "validation": 3}[split]
     return np.random.default_rng([int(seed), FAMILY_IDS[family], split_id, int(index)])
 
 
@@ -376,6 +376,7 @@ class DatasetWriter:
         self.root = Path(out_dir)
         self.suffix = suffix
         self.training: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] = []
         self.test: list[dict[str, Any]] = []
 
     def path(self, folder: str, name: str) -> tuple[Path, str]:
@@ -384,8 +385,8 @@ class DatasetWriter:
         return self.root / rel, rel
 
     def add(self, split: str, entry: dict[str, Any]) -> None:
-        """Append a case entry to ``"training"`` or ``"test"``."""
-        {"training": self.training, "test": self.test}[split].append(entry)
+        """Append a case entry to ``"training"``, ``"validation"`` or ``"test"``."""
+        {"training": self.training, "validation": self.validation, "test": self.test}[split].append(entry)
 
     def finish(self, header: Mapping[str, Any], label_maps: Mapping[str, Any] | None = None) -> Path:
         """Write ``dataset.json`` (header keys, MSD ``labels``, splits, label maps); return its path."""
@@ -395,6 +396,8 @@ class DatasetWriter:
         desc["numTraining"] = len(self.training)
         desc["numTest"] = len(self.test)
         desc["training"] = self.training
+        if self.validation:  # written only when asked for, so older outputs stay byte-identical
+            desc["validation"] = self.validation
         desc["test"] = self.test
         if label_maps:
             desc["label_maps"] = dict(label_maps)

@@ -308,7 +308,7 @@ def _source_label(source: str, gt: np.ndarray, lesions: np.ndarray) -> np.ndarra
 
 def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | None = None,
              num_train: int | None = None, num_test: int | None = None, num_full: int | None = None,
-             modality: str = "CT", progress: bool = False) -> Path:
+             modality: str = "CT", progress: bool = False, num_val: int = 0) -> Path:
     """Write the ``abdomen3d`` benchmark.
 
     Args:
@@ -324,6 +324,9 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
             paper's multimodal setting, CT cases annotating liver and stomach and MR cases
             annotating spleen, both kidneys and pancreas (label values = global indices).
         progress: show a tqdm progress bar.
+        num_val: fully labelled validation cases (source ``full``, the ``"validation"`` split,
+            files ``imagesTr/val_NNN``); default 0 (no validation split). The other cases do not
+            depend on it.
 
     Returns:
         Path of the written ``dataset.json``.
@@ -334,16 +337,18 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
     n_part = 8 if num_train is None else int(num_train)
     n_full = (0 if modality == "CT+MR" else 4) if num_full is None else int(num_full)
     n_test = 8 if num_test is None else int(num_test)
-    if n_part < 0 or n_full < 0 or n_test < 0 or n_part + n_full < 1:
+    n_val = int(num_val)
+    if n_part < 0 or n_full < 0 or n_test < 0 or n_val < 0 or n_part + n_full < 1:
         raise ValueError(f"case counts must be >= 0 with at least one training case, got "
-                         f"num_train={n_part}, num_full={n_full}, num_test={n_test}")
+                         f"num_train={n_part}, num_full={n_full}, num_test={n_test}, num_val={n_val}")
     writer = C.DatasetWriter(Path(out_dir), ".nii.gz")
     jobs = [("training", "full")] * n_full
     for source in MULTIMODAL_SOURCES if modality == "CT+MR" else MARGINAL_SOURCES[1:]:
         jobs += [("training", source)] * n_part
     jobs += [("test", "full")] * n_test
+    jobs += [("validation", "full")] * n_val
     panels: list[tuple[np.ndarray, np.ndarray | None, str]] = []
-    counters = {"training": 0, "test": 0}
+    counters = {"training": 0, "validation": 0, "test": 0}
     shown: set[str] = set()
     for split, source in C.progress(jobs, progress, "abdomen3d"):
         i = counters[split]
@@ -355,8 +360,8 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
             case_modality = "MR" if source == "mr_partial" or (split == "test" and i % 2 == 1) else "CT"
         image, gt, _, lesions, affine = render_case(rng, shape, spacing, source, case_modality)
         label = _source_label(source, gt, lesions) if split == "training" else gt
-        name = f"{source}_{i:03d}" if split == "training" else f"test_{i:03d}"
-        folder = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
+        name = {"training": f"{source}_{i:03d}", "validation": f"val_{i:03d}", "test": f"test_{i:03d}"}[split]
+        folder = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
         img_abs, img_rel = writer.path(folder[0], name)
         lab_abs, lab_rel = writer.path(folder[1], name)
         C.write_nifti(img_abs, image, affine)

@@ -1,0 +1,79 @@
+"""Small ignite handlers and config helpers shared by the bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsRecorder", "require_checkpoint"]
+
+
+def require_checkpoint(path: str | os.PathLike, hint: str = "") -> str:
+    """Return ``path`` if it is a file, else raise ``FileNotFoundError`` naming it (and ``hint``).
+
+    Bundle configs call it where a checkpoint must exist (stage 2 starting from stage 1, inference),
+    because MONAI's ``CheckpointLoader`` disabled on a missing file silently loads nothing.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (f": {hint}" if hint else ""))
+    return str(path)
+
+
+class MetricsRecorder:
+    """Record the training loss per iteration and the validation metrics per epoch as JSON.
+
+    Attach it to a trainer (bundle ``train#handlers``); it also reads the metrics of the
+    validator that a ``ValidationHandler`` runs, through the trainer's ``state.metrics`` and the
+    evaluator's state when they are available. The file, rewritten atomically at every epoch
+    end, holds ``{"iteration": [...], "loss": [...], "epoch": [...], "metrics": {name: [...]}}``:
+    what :func:`partialseg.plots.plot_training_curves` draws.
+
+    Args:
+        path: output JSON file (its folder is created when training starts).
+        validator: the evaluator whose ``state.metrics`` to record each epoch (optional; found
+            automatically from an attached ``ValidationHandler`` when omitted).
+    """
+
+    def __init__(self, path: str | os.PathLike, validator: Any = None) -> None:
+        self.path = Path(path)
+        self.validator = validator
+        self.data: dict[str, Any] = {"iteration": [], "loss": [], "epoch": [], "metrics": {}}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _started(self, engine) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.validator is None:
+            from monai.handlers import ValidationHandler
+
+            for handlers in engine._event_handlers.values():
+                for h in handlers:
+                    owner = getattr(h[0], "__self__", None)
+                    if isinstance(owner, ValidationHandler):
+                        self.validator = owner.validator
+
+    def _iteration(self, engine) -> None:
+        out = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"] if isinstance(out, dict) else out
+        self.data["iteration"].append(int(engine.state.iteration))
+        self.data["loss"].append(float(loss))
+
+    def _epoch(self, engine) -> None:
+        validator = self.validator
+        metrics = dict(getattr(getattr(validator, "state", None), "metrics", {}) or {})
+        ran_now = validator is not None and getattr(validator.state, "epoch", None) == engine.state.epoch
+        if metrics and ran_now:
+            self.data["epoch"].append(int(engine.state.epoch))
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.data["metrics"].setdefault(name, []).append(float(value))
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)

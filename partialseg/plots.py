@@ -1,0 +1,113 @@
+"""Figures a person would rather look at than read: training curves and prediction overlays.
+
+Matplotlib (Agg backend) is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["plot_overlays", "plot_training_curves"]
+
+
+def plot_training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike, title: str = "training") -> Path:
+    """Plot loss per iteration and validation metrics per epoch of one or more runs.
+
+    Args:
+        runs: run name -> ``metrics.json`` written by :class:`partialseg.engines.MetricsRecorder`.
+            Runs are drawn one after the other on a common iteration axis (stage 1, then stage 2).
+        path: output PNG.
+        title: figure title.
+
+    Returns:
+        ``Path(path)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), dpi=90)
+    ax_loss, ax_val = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    offset = 0
+    for name, file in runs.items():
+        data = json.loads(Path(file).read_text())
+        it = np.asarray(data["iteration"], dtype=float) + offset
+        loss = np.asarray(data["loss"], dtype=float)
+        if len(loss):
+            ax_loss.plot(it, loss, lw=0.5, alpha=0.35)
+            k = max(1, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax_loss.plot(it[k - 1 :], smooth, lw=1.5, label=name, color=ax_loss.lines[-1].get_color())
+        per_epoch = len(data["iteration"]) / max(1, data["iteration"] and max(1, _epochs(data)))
+        for metric, values in data.get("metrics", {}).items():
+            x = offset + np.asarray(data["epoch"][: len(values)], dtype=float) * per_epoch
+            ax_val.plot(x, values, marker="o", ms=3, label=f"{name}: {metric}")
+        offset = float(it[-1]) if len(it) else offset
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=7)
+    ax_val.set_xlabel("iteration")
+    ax_val.set_ylabel("validation")
+    ax_val.set_ylim(0, 1)
+    ax_val.grid(alpha=0.3)
+    ax_val.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png", metadata={"Software": None})
+    return Path(path)
+
+
+def _epochs(data: Mapping) -> int:
+    """Number of epochs a metrics file covers (the last validated epoch, at least 1)."""
+    return max([1, *data.get("epoch", [])])
+
+
+def plot_overlays(
+    cases: Sequence[tuple[str, str | os.PathLike, str | os.PathLike, str | os.PathLike]],
+    path: str | os.PathLike,
+    num_classes: int,
+    title: str = "reference vs prediction",
+    window: tuple[float, float] | None = (-160.0, 240.0),
+    slices: int = 1,
+) -> Path:
+    """Axial slices of image, reference and prediction side by side, for a few cases.
+
+    Args:
+        cases: ``(name, image, reference, prediction)`` files (NIfTI, same grid).
+        path: output PNG.
+        num_classes: number of classes (stable colours per class).
+        title: figure title.
+        window: intensity window of the image (CT soft tissue by default; None for percentiles).
+        slices: slices per case (spread around the slice holding the most reference foreground).
+
+    Returns:
+        ``Path(path)``.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from partialseg.data.synthetic._common import write_preview
+
+    panels = []
+    for name, image, ref, pred in cases:
+        img = np.asarray(nib.load(str(image)).dataobj, dtype=np.float32)
+        lab = np.asarray(nib.load(str(ref)).dataobj).astype(np.int32)
+        prd = np.asarray(nib.load(str(pred)).dataobj).astype(np.int32)
+        if not (img.shape == lab.shape == prd.shape):
+            raise ValueError(f"case {name!r}: image {img.shape}, reference {lab.shape} and prediction {prd.shape} differ")
+        counts = (lab > 0).sum(axis=(0, 1))
+        centre = int(np.argmax(counts)) if counts.max() > 0 else lab.shape[2] // 2
+        picks = sorted({int(np.clip(centre + d, 0, lab.shape[2] - 1)) for d in np.linspace(-4, 4, slices).astype(int)})
+        for k in picks:
+            view = img[:, :, k].T
+            if window is not None:
+                view = np.clip((view - window[0]) / (window[1] - window[0]), 0.0, 1.0)
+            panels += [(view, None, f"{name} z={k}"), (view, lab[:, :, k].T, "reference"), (view, prd[:, :, k].T, "prediction")]
+    write_preview(Path(path), panels, num_classes, title, ncols=3)
+    return Path(path)
