@@ -1,10 +1,11 @@
-"""Training machinery on MONAI's ignite engines: handlers and helpers the bundles use.
+"""Training machinery on MONAI's ignite engines: trainers, handlers and helpers the bundles use.
 
 The marginal bundle trains with MONAI's own ``SupervisedTrainer`` (the partial-label logic lives
 in the loss, :class:`partialseg.losses.MixedSupervisionLoss`); methods whose iteration differs
-(DCL's dual loop, ...) subclass it in their own module here.
+subclass it in their own module here (:mod:`partialseg.engines.dcl`: DCL's primal/dual loop).
 """
 
+from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, dual_swap
 from partialseg.engines.handlers import MetricsRecorder, require_checkpoint
 
-__all__ = ["MetricsRecorder", "require_checkpoint"]
+__all__ = ["DCLTrainer", "DualNetworkUpdater", "dual_swap", "MetricsRecorder", "require_checkpoint"]
