@@ -184,7 +184,7 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
 
 def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | None = None,
              num_train: int | None = None, num_test: int | None = None, variant: str = "single",
-             progress: bool = False) -> Path:
+             progress: bool = False, num_val: int = 0) -> Path:
     """Write the ``cardiac2d`` benchmark.
 
     Args:
@@ -196,6 +196,10 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         variant: ``"single"`` (one of LV/MYO/RV per case) or ``"wholeheart"`` (LV, MYO, RV or
             whole heart per case).
         progress: show a tqdm progress bar.
+        num_val: validation subjects (ED and ES, fully labelled, source ``full``, the
+            ``"validation"`` split, files ``imagesTr/valNNN_ED``); default 0 (no validation
+            split). The other cases do not depend on it: ``num_val=0`` writes exactly what
+            earlier versions wrote.
 
     Returns:
         Path of the written ``dataset.json``.
@@ -204,6 +208,9 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=32)
     n_train, n_test = C.case_counts(num_train, num_test, 24, 8)
+    if isinstance(num_val, bool) or int(num_val) != num_val or num_val < 0:
+        raise ValueError(f"num_val must be an integer >= 0, got {num_val!r}")
+    n_val = int(num_val)
     affine = C.affine_from_spacing(SPACING, shape)
     writer = C.DatasetWriter(Path(out_dir), ".nii.gz")
     kinds = ["LV", "MYO", "RV"] + (["wholeheart"] if variant == "wholeheart" else [])
@@ -212,15 +219,16 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
 
     panels: list[tuple[np.ndarray, np.ndarray | None, str]] = []
     jobs = [("training", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]
+    jobs += [("validation", i) for i in range(n_val)]
     for split, i in C.progress(jobs, progress, "cardiac2d", "subject"):
         rng = C.case_rng(seed, "cardiac2d", split, i)
         params = sample_subject(rng, shape)
-        subject = f"sub{i:03d}" if split == "training" else f"test{i:03d}"
+        subject = {"training": f"sub{i:03d}", "validation": f"val{i:03d}", "test": f"test{i:03d}"}[split]
         for p, phase in enumerate(PHASES):
             image, gt, _ = render_case(params, phase, rng, shape)
             name = f"{subject}_{phase}"
-            img_abs, img_rel = writer.path("imagesTr" if split == "training" else "imagesTs", name)
-            lab_abs, lab_rel = writer.path("labelsTr" if split == "training" else "labelsTs", name)
+            img_abs, img_rel = writer.path("imagesTs" if split == "test" else "imagesTr", name)
+            lab_abs, lab_rel = writer.path("labelsTs" if split == "test" else "labelsTr", name)
             C.write_nifti(img_abs, C.to_int16(image, 1000.0), affine)  # MR magnitude, int16
             entry: dict[str, Any] = {"image": img_rel, "label": lab_rel}
             if split == "training":
