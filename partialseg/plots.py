@@ -43,7 +43,7 @@ def plot_training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.P
             k = max(1, len(loss) // 50)
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
             ax_loss.plot(it[k - 1 :], smooth, lw=1.5, label=name, color=ax_loss.lines[-1].get_color())
-        per_epoch = len(data["iteration"]) / max(1, data["iteration"] and max(1, _epochs(data)))
+        per_epoch = data.get("epoch_length") or 1
         for metric, values in data.get("metrics", {}).items():
             x = offset + np.asarray(data["epoch"][: len(values)], dtype=float) * per_epoch
             ax_val.plot(x, values, marker="o", ms=3, label=f"{name}: {metric}")
@@ -56,16 +56,12 @@ def plot_training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.P
     ax_val.set_ylabel("validation")
     ax_val.set_ylim(0, 1)
     ax_val.grid(alpha=0.3)
-    ax_val.legend(fontsize=7)
+    if ax_val.lines:
+        ax_val.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path), format="png", metadata={"Software": None})
     return Path(path)
-
-
-def _epochs(data: Mapping) -> int:
-    """Number of epochs a metrics file covers (the last validated epoch, at least 1)."""
-    return max([1, *data.get("epoch", [])])
 
 
 def plot_overlays(

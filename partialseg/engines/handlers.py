@@ -24,16 +24,15 @@ def require_checkpoint(path: str | os.PathLike, hint: str = "") -> str:
 class MetricsRecorder:
     """Record the training loss per iteration and the validation metrics per epoch as JSON.
 
-    Attach it to a trainer (bundle ``train#handlers``); it also reads the metrics of the
-    validator that a ``ValidationHandler`` runs, through the trainer's ``state.metrics`` and the
-    evaluator's state when they are available. The file, rewritten atomically at every epoch
-    end, holds ``{"iteration": [...], "loss": [...], "epoch": [...], "metrics": {name: [...]}}``:
+    Attach it to a trainer (bundle ``train#handlers``), after the ``ValidationHandler`` that runs
+    ``validator``, so the validator's ``state.metrics`` are recorded for the epochs it ran. The
+    file, rewritten atomically at every epoch end, holds ``{"iteration": [...], "loss": [...], "epoch": [...], "metrics": {name: [...]},
+    "epoch_length": N}``:
     what :func:`partialseg.plots.plot_training_curves` draws.
 
     Args:
         path: output JSON file (its folder is created when training starts).
-        validator: the evaluator whose ``state.metrics`` to record each epoch (optional; found
-            automatically from an attached ``ValidationHandler`` when omitted).
+        validator: the evaluator whose ``state.metrics`` to record (None: losses only).
     """
 
     def __init__(self, path: str | os.PathLike, validator: Any = None) -> None:
@@ -50,14 +49,7 @@ class MetricsRecorder:
 
     def _started(self, engine) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.validator is None:
-            from monai.handlers import ValidationHandler
-
-            for handlers in engine._event_handlers.values():
-                for h in handlers:
-                    owner = getattr(h[0], "__self__", None)
-                    if isinstance(owner, ValidationHandler):
-                        self.validator = owner.validator
+        self.data["epoch_length"] = int(engine.state.epoch_length or 0)
 
     def _iteration(self, engine) -> None:
         out = engine.state.output

@@ -1,0 +1,89 @@
+"""The marginal + exclusion bundle through ``python -m monai.bundle run``: both stages, inference, evaluation.
+
+Tiny data (the synthetic abdomen at a coarse spacing) and a few iterations: these tests check the
+configs, the hand-over between the stages and that predictions land on the input's grid; the
+demo (``make demo``) and ``benchmarks/marginal_ablation.py`` measure accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from partialseg.data import ensure_dataset, load_dataset
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
+#: a coarse grid keeps every run to seconds: about 16 x 16 x 12 voxels after resampling
+SMALL = {"pixdim": [18.0, 18.0, 16.0], "patch_size": [16, 16, 8], "iterations_per_epoch": 4, "val_interval": 1}
+
+pytestmark = pytest.mark.slow
+
+
+def bundle_run(root: Path, configs=("train.json",), **overrides) -> subprocess.CompletedProcess:
+    files = [str(BUNDLE / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
+           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Stage 1 then stage 2 on tiny data, through the monai.bundle CLI."""
+    root = tmp_path_factory.mktemp("marginal_bundle")
+    ensure_dataset(root / "data" / "abdomen3d", "abdomen3d", size=24, num_train=1, num_full=2, num_test=2, num_val=1)
+    s1 = bundle_run(root, stage=1, epochs_stage1=3, **SMALL)
+    assert s1.returncode == 0, s1.stdout[-3000:] + s1.stderr[-3000:]
+    s2 = bundle_run(root, stage=2, epochs_stage2=1, **SMALL)
+    assert s2.returncode == 0, s2.stdout[-3000:] + s2.stderr[-3000:]
+    return root, s1, s2
+
+
+def test_both_stages_train_and_hand_over(trained):
+    root, s1, s2 = trained
+    assert (root / "models" / "model_stage1.pt").is_file() and (root / "models" / "model.pt").is_file()
+    assert "Restored all variables from" in s2.stdout + s2.stderr  # stage 2 starts from stage 1
+    stage1 = json.loads((root / "runs" / "stage1" / "metrics.json").read_text())
+    stage2 = json.loads((root / "runs" / "stage2" / "metrics.json").read_text())
+    assert len(stage1["loss"]) == 12 and len(stage2["loss"]) == 4
+    assert stage1["epoch"] == [1, 2, 3] and len(stage1["metrics"]["val_mean_dice"]) == 3
+    # learning happened in stage 1 (Dice + CE from random weights falls quickly)
+    assert np.mean(stage1["loss"][-4:]) < np.mean(stage1["loss"][:4])
+    # stage 2 starts where stage 1 ended, not from scratch
+    assert stage2["loss"][0] < stage1["loss"][0]
+    assert list((root / "runs" / "stage2").glob("events.out.tfevents.*"))  # TensorBoard by default
+
+
+def test_inference_and_evaluation_land_on_the_input_grid(trained):
+    root, _, _ = trained
+    r = bundle_run(root, configs=("inference.json", "evaluate.json"), **{k: SMALL[k] for k in ("pixdim", "patch_size")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ds = load_dataset(root / "data" / "abdomen3d")
+    for case in ds.datalist("test"):
+        pred = root / "eval" / "pred" / f"{case['case']}_seg.nii.gz"
+        img, out = nib.load(case["image"]), nib.load(str(pred))
+        assert out.shape == img.shape  # back on the original grid (3D, no channel)
+        np.testing.assert_allclose(out.affine, img.affine, atol=1e-4)  # LPS-stored input, RAS inside
+        values = np.unique(np.asarray(out.dataobj))
+        assert values.min() >= 0 and values.max() < ds.num_classes
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and set(summary["per_class"]) == set(ds.classes[1:])
+    assert (root / "eval" / "metrics.csv").is_file() and (root / "eval" / "boxplot.png").is_file()
+    assert "mean over classes" in r.stdout
+
+
+def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
+    ensure_dataset(tmp_path / "data" / "abdomen3d", "abdomen3d", size=24, num_train=1, num_full=1, num_test=1, num_val=1)
+    r = bundle_run(tmp_path, stage=2, epochs_stage2=1, **SMALL)
+    assert r.returncode != 0
+    assert "model_stage1.pt does not exist" in r.stderr and "run stage 1 first" in r.stderr
