@@ -1,0 +1,208 @@
+"""``partialseg build-datalist``: one partialseg ``dataset.json`` from public datasets as downloaded.
+
+Each ``--source LAYOUT=DIR`` names a folder in one of the layouts below; the command finds its
+image/label pairs, writes the source's label map (its own label values -> global class names)
+and annotated classes, and joins every source into one dataset over ``--classes``. Nothing is
+copied or converted: the entries point at the original files. Run ``partialseg check`` on the
+result before training.
+
+Layouts (the marginal-loss paper's union; more can be added to :data:`LAYOUTS`):
+
+==============  ==============================================  =====================================
+layout          folder                                          label values -> classes
+==============  ==============================================  =====================================
+``btcv``        ``[RawData/]Training/img/img*.nii.gz`` +        1 spleen, 2 kidney_right, 3 kidney_left,
+                ``label/label*.nii.gz`` (fully labelled)        6 liver, 7 stomach, 11 pancreas; the
+                                                                other 7 organs -> background
+``msd_liver``   MSD ``Task03_Liver`` (its ``dataset.json``)     1 liver, 2 tumour -> liver
+``msd_spleen``  MSD ``Task09_Spleen``                           1 spleen
+``msd_pancreas`` MSD ``Task07_Pancreas``                        1 pancreas, 2 tumour -> pancreas
+``kits19``      ``case_*/imaging.nii.gz`` +                     1 kidney, 2 tumour -> left / right
+                ``segmentation.nii.gz``                         kidney by side (world coordinates)
+==============  ==============================================  =====================================
+
+A class that a layout labels but ``--classes`` lacks is mapped to background only where the
+source is fully labelled (BTCV's other organs); in a single-organ source, it makes the source
+useless and is an error.
+
+Example:
+    partialseg build-datalist --out data/union/dataset.json \\
+        --source btcv=/data/BTCV --source msd_liver=/data/Task03_Liver \\
+        --source msd_spleen=/data/Task09_Spleen --source msd_pancreas=/data/Task07_Pancreas \\
+        --source kits19=/data/kits19/data --val 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LAYOUTS", "build_datalist", "add_arguments", "run"]
+
+DEFAULT_CLASSES = ["background", "liver", "spleen", "kidney_left", "kidney_right", "pancreas"]
+_KIDNEYS = ["kidney_left", "kidney_right"]
+
+
+def _msd_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """Image/label pairs of an MSD task folder, from its ``dataset.json`` (``training`` entries)."""
+    desc_path = root / "dataset.json"
+    if not desc_path.is_file():
+        raise FileNotFoundError(f"{root}: not an MSD task folder (no dataset.json)")
+    desc = json.loads(desc_path.read_text())
+    pairs = []
+    for i, entry in enumerate(desc.get("training", [])):
+        if not isinstance(entry, Mapping) or "image" not in entry or "label" not in entry:
+            raise ValueError(f"{desc_path}: training[{i}] must have 'image' and 'label', got {entry!r}")
+        pairs.append((root / entry["image"], root / entry["label"]))
+    return pairs
+
+
+def _btcv_pairs(root: Path) -> list[tuple[Path, Path]]:
+    for base in (root, root / "RawData" / "Training", root / "Training"):
+        if (base / "img").is_dir() and (base / "label").is_dir():
+            images = sorted((base / "img").glob("img*.nii*"))
+            return [(img, base / "label" / img.name.replace("img", "label", 1)) for img in images]
+    raise FileNotFoundError(f"{root}: no BTCV img/ and label/ folders (looked in ., RawData/Training, Training)")
+
+
+def _kits_pairs(root: Path) -> list[tuple[Path, Path]]:
+    cases = sorted(p for p in root.glob("case_*") if p.is_dir())
+    if not cases:
+        raise FileNotFoundError(f"{root}: no KiTS case_* folders")
+    return [(c / "imaging.nii.gz", c / "segmentation.nii.gz") for c in cases]
+
+
+#: layout -> (pair finder, annotated classes or "all", {source value: class name or [left, right]})
+LAYOUTS: dict[str, tuple[Callable[[Path], list[tuple[Path, Path]]], Any, dict[str, Any]]] = {
+    "btcv": (_btcv_pairs, "all", {"1": "spleen", "2": "kidney_right", "3": "kidney_left", "4": "background",
+                                  "5": "background", "6": "liver", "7": "stomach", "8": "background",
+                                  "9": "background", "10": "background", "11": "pancreas", "12": "background",
+                                  "13": "background"}),
+    "msd_liver": (_msd_pairs, ["liver"], {"1": "liver", "2": "liver"}),
+    "msd_spleen": (_msd_pairs, ["spleen"], {"1": "spleen"}),
+    "msd_pancreas": (_msd_pairs, ["pancreas"], {"1": "pancreas", "2": "pancreas"}),
+    "kits19": (_kits_pairs, _KIDNEYS, {"1": _KIDNEYS, "2": _KIDNEYS}),
+}
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def build_datalist(
+    sources: Sequence[tuple[str, str | os.PathLike]],
+    out: str | os.PathLike,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    val: int = 0,
+    name: str = "union",
+) -> dict[str, Any]:
+    """Write one ``dataset.json`` joining datasets in known layouts; return its content.
+
+    Args:
+        sources: ``(layout, folder)`` pairs; the source name is the layout (numbered when repeated).
+        out: output ``dataset.json`` path (paths inside are relative to its folder).
+        classes: global classes, ``background`` first.
+        val: fully labelled cases moved from training to a ``validation`` split (the last ones of
+            the first fully labelled source), for the bundles' model selection.
+        name: dataset name.
+
+    Raises:
+        ValueError: unknown layout, a class a single-organ source needs that ``classes`` lacks,
+            a missing file (named), or more validation cases than fully labelled ones.
+        FileNotFoundError: a folder that is not in its layout.
+    """
+    classes = list(classes)
+    if not classes or classes[0] != "background":
+        raise ValueError(f"classes must start with 'background', got {classes}")
+    out = Path(out)
+    root = out.parent
+    training: list[dict[str, Any]] = []
+    label_maps: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for layout, folder in sources:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        finder, annotated, mapping = LAYOUTS[layout]
+        counts[layout] = counts.get(layout, 0) + 1
+        source = layout if counts[layout] == 1 else f"{layout}_{counts[layout]}"
+        if annotated != "all":
+            missing = [c for c in annotated if c not in classes]
+            if missing:
+                raise ValueError(f"source {source!r} ({folder}) annotates {missing}, which --classes {classes} lacks")
+        resolved = {}
+        for value, target in mapping.items():
+            if isinstance(target, list):
+                resolved[value] = target
+            else:
+                resolved[value] = target if target in classes else "background"
+        label_maps[source] = resolved
+        pairs = finder(Path(folder))
+        if not pairs:
+            raise ValueError(f"source {source!r}: no cases found in {folder}")
+        for image, label in pairs:
+            for path, what in ((image, "image"), (label, "label")):
+                if not path.is_file():
+                    raise ValueError(f"source {source!r}: {what} {path} does not exist")
+            training.append({"image": _relative(image, root), "label": _relative(label, root),
+                             "annotated": annotated, "source": source, "modality": "CT"})
+    full = [i for i, c in enumerate(training) if c["annotated"] == "all"]
+    if val > len(full):
+        raise ValueError(f"--val {val} asks for more validation cases than the {len(full)} fully labelled ones")
+    val_idx = set(full[len(full) - val:]) if val else set()
+    desc = {
+        "name": name,
+        "description": "built by partialseg build-datalist from " + ", ".join(f"{l}={f}" for l, f in sources),
+        "classes": classes,
+        "training": [c for i, c in enumerate(training) if i not in val_idx],
+        "label_maps": label_maps,
+    }
+    if val_idx:
+        desc["validation"] = [c for i, c in enumerate(training) if i in val_idx]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(desc, indent=2))
+    os.replace(tmp, out)
+    return desc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + f" Layouts: {', '.join(sorted(LAYOUTS))} (see docs/data_format.md)."
+    parser.add_argument("--source", action="append", required=True, metavar="LAYOUT=DIR",
+                        help="a dataset folder in a known layout; repeat for each source")
+    parser.add_argument("--out", required=True, help="output dataset.json")
+    parser.add_argument("--classes", nargs="+", default=DEFAULT_CLASSES, help=f"global classes (default: {' '.join(DEFAULT_CLASSES)})")
+    parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split")
+    parser.add_argument("--name", default="union")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    sources = []
+    for item in args.source:
+        layout, sep, folder = item.partition("=")
+        if not sep or not folder:
+            print(f"error: --source must be LAYOUT=DIR, got {item!r}", file=sys.stderr)
+            return 2
+        sources.append((layout, folder))
+    try:
+        desc = build_datalist(sources, args.out, classes=args.classes, val=args.val, name=args.name)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    per_source: dict[str, int] = {}
+    for c in desc["training"]:
+        per_source[c["source"]] = per_source.get(c["source"], 0) + 1
+    for source, n in per_source.items():
+        print(f"  {source:<16}{n:>5} training cases")
+    if "validation" in desc:
+        print(f"  {'(validation)':<16}{len(desc['validation']):>5} cases")
+    print(f"wrote {args.out}; next: partialseg check {Path(args.out).parent}")
+    return 0
