@@ -28,6 +28,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/transforms.py
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/marginal_iteration.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis
