@@ -33,7 +33,8 @@ def ensure_dataset(dataset_dir: str | os.PathLike, family: str, seed: int = 0, *
 
     A folder with a ``dataset.json`` is left untouched (whatever it describes). Otherwise the
     benchmark is generated in a temporary folder beside it and moved into place, so an
-    interrupted generation never leaves a half-written dataset behind.
+    interrupted generation never leaves a half-written dataset behind, and processes racing to
+    generate it (torchrun ranks) end up sharing the first one moved into place.
 
     Args:
         dataset_dir: the dataset folder.
@@ -57,9 +58,15 @@ def ensure_dataset(dataset_dir: str | os.PathLike, family: str, seed: int = 0, *
     print(f"partialseg: no dataset.json in {root}; generating the synthetic {family} benchmark (seed {seed})", flush=True)
     try:
         make_dataset(family, tmp, seed=seed, **options)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
+        try:
+            if root.exists():
+                root.rmdir()
+            os.replace(tmp, root)
+        except OSError:
+            # another process (e.g. another torchrun rank) put a dataset there first: use it
+            if not (root / "dataset.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

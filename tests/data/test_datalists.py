@@ -69,3 +69,13 @@ def test_invalid_case_is_named_before_training(tiny_dataset):
     save_nifti(root / "labelsTr/spl.nii.gz", np.zeros((6, 5, 3), np.uint8))  # grid differs
     with pytest.raises(DatasetError, match="spl"):
         bundle_datalist(root, "training")
+
+
+def test_concurrent_generation_shares_one_dataset(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "abd"
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: ensure_dataset(root, "cardiac2d", size=32, num_train=2, num_test=1), range(3)))
+    assert outs == [str(root)] * 3 and (root / "dataset.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["abd"]  # no temporary folder left behind
