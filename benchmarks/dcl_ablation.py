@@ -1,0 +1,459 @@
+"""DCL ablation (the paper's Table 2 and Table 4) on the synthetic ``cardiac2d`` benchmark.
+
+Every arm trains the same 2D MONAI UNet backbone (CompNet arms: the same UNet with the packed
+conditional input) with the same budget: ``--iters1`` iterations with Adam at ``--lr1`` then
+``--iters2`` iterations with a fresh Adam at ``--lr2`` (DCL's stage 1 / stage 2 schedule; the
+second phase starts from the best-validation weights of the first), batch ``--batch``,
+validation every ``--val-every`` iterations, the best-validation weights tested.
+
+Arms (``m = 4`` classes: background, LV, MYO, RV; ``variant="wholeheart"``: a quarter of the
+training images annotate LV, MYO, RV or the whole heart = background, one structure per image):
+
+- ``1_ce``        ordinary CE, unknown pixels as background (UNet)
+- ``2_pos_ce``    positive CE only, Eq. 11 (UNet, ``CompatibleLoss("ce", None)``)
+- ``3_comp``      compatible loss, Eq. 2 / 6 (UNet, ``CompatibleLoss("ce", "ce")``)
+- ``4_cond``      + conditional images (CompNet, ``ConditionalCompatibleLoss(prior_weight=0)``)
+- ``5_prior``     + prior loss (``ConditionalCompatibleLoss``, Eq. 8)
+- ``6_dual``      + dual closed loop in the second phase (``lambda = 0.2``, Eq. 10)
+- ``full_all``    fully supervised on all training images (UNet, CE on one-hot labels)
+- ``full_quarter`` fully supervised on 1/4 of the images (first quarter of the subjects)
+- ``dcl_cedice``  DCL (as ``6_dual``) with the CE + Dice bases
+- ``dcl_mmee``    DCL with the MMEE bases (target-adaptive CE/Dice + exclusion CE/Dice)
+
+The trainers are partialseg's (``DCLTrainer`` for the CompNet arms, MONAI's
+``SupervisedTrainer`` otherwise); ``DualNetworkUpdater`` refreshes DualNet on validation
+improvement. CompNet arms are validated with ``ConditionalInferer`` (K = 1) and tested with K =
+``--k-test`` conditional sets from a ``SupportBank`` of training cases. Test Dice per structure
+and phase (ED / ES) on the 16 test slices, mean and std over seeds.
+
+Every finished (arm, seed) is appended to ``benchmarks/results/dcl_ablation_runs.jsonl`` and the
+table is rewritten (``benchmarks/results/dcl_ablation.md`` and the "## dcl: ablation on
+cardiac2d" section of ``docs/results.md``), so an interrupted run keeps what it finished;
+``--resume`` skips runs already in the JSONL file (same configuration).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py            # the documented run
+    OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py --quick    # smoke run (minutes)
+    python benchmarks/dcl_ablation.py --report-only                # rewrite the table from the JSONL
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SECTION = "## dcl: ablation on cardiac2d"
+CLASSES = ["background", "LV", "MYO", "RV"]
+ARMS = ["1_ce", "2_pos_ce", "3_comp", "4_cond", "5_prior", "6_dual", "full_all", "full_quarter", "dcl_cedice", "dcl_mmee"]
+LABELS = {
+    "1_ce": "#1 CE, unknown = background (UNet)",
+    "2_pos_ce": "#2 positive CE, Eq. 11 (UNet)",
+    "3_comp": "#3 compatible loss L_comp (UNet)",
+    "4_cond": "#4 + conditional images (CompNet)",
+    "5_prior": "#5 + prior loss (L_cc)",
+    "6_dual": "#6 + dual (DCL_ce)",
+    "full_all": "UNet_F, all images fully labelled",
+    "full_quarter": "UNet_F, 1/4 of the images fully labelled",
+    "dcl_cedice": "DCL, CE+Dice bases",
+    "dcl_mmee": "DCL, MMEE bases",
+}
+CONDITIONAL = {"4_cond", "5_prior", "6_dual", "dcl_cedice", "dcl_mmee"}
+BASES = {"dcl_cedice": (("ce", "dice"), ("ce", "dice")), "dcl_mmee": (("ta_ce", "ta_dice"), ("ex_ce", "ex_dice"))}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--num-train", type=int, default=24, help="training subjects (x2 phases)")
+    ap.add_argument("--num-val", type=int, default=4)
+    ap.add_argument("--num-test", type=int, default=8)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--iters1", type=int, default=500)
+    ap.add_argument("--iters2", type=int, default=250)
+    ap.add_argument("--lr1", type=float, default=1e-2)
+    ap.add_argument("--lr2", type=float, default=1e-4)
+    ap.add_argument("--lambda-dual", type=float, default=0.2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--val-every", type=int, default=50)
+    ap.add_argument("--k-test", type=int, default=3)
+    ap.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--data-dir", default="/tmp/partialseg_dcl_ablation")
+    ap.add_argument("--out", default=str(RESULTS / "dcl_ablation_runs.jsonl"))
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run: 2 arms of each kind, few iterations")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-docs", action="store_true", help="don't touch docs/results.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.num_train, args.num_val, args.num_test = 32, 4, 1, 1
+        args.iters1, args.iters2, args.val_every, args.seeds = 20, 10, 10, [0]
+        args.out = "/tmp/partialseg_dcl_ablation_quick.jsonl"
+        args.data_dir = "/tmp/partialseg_dcl_ablation_quick"
+        args.no_docs = True
+    for name in ("iters1", "iters2"):
+        if getattr(args, name) % args.val_every:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a multiple of --val-every {args.val_every}")
+    return args
+
+
+def config_of(args) -> dict:
+    keys = ("size", "num_train", "num_val", "num_test", "data_seed", "iters1", "iters2", "lr1", "lr2", "lambda_dual",
+            "batch", "val_every", "k_test", "channels")
+    return {k: getattr(args, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def load_data(args):
+    """Training cases (partial labels + regenerated full ground truth), validation and test cases."""
+    import nibabel as nib
+
+    from partialseg.data import ensure_dataset, load_dataset
+    from partialseg.data.synthetic import _common as C
+    from partialseg.data.synthetic import cardiac
+    from partialseg.transforms import PartialLabelToVector
+
+    root = Path(args.data_dir) / f"cardiac2d_s{args.size}_n{args.num_train}_v{args.num_val}_t{args.num_test}_seed{args.data_seed}"
+    ensure_dataset(root, "cardiac2d", seed=args.data_seed, size=args.size, num_train=args.num_train, num_val=args.num_val,
+                   num_test=args.num_test, variant="wholeheart")
+    ds = load_dataset(root)
+    to_vec = PartialLabelToVector(len(CLASSES))
+
+    def read(path):
+        return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+    def norm(img):
+        return torch.from_numpy((img - img.mean()) / (img.std() + 1e-6))[None].float()
+
+    shape = (args.size, args.size)
+    splits = {}
+    for split in ("training", "validation", "test"):
+        cases = []
+        for i, c in enumerate(ds.datalist(split)):
+            raw = read(c["image"])
+            lab = read(c["label"]).astype(np.int64)
+            case = {"image": norm(raw), "name": c["case"], "phase": c.get("phase"), "annotated": c["annotated"]}
+            case["label"] = torch.as_tensor(to_vec(lab[None], c["annotated"]))  # <0,p,1> map (4, H, W)
+            if split == "training":
+                # full ground truth of the training slice, regenerated by the generator's own code
+                subj, p = divmod(i, 2)
+                rng = C.case_rng(args.data_seed, "cardiac2d", "training", subj)
+                params = cardiac.sample_subject(rng, shape)
+                for phase in cardiac.PHASES:  # the generator renders ED then ES from one stream
+                    image, gt, _ = cardiac.render_case(params, phase, rng, shape)
+                    if phase == c["phase"]:
+                        break
+                if not np.array_equal(C.to_int16(image, 1000.0), raw.astype(np.int16)):
+                    raise RuntimeError(f"regenerated training image {c['case']} differs from the stored one")
+                case["full"] = torch.as_tensor(to_vec(gt[None].astype(np.int64), "all"))
+            else:
+                case["gt"] = torch.from_numpy(lab)
+            cases.append(case)
+        splits[split] = cases
+    return splits
+
+
+# ----------------------------------------------------------------------------------------- arms
+
+
+def make_unet(args, in_channels, out_channels):
+    from monai.networks.nets import UNet
+
+    return UNet(2, in_channels, out_channels, channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1),
+                num_res_units=1, norm="instance")
+
+
+class HardCE(torch.nn.Module):
+    """Ordinary CE on the hard label: an annotated class where the map has a 1, else background."""
+
+    def forward(self, logits, target):
+        hard = (target == 1).float().argmax(1)  # no 1 in the column (unknown) -> 0 = background
+        return torch.nn.functional.cross_entropy(logits, hard)
+
+
+def build(arm, args):
+    from partialseg.losses import CompatibleLoss, ConditionalCompatibleLoss
+    from partialseg.networks import CompNet
+
+    m = len(CLASSES)
+    if arm in CONDITIONAL:
+        pos, neg = BASES.get(arm, ("ce", "ce"))
+        net = CompNet(2, 1, m, backbone=lambda spatial_dims, in_channels, out_channels: make_unet(args, in_channels, out_channels))
+        loss = ConditionalCompatibleLoss(pos, neg, prior_weight=0.0 if arm == "4_cond" else 1.0)
+        return net, loss
+    net = make_unet(args, 1, m)
+    if arm == "1_ce":
+        return net, HardCE()
+    if arm == "2_pos_ce":
+        return net, CompatibleLoss("ce", None)
+    return net, CompatibleLoss("ce", "ce")  # 3_comp and the fully supervised references (one-hot targets)
+
+
+def training_cases(arm, splits, args):
+    """(cases with ``image`` and the ``<0,p,1>`` ``label``, their annotated classes)."""
+    train = splits["training"]
+    if arm in ("full_all", "full_quarter"):
+        train = train if arm == "full_all" else train[: max(1, len(train) // 4)]
+        return [{"image": c["image"], "label": c["full"]} for c in train], ["all"] * len(train)
+    return [{"image": c["image"], "label": c["label"]} for c in train], [c["annotated"] for c in train]
+
+
+def dice_per_class(pred: torch.Tensor, gt: torch.Tensor, m: int) -> list[float]:
+    out = []
+    for j in range(1, m):
+        p, g = pred == j, gt == j
+        denom = int(p.sum() + g.sum())
+        out.append(1.0 if denom == 0 else 2.0 * int((p & g).sum()) / denom)
+    return out
+
+
+def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import MeanDice, ValidationHandler, from_engine
+    from monai.inferers import SimpleInferer
+    from monai.transforms import AsDiscreted
+    from ignite.engine import Events
+
+    from partialseg.data.conditional import ConditionalDataset
+    from partialseg.engines import DCLTrainer, DualNetworkUpdater
+    from partialseg.inferers import ConditionalInferer, SupportBank
+
+    m = len(CLASSES)
+    cond = arm in CONDITIONAL
+    cases, annotated = training_cases(arm, splits, args)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    net, loss = build(arm, args)
+    if cond:
+        dataset = ConditionalDataset(cases, m, annotated=annotated, seed=seed)
+        bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=4, seed=seed)
+        val_inferer = ConditionalInferer(bank, num_samples=1, seed=seed)
+    else:
+        dataset, bank, val_inferer = cases, None, SimpleInferer()
+    val_data = [{"image": c["image"], "label": torch.nn.functional.one_hot(c["gt"], m).permute(2, 0, 1).float()} for c in splits["validation"]]
+    val_loader = DataLoader(val_data, batch_size=len(val_data), shuffle=False, num_workers=0)
+
+    best = {"state": copy.deepcopy(net.state_dict()), "metric": -1.0}
+
+    val_curve: list[float] = []
+
+    def keep_best(engine):
+        val_curve.append(float(engine.state.metrics["val_mean_dice"]))
+        if engine.state.best_metric > best["metric"] and engine.state.best_metric_epoch == engine.state.epoch:
+            best["metric"] = float(engine.state.best_metric)
+            best["state"] = copy.deepcopy(net.state_dict())
+
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=val_loader, network=net, inferer=val_inferer,
+        postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=[m, None]),
+        key_val_metric={"val_mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+    )
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, keep_best)
+
+    def loader(phase):
+        g = torch.Generator().manual_seed(seed * 1000 + phase)
+        n = (args.iters1 if phase == 1 else args.iters2) * args.batch
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=n, generator=g)
+        return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=0)
+
+    def trainer(phase, lam):
+        lr = args.lr1 if phase == 1 else args.lr2
+        opt = torch.optim.Adam(net.parameters(), lr)
+        iters = args.iters1 if phase == 1 else args.iters2
+        common = dict(device="cpu", max_epochs=iters // args.val_every, epoch_length=args.val_every,
+                      train_data_loader=loader(phase), network=net, optimizer=opt, loss_function=loss,
+                      train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True)])
+        if cond:
+            t = DCLTrainer(lambda_dual=lam, seed=seed, **common)
+        else:
+            t = SupervisedTrainer(**common)
+        losses = []
+        t.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"] if isinstance(e.state.output, list) else e.state.output["loss"])))
+        return t, losses
+
+    t0 = time.perf_counter()
+    lam = args.lambda_dual if arm in ("6_dual", "dcl_cedice", "dcl_mmee") else 0.0
+    shared = arm in ("5_prior", "6_dual")  # #5 and #6 share their first phase (same loss, same seed)
+    key = (seed, "5_prior")
+    if shared and key in phase1_cache:
+        c = phase1_cache[key]
+        net.load_state_dict(c["final"])
+        best.update(state=copy.deepcopy(c["best_state"]), metric=c["best_metric"])
+        loss1, t1 = c["loss1"], c["time1"]
+    else:
+        tr1, loss1 = trainer(1, 0.0)
+        tr1.run()
+        t1 = time.perf_counter() - t0
+        if shared:
+            phase1_cache[key] = {"final": copy.deepcopy(net.state_dict()), "best_state": copy.deepcopy(best["state"]),
+                                 "best_metric": best["metric"], "loss1": loss1, "time1": t1}
+    # phase 2 starts from the best phase-1 weights (the bundle's stage-1 checkpoint)
+    net.load_state_dict(best["state"])
+    t2s = time.perf_counter()
+    tr2, loss2 = trainer(2, lam)
+    # phase 2 must beat the best phase-1 validation (best_metric_epoch -1 would accept anything);
+    # the evaluator's epoch counter restarts with each trainer, 0 is never a validation epoch
+    evaluator.state.best_metric_epoch = 0
+    evaluator.state.best_metric = best["metric"]
+    if cond and lam > 0:
+        updater = DualNetworkUpdater(tr2)
+        updater(evaluator)  # DualNet = the phase-1 PrimNet (Algorithm 1, line 8); later: only on improvement
+        updater.attach(evaluator)
+    tr2.run()
+    t2 = time.perf_counter() - t2s
+    refreshes = list(getattr(tr2, "dual_refreshes", []))
+
+    # test with the best-validation weights
+    net.load_state_dict(best["state"])
+    net.eval()
+    inferer = ConditionalInferer(bank, num_samples=args.k_test, seed=seed) if cond else SimpleInferer()
+    per_case = []
+    with torch.no_grad():
+        for c in splits["test"]:
+            out = inferer(c["image"][None], net)
+            pred = out.argmax(1)[0]
+            per_case.append({"case": c["name"], "phase": c["phase"], "dice": dice_per_class(pred, c["gt"], m)})
+    return {"arm": arm, "seed": seed, "per_case": per_case, "val_best": best["metric"], "loss1": loss1[:: max(1, len(loss1) // 50)],
+            "loss2": loss2[:: max(1, len(loss2) // 25)], "time_phase1_s": t1, "time_phase2_s": t2, "dual_refreshes": refreshes,
+            "val_curve": val_curve}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def summarise(runs: list[dict]) -> dict:
+    """arm -> {"cols": {(phase, class): (mean, std over seeds)}, "avg": (mean, std), "n": seeds}."""
+    out = {}
+    for arm in ARMS:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        cols, avgs = {}, []
+        per_seed_cols: dict = {}
+        for r in rs:
+            vals = []
+            for phase in ("ED", "ES"):
+                for j, cls in enumerate(CLASSES[1:]):
+                    v = float(np.mean([c["dice"][j] for c in r["per_case"] if c["phase"] == phase]))
+                    per_seed_cols.setdefault((phase, cls), []).append(v)
+                    vals.append(v)
+            avgs.append(float(np.mean(vals)))
+        for k, v in per_seed_cols.items():
+            cols[k] = (float(np.mean(v)), float(np.std(v)))
+        out[arm] = {"cols": cols, "avg": (float(np.mean(avgs)), float(np.std(avgs))), "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                    "time": float(np.mean([r["time_phase1_s"] + r["time_phase2_s"] for r in rs]))}
+    return out
+
+
+def table(summary: dict) -> str:
+    head = "| arm | seeds | ED LV | ED MYO | ED RV | ES LV | ES MYO | ES RV | avg | train s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    rows = []
+    for arm, s in summary.items():
+        cells = [f"{s['cols'][(ph, c)][0]:.3f}±{s['cols'][(ph, c)][1]:.3f}" for ph in ("ED", "ES") for c in CLASSES[1:]]
+        rows.append(f"| {LABELS[arm]} | {s['n']} | " + " | ".join(cells) + f" | **{s['avg'][0]:.3f}**±{s['avg'][1]:.3f} | {s['time']:.0f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def write_report(args, runs, command, verdict: str | None = None) -> str:
+    summary = summarise(runs)
+    cfg = config_of(args)
+    done = {(r["arm"], r["seed"]) for r in runs}
+    expected = {(a, s) for a in args.arms for s in args.seeds}
+    status = "complete" if expected <= done else f"PARTIAL: {len(done & expected)} of {len(expected)} (arm, seed) runs finished"
+    text = (
+        f"{SECTION}\n\n"
+        f"Command (one CPU thread): `{command}`\n\n"
+        f"Synthetic `cardiac2d` (`variant=\"wholeheart\"`, data seed {cfg['data_seed']}), {cfg['size']} x {cfg['size']} px, "
+        f"{2 * cfg['num_train']} training slices (one structure each: LV, MYO, RV or whole heart, a quarter each), "
+        f"{2 * cfg['num_val']} fully labelled validation and {2 * cfg['num_test']} test slices (ED + ES). "
+        f"Same UNet backbone (channels {cfg['channels']}, instance norm) and budget for every arm: "
+        f"{cfg['iters1']} iterations Adam lr {cfg['lr1']:g}, then {cfg['iters2']} iterations Adam lr {cfg['lr2']:g} "
+        f"from the best-validation weights, batch {cfg['batch']}, validation every {cfg['val_every']} iterations, "
+        f"best-validation weights tested; CompNet arms tested with K = {cfg['k_test']} conditional sets; "
+        f"dual arms use lambda = {cfg['lambda_dual']} in the second phase. Test Dice, mean ± std over seeds {sorted(args.seeds)}. "
+        f"Status: {status}. Raw runs: `benchmarks/results/dcl_ablation_runs.jsonl`.\n\n"
+        + table(summary)
+    )
+    if verdict:
+        text += "\n" + verdict.strip() + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.quick:
+        (RESULTS / "dcl_ablation.md").write_text(text)
+    if not args.no_docs:
+        update_results_md(text)
+    return text
+
+
+def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
+    """Replace (or append) our section of docs/results.md, leaving every other section alone."""
+    old = path.read_text() if path.is_file() else "# Results\n"
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == header), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + section_text.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + section_text.rstrip("\n") + "\n" + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    command = "OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    cfg = config_of(args)
+    runs = []
+    if out.is_file():
+        runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
+        runs = [r for r in runs if r.get("config") == cfg]
+    verdict_path = RESULTS / "dcl_ablation_verdict.md"
+    verdict = verdict_path.read_text() if verdict_path.is_file() and not args.quick else None
+    if args.report_only:
+        print(write_report(args, runs, command.replace(" --report-only", ""), verdict))
+        return
+    if not args.resume:
+        runs = []
+        if out.is_file():
+            out.unlink()
+    splits = load_data(args)
+    print(f"data: {len(splits['training'])} training, {len(splits['validation'])} validation, {len(splits['test'])} test slices", flush=True)
+    cache: dict = {}
+    done = {(r["arm"], r["seed"]) for r in runs}
+    for seed in args.seeds:
+        for arm in args.arms:
+            if (arm, seed) in done:
+                continue
+            t = time.perf_counter()
+            r = run_arm(arm, seed, splits, args, cache)
+            r["config"] = cfg
+            runs.append(r)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            s = summarise([r])[arm]
+            print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: avg Dice {s['avg'][0]:.3f} val {r['val_best']:.3f} "
+                  f"({time.perf_counter() - t:.0f} s, dual refreshes {r['dual_refreshes']})", flush=True)
+            write_report(args, runs, command, verdict)
+    print(write_report(args, runs, command, verdict))
+
+
+if __name__ == "__main__":
+    main()

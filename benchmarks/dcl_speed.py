@@ -1,0 +1,171 @@
+"""DCL cost benchmark (issue 5 acceptance), CPU, one thread.
+
+1. Inference: ``ConditionalInferer(bank, num_samples=1)`` running CompNet (the bundle's UNet
+   backbone with the packed ``C (1 + m) + m`` input and ``2m`` outputs, softmax, ``z_cap +
+   z_delta``) vs the same UNet alone as a plain ``m``-class segmenter (1 input channel, ``m``
+   outputs, softmax) through ``SimpleInferer``, on the same input size. Target: <= 1.15x.
+2. Training: one stage-2 iteration of ``DCLTrainer`` (PrimNet forward, the dual swap, DualNet
+   forward, backward through both into PrimNet, Adam step) vs one iteration of MONAI's
+   ``SupervisedTrainer`` on the plain UNet (forward, ``CompatibleLoss``, backward, Adam step),
+   same batch size and size. Target: <= 2.5x.
+
+Both trainers' real ``_iteration`` methods are called on prepared batches (no data loading), the
+two sides interleaved in one process (ABAB...), and each ratio is a ratio of medians. Results go
+to ``benchmarks/results/dcl_cpu.json``.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--sizes 96 212]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+M = 4
+BACKBONE = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"}
+
+
+def unet(in_channels: int, out_channels: int):
+    from monai.networks.nets import UNet
+
+    return UNet(2, in_channels, out_channels, **BACKBONE)
+
+
+def interleaved(fa, fb, repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def bench_inference(size: int, repeats: int, batch: int = 1) -> dict:
+    from monai.inferers import SimpleInferer
+
+    from partialseg.inferers import ConditionalInferer, SupportBank
+    from partialseg.networks import CompNet
+
+    torch.manual_seed(0)
+    comp = CompNet(2, 1, M, backbone_kwargs=dict(BACKBONE)).eval()
+    plain = unet(1, M).eval()
+    bank = SupportBank(torch.randn(2 * M, 1, size, size), (torch.rand(2 * M, size, size) > 0.5).float(),
+                       torch.arange(2 * M) % M, num_classes=M)
+    cond = ConditionalInferer(bank, num_samples=1)
+    simple = SimpleInferer()
+    x = torch.randn(batch, 1, size, size)
+
+    def run_comp():
+        with torch.no_grad():
+            return cond(x, comp)
+
+    def run_plain():
+        with torch.no_grad():
+            return torch.softmax(simple(x, plain), 1)
+
+    assert run_comp().shape == run_plain().shape == (batch, M, size, size)
+    ta, tb = interleaved(run_comp, run_plain, repeats)
+    return {"size": size, "batch": batch, "compnet_k1_s": statistics.median(ta), "backbone_s": statistics.median(tb),
+            "ratio": statistics.median(ta) / statistics.median(tb), "target": 1.15}
+
+
+def bench_training(size: int, repeats: int, batch: int) -> dict:
+    from monai.engines import SupervisedTrainer
+
+    from partialseg.engines import DCLTrainer
+    from partialseg.losses import CompatibleLoss, ConditionalCompatibleLoss
+    from partialseg.networks import CompNet
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+
+    def partial_map():
+        """A random single-structure <0,p,1> map per sample (one class known, the rest 0 / p)."""
+        lab = torch.randint(0, M, (batch, size, size), generator=g)
+        onehot = torch.nn.functional.one_hot(lab, M).permute(0, 3, 1, 2).float()
+        out = torch.full_like(onehot, 0.5)
+        for b in range(batch):
+            k = b % M
+            out[b, k] = onehot[b, k]
+            inside = onehot[b, k] == 1
+            for j in range(M):
+                if j != k:
+                    out[b, j][inside] = 0.0
+        return out
+
+    image = torch.randn(batch, 1, size, size, generator=g)
+    label = partial_map()
+    cond_image = torch.randn(batch, M, size, size, generator=g)
+    cond_label = (torch.rand(batch, M, size, size, generator=g) > 0.5).float()
+    dcl_batch = {"image": image, "label": label, "cond_image": cond_image, "cond_label": cond_label}
+    plain_batch = {"image": image, "label": label}
+
+    comp = CompNet(2, 1, M, backbone_kwargs=dict(BACKBONE))
+    plain = unet(1, M)
+    dcl = DCLTrainer(device="cpu", max_epochs=1, train_data_loader=[dcl_batch], network=comp,
+                     optimizer=torch.optim.Adam(comp.parameters(), 1e-4), loss_function=ConditionalCompatibleLoss(),
+                     lambda_dual=0.2, decollate=False)
+    sup = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=[plain_batch], network=plain,
+                            optimizer=torch.optim.Adam(plain.parameters(), 1e-4), loss_function=CompatibleLoss("ce", "ce"),
+                            decollate=False)
+    step = {"i": 0}
+
+    def run_dcl():
+        step["i"] += 1
+        dcl.state.iteration = step["i"]
+        out = dcl._iteration(dcl, dcl_batch)
+        assert out["dual_class"] >= 0 and float(out["loss_dual"]) > 0
+        return out
+
+    def run_plain():
+        return sup._iteration(sup, plain_batch)
+
+    ta, tb = interleaved(run_dcl, run_plain, repeats)
+    dual_grads = [p.grad for p in dcl.dual_network.parameters() if p.grad is not None]
+    return {"size": size, "batch": batch, "stage2_iteration_s": statistics.median(ta), "supervised_iteration_s": statistics.median(tb),
+            "ratio": statistics.median(ta) / statistics.median(tb), "target": 2.5, "dualnet_params_with_grad": len(dual_grads)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 212])
+    ap.add_argument("--batch", type=int, default=8, help="training batch size")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dcl_cpu.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+               "repeats": args.repeats, "backbone": {k: list(v) if isinstance(v, tuple) else v for k, v in BACKBONE.items()},
+               "num_classes": M, "inference": [], "training": []}
+    for size in args.sizes:
+        r = bench_inference(size, args.repeats)
+        results["inference"].append(r)
+        print(f"inference {size}x{size}: CompNet K=1 {r['compnet_k1_s'] * 1e3:.1f} ms, backbone {r['backbone_s'] * 1e3:.1f} ms, ratio {r['ratio']:.3f} (target <= 1.15)", flush=True)
+    for size in args.sizes:
+        r = bench_training(size, args.repeats, args.batch)
+        results["training"].append(r)
+        print(f"training {size}x{size} batch {args.batch}: stage-2 {r['stage2_iteration_s'] * 1e3:.0f} ms, supervised {r['supervised_iteration_s'] * 1e3:.0f} ms, "
+              f"ratio {r['ratio']:.3f} (target <= 2.5); DualNet params with a gradient: {r['dualnet_params_with_grad']}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
