@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-stage2", type=int, default=30, help="stage-2 epochs of 20 iterations")
     parser.add_argument("--quick", action="store_true", help="a 1-minute smoke run (2 + 2 epochs)")
     args = parser.parse_args(argv)
-    if args.quick:
+    extra = {}
+    if args.quick:  # validate every epoch, so that each stage saves its best checkpoint
         args.epochs_stage1 = args.epochs_stage2 = 2
+        extra = {"val_interval": 1}
 
     out = Path(args.out).resolve()
     root = out / "marginal_exclusion_abdomen"
@@ -73,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     report.raise_if_invalid()
 
     print("\n=== 2/4 stage 1: fully labelled source, Dice + CE ===", flush=True)
-    _bundle_run(["train.json"], root, log, stage=1, epochs_stage1=args.epochs_stage1)
+    _bundle_run(["train.json"], root, log, stage=1, epochs_stage1=args.epochs_stage1, **extra)
     print("\n=== 3/4 stage 2: union of all sources, marginal + exclusion (1 : 2) ===", flush=True)
-    _bundle_run(["train.json"], root, log, stage=2, epochs_stage2=args.epochs_stage2)
+    _bundle_run(["train.json"], root, log, stage=2, epochs_stage2=args.epochs_stage2, **extra)
 
     print("\n=== 4/4 sliding-window inference on the test split, evaluation ===", flush=True)
     _bundle_run(["inference.json", "evaluate.json"], root, log)
