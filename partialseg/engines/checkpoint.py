@@ -1,0 +1,157 @@
+"""Atomic checkpoints and resumable training for the bundles.
+
+A training killed at any moment (SIGKILL, a pre-empted node) leaves every checkpoint file either
+complete or as it was: files are written to a temporary file in the same folder, flushed to disk
+and moved into place with ``os.replace`` (atomic on POSIX). Rerunning the same command resumes from
+the last :class:`ResumeCheckpoint`.
+
+Example (a bundle's ``train#handlers``)::
+
+    {"_target_": "partialseg.engines.ResumeCheckpoint",
+     "path": "$@output_dir + '/checkpoint.pt'",
+     "save_dict": {"network": "@network", "optimizer": "@optimizer"},
+     "interval": 20}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.handlers import CheckpointSaver
+
+from partialseg.engines.distributed import get_rank
+
+__all__ = ["AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``.
+
+    A process killed while saving leaves ``path`` as it was (a stray ``.<name>.*.tmp`` at worst,
+    never a truncated checkpoint). The file gets the permissions a plain ``torch.save`` would give.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _unwrap(obj: Any) -> Any:
+    return obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+
+
+class ResumeCheckpoint:
+    """Save the training state every ``interval`` iterations; resume from it when training starts.
+
+    The checkpoint holds the trainer's state (epoch, iteration) under ``"trainer"`` and every object
+    of ``save_dict`` (network, optimizer, LR scheduler: anything with ``state_dict``). On
+    ``STARTED`` an existing ``path`` is loaded into all of them, so rerunning a killed training
+    with the same command continues at the iteration it last saved (and the temporary file of a
+    write the kill interrupted, if any, is deleted). Attach it **after** any
+    ``CheckpointLoader`` that initialises the network (e.g. stage 2 from stage 1): both run on
+    ``STARTED`` in attachment order, so the resumed state takes precedence.
+
+    Under ``torchrun`` every rank loads; only rank 0 writes. Writes are atomic (:func:`atomic_save`).
+
+    Args:
+        path: the checkpoint file.
+        save_dict: name -> object with ``state_dict`` / ``load_state_dict``; DDP / DataParallel
+            wrappers are unwrapped, so a checkpoint from one process resumes under torchrun and back.
+        interval: save every this many iterations; the final state is saved on ``COMPLETED`` too.
+        enabled: False: neither load nor save (``--resume false``).
+        map_location: ``torch.load``'s ``map_location`` (default: CPU, then ``load_state_dict`` moves).
+
+    Raises:
+        ValueError: ``interval`` < 1; at start, the checkpoint's epoch exceeds the trainer's
+            ``max_epochs`` (it belongs to a longer run).
+        RuntimeError: at start, ``path`` exists but cannot be read (the message names it).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, save_dict: dict[str, Any], interval: int = 20, enabled: bool = True, map_location: Any = "cpu"
+    ) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        if not save_dict:
+            raise ValueError("save_dict must name at least one object to save")
+        self.path = Path(path)
+        self.save_dict = dict(save_dict)
+        self.interval = int(interval)
+        self.enabled = bool(enabled)
+        self.map_location = map_location
+        self.resumed_from: int | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def _objects(self, engine) -> dict[str, Any]:
+        return {"trainer": engine, **{k: _unwrap(v) for k, v in self.save_dict.items()}}
+
+    def save(self, engine) -> None:
+        if get_rank() != 0:
+            return
+        atomic_save({k: v.state_dict() for k, v in self._objects(engine).items()}, self.path)
+
+    def load(self, engine) -> None:
+        if get_rank() == 0:  # temporaries of writes a kill interrupted (the checkpoint itself is intact)
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if not self.path.is_file():
+            return
+        try:
+            checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - name the file whatever the reader's error
+            raise RuntimeError(f"cannot resume from {self.path} ({type(e).__name__}: {e}); delete it to start afresh") from e
+        max_epochs = engine.state.max_epochs
+        for name, obj in self._objects(engine).items():
+            if name not in checkpoint:
+                raise RuntimeError(f"{self.path} has no {name!r} state (it holds {sorted(checkpoint)})")
+            obj.load_state_dict(checkpoint[name])
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}")
+        engine.state.max_epochs = max_epochs
+        self.resumed_from = int(engine.state.iteration)
+        msg = f"resuming from {self.path} after iteration {engine.state.iteration} ({engine.state.epoch} full epochs)"
+        (engine.logger if hasattr(engine, "logger") else logger).info(msg)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` with atomic writes.
+
+    MONAI 1.6 builds its ignite ``DiskSaver`` with ``atomic=False`` (its comment: atomic files used
+    to be readable by their owner only; ignite 0.5 now adds group/other read after the move), so a
+    kill during ``torch.save`` leaves a truncated checkpoint. This subclass switches the savers back
+    to ignite's atomic mode: a temporary file in the same folder, then ``os.replace``. Arguments as
+    ``CheckpointSaver``; under DDP ignite writes on rank 0 only.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler._atomic = True
