@@ -64,6 +64,9 @@ def test_killed_stage2_resumes_where_it_stopped(tmp_path):
     restored = out.index("Restored all variables from")  # stage-1 initialisation runs first ...
     resumed = out.index(f"resuming from {ckpt} after iteration {killed_at} ({killed_at // 4} full epochs)")
     assert restored < resumed  # ... and the resumed state overrides it
+    assert "train [30/30]" in r.stderr  # a progress bar (ignite's tqdm ProgressBar)
+    saved = sorted((tmp_path / "runs" / "stage2").glob("config_*.json"))  # the executed config, per run
+    assert saved and json.loads(saved[-1].read_text())["epochs_stage2"] == 30
     metrics = json.loads((tmp_path / "runs" / "stage2" / "metrics.json").read_text())
     assert metrics["iteration"] == list(range(killed_at + 1, 121))  # the count continues, no step repeated
 
