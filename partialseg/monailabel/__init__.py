@@ -1,0 +1,28 @@
+"""MONAI Label integration: serve every partialseg bundle (``pip install -e .[monailabel]``).
+
+``python -m partialseg.monailabel start --studies DIR`` prepares an app folder and runs
+``monailabel start_server`` on 127.0.0.1; see docs/serving.md. The names below import MONAI Label
+on first use, so ``import partialseg.monailabel`` works without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PartialSegApp", "BundleInferTask", "PartialLabelTrainTask", "discover_bundles", "bundle_classes", "init_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PartialSegApp":
+        from partialseg.monailabel.app import PartialSegApp
+
+        return PartialSegApp
+    if name == "init_app":
+        from partialseg.monailabel.__main__ import init_app
+
+        return init_app
+    if name in ("BundleInferTask", "PartialLabelTrainTask", "discover_bundles", "bundle_classes"):
+        from partialseg.monailabel import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
