@@ -15,7 +15,10 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,monailabel,tracking]'
+	# MONAI Label itself without its dependencies (they would pull torchvision, sam2 and a CUDA
+	# torch); pydicom-seg pins numpy<2 but works with numpy 2
+	$(PIP) install -q --no-deps pydicom-seg==0.4.1 monailabel==0.8.5
 	rm -f $(VENV)/.installed-*
 	touch $@
 
