@@ -38,6 +38,9 @@ ARMS = {
     # Table 5 of the paper: other marginal : exclusion weights (not run by default)
     "marginal_exclusion_1to1": {"lambda_exclusion": 1.0},
     "marginal_exclusion_1to4": {"lambda_exclusion": 4.0},
+    # diagnosis: the exclusion CE alone (no exclusion Dice), weight 2
+    "marginal_exclusion_ce": {"partial_loss": "$lambda i, t, m=partialseg.losses.MarginalExclusionLoss(lambda_exclusion=0.0), "
+                                              "e=partialseg.losses.ExclusionCELoss(): m(i, t) + 2.0 * e(i, t)"},
 }
 MAIN_ARMS = ["full_only", "naive_union", "marginal", "marginal_exclusion"]
 LABELS = {
@@ -47,6 +50,7 @@ LABELS = {
     "marginal_exclusion": "(4) union, marginal + exclusion 1 : 2",
     "marginal_exclusion_1to1": "(4') union, marginal + exclusion 1 : 1",
     "marginal_exclusion_1to4": "(4'') union, marginal + exclusion 1 : 4",
+    "marginal_exclusion_ce": "(4ce) union, marginal + 2 x exclusion CE only",
 }
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach"]
 
@@ -118,6 +122,13 @@ def table(results: dict, command: str) -> str:
         hd = np.array([r["mean_hd95"] for r in rows])
         means[arm] = {r["seed"]: (r["mean_dice"], r["mean_hd95"]) for r in rows}
         lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + f" | {md.mean():.3f} ± {md.std():.3f} | {hd.mean():.2f} ± {hd.std():.2f} |")
+    lines += ["", "HD95 (mm) per organ, mean ± std over seeds:", "",
+              "| arm | " + " | ".join(ORGANS) + " |", "|---" * (len(ORGANS) + 1) + "|"]
+    for arm in ARMS:
+        rows = [r for r in results.values() if r["arm"] == arm]
+        if rows:
+            cells = [f"{np.mean([r['hd95'][o] for r in rows]):.1f} ± {np.std([r['hd95'][o] for r in rows]):.1f}" for o in ORGANS]
+            lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     lines.append("")
     if all(a in means for a in MAIN_ARMS):
         common = sorted(set.intersection(*(set(means[a]) for a in MAIN_ARMS)))
