@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-stage2", type=int, default=30, help="stage-2 epochs of 20 iterations")
     parser.add_argument("--quick", action="store_true", help="a 1-minute smoke run (2 + 2 epochs)")
     args = parser.parse_args(argv)
-    extra = {}
+    extra = {"resume": False}  # every demo trains anew (a rerun into the same folder does not resume)
     if args.quick:  # validate every epoch, so that each stage saves its best checkpoint
         args.epochs_stage1 = args.epochs_stage2 = 2
-        extra = {"val_interval": 1}
+        extra["val_interval"] = 1
 
     out = Path(args.out).resolve()
     root = out / "marginal_exclusion_abdomen"

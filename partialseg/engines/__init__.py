@@ -8,9 +8,8 @@ subclass it in their own module here (:mod:`partialseg.engines.dcl`: DCL's prima
 from partialseg.engines.checkpoint import AtomicCheckpointSaver, ResumeCheckpoint, atomic_save
 from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, dual_swap
 from partialseg.engines.distributed import get_rank, quiet_non_zero_ranks, rank_zero_only
-from partialseg.engines.inputs import LoadImageNamedd
 from partialseg.engines.tracking import ConfigSaver
 from partialseg.engines.handlers import MetricsRecorder, require_checkpoint
 
 __all__ = ["DCLTrainer", "DualNetworkUpdater", "dual_swap", "MetricsRecorder", "require_checkpoint", "get_rank", "rank_zero_only", "quiet_non_zero_ranks",
-           "AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save", "LoadImageNamedd", "ConfigSaver"]
+           "AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save", "ConfigSaver"]

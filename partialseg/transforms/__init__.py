@@ -6,7 +6,8 @@ Groups, each an ``array.py`` + ``dictionary.py`` pair as in MONAI:
 - ``distance``: SignedDistanceMap (DTML);
 - ``spatial``: AtlasCrop (atlas method), invertible;
 - ``mix``: ForegroundPaste (hybrid method);
-- ``conditional``: ConditionalSupervision, SingleLabelView (DCL's CompNet).
+- ``conditional``: ConditionalSupervision, SingleLabelView (DCL's CompNet);
+- ``io``: LoadImageNamedd (MONAI's LoadImaged with errors naming the file; dictionary only).
 """
 
 from partialseg.transforms.distance import *  # noqa: F401,F403
@@ -21,4 +22,7 @@ from partialseg.transforms.spatial import __all__ as _spatial_all
 from partialseg.transforms.conditional import *  # noqa: F401,F403,E402
 from partialseg.transforms.conditional import __all__ as _conditional_all  # noqa: E402
 
-__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all, *_conditional_all]
+from partialseg.transforms.io import *  # noqa: F401,F403,E402
+from partialseg.transforms.io import __all__ as _io_all  # noqa: E402
+
+__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all, *_conditional_all, *_io_all]

@@ -1,4 +1,4 @@
-"""Input loading for bundle pipelines with errors that name the file."""
+"""Dictionary loading transforms for bundle pipelines, with errors that name the file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from monai.transforms import LoadImaged
 
-__all__ = ["LoadImageNamedd"]
+__all__ = ["LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict"]
 
 
 class LoadImageNamedd(LoadImaged):
@@ -32,3 +32,6 @@ class LoadImageNamedd(LoadImaged):
         except Exception as e:  # noqa: BLE001 - any reader failure becomes one message naming the files
             paths = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
             raise RuntimeError(f"{', '.join(paths)}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+LoadImageNamedD = LoadImageNamedDict = LoadImageNamedd
