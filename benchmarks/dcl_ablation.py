@@ -389,7 +389,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
-    head = "| arm | seeds | ED LV | ED MYO | ED RV | ES LV | ES MYO | ES RV | avg | train s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    head = "| arm | seeds | ED LV | ED MYO | ED RV | ES LV | ES MYO | ES RV | avg | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n"
     rows = []
     for arm, s in summary.items():
         cells = [f"{s['cols'][(ph, c)][0]:.3f}±{s['cols'][(ph, c)][1]:.3f}" for ph in ("ED", "ES") for c in CLASSES[1:]]

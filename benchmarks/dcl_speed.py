@@ -15,7 +15,7 @@ to ``benchmarks/results/dcl_cpu.json``.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--sizes 96 212]
+    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--sizes 96 216]
 """
 
 from __future__ import annotations
@@ -144,9 +144,10 @@ def bench_training(size: int, repeats: int, batch: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 212])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 216], help="multiples of 8 (the UNet halves the grid 3 times); 216 ~ the paper's 212")
     ap.add_argument("--batch", type=int, default=8, help="training batch size")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dcl_cpu.json"))
+    ap.add_argument("--no-docs", action="store_true", help="don't write the section of docs/results.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
@@ -165,6 +166,36 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
+    if not args.no_docs:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from dcl_ablation import update_results_md
+
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py", *(sys.argv[1:] if argv is None else argv)])
+        update_results_md(report(results, command), header=SECTION)
+
+
+SECTION = "## dcl: cost on CPU (one thread)"
+
+
+def report(results: dict, command: str) -> str:
+    lines = [SECTION, "", f"Command: `{command}` (results: `benchmarks/results/dcl_cpu.json`). Backbone: MONAI UNet "
+             f"{results['backbone']['channels']}, instance norm, {results['num_classes']} classes; medians of "
+             f"{results['repeats']} interleaved repeats, torch {results['torch']}, on a CPU shared with other jobs.", "",
+             "| measurement | size | DCL | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for r in results["inference"]:
+        lines.append(f"| inference: CompNet, ConditionalInferer K = 1 vs the UNet alone (batch {r['batch']}) | {r['size']}² | "
+                     f"{r['compnet_k1_s'] * 1e3:.1f} ms | {r['backbone_s'] * 1e3:.1f} ms | {r['ratio']:.2f}x | <= {r['target']}x | "
+                     f"{'yes' if r['ratio'] <= r['target'] else 'no'} |")
+    for r in results["training"]:
+        lines.append(f"| training: DCLTrainer stage-2 iteration vs SupervisedTrainer iteration (batch {r['batch']}) | {r['size']}² | "
+                     f"{r['stage2_iteration_s'] * 1e3:.0f} ms | {r['supervised_iteration_s'] * 1e3:.0f} ms | {r['ratio']:.2f}x | "
+                     f"<= {r['target']}x | {'yes' if r['ratio'] <= r['target'] else 'no'} |")
+    notes = ROOT / "benchmarks" / "results" / "dcl_cpu_notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
