@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
+# `make test` runs two pytest workers on two cores: one thread each, also in the bundle / torchrun /
+# MONAI Label processes the tests start (oversubscribed torch threads slow everything several-fold)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
