@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,12 +27,9 @@ BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "marginal_exclusio
 
 def _bundle_run(configs: list[str], bundle_root: Path, log: Path, **overrides) -> None:
     """Run ``python -m monai.bundle run`` on the bundle's configs; stream a short progress line."""
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(bundle_root)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    from partialseg.engines import bundle_command
+
+    cmd = bundle_command(BUNDLE, bundle_root, configs, **overrides)
     print("  $ " + " ".join(c if " " not in c else repr(c) for c in cmd[1:]), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as out:

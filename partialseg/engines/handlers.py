@@ -7,7 +7,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsRecorder", "require_checkpoint"]
+__all__ = ["MetricsRecorder", "as_bool", "require_checkpoint"]
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+def as_bool(value: Any) -> bool:
+    """A config flag as a bool, accepting the strings a command line gives.
+
+    ``python -m monai.bundle run ... --resume false`` passes the *string* ``"false"`` (fire reads
+    only ``False`` as a bool), which Python treats as true; bundle configs read their flags through
+    this function so that ``false``, ``False``, ``0``, ``no`` and ``off`` all mean False.
+
+    Raises:
+        ValueError: a string that is not a recognised boolean word (naming it).
+    """
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ValueError(f"expected a boolean flag (true/false, 1/0, yes/no, on/off), got {value!r}")
+    return bool(value)
 
 
 def require_checkpoint(path: str | os.PathLike, hint: str = "") -> str:

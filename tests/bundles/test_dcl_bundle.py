@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from partialseg.data import ensure_dataset, load_dataset
+from partialseg.engines import bundle_command
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "dcl_cardiac"
 #: 32 x 32 slices resampled to 1.8 mm (25 x 25) and padded to 32 x 32: the inverse must undo both
@@ -30,14 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def bundle_run(root: Path, configs=("train.json",), **overrides) -> subprocess.CompletedProcess:
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(root)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(bundle_command(BUNDLE, root, configs, **overrides), capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

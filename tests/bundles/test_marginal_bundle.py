@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from partialseg.data import ensure_dataset, load_dataset
+from partialseg.engines import bundle_command
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
 #: a coarse grid keeps every run to seconds: about 16 x 16 x 12 voxels after resampling
@@ -27,14 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def bundle_run(root: Path, configs=("train.json",), **overrides) -> subprocess.CompletedProcess:
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(root)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(bundle_command(BUNDLE, root, configs, **overrides), capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +81,7 @@ def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
     r = bundle_run(tmp_path, stage=2, epochs_stage2=1, **SMALL)
     assert r.returncode != 0
     assert "model_stage1.pt does not exist" in r.stderr and "run stage 1 first" in r.stderr
+    # `--init_from_stage1 false` on the command line (fire passes the string "false") trains from scratch
+    r = bundle_run(tmp_path, stage=2, epochs_stage2=1, init_from_stage1="false", **SMALL)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file() and "Restored all variables" not in r.stdout + r.stderr

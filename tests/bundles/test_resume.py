@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from partialseg.data import ensure_dataset, load_dataset
+from partialseg.engines import bundle_command
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
 CFG = BUNDLE / "configs"
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def command(root: Path, configs=("train.json",), **overrides) -> list[str]:
-    files = [str(CFG / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--meta_file", str(CFG / "metadata.json"), "--logging_file", str(CFG / "logging.conf"), "--bundle_root", str(root)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
-    return cmd
+    return bundle_command(CFG.parent, root, configs, **overrides)
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,0 +1,43 @@
+"""Command lines that run a bundle with ``python -m monai.bundle run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["bundle_command"]
+
+
+def bundle_command(
+    bundle: str | os.PathLike, bundle_root: str | os.PathLike, configs: Sequence[str] = ("train.json",), **overrides: Any
+) -> list[str]:
+    """The ``python -m monai.bundle run`` command for a bundle's configs, with config overrides.
+
+    Args:
+        bundle: the bundle folder (holding ``configs/``; ``metadata.json`` and ``logging.conf``
+            there are passed when present).
+        bundle_root: the run's ``--bundle_root`` (data, models, runs and evaluations go there).
+        configs: config files of ``configs/``, layered in this order.
+        **overrides: config keys and values; each value is passed as JSON, which ``fire`` reads
+            back as the same Python value (strings stay strings, lists stay lists).
+
+    Example:
+        >>> cmd = bundle_command("bundles/marginal_exclusion_abdomen", "/tmp/run", stage=1)
+        >>> cmd[1:4], cmd[-2:]
+        (['-m', 'monai.bundle', 'run'], ['--stage', '1'])
+    """
+    cfg = Path(bundle) / "configs"
+    files = [str(cfg / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0]]
+    if (cfg / "metadata.json").is_file():
+        cmd += ["--meta_file", str(cfg / "metadata.json")]
+    if (cfg / "logging.conf").is_file():
+        cmd += ["--logging_file", str(cfg / "logging.conf")]
+    cmd += ["--bundle_root", str(bundle_root)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    return cmd
