@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -266,11 +265,9 @@ class PartialLabelTrainTask(TrainTask):
             if key in request:
                 overrides[key] = request[key]
         overrides.update(request.get("overrides") or {})
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.json"),
-               "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
-               "--bundle_root", str(self.bundle_root)]  # fmt: skip
-        for key, value in overrides.items():
-            cmd += [f"--{key}", json.dumps(value)]
+        from partialseg.engines.launch import bundle_command
+
+        cmd = bundle_command(configs.parent, self.bundle_root, ("train.json",), **overrides)
         log = run_dir / "train.log"
         begin = time.time()
         with open(log, "w") as f:
