@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bundle_command"]
+__all__ = ["bundle_command", "run_bundle"]
 
 
 def bundle_command(
@@ -41,3 +42,27 @@ def bundle_command(
     for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value)]
     return cmd
+
+
+def run_bundle(
+    bundle: str | os.PathLike,
+    bundle_root: str | os.PathLike,
+    configs: Sequence[str] = ("train.json",),
+    threads: int | None = None,
+    timeout: float | None = None,
+    **overrides: Any,
+) -> subprocess.CompletedProcess:
+    """Run :func:`bundle_command` in a subprocess and return it with its captured output.
+
+    Args:
+        bundle, bundle_root, configs, **overrides: as :func:`bundle_command`.
+        threads: ``OMP_NUM_THREADS`` of the run (None: inherited).
+        timeout: seconds before the run is killed (``subprocess.TimeoutExpired``).
+
+    Returns:
+        The ``CompletedProcess`` (``returncode``, ``stdout``, ``stderr`` as text); it does not raise
+        on a failed run.
+    """
+    env = dict(os.environ) if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = bundle_command(bundle, bundle_root, configs, **overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -9,7 +9,6 @@ input's grid; ``benchmarks/dcl_ablation.py`` measures accuracy.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from partialseg.data import ensure_dataset, load_dataset
-from partialseg.engines import bundle_command
+from partialseg.engines import run_bundle
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "dcl_cardiac"
 #: 32 x 32 slices resampled to 1.8 mm (25 x 25) and padded to 32 x 32: the inverse must undo both
@@ -30,8 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def bundle_run(root: Path, configs=("train.json",), **overrides) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(bundle_command(BUNDLE, root, configs, **overrides), capture_output=True, text=True, env=env, timeout=600)
+    return run_bundle(BUNDLE, root, configs, threads=1, timeout=600, **overrides)
 
 
 @pytest.fixture(scope="module")

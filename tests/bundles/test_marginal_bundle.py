@@ -8,7 +8,6 @@ demo (``make demo``) and ``benchmarks/marginal_ablation.py`` measure accuracy.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from partialseg.data import ensure_dataset, load_dataset
-from partialseg.engines import bundle_command
+from partialseg.engines import run_bundle
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
 #: a coarse grid keeps every run to seconds: about 16 x 16 x 12 voxels after resampling
@@ -27,8 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def bundle_run(root: Path, configs=("train.json",), **overrides) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(bundle_command(BUNDLE, root, configs, **overrides), capture_output=True, text=True, env=env, timeout=600)
+    return run_bundle(BUNDLE, root, configs, threads=1, timeout=600, **overrides)
 
 
 @pytest.fixture(scope="module")
