@@ -33,7 +33,7 @@ from partialseg.transforms.conditional.array import conditional_supervision, lab
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["DCLTrainer", "DualNetworkUpdater", "dual_swap"]
+__all__ = ["DCLTrainer", "DualNetworkUpdater", "DualState", "dual_swap"]
 
 
 def dual_swap(
@@ -333,3 +333,35 @@ class DualNetworkUpdater:
         self._seen = best
         if self.trainer.lambda_dual > 0:
             self.trainer.refresh_dual()
+
+
+class DualState:
+    """DualNet's weights and refresh history as a checkpointable object (``state_dict`` / ``load_state_dict``).
+
+    DualNet is created lazily (a frozen copy of PrimNet at the first stage-2 iteration) and refreshed
+    on validation improvements, so it is not a config object a checkpoint could name. Put
+    ``DualState(trainer)`` in a :class:`partialseg.engines.ResumeCheckpoint`'s ``save_dict``: a killed
+    stage 2 then resumes with the DualNet it had, not a fresh copy of the resumed PrimNet.
+
+    Args:
+        trainer: the :class:`DCLTrainer`.
+    """
+
+    def __init__(self, trainer: DCLTrainer) -> None:
+        if not isinstance(trainer, DCLTrainer):
+            raise TypeError(f"trainer must be a DCLTrainer, got {type(trainer).__name__}")
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        weights = t.dual_network.state_dict() if t.dual_network is not None else {}
+        return {"weights": weights, "refreshes": torch.tensor(t.dual_refreshes, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        if state.get("weights"):
+            if t.dual_network is None:
+                t.dual_network = copy.deepcopy(_unwrap(t.network))
+            t.dual_network.load_state_dict(state["weights"])
+            t._freeze(t.dual_network)
+        t.dual_refreshes = [int(i) for i in torch.as_tensor(state.get("refreshes", [])).tolist()]

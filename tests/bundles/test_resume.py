@@ -114,3 +114,35 @@ def error_chain(fn, *args) -> str:
         messages.append(f"{type(e).__name__}: {e}")
         e = e.__cause__
     return "\n".join(messages)
+
+
+def test_killed_dcl_stage2_resumes_with_its_dualnet(tmp_path):
+    """DCL's DualNet (created lazily, refreshed on validation gains) is saved and restored too."""
+    dcl = BUNDLE.parent / "dcl_cardiac"
+    small = {"pixdim": [1.8, 1.8], "spatial_size": [32, 32], "iterations_per_epoch": 4, "val_interval": 1, "batch_size": 4}
+    ensure_dataset(tmp_path / "data" / "cardiac2d", "cardiac2d", size=32, num_train=2, num_test=1, num_val=1, variant="wholeheart")
+    s1 = subprocess.run(bundle_command(dcl, tmp_path, stage=1, epochs_stage1=1, **small), capture_output=True, text=True, env=ENV, timeout=300)
+    assert s1.returncode == 0, s1.stdout[-3000:] + s1.stderr[-3000:]
+    cmd = bundle_command(dcl, tmp_path, stage=2, epochs_stage2=20, checkpoint_interval=2, progress="false", **small)
+    ckpt = tmp_path / "runs" / "stage2" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(ckpt, weights_only=True)
+    killed_at = before["trainer"]["iteration"]
+    assert 2 <= killed_at < 80 and before["dual"]["weights"], sorted(before)
+    assert before["dual"]["refreshes"].tolist()[0] == 1  # DualNet = PrimNet at the first stage-2 iteration
+
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"resuming from {ckpt} after iteration {killed_at}" in r.stdout + r.stderr
+    final = torch.load(ckpt, weights_only=True)
+    refreshes = final["dual"]["refreshes"].tolist()
+    assert final["trainer"]["iteration"] == 80
+    # the pre-kill history is kept, and DualNet was restored, not re-copied from PrimNet on resuming
+    assert refreshes[: len(before["dual"]["refreshes"])] == before["dual"]["refreshes"].tolist()
+    assert killed_at + 1 not in refreshes
