@@ -33,13 +33,13 @@ def _bundle_run(configs: list[str], bundle_root: Path, log: Path, **overrides) -
     print("  $ " + " ".join(c if " " not in c else repr(c) for c in cmd[1:]), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            if "Metrics --" in line or "Got new best" in line or "generating the synthetic" in line:
-                print("    " + line.split(" - ")[-1].strip(), flush=True)
-        if proc.wait() != 0:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            lines = proc.stdout if proc.stdout is not None else []
+            for line in lines:
+                out.write(line)
+                if "Metrics --" in line or "Got new best" in line or "generating the synthetic" in line:
+                    print("    " + line.split(" - ")[-1].strip(), flush=True)
+        if proc.returncode != 0:
             raise SystemExit(f"error: bundle run failed (exit {proc.returncode}); see {log}")
     print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
 
