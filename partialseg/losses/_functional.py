@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from partialseg.losses import _native
+
 __all__ = [
     "POSITIVE_BASES",
     "NEGATIVE_BASES",
@@ -323,12 +325,11 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         b_, c_ = p.shape[0], p.shape[1]
         a = p.new_zeros(b_, c_, 1)  # per-channel coefficient of v
         b = p.new_zeros(b_, 1, p.shape[2])  # per-voxel coefficient of v
-        if use_mce:
-            # d(-log q)/dp_j = -w_j / q  ==  v_j / q - 1 / q  (the constant drops in the softmax)
+        iq = None
+        if use_mce:  # d(-log q)/dx = g (p - w p / q), added in logit space below (no cancellation)
             iq = torch.where(informative > 0, g_mce.unsqueeze(1) / q, 0.0)
             if low_idx is not None:  # handled exactly below
                 iq = iq.squeeze(1).index_put(low_idx, iq.new_zeros(())).unsqueeze(1)
-            b = b + iq
         if use_mdice:
             g_i, g_sp = g_mdice[0], g_mdice[1]  # (B, C)
             h = (g_i + g_sp).unsqueeze(1)  # (B, 1, C)
@@ -340,17 +341,19 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         if use_edice:
             a = a + g_edice[0].unsqueeze(2)  # d sum v p / dp = v
         scratch, ctx.scratch = ctx.scratch, None  # a second backward (retain_graph) allocates
-        if use_mce or use_mdice:
+        if use_mdice:
             g_p = torch.add(a, b, out=scratch) if scratch is not None else a + b  # (B, C, N)
         else:  # a per-channel coefficient only
             g_p = torch.mul(v, a, out=scratch) if scratch is not None else v * a
         if use_ece:
             g_p.addcdiv_(g_ece.unsqueeze(1).expand_as(g_p), p + ctx.eps)
-        if use_mce or use_mdice or use_ece:
+        if use_mdice or use_ece:
             g_p.mul_(v)
         if use_edice:
             g_p.baddbmm_(g_edice[1].unsqueeze(2), informative)  # d sum M p / dp = M
         grad = _softmax_backward(g_p, p)
+        if use_mce:  # g (p - w p / q) = p (g / q) (q - w), w = 1 - v: exact for a tiny q too
+            grad.addcmul_(p, torch.where(v > 0, q, q - 1.0).mul_(iq))
         if use_mce and low_idx is not None:
             p_rows = p.permute(0, 2, 1)[low_idx]
             rows = (p_rows - ctx.r_rows) * g_mce[low_idx].unsqueeze(1)
@@ -459,6 +462,8 @@ def marginal_softmax_stats(
         voxels; the Dice entries hold (intersection, prediction sum, target sum).
     """
     xb, tb = _flat(x, target)
+    if _native.usable(xb):  # compiled CPU kernel: same numbers, one pass each way
+        return _native.marginal(xb, tb, (mce, ece, mdice, edice), eps)
     empty = xb.new_empty(0)
     if (mce, ece, mdice, edice) == (True, False, False, False):
         return _MarginalCEFunction.apply(xb, tb), empty, empty, empty
@@ -634,6 +639,8 @@ def compatible_from_logits(
     """
     xb, tb = _flat(x, target)
     positive, negative = tuple(positive), tuple(negative)
+    if _native.usable(xb):  # compiled CPU kernel: the loss and its gradient in one pass
+        return _native.compatible(xb, tb, positive, negative, alpha_pos, alpha_neg, eps)
     out = None
     if "ce" in positive:
         # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a

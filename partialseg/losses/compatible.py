@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from partialseg.losses import _native
 from partialseg.losses._functional import (
     NEGATIVE_BASES,
     POSITIVE_BASES,
@@ -259,6 +260,14 @@ class ConditionalCompatibleLoss(PartialLabelLoss):
         if target.shape != input.shape:
             raise ValueError(f"{type(self).__name__}: target must match input {tuple(input.shape)}, got {tuple(target.shape)}.")
         c = self.compatible
+        x = input.to(compute_dtype(input)).reshape(input.shape[0], input.shape[1], -1)
+        if _native.usable(x):  # compiled CPU kernel: softmax, both terms and the gradient in one pass
+            m = cond_label.shape[1]
+            y = (target[:, :m] + target[:, m:]).clamp(0, 1).to(x.dtype).reshape(x.shape[0], m, -1)
+            yc = cond_label.to(x.dtype).reshape(y.shape) if self.prior_weight > 0 else None
+            prior = _native.prior_weights(c.negative or ("ce",), self.prior_weight)
+            per_voxel = _native.compatible(x, y, c.positive, c.negative, c.alpha_pos, c.alpha_neg, c.eps, yc, prior)
+            return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
         probs = torch.softmax(input.to(compute_dtype(input)), 1)
         per_voxel = conditional_compatible_terms(
             probs, target, cond_label, c.positive, c.negative, c.alpha_pos, c.alpha_neg, self.prior_weight, c.eps
