@@ -32,8 +32,9 @@ from pathlib import Path
 __all__ = ["library", "enabled", "cache_dir", "build"]
 
 SOURCE = Path(__file__).with_name("losses.c")
-# -fno-math-errno lets gcc call glibc's vector expf / logf / log1pf (libmvec) in the voxel loops
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC"]
+# -fno-math-errno lets gcc call glibc's vector expf / logf / log1pf (libmvec) in the voxel loops;
+# -fno-trapping-math lets it turn the masked terms (`k ? a / b : 0`) into vector blends
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11", "-shared", "-fPIC"]
 LIBS = ["-lmvec", "-lm"]
 
 _lock = threading.Lock()

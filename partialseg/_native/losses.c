@@ -30,6 +30,9 @@ extern float logf(float);
 extern float log1pf(float);
 
 #define BLK 128
+/* fmaxf / fminf are library calls without -ffinite-math-only; these vectorise (vmaxps / vminps) */
+#define MAXF(a, b) ((a) > (b) ? (a) : (b))
+#define MINF(a, b) ((a) < (b) ? (a) : (b))
 #define TINY 1e-30f      /* below this a -log(prob) term is recomputed exactly */
 #define SATURATED 0.99f  /* above this a -log(1 - prob) term is recomputed exactly */
 #define ONE_MINUS_ULP (1.0f - 5.9604645e-08f)
@@ -51,7 +54,7 @@ static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float
     for (int64_t k = 1; k < K; k++) {
         const float *xk = x + k * N;
 #pragma omp simd
-        for (int64_t v = 0; v < n; v++) mx[v] = fmaxf(mx[v], xk[v]);
+        for (int64_t v = 0; v < n; v++) mx[v] = MAXF(mx[v], xk[v]);
     }
     for (int64_t k = 0; k < K; k++) {
         const float *xk = x + k * N;
@@ -197,7 +200,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
             const float *p0 = P + c * BLK, *p1 = P + (c + M) * BLK;
             float *yv = Y + c * BLK;
 #pragma omp simd
-            for (int64_t v = 0; v < n; v++) yv[v] = fminf(p0[v] + p1[v], 1.f);
+            for (int64_t v = 0; v < n; v++) yv[v] = MINF(p0[v] + p1[v], 1.f);
         }
     memset(D, 0, sizeof(float) * M * BLK);
     if (yc) memset(E, 0, sizeof(float) * K * BLK);
@@ -225,10 +228,10 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
                     int k1 = tc[v] == 1.f;
-                    float y = fmaxf(yv[v], TINY);
+                    float y = MAXF(yv[v], TINY);
                     L[v] -= k1 ? ap * logf(y) : 0.f;
                     dc[v] -= k1 ? ap / y : 0.f;
-                    flag[v] |= k1 && yv[v] < TINY;
+                    flag[v] |= k1 & (yv[v] < TINY);
                 }
             }
         }
@@ -253,18 +256,18 @@ static void compatible_block(const compat_args *a, const float *x, const float *
             for (int64_t v = 0; v < n; v++) { int w = tc[v] != 0.f; q[v] += w ? yv[v] : 0.f; nc[v] += w; }
         }
 #pragma omp simd
-        for (int64_t v = 0; v < n; v++) { inform[v] = nc[v] > 0 && nc[v] < M; q[v] = fminf(q[v], 1.f); }
+        for (int64_t v = 0; v < n; v++) { inform[v] = (nc[v] > 0) & (nc[v] < M); q[v] = MINF(q[v], 1.f); }
         if (a->flags & POS_TACE) {
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
-                L[v] -= inform[v] ? ap * logf(fmaxf(q[v], TINY)) : 0.f;
-                flag[v] |= inform[v] && q[v] < TINY;
+                L[v] -= inform[v] ? ap * logf(MAXF(q[v], TINY)) : 0.f;
+                flag[v] |= inform[v] & (q[v] < TINY);
             }
             for (int64_t c = 0; c < M; c++) {
                 const float *tc = t + c * N;
                 float *dc = D + c * BLK;
 #pragma omp simd
-                for (int64_t v = 0; v < n; v++) dc[v] -= (inform[v] && tc[v] != 0.f) ? ap / fmaxf(q[v], TINY) : 0.f;
+                for (int64_t v = 0; v < n; v++) dc[v] -= (inform[v] & (tc[v] != 0.f)) ? ap / MAXF(q[v], TINY) : 0.f;
             }
         }
         if (a->flags & POS_TADICE) {
@@ -276,7 +279,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
                     float d = 1.f + q[v];
-                    dc[v] -= (inform[v] && tc[v] != 0.f) ? 2.f * ap / (d * d) : 0.f;
+                    dc[v] -= (inform[v] & (tc[v] != 0.f)) ? 2.f * ap / (d * d) : 0.f;
                 }
             }
         }
@@ -288,10 +291,10 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
                 int k0 = tc[v] == 0.f;
-                float y = fminf(yv[v], ONE_MINUS_ULP);
+                float y = MINF(yv[v], ONE_MINUS_ULP);
                 L[v] -= k0 ? an * log1pf(-y) : 0.f;
                 dc[v] += k0 ? an / (1.f - y) : 0.f;
-                flag[v] |= k0 && yv[v] > SATURATED;
+                flag[v] |= k0 & (yv[v] > SATURATED);
             }
         }
     if (a->flags & NEG_DICE)
@@ -307,40 +310,60 @@ static void compatible_block(const compat_args *a, const float *x, const float *
             }
         }
     if (a->flags & (NEG_EXCE | NEG_EXDICE)) {
-        for (int64_t v = 0; v < n; v++) sx[v] = 0.f;
+        /* s = summed probability of the sample's unlabelled classes known absent at the voxel */
+        float gs[BLK]; /* d(merged term)/ds on labelled voxels */
+        for (int64_t v = 0; v < n; v++) { sx[v] = 0.f; gs[v] = 0.f; }
         for (int64_t c = 0; c < M; c++) {
             if (!unk[c]) continue;
             const float *tc = t + c * N, *yv = Y + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) sx[v] += tc[v] == 0.f ? yv[v] : 0.f;
         }
-        const int ce = (a->flags & NEG_EXCE) != 0, dice = (a->flags & NEG_EXDICE) != 0;
-        float gs[BLK]; /* d(merged term)/d s, on labelled voxels */
-#pragma omp simd
-        for (int64_t v = 0; v < n; v++) {
-            float s1 = sx[v] + 1.f;
-            float lv = ce ? (eps == 1.f ? log1pf(sx[v]) : logf(sx[v] + eps)) : 0.f;
-            lv += dice ? 2.f * sx[v] / s1 : 0.f;
-            L[v] += has1[v] ? an * lv : 0.f;
-            float g = (ce ? 1.f / (sx[v] + eps) : 0.f) + (dice ? 2.f / (s1 * s1) : 0.f);
-            gs[v] = has1[v] ? an * g : 0.f;
-        }
-        for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *yv = Y + c * BLK;
-            float *dc = D + c * BLK;
-            const int u = unk[c] != 0;
+        if (a->flags & NEG_EXCE) { /* Eq. 17: [t = 0] log(p + eps) + log(s + eps) */
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
-                int k0 = tc[v] == 0.f;
-                float y = yv[v], d = y + 1.f;
-                float lv = (ce ? (eps == 1.f ? log1pf(y) : logf(y + eps)) : 0.f) + (dice ? 2.f * y / d : 0.f);
-                float g = (ce ? 1.f / (y + eps) : 0.f) + (dice ? 2.f / (d * d) : 0.f);
-                L[v] += k0 ? an * lv : 0.f;
-                dc[v] += (k0 ? an * g : 0.f) + ((k0 && u) ? gs[v] : 0.f);
+                L[v] += has1[v] ? an * logf(sx[v] + eps) : 0.f;
+                gs[v] += has1[v] ? an / (sx[v] + eps) : 0.f;
+            }
+            for (int64_t c = 0; c < M; c++) {
+                const float *tc = t + c * N, *yv = Y + c * BLK;
+                float *dc = D + c * BLK;
+#pragma omp simd
+                for (int64_t v = 0; v < n; v++) {
+                    int k0 = tc[v] == 0.f;
+                    L[v] += k0 ? an * logf(yv[v] + eps) : 0.f;
+                    dc[v] += k0 ? an / (yv[v] + eps) : 0.f;
+                }
             }
         }
+        if (a->flags & NEG_EXDICE) { /* Eq. 18: [t = 0] 2p / (p + 1) + 2s / (s + 1) */
+#pragma omp simd
+            for (int64_t v = 0; v < n; v++) {
+                float s1 = sx[v] + 1.f;
+                L[v] += has1[v] ? 2.f * an * sx[v] / s1 : 0.f;
+                gs[v] += has1[v] ? 2.f * an / (s1 * s1) : 0.f;
+            }
+            for (int64_t c = 0; c < M; c++) {
+                const float *tc = t + c * N, *yv = Y + c * BLK;
+                float *dc = D + c * BLK;
+#pragma omp simd
+                for (int64_t v = 0; v < n; v++) {
+                    int k0 = tc[v] == 0.f;
+                    float d = yv[v] + 1.f;
+                    L[v] += k0 ? 2.f * an * yv[v] / d : 0.f;
+                    dc[v] += k0 ? 2.f * an / (d * d) : 0.f;
+                }
+            }
+        }
+        for (int64_t c = 0; c < M; c++) {
+            if (!unk[c]) continue;
+            const float *tc = t + c * N;
+            float *dc = D + c * BLK;
+#pragma omp simd
+            for (int64_t v = 0; v < n; v++) dc[v] += tc[v] == 0.f ? gs[v] : 0.f;
+        }
     }
-    if (yc) /* prior loss on the 2m maps */
+    if (yc) /* prior loss (Eq. 7) on the 2m maps: f_N(z_cap) where y^c = 0, f_N(z_delta) where y^c = 1 */
         for (int64_t c = 0; c < M; c++) {
             const float *ycc = yc + c * N;
             for (int side = 0; side < 2; side++) {
@@ -348,18 +371,33 @@ static void compatible_block(const compat_args *a, const float *x, const float *
                 const float want = side ? 1.f : 0.f;
                 const float *pk = P + k * BLK;
                 float *ek = E + k * BLK;
-                const float wce = a->prior_ce, wex = a->prior_exce, wd = a->prior_dice;
+                const float w = a->prior_ce, wx = a->prior_exce, wd = a->prior_dice;
+                if (w > 0) {
 #pragma omp simd
-                for (int64_t v = 0; v < n; v++) {
-                    int on = ycc[v] == want;
-                    float pv = pk[v], pc = fminf(pv, ONE_MINUS_ULP), d = 1.f + pv;
-                    float lv = (wce > 0 ? -wce * log1pf(-pc) : 0.f) + (wex > 0 ? wex * logf(pv + eps) : 0.f)
-                             + (wd > 0 ? 2.f * wd * pv / d : 0.f);
-                    float g = (wce > 0 ? wce / (1.f - pc) : 0.f) + (wex > 0 ? wex / (pv + eps) : 0.f)
-                            + (wd > 0 ? 2.f * wd / (d * d) : 0.f);
-                    L[v] += on ? lv : 0.f;
-                    ek[v] += on ? g : 0.f;
-                    flag[v] |= on && wce > 0 && pv > SATURATED;
+                    for (int64_t v = 0; v < n; v++) {
+                        int on = ycc[v] == want;
+                        float pc = MINF(pk[v], ONE_MINUS_ULP);
+                        L[v] -= on ? w * log1pf(-pc) : 0.f;
+                        ek[v] += on ? w / (1.f - pc) : 0.f;
+                        flag[v] |= on & (pk[v] > SATURATED);
+                    }
+                }
+                if (wx > 0) {
+#pragma omp simd
+                    for (int64_t v = 0; v < n; v++) {
+                        int on = ycc[v] == want;
+                        L[v] += on ? wx * logf(pk[v] + eps) : 0.f;
+                        ek[v] += on ? wx / (pk[v] + eps) : 0.f;
+                    }
+                }
+                if (wd > 0) {
+#pragma omp simd
+                    for (int64_t v = 0; v < n; v++) {
+                        int on = ycc[v] == want;
+                        float d = 1.f + pk[v];
+                        L[v] += on ? 2.f * wd * pk[v] / d : 0.f;
+                        ek[v] += on ? 2.f * wd / (d * d) : 0.f;
+                    }
                 }
             }
         }
@@ -481,7 +519,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             for (int64_t c = 1; c < C; c++) {
                 const float *xc = xb + c * N;
 #pragma omp simd
-                for (int64_t v = 0; v < n; v++) mx[v] = fmaxf(mx[v], xc[v]);
+                for (int64_t v = 0; v < n; v++) mx[v] = MAXF(mx[v], xc[v]);
             }
             for (int64_t c = 0; c < C; c++) {
                 const float *xc = xb + c * N;
@@ -501,7 +539,10 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
                     int w = tc[v] != 0.f;
                     q[v] += w ? p : 0.f;
                     nv[v] += !w;
-                    L[v] += (!w && (want & E_CE)) ? (eps == 1.f ? log1pf(p) : logf(p + eps)) : 0.f;
+                }
+                if (want & E_CE) {
+#pragma omp simd
+                    for (int64_t v = 0; v < n; v++) L[v] += tc[v] == 0.f ? logf(pc[v] + eps) : 0.f;
                 }
             }
 #pragma omp simd
@@ -510,7 +551,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             if (mce) {
                 float *mo = mce + b * N + i0;
 #pragma omp simd
-                for (int64_t v = 0; v < n; v++) mo[v] = nv[v] < C ? -logf(fmaxf(q[v], TINY)) : 0.f;
+                for (int64_t v = 0; v < n; v++) mo[v] = nv[v] < C ? -logf(MAXF(q[v], TINY)) : 0.f;
                 for (int64_t v = 0; v < n; v++)
                     if (nv[v] > 0 && nv[v] < C && q[v] < TINY) mo[v] = (float)marginal_exact_voxel(xb + v, tb + v, C, N, NULL);
             }
@@ -590,12 +631,15 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
                     }
                 }
                 const float *gm = g_mce ? g_mce + b * N + i0 : NULL, *ge = g_ece ? g_ece + b * N + i0 : NULL;
+                float gzero[BLK];
+                const float *gmv = gm;
+                if (!gm) { memset(gzero, 0, sizeof gzero); gmv = gzero; }
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
                     mk[v] = nv[v] > 0 ? 1.f : 0.f;
-                    int on = gm && nv[v] > 0 && nv[v] < C;
-                    low[v] = on && q[v] < TINY;
-                    iq[v] = (on && !low[v]) ? gm[v] / q[v] : 0.f;
+                    int on = (nv[v] > 0) & (nv[v] < C);
+                    low[v] = on & (q[v] < TINY);
+                    iq[v] = (on & !low[v]) ? gmv[v] / q[v] : 0.f;
                     gq[v] *= mk[v];
                 }
                 /* G_c = p_c h_c: mce -w p g / q; ece v g p / (p + eps); mdice M (v gSP + w g_q);
@@ -607,16 +651,19 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
 #pragma omp simd
                     for (int64_t v = 0; v < n; v++) {
                         int w = tc[v] != 0.f;
-                        float p = pc[v];
                         float h = w ? -iq[v] + mk[v] * gq[v] : mk[v] * gsp + ge1;
                         h += ge2 * mk[v];
-                        float g = p * h + ((ge && !w) ? ge[v] * p / (p + eps) : 0.f);
-                        Gc[v] = g;
-                        S[v] += g;
+                        Gc[v] = pc[v] * h;
                     }
+                    if (ge) {
+#pragma omp simd
+                        for (int64_t v = 0; v < n; v++) Gc[v] += tc[v] == 0.f ? ge[v] * pc[v] / (pc[v] + eps) : 0.f;
+                    }
+#pragma omp simd
+                    for (int64_t v = 0; v < n; v++) S[v] += Gc[v];
                 }
                 for (int64_t v = 0; v < n; v++)
-                    if (low[v]) { /* exact: the mce part of G is -g r (candidate softmax) */
+                    if (gm && low[v]) { /* exact: the mce part of G is -g r (candidate softmax) */
                         marginal_exact_voxel(x + b * C * N + i0 + v, tb + v, C, N, r);
                         for (int64_t c = 0; c < C; c++) { float d = (float)(-gm[v] * r[c]); G[c * BLK + v] += d; S[v] += d; }
                     }
