@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# MONAI Label itself without its dependencies (they would pull torchvision, sam2 and a CUDA
 	# torch); pydicom-seg pins numpy<2 but works with numpy 2
 	$(PIP) install -q --no-deps pydicom-seg==0.4.1 monailabel==0.8.5
+	# compile the optional native loss kernels now (cached per machine; on failure the losses
+	# fall back to torch ops and this prints why)
+	$(PY) -m partialseg._native || true
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -133,3 +133,4 @@ def library() -> ctypes.CDLL | None:
                 _lib = None
             _tried = True
     return _lib
+

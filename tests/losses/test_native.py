@@ -1,0 +1,223 @@
+"""The compiled loss kernels (partialseg._native) against the torch implementation.
+
+Every loss gives the same value and gradient through either path (the torch one is selected with
+``PARTIALSEG_NATIVE=0``); at extreme logits the kernels are checked against a float64 computation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import partialseg._native as native
+from partialseg.losses import (
+    CompatibleLoss,
+    ConditionalCompatibleLoss,
+    ExclusionCELoss,
+    ExclusionDiceLoss,
+    MarginalCELoss,
+    MarginalDiceLoss,
+    MarginalExclusionLoss,
+)
+from partialseg.losses import _native as native_losses
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+def partial_batch(shape=(3, 5, 6, 7), seed=0, scale=2.0):
+    """Logits and a <0,p,1> target: sample 0 fully labelled, sample 1 annotates class 2 (one
+    voxel row unlabelled), sample 2 annotates classes 1 and 3 with p = 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    b, c = shape[:2]
+    x = torch.randn(shape, generator=g) * scale
+    lab = torch.randint(0, c, (b, *shape[2:]), generator=g)
+    t = torch.nn.functional.one_hot(lab, c).movedim(-1, 1).float()
+    inside = lab[1] == 2
+    t[1] = torch.where(inside, t[1], 0.5)
+    t[1, 2] = inside.float()
+    t[1, :, 0] = 0.5  # an unlabelled row
+    known = (lab[2] == 1) | (lab[2] == 3)
+    other = torch.full_like(t[2], 0.3)
+    other[1] = other[3] = 0.0
+    t[2] = torch.where(known, t[2], other)
+    return x, t
+
+
+def run(loss, x, *rest, native_on: bool, monkeypatch, reduction_grad=None):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    assert native_losses.usable(x.float()) == native_on
+    xr = x.clone().requires_grad_(True)
+    out = loss(xr, *rest)
+    weight = reduction_grad if reduction_grad is not None else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
+    (out * weight).sum().backward()
+    return out.detach(), xr.grad
+
+
+def assert_same(loss, x, *rest, monkeypatch, atol=2e-5):
+    v_n, g_n = run(loss, x, *rest, native_on=True, monkeypatch=monkeypatch)
+    v_t, g_t = run(loss, x, *rest, native_on=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(v_n, v_t, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(g_n, g_t, atol=atol, rtol=1e-4)
+
+
+def test_library_builds_and_loads():
+    assert native.library() is not None
+    assert native.build().exists()
+
+
+BASES = [
+    ("ce", None), ("dice", None), ("ta_ce", None), ("ta_dice", None),
+    (None, "ce"), (None, "dice"), (None, "ex_ce"), (None, "ex_dice"),
+    ("ce", "ce"), (("ce", "dice"), ("ce", "dice")), (("ta_ce", "ta_dice"), ("ex_ce", "ex_dice")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("positive,negative", BASES)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_compatible_matches_torch(positive, negative, reduction, monkeypatch):
+    x, t = partial_batch()
+    assert_same(CompatibleLoss(positive, negative, alpha_pos=1.3, alpha_neg=0.6, reduction=reduction), x, t, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("positive,negative,prior_weight", [("ce", "ce", 1.0), (("ta_ce", "ta_dice"), ("ex_ce", "ex_dice"), 0.5), ("dice", "dice", 2.0), ("ce", None, 1.0), ("ce", "ce", 0.0)])
+def test_conditional_matches_torch(positive, negative, prior_weight, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    m = 3
+    x = torch.randn(2, 2 * m, 9, 8, generator=g) * 2
+    r = torch.rand(2, 2 * m, 9, 8, generator=g)
+    z = torch.where(r < 0.3, 0.0, torch.where(r < 0.6, 1.0, 0.5))
+    yc = torch.randint(0, 3, (2, m, 9, 8), generator=g).float() * 0.5
+    loss = ConditionalCompatibleLoss(positive, negative, prior_weight=prior_weight, reduction="sum")
+    assert_same(loss, x, z, yc, monkeypatch=monkeypatch, atol=1e-4)
+
+
+MARGINAL = [
+    MarginalCELoss(), ExclusionCELoss(), ExclusionCELoss(eps=0.5), MarginalDiceLoss(), MarginalDiceLoss(batch=True),
+    MarginalDiceLoss(include_background=False, reduction="none"), ExclusionDiceLoss(), ExclusionDiceLoss(weight=[1, 2, 1, 1, 3]),
+    MarginalExclusionLoss(), MarginalExclusionLoss(batch=True, lambda_exclusion=1.0), MarginalExclusionLoss(lambda_exclusion=0.0),
+    MarginalExclusionLoss(lambda_marginal=0.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", MARGINAL, ids=lambda l: type(l).__name__)
+def test_marginal_family_matches_torch(loss, monkeypatch):
+    x, t = partial_batch(seed=1)
+    assert_same(loss, x, t, monkeypatch=monkeypatch)
+
+
+def _float64_reference(loss, x, t):
+    """Value and gradient through the torch path in float64 (its exact log-space branches)."""
+    xd = x.double().requires_grad_(True)
+    out = loss(xd, t.double())
+    out.sum().backward()
+    return out.detach().float(), xd.grad.float()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [CompatibleLoss(("ce", "ta_ce"), ("ce", "ex_ce"), reduction="none"), MarginalExclusionLoss(reduction="sum"), MarginalCELoss(reduction="none")],
+    ids=["compatible", "marginal_exclusion", "marginal_ce"],
+)
+def test_extreme_logits_are_exact(loss, monkeypatch):
+    """Saturated softmax (|logits| ~ 1e3-1e4): -log q and -log(1 - p) recomputed in log space."""
+    x, t = partial_batch(seed=2, scale=3000.0)
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1")
+    xr = x.clone().requires_grad_(True)
+    out = loss(xr, t)
+    out.sum().backward()
+    ref, ref_grad = _float64_reference(loss, x, t)
+    assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(xr.grad, ref_grad, rtol=1e-4, atol=1e-5)
+    assert out.detach().max() > 100  # the test does reach the saturated regime
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_confident_mistake_gets_the_full_gradient(native_on, monkeypatch):
+    """A labelled voxel predicted confidently wrong (p_true ~ 1e-7): d(-log p_true)/dx = p - e_true.
+
+    The torch path once formed this gradient as ``p (v - sum v p) / q`` and lost it to
+    cancellation in float32 (a gradient of 0 on the winning wrong class).
+    """
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    x = torch.tensor([0.58, 10.21, -5.43, -4.49, -0.91]).view(1, 5, 1)
+    t = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]).view(1, 5, 1)
+    loss = MarginalExclusionLoss(lambda_exclusion=1.0, reduction="sum")  # mCE + mDice + eCE + eDice
+    xr = x.clone().requires_grad_(True)
+    loss(xr, t).backward()
+    _, expected = _float64_reference(loss, x, t)
+    torch.testing.assert_close(xr.grad, expected, atol=1e-5, rtol=1e-3)
+    assert xr.grad[0, 1, 0] > 0.5  # the wrong winner is pushed down (about 1 from the CE term)
+
+
+@pytest.mark.parametrize("make", [lambda: CompatibleLoss("ce", "ce"), lambda: MarginalExclusionLoss()], ids=["compatible", "marginal"])
+def test_second_backward_with_retain_graph(make, monkeypatch):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1")
+    x, t = partial_batch()
+    xr = x.clone().requires_grad_(True)
+    out = make()(xr, t)
+    (g1,) = torch.autograd.grad(out, xr, retain_graph=True)
+    (g2,) = torch.autograd.grad(out * 3, xr)
+    torch.testing.assert_close(g2, 3 * g1)
+
+
+def test_threads_give_the_same_result(monkeypatch):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1")
+    x, t = partial_batch(shape=(3, 5, 40, 40))
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xr = x.clone().requires_grad_(True)
+            (CompatibleLoss(("ta_ce", "ta_dice"), ("ex_ce", "ex_dice"))(xr, t) + MarginalExclusionLoss()(xr, t)).backward()
+            results.append(xr.grad)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0], results[1], atol=1e-7, rtol=1e-5)
+
+
+def test_half_precision_uses_float32_kernels(monkeypatch):
+    x, t = partial_batch()
+    v16, g16 = run(CompatibleLoss("ta_ce", "ex_ce"), x.half(), t, native_on=True, monkeypatch=monkeypatch, reduction_grad=torch.ones(()))
+    v32, g32 = run(CompatibleLoss("ta_ce", "ex_ce"), x.half().float(), t, native_on=True, monkeypatch=monkeypatch, reduction_grad=torch.ones(()))
+    assert v16.dtype == torch.float32 and g16.dtype == torch.float16
+    torch.testing.assert_close(v16, v32)
+    torch.testing.assert_close(g16.float(), g32, atol=1e-3, rtol=1e-2)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "0")
+    assert native.library() is None
+    assert not native_losses.usable(torch.zeros(1, 2, 3))
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """A broken compiler: one RuntimeWarning naming the failure, then the torch path."""
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1")
+    monkeypatch.setenv("PARTIALSEG_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    with pytest.warns(RuntimeWarning, match="no input files"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None  # no second warning
+        x, t = partial_batch()
+        assert torch.isfinite(CompatibleLoss()(x, t))
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
+
+
+def test_fresh_cache_builds_atomically(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARTIALSEG_CACHE_DIR", str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path and path.suffix == ".so"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file was renamed
+    assert native.build() == path  # cached: same file, no rebuild
