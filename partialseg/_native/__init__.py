@@ -114,6 +114,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ps_marginal_forward.restype = i32
     lib.ps_marginal_backward.argtypes = [p, p, i64, i64, i64, f32, p, p, p, p, i32]
     lib.ps_marginal_backward.restype = i32
+    lib.ps_unknown_classes.argtypes = [p, i64, i64, i64, p]
+    lib.ps_unknown_classes.restype = None
     return lib
 
 

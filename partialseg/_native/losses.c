@@ -680,3 +680,20 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
     }
     return failed ? -1 : 0;
 }
+
+/* unknown[b, c] = 1 where 0 < t[b, c, i] < 1 for some voxel i (the sample's unlabelled classes,
+   DCL's exclusive bases); scans each row in chunks and stops at the first chunk with a hit */
+void ps_unknown_classes(const float *t, int64_t B, int64_t C, int64_t N, uint8_t *unknown)
+{
+    const int64_t chunk = 4096;
+    for (int64_t r = 0; r < B * C; r++) {
+        const float *row = t + r * N;
+        int hit = 0;
+        for (int64_t i0 = 0; i0 < N && !hit; i0 += chunk) {
+            const int64_t n = min64(chunk, N - i0);
+#pragma omp simd reduction(| : hit)
+            for (int64_t v = 0; v < n; v++) hit |= (row[i0 + v] > 0.f) & (row[i0 + v] < 1.f);
+        }
+        unknown[r] = (uint8_t)hit;
+    }
+}

@@ -113,13 +113,15 @@ def compatible(
         prior: weights of the prior loss's ``f_N`` kinds (see :func:`prior_weights`).
     """
     flags = sum(_POSITIVE[b] for b in positive) + sum(_NEGATIVE[b] for b in negative)
+    t = t.contiguous()
     unknown = None
-    if {"ex_ce", "ex_dice"} & set(negative):
-        unknown = ((t > 0) & (t < 1)).any(2).to(torch.uint8).contiguous()
+    if {"ex_ce", "ex_dice"} & set(negative):  # the sample's unlabelled classes (Eq. 17, 18)
+        unknown = torch.empty(t.shape[:2], dtype=torch.uint8)
+        _native.library().ps_unknown_classes(_ptr(t), t.shape[0], t.shape[1], t.shape[2], _ptr(unknown))
     if cond_label is not None:
         cond_label = cond_label.contiguous()
     scalars = (float(alpha_pos), float(alpha_neg), float(eps), *map(float, prior))
-    return _CompatibleNative.apply(x.contiguous(), t.contiguous(), cond_label, unknown, flags, scalars)
+    return _CompatibleNative.apply(x.contiguous(), t, cond_label, unknown, flags, scalars)
 
 
 class _MarginalNative(torch.autograd.Function):
