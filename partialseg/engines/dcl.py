@@ -33,7 +33,27 @@ from partialseg.transforms.conditional.array import conditional_supervision, lab
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["DCLTrainer", "DualNetworkUpdater", "DualState", "dual_swap"]
+__all__ = ["DCLTrainer", "DualNetworkUpdater", "DualState", "argmax_is", "dual_swap"]
+
+
+def argmax_is(probs: Tensor, s: int) -> Tensor:
+    """``probs.argmax(1, keepdim=True) == s`` (ties go to the first index, as ``argmax``), fast.
+
+    ``argmax`` over the channel dimension of a ``(B, m, *spatial)`` tensor is a slow strided
+    reduction on CPU (about 9 ms for ``(8, 4, 96, 96)``); ``m - 1`` element-wise comparisons of
+    channel ``s`` with the others take a few hundred microseconds.
+
+    Example:
+        >>> import torch
+        >>> argmax_is(torch.tensor([[[0.2], [0.5], [0.5]]]), 1).flatten().tolist()
+        [True]
+    """
+    ps = probs[:, s : s + 1]
+    hard = torch.ones_like(ps, dtype=torch.bool)
+    for j in range(probs.shape[1]):
+        if j != s:
+            hard &= (ps > probs[:, j : j + 1]) if j < s else (ps >= probs[:, j : j + 1])
+    return hard
 
 
 def dual_swap(
@@ -84,7 +104,7 @@ def dual_swap(
     if prim_pred.shape != cond_label.shape:
         raise ValueError(f"prim_pred {tuple(prim_pred.shape)} must match cond_label {tuple(cond_label.shape)}.")
     lo, hi = s * c, (s + 1) * c
-    hard = (prim_pred.detach().argmax(1, keepdim=True) == s).to(cond_label.dtype)
+    hard = argmax_is(prim_pred.detach(), s).to(cond_label.dtype)
     return {
         "image": cond_image[:, lo:hi],
         "label": label_view(cond_label, [s], p, channel_dim=1),

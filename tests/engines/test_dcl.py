@@ -18,7 +18,7 @@ import partialseg.engines.dcl as dcl_module
 from partialseg.data import load_dataset
 from partialseg.data.conditional import ConditionalDataset
 from partialseg.data.synthetic import make_dataset
-from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, dual_swap
+from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, argmax_is, dual_swap
 from partialseg.inferers import ConditionalInferer, SupportBank
 from partialseg.losses import ConditionalCompatibleLoss
 from partialseg.networks import CompNet, compnet_segment, pack_conditional_input
@@ -26,6 +26,13 @@ from partialseg.transforms import PartialLabelToVectord, conditional_supervision
 
 M = 4  # background, LV, MYO, RV
 SMALL_UNET = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
+
+
+def test_argmax_is_matches_argmax_with_ties():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 3, (4, 5, 7, 6), generator=g).float()  # many ties
+    for s in range(5):
+        torch.testing.assert_close(argmax_is(probs, s), probs.argmax(1, keepdim=True) == s)
 
 
 def test_dual_swap_by_hand():
