@@ -15,7 +15,11 @@ to ``benchmarks/results/dcl_cpu.json``.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--sizes 96 216]
+    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--backbones bundle paper] [--sizes 96 216] [--paper-sizes 224]
+
+Two backbones: the bundle's CPU-sized UNet (16 base channels), where CompNet's wider first layer
+(``C (1 + m) + m`` inputs) and last layer (``2m`` outputs) are a large share of the network, and
+a UNet of the paper's width (64 base channels), where they are not.
 """
 
 from __future__ import annotations
@@ -31,13 +35,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 4
-BACKBONE = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"}
+#: backbone presets: the dcl_cardiac bundle's CPU-sized UNet, and a UNet of the paper's width
+#: (UNet+ of Baumgartner et al., the paper's backbone: 64 base channels, 5 levels, two
+#: convolutions per level, batch norm; approximated by MONAI's UNet with 2 residual subunits)
+BACKBONES = {
+    "bundle": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
+    "paper": {"channels": (64, 128, 256, 512, 1024), "strides": (2, 2, 2, 2), "num_res_units": 2, "norm": "batch"},
+}
+BACKBONE = BACKBONES["bundle"]
 
 
-def unet(in_channels: int, out_channels: int):
+def unet(in_channels: int, out_channels: int, backbone: dict | None = None):
     from monai.networks.nets import UNet
 
-    return UNet(2, in_channels, out_channels, **BACKBONE)
+    return UNet(2, in_channels, out_channels, **(backbone or BACKBONE))
 
 
 def interleaved(fa, fb, repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
@@ -55,15 +66,16 @@ def interleaved(fa, fb, repeats: int, warmup: int = 2) -> tuple[list[float], lis
     return ta, tb
 
 
-def bench_inference(size: int, repeats: int, batch: int = 1) -> dict:
+def bench_inference(size: int, repeats: int, batch: int = 1, backbone: dict | None = None) -> dict:
     from monai.inferers import SimpleInferer
 
     from partialseg.inferers import ConditionalInferer, SupportBank
     from partialseg.networks import CompNet
 
     torch.manual_seed(0)
-    comp = CompNet(2, 1, M, backbone_kwargs=dict(BACKBONE)).eval()
-    plain = unet(1, M).eval()
+    backbone = backbone or BACKBONE
+    comp = CompNet(2, 1, M, backbone_kwargs=dict(backbone)).eval()
+    plain = unet(1, M, backbone).eval()
     bank = SupportBank(torch.randn(2 * M, 1, size, size), (torch.rand(2 * M, size, size) > 0.5).float(),
                        torch.arange(2 * M) % M, num_classes=M)
     cond = ConditionalInferer(bank, num_samples=1)
@@ -84,7 +96,7 @@ def bench_inference(size: int, repeats: int, batch: int = 1) -> dict:
             "ratio": statistics.median(ta) / statistics.median(tb), "target": 1.15}
 
 
-def bench_training(size: int, repeats: int, batch: int) -> dict:
+def bench_training(size: int, repeats: int, batch: int, backbone: dict | None = None) -> dict:
     from monai.engines import SupervisedTrainer
 
     from partialseg.engines import DCLTrainer
@@ -115,8 +127,9 @@ def bench_training(size: int, repeats: int, batch: int) -> dict:
     dcl_batch = {"image": image, "label": label, "cond_image": cond_image, "cond_label": cond_label}
     plain_batch = {"image": image, "label": label}
 
-    comp = CompNet(2, 1, M, backbone_kwargs=dict(BACKBONE))
-    plain = unet(1, M)
+    backbone = backbone or BACKBONE
+    comp = CompNet(2, 1, M, backbone_kwargs=dict(backbone))
+    plain = unet(1, M, backbone)
     dcl = DCLTrainer(device="cpu", max_epochs=1, train_data_loader=[dcl_batch], network=comp,
                      optimizer=torch.optim.Adam(comp.parameters(), 1e-4), loss_function=ConditionalCompatibleLoss(),
                      lambda_dual=0.2, decollate=False)
@@ -144,24 +157,33 @@ def bench_training(size: int, repeats: int, batch: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 216], help="multiples of 8 (the UNet halves the grid 3 times); 216 ~ the paper's 212")
-    ap.add_argument("--batch", type=int, default=8, help="training batch size")
+    ap.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES), default=["bundle", "paper"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 216], help="bundle backbone: multiples of 8 (3 halvings); 216 ~ the paper's 212")
+    ap.add_argument("--batch", type=int, default=8, help="training batch size (bundle backbone)")
+    ap.add_argument("--paper-sizes", type=int, nargs="+", default=[224], help="paper backbone: multiples of 16 (4 halvings)")
+    ap.add_argument("--paper-batch", type=int, default=2, help="training batch size (paper backbone; it is ~30x the compute)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dcl_cpu.json"))
     ap.add_argument("--no-docs", action="store_true", help="don't write the section of docs/results.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-               "repeats": args.repeats, "backbone": {k: list(v) if isinstance(v, tuple) else v for k, v in BACKBONE.items()},
-               "num_classes": M, "inference": [], "training": []}
-    for size in args.sizes:
-        r = bench_inference(size, args.repeats)
-        results["inference"].append(r)
-        print(f"inference {size}x{size}: CompNet K=1 {r['compnet_k1_s'] * 1e3:.1f} ms, backbone {r['backbone_s'] * 1e3:.1f} ms, ratio {r['ratio']:.3f} (target <= 1.15)", flush=True)
-    for size in args.sizes:
-        r = bench_training(size, args.repeats, args.batch)
-        results["training"].append(r)
-        print(f"training {size}x{size} batch {args.batch}: stage-2 {r['stage2_iteration_s'] * 1e3:.0f} ms, supervised {r['supervised_iteration_s'] * 1e3:.0f} ms, "
-              f"ratio {r['ratio']:.3f} (target <= 2.5); DualNet params with a gradient: {r['dualnet_params_with_grad']}", flush=True)
+               "repeats": args.repeats, "num_classes": M, "inference": [], "training": [],
+               "backbones": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in BACKBONES[name].items()} for name in args.backbones}}
+    plan = [(name, args.sizes if name == "bundle" else args.paper_sizes, args.batch if name == "bundle" else args.paper_batch)
+            for name in args.backbones]
+    for name, sizes, _ in plan:
+        for size in sizes:
+            r = {"backbone": name, **bench_inference(size, args.repeats, backbone=BACKBONES[name])}
+            results["inference"].append(r)
+            print(f"[{name}] inference {size}x{size}: CompNet K=1 {r['compnet_k1_s'] * 1e3:.1f} ms, backbone {r['backbone_s'] * 1e3:.1f} ms, "
+                  f"ratio {r['ratio']:.3f} (target <= 1.15)", flush=True)
+    for name, sizes, batch in plan:
+        for size in sizes:
+            r = {"backbone": name, **bench_training(size, args.repeats, batch, backbone=BACKBONES[name])}
+            results["training"].append(r)
+            print(f"[{name}] training {size}x{size} batch {batch}: stage-2 {r['stage2_iteration_s'] * 1e3:.0f} ms, supervised "
+                  f"{r['supervised_iteration_s'] * 1e3:.0f} ms, ratio {r['ratio']:.3f} (target <= 2.5); DualNet params with a gradient: "
+                  f"{r['dualnet_params_with_grad']}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -180,16 +202,18 @@ SECTION = "## dcl: cost on CPU (one thread)"
 
 
 def report(results: dict, command: str) -> str:
-    lines = [SECTION, "", f"Command: `{command}` (results: `benchmarks/results/dcl_cpu.json`). Backbone: MONAI UNet "
-             f"{results['backbone']['channels']}, instance norm, {results['num_classes']} classes; medians of "
-             f"{results['repeats']} interleaved repeats, torch {results['torch']}, on a CPU shared with other jobs.", "",
-             "| measurement | size | DCL | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    shapes = "; ".join(f"{name}: MONAI UNet {spec['channels']}, {spec['num_res_units']} residual subunits, {spec['norm']} norm"
+                       for name, spec in results["backbones"].items())
+    lines = [SECTION, "", f"Command: `{command}` (results: `benchmarks/results/dcl_cpu.json`). Backbones ({shapes}); "
+             f"{results['num_classes']} classes; medians of {results['repeats']} interleaved repeats, torch {results['torch']}, "
+             "on a CPU shared with other jobs.", "",
+             "| measurement | backbone | size | DCL | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|---|"]
     for r in results["inference"]:
-        lines.append(f"| inference: CompNet, ConditionalInferer K = 1 vs the UNet alone (batch {r['batch']}) | {r['size']}² | "
+        lines.append(f"| inference: CompNet, ConditionalInferer K = 1 vs the UNet alone (batch {r['batch']}) | {r['backbone']} | {r['size']}² | "
                      f"{r['compnet_k1_s'] * 1e3:.1f} ms | {r['backbone_s'] * 1e3:.1f} ms | {r['ratio']:.2f}x | <= {r['target']}x | "
                      f"{'yes' if r['ratio'] <= r['target'] else 'no'} |")
     for r in results["training"]:
-        lines.append(f"| training: DCLTrainer stage-2 iteration vs SupervisedTrainer iteration (batch {r['batch']}) | {r['size']}² | "
+        lines.append(f"| training: DCLTrainer stage-2 iteration vs SupervisedTrainer iteration (batch {r['batch']}) | {r['backbone']} | {r['size']}² | "
                      f"{r['stage2_iteration_s'] * 1e3:.0f} ms | {r['supervised_iteration_s'] * 1e3:.0f} ms | {r['ratio']:.2f}x | "
                      f"<= {r['target']}x | {'yes' if r['ratio'] <= r['target'] else 'no'} |")
     notes = ROOT / "benchmarks" / "results" / "dcl_cpu_notes.md"
