@@ -499,7 +499,8 @@ class _CompatibleFunction(torch.autograd.Function):
         w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
         if "ta_ce" in positive or "ta_dice" in positive:
             w = _mask(t, 0.0, p, equal=False)
-            informative = w.sum(1, keepdim=True) < n_cls
+            n_cand = w.sum(1, keepdim=True)
+            informative = (n_cand < n_cls) & (n_cand > 0)  # an all-zero voxel carries no information
             q = torch.where(informative, (p * w).sum(1, keepdim=True), 1.0)
         if "ex_ce" in negative or "ex_dice" in negative:
             has1 = (k1.sum(1, keepdim=True) > 0).to(p.dtype)

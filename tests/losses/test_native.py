@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 
 def partial_batch(shape=(3, 5, 6, 7), seed=0, scale=2.0):
-    """Logits and a <0,p,1> target: sample 0 fully labelled, sample 1 annotates class 2 (one
-    voxel row unlabelled), sample 2 annotates classes 1 and 3 with p = 0.3."""
+    """Logits and a <0,p,1> target: sample 0 fully labelled (but one all-zero voxel), sample 1
+    annotates class 2 (one voxel row unlabelled), sample 2 annotates classes 1 and 3 with p = 0.3."""
     g = torch.Generator().manual_seed(seed)
     b, c = shape[:2]
     x = torch.randn(shape, generator=g) * scale
@@ -43,6 +43,7 @@ def partial_batch(shape=(3, 5, 6, 7), seed=0, scale=2.0):
     other = torch.full_like(t[2], 0.3)
     other[1] = other[3] = 0.0
     t[2] = torch.where(known, t[2], other)
+    t[0, :, 0, 0] = 0.0  # a contradictory all-zero voxel: both paths must read it alike
     return x, t
 
 
