@@ -6,7 +6,13 @@ and annotated classes, and joins every source into one dataset over ``--classes`
 copied or converted: the entries point at the original files. Run ``partialseg check`` on the
 result before training.
 
-Layouts (the marginal-loss paper's union; more can be added to :data:`LAYOUTS`):
+The cardiac layouts (``acdc``, ``mscmrseg``, ``mscmrseg_c0``, ``mscmrseg_t2``; the DCL paper's
+setting, :mod:`partialseg.data.cardiac_builders`) are different: they **write** a 2D dataset of
+resampled, cropped short-axis slices next to the ``dataset.json``, keep one random structure per
+training slice, and take the options ``--spacing``, ``--size``, ``--keep``, ``--seed``,
+``--test`` and ``--no-wholeheart``; they cannot be mixed with the abdominal layouts.
+
+Abdominal layouts (the marginal-loss paper's union; more can be added to :data:`LAYOUTS`):
 
 ==============  ==============================================  =====================================
 layout          folder                                          label values -> classes
@@ -25,11 +31,26 @@ A class that a layout labels but ``--classes`` lacks is mapped to background onl
 source is fully labelled (BTCV's other organs); in a single-organ source, it makes the source
 useless and is an error.
 
-Example:
+Cardiac layouts (2D slices written under ``<out folder>/slices/<source>/``):
+
+==================  ====================================================  =====================================
+layout              folder                                                label values -> classes
+==================  ====================================================  =====================================
+``acdc``            ACDC ``training/`` (or ``testing/``):                 1 RV, 2 MYO, 3 LV; ED / ES frames from
+                    ``patientNNN/patientNNN_frameMM[_gt].nii.gz``         ``Info.cfg``, kept as ``"phase"``
+``mscmrseg``        ``patient<N>_LGE[_manual].nii.gz`` below the folder   200 MYO, 500 LV, 600 RV
+``mscmrseg_c0``     ``patient<N>_C0[_manual].nii.gz`` (bSSFP)             as ``mscmrseg``
+``mscmrseg_t2``     ``patient<N>_T2[_manual].nii.gz``                     as ``mscmrseg``
+==================  ====================================================  =====================================
+
+Examples:
     partialseg build-datalist --out data/union/dataset.json \\
         --source btcv=/data/BTCV --source msd_liver=/data/Task03_Liver \\
         --source msd_spleen=/data/Task09_Spleen --source msd_pancreas=/data/Task07_Pancreas \\
         --source kits19=/data/kits19/data --val 4
+
+    partialseg build-datalist --out /data/acdc2d/dataset.json --source acdc=/data/ACDC/training \\
+        --val 20 --test 20 --seed 0
 """
 
 from __future__ import annotations
@@ -41,7 +62,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYOUTS", "build_datalist", "add_arguments", "run"]
+from partialseg.data import cardiac_builders
+from partialseg.data.cardiac_builders import SLICE_LAYOUTS, build_slices
+
+__all__ = ["LAYOUTS", "SLICE_LAYOUTS", "build_datalist", "add_arguments", "run"]
 
 DEFAULT_CLASSES = ["background", "liver", "spleen", "kidney_left", "kidney_right", "pancreas"]
 _KIDNEYS = ["kidney_left", "kidney_right"]
@@ -99,26 +123,42 @@ def _relative(path: Path, start: Path) -> str:
 def build_datalist(
     sources: Sequence[tuple[str, str | os.PathLike]],
     out: str | os.PathLike,
-    classes: Sequence[str] = DEFAULT_CLASSES,
+    classes: Sequence[str] | None = None,
     val: int = 0,
-    name: str = "union",
+    name: str | None = None,
+    **slice_options: Any,
 ) -> dict[str, Any]:
     """Write one ``dataset.json`` joining datasets in known layouts; return its content.
 
     Args:
         sources: ``(layout, folder)`` pairs; the source name is the layout (numbered when repeated).
         out: output ``dataset.json`` path (paths inside are relative to its folder).
-        classes: global classes, ``background`` first.
+        classes: global classes, ``background`` first (default :data:`DEFAULT_CLASSES`; for the
+            cardiac layouts ``background, LV, MYO, RV``, the only choice).
         val: fully labelled cases moved from training to a ``validation`` split (the last ones of
-            the first fully labelled source), for the bundles' model selection.
-        name: dataset name.
+            the first fully labelled source), for the bundles' model selection; for the cardiac
+            layouts, random subjects of each source.
+        name: dataset name (default ``union``; cardiac: ``acdc2d``, ...).
+        **slice_options: only with the cardiac layouts, passed to
+            :func:`~partialseg.data.cardiac_builders.build_slices` (``test``, ``spacing``,
+            ``size``, ``keep``, ``wholeheart``, ``seed``, ``progress``).
 
     Raises:
         ValueError: unknown layout, a class a single-organ source needs that ``classes`` lacks,
-            a missing file (named), or more validation cases than fully labelled ones.
+            a missing file (named), more validation cases than fully labelled ones, cardiac and
+            abdominal layouts mixed, or cardiac options given with abdominal layouts.
         FileNotFoundError: a folder that is not in its layout.
     """
-    classes = list(classes)
+    slicing = [layout for layout, _ in sources if layout in SLICE_LAYOUTS]
+    if slicing:
+        others = sorted({layout for layout, _ in sources if layout not in SLICE_LAYOUTS})
+        if others:
+            raise ValueError(f"the cardiac layouts {sorted(set(slicing))} write 2D slices and cannot be mixed with {others}")
+        return build_slices(sources, out, classes=classes, val=val, name=name, **slice_options)
+    if slice_options:
+        raise ValueError(f"{', '.join(sorted(slice_options))}: only for the cardiac layouts {sorted(SLICE_LAYOUTS)}")
+    classes = list(DEFAULT_CLASSES if classes is None else classes)
+    name = "union" if name is None else name
     if not classes or classes[0] != "background":
         raise ValueError(f"classes must start with 'background', got {classes}")
     out = Path(out)
@@ -128,7 +168,7 @@ def build_datalist(
     counts: dict[str, int] = {}
     for layout, folder in sources:
         if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted([*LAYOUTS, *SLICE_LAYOUTS])}")
         finder, annotated, mapping = LAYOUTS[layout]
         counts[layout] = counts.get(layout, 0) + 1
         source = layout if counts[layout] == 1 else f"{layout}_{counts[layout]}"
@@ -173,13 +213,32 @@ def build_datalist(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + f" Layouts: {', '.join(sorted(LAYOUTS))} (see docs/data_format.md)."
+    parser.description = (parser.description or "").rstrip(".") + ". " + (
+        f"Layouts: {', '.join(sorted(LAYOUTS))} (entries point at the original files); cardiac: "
+        f"{', '.join(SLICE_LAYOUTS)} (2D slices written under <out folder>/slices/). See docs/data_format.md."
+    )
     parser.add_argument("--source", action="append", required=True, metavar="LAYOUT=DIR",
                         help="a dataset folder in a known layout; repeat for each source")
     parser.add_argument("--out", required=True, help="output dataset.json")
-    parser.add_argument("--classes", nargs="+", default=DEFAULT_CLASSES, help=f"global classes (default: {' '.join(DEFAULT_CLASSES)})")
-    parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split")
-    parser.add_argument("--name", default="union")
+    parser.add_argument("--classes", nargs="+", help=f"global classes (default: {' '.join(DEFAULT_CLASSES)}; "
+                        f"cardiac: {' '.join(cardiac_builders.CLASSES)})")
+    parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split "
+                        "(cardiac: random subjects of each source)")
+    parser.add_argument("--name", help="dataset name (default: union; cardiac: acdc2d, mscmrseg2d, ...)")
+    cardiac = parser.add_argument_group("cardiac layouts only (acdc, mscmrseg*)")
+    cardiac.add_argument("--test", type=int, help="random subjects of each source held out, fully labelled, as the test split (default 0)")
+    cardiac.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                         help=f"in-plane pixel size after resampling, one value or one per axis (default {cardiac_builders.DEFAULT_SPACING})")
+    cardiac.add_argument("--size", type=int, nargs="+", metavar="N",
+                         help=f"slice size after centred crop or pad, one value or one per axis (default {cardiac_builders.DEFAULT_SIZE})")
+    cardiac.add_argument("--keep", choices=cardiac_builders.KEEP,
+                         help="training slices keep 'one' random structure each, balanced (default), or 'all'; "
+                         "validation and test are always fully labelled")
+    cardiac.add_argument("--no-wholeheart", dest="wholeheart", action="store_false", default=None,
+                         help="with --keep one, draw among LV, MYO, RV only (no whole-heart labels; train the "
+                         "dcl_cardiac bundle with --missing any)")
+    cardiac.add_argument("--seed", type=int, help="seed of the split and of the kept structures; same seed = identical files (default 0)")
+    cardiac.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,17 +251,38 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --source must be LAYOUT=DIR, got {item!r}", file=sys.stderr)
             return 2
         sources.append((layout, folder))
+    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed") if getattr(args, k) is not None}
+    if any(layout in SLICE_LAYOUTS for layout, _ in sources):
+        options["progress"] = not args.quiet
     try:
-        desc = build_datalist(sources, args.out, classes=args.classes, val=args.val, name=args.name)
+        desc = build_datalist(sources, args.out, classes=args.classes, val=args.val, name=args.name, **options)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    per_source: dict[str, int] = {}
-    for c in desc["training"]:
-        per_source[c["source"]] = per_source.get(c["source"], 0) + 1
-    for source, n in per_source.items():
-        print(f"  {source:<16}{n:>5} training cases")
-    if "validation" in desc:
-        print(f"  {'(validation)':<16}{len(desc['validation']):>5} cases")
+    if "empty_slices_skipped" in desc:
+        _print_slices(desc)
+    else:
+        per_source: dict[str, int] = {}
+        for c in desc["training"]:
+            per_source[c["source"]] = per_source.get(c["source"], 0) + 1
+        for source, n in per_source.items():
+            print(f"  {source:<16}{n:>5} training cases")
+        if "validation" in desc:
+            print(f"  {'(validation)':<16}{len(desc['validation']):>5} cases")
     print(f"wrote {args.out}; next: partialseg check {Path(args.out).parent}")
     return 0
+
+
+def _print_slices(desc: dict[str, Any]) -> None:
+    """Per source: slices per split, kept structures of the training slices, empty slices skipped."""
+    for source, skipped in desc["empty_slices_skipped"].items():
+        kept: dict[str, int] = {}
+        for c in desc["training"]:
+            if c["source"] == source:
+                key = "all" if c["annotated"] == "all" else c["annotated"][0].replace("background", "whole heart")
+                kept[key] = kept.get(key, 0) + 1
+        counts = {split: sum(c["source"] == source for c in desc.get(split, [])) for split in ("training", "validation", "test")}
+        order = ["LV", "MYO", "RV", "whole heart", "all"]
+        detail = ", ".join(f"{k} {kept[k]}" for k in order if k in kept)
+        print(f"  {source:<16}{counts['training']:>6} training slices ({detail}), {counts['validation']} validation, "
+              f"{counts['test']} test; {skipped} empty slices skipped")
