@@ -16,6 +16,9 @@ before the call is reported. ``MALLOC_MMAP_THRESHOLD_`` is fixed so that freed b
 to the system and the resident size follows live tensors. (CPU tensors have no allocator
 statistics, and tracemalloc does not see torch's allocations.)
 
+Backend: the compiled CPU kernels of ``partialseg._native`` when they build here (the default),
+else the torch implementation; ``PARTIALSEG_NATIVE=0`` measures the torch path on purpose.
+
 Targets (issue 3): CE-type losses <= 1.6x ``torch.nn.functional.cross_entropy`` (class-index
 target), Dice-type losses <= 1.3x ``monai.losses.DiceLoss(softmax=True)``,
 ``MarginalExclusionLoss`` <= 2.2x ``monai.losses.DiceCELoss(softmax=True)``; peak memory <= 1.5x.
@@ -202,7 +205,10 @@ def _run(args: argparse.Namespace) -> dict:
             if mc is not None and mb:
                 row.update({"memory_ratio": mc / mb, "memory_target": m_target, "memory_pass": mc / mb <= m_target})
         rows.append(row)
-    print(f"shape {shape}, {reps} interleaved repetitions, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    from partialseg import _native
+
+    backend = "native" if _native.library() is not None else "torch"  # PARTIALSEG_NATIVE=0 measures the torch path
+    print(f"shape {shape}, {reps} interleaved repetitions, {torch.get_num_threads()} threads, torch {torch.__version__}, {backend} kernels")
     header = f"{'loss':32s} {'baseline':14s} {'time ms':>8s} {'base ms':>8s} {'ratio':>6s} {'target':>6s} {'':4s} {'mem':>5s} {'':4s}"
     print(header)
     for r in rows:
@@ -216,6 +222,7 @@ def _run(args: argparse.Namespace) -> dict:
         "reps": reps,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "backend": backend,
         "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,

@@ -246,6 +246,18 @@ def test_conditional_compatible_hand_computed():
     assert no_prior.item() == pytest.approx(-2 * L(0.6))
 
 
+def test_conditional_compatible_maps_reading_hand_computed():
+    # reading="maps": L_comp on the 4 maps against z. Voxel 0: z = (0, 1, 0, 0), probabilities
+    # (.1, .2, .3, .4): L_P = -log .2, L_N = -log .9 - log .7 - log .6; voxel 1 all unknown: 0.
+    # The prior (ce) as above: -log .9 - log .6
+    z = torch.tensor([[[0.0, 0.25], [1.0, 0.25], [0.0, 0.25], [0.0, 0.25]]], dtype=torch.float64)
+    expected = -L(0.2) - L(0.9) - L(0.7) - L(0.6) + (-L(0.9) - L(0.6))
+    loss = ConditionalCompatibleLoss(reduction="sum", reading="maps")
+    assert loss(Z_PROBS.log(), z, COND).item() == pytest.approx(expected)
+    halved = ConditionalCompatibleLoss(reduction="sum", reading="maps", prior_weight=0.5)(Z_PROBS.log(), z, COND)
+    assert halved.item() == pytest.approx(expected - 0.5 * (-L(0.9) - L(0.6)))
+
+
 def test_conditional_ground_truth_minimises():
     # compatibility (Eq. 8): the true z (one-hot over 2m) scores lower than random predictions
     g = torch.Generator().manual_seed(0)
@@ -257,10 +269,11 @@ def test_conditional_ground_truth_minimises():
     yc[:, :, : n // 2] = torch.where(yc[:, :, : n // 2] == 1, 1.0, 0.5)  # partly unknown conditional label
     z = torch.cat([yt * yc, yt - yt * yc], 1)
     gt_logits = 40 * torch.where(z == 1, 1.0, 0.0)
-    loss = ConditionalCompatibleLoss(("ce", "dice"), ("ce", "dice"), reduction="sum")
-    best = loss(gt_logits, z, yc).item()
-    for _ in range(20):
-        assert best <= loss(3 * torch.randn(1, 2 * m, n, generator=g, dtype=torch.float64), z, yc).item() + 1e-9
+    for reading in ("sum", "maps"):
+        loss = ConditionalCompatibleLoss(("ce", "dice"), ("ce", "dice"), reduction="sum", reading=reading)
+        best = loss(gt_logits, z, yc).item()
+        for _ in range(20):
+            assert best <= loss(3 * torch.randn(1, 2 * m, n, generator=g, dtype=torch.float64), z, yc).item() + 1e-9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +291,7 @@ BAD_ARGS = [
     (PriorLoss, {"negative": ()}, "at least one"),
     (PriorLoss, {"negative": "dsc"}, "dsc"),
     (ConditionalCompatibleLoss, {"prior_weight": -0.5}, "prior_weight"),
+    (ConditionalCompatibleLoss, {"reading": "concat"}, "concat"),
 ]
 
 

@@ -21,6 +21,7 @@ from partialseg.losses import (
     MarginalCELoss,
     MarginalDiceLoss,
     MarginalExclusionLoss,
+    PriorLoss,
 )
 from partialseg.losses import _native as native_losses
 
@@ -83,16 +84,25 @@ def test_compatible_matches_torch(positive, negative, reduction, monkeypatch):
     assert_same(CompatibleLoss(positive, negative, alpha_pos=1.3, alpha_neg=0.6, reduction=reduction), x, t, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("reading", ["sum", "maps"])
 @pytest.mark.parametrize("positive,negative,prior_weight", [("ce", "ce", 1.0), (("ta_ce", "ta_dice"), ("ex_ce", "ex_dice"), 0.5), ("dice", "dice", 2.0), ("ce", None, 1.0), ("ce", "ce", 0.0)])
-def test_conditional_matches_torch(positive, negative, prior_weight, monkeypatch):
+def test_conditional_matches_torch(positive, negative, prior_weight, reading, monkeypatch):
     g = torch.Generator().manual_seed(3)
     m = 3
     x = torch.randn(2, 2 * m, 9, 8, generator=g) * 2
     r = torch.rand(2, 2 * m, 9, 8, generator=g)
     z = torch.where(r < 0.3, 0.0, torch.where(r < 0.6, 1.0, 0.5))
     yc = torch.randint(0, 3, (2, m, 9, 8), generator=g).float() * 0.5
-    loss = ConditionalCompatibleLoss(positive, negative, prior_weight=prior_weight, reduction="sum")
+    loss = ConditionalCompatibleLoss(positive, negative, prior_weight=prior_weight, reduction="sum", reading=reading)
     assert_same(loss, x, z, yc, monkeypatch=monkeypatch, atol=1e-4)
+
+
+@pytest.mark.parametrize("negative", ["ce", ("dice", "ex_ce"), "ex_dice"])
+def test_prior_loss_matches_torch(negative, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 9, 8, generator=g) * 2
+    yc = torch.randint(0, 3, (2, 3, 9, 8), generator=g).float() * 0.5
+    assert_same(PriorLoss(negative, reduction="none"), x, yc, monkeypatch=monkeypatch)
 
 
 MARGINAL = [
