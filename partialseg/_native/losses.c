@@ -45,8 +45,9 @@ enum {
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* softmax of one block: x points at x[b, 0, i0] (channel stride N); P is [K][BLK] */
-static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float *P, float *lse)
+/* softmax of one block: x points at x[b, 0, i0] (channel stride N); row k of the output is
+   P + k * pstride (BLK for a work buffer, N to write straight into a (B, K, N) tensor) */
+static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float *P, int64_t pstride, float *lse)
 {
     float mx[BLK], s[BLK];
 #pragma omp simd
@@ -58,14 +59,14 @@ static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float
     }
     for (int64_t k = 0; k < K; k++) {
         const float *xk = x + k * N;
-        float *pk = P + k * BLK;
+        float *pk = P + k * pstride;
 #pragma omp simd
         for (int64_t v = 0; v < n; v++) { float e = expf(xk[v] - mx[v]); pk[v] = e; s[v] += e; }
     }
 #pragma omp simd
     for (int64_t v = 0; v < n; v++) { lse[v] = mx[v] + logf(s[v]); s[v] = 1.f / s[v]; }
     for (int64_t k = 0; k < K; k++) {
-        float *pk = P + k * BLK;
+        float *pk = P + k * pstride;
 #pragma omp simd
         for (int64_t v = 0; v < n; v++) pk[v] *= s[v];
     }
@@ -194,7 +195,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
     uint8_t flag[BLK], has1[BLK], inform[BLK];
     const float ap = a->a_pos, an = a->a_neg, eps = a->eps;
 
-    softmax_block(x, N, K, n, P, lse);
+    softmax_block(x, N, K, n, P, BLK, lse);
     if (a->grouped)
         for (int64_t c = 0; c < M; c++) {
             const float *p0 = P + c * BLK, *p1 = P + (c + M) * BLK;
@@ -510,32 +511,17 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             const int64_t b = j / nblk, i0 = (j % nblk) * BLK, n = min64(BLK, N - i0);
             const float *xb = x + b * C * N + i0, *tb = t + b * C * N + i0;
             float *Pb = P + b * C * N + i0;
-            float q[BLK], mk[BLK], L[BLK];
+            float q[BLK], mk[BLK], L[BLK], lse[BLK];
             int nv[BLK];
-            /* softmax straight into P (channel stride N) */
-            float mx[BLK], s[BLK];
+            softmax_block(xb, N, C, n, Pb, N, lse); /* straight into P */
 #pragma omp simd
-            for (int64_t v = 0; v < n; v++) { mx[v] = xb[v]; s[v] = 0.f; q[v] = 0.f; nv[v] = 0; L[v] = 0.f; }
-            for (int64_t c = 1; c < C; c++) {
-                const float *xc = xb + c * N;
-#pragma omp simd
-                for (int64_t v = 0; v < n; v++) mx[v] = MAXF(mx[v], xc[v]);
-            }
-            for (int64_t c = 0; c < C; c++) {
-                const float *xc = xb + c * N;
-                float *pc = Pb + c * N;
-#pragma omp simd
-                for (int64_t v = 0; v < n; v++) { float e = expf(xc[v] - mx[v]); pc[v] = e; s[v] += e; }
-            }
-#pragma omp simd
-            for (int64_t v = 0; v < n; v++) s[v] = 1.f / s[v];
+            for (int64_t v = 0; v < n; v++) { q[v] = 0.f; nv[v] = 0; L[v] = 0.f; }
             for (int64_t c = 0; c < C; c++) {
                 float *pc = Pb + c * N;
                 const float *tc = tb + c * N;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
-                    float p = pc[v] * s[v];
-                    pc[v] = p;
+                    float p = pc[v];
                     int w = tc[v] != 0.f;
                     q[v] += w ? p : 0.f;
                     nv[v] += !w;
