@@ -185,24 +185,6 @@ def make_unet(args, in_channels, out_channels):
                 num_res_units=1, norm="instance")
 
 
-class MapLevelConditionalLoss(torch.nn.Module):
-    """Investigation: ``L_comp`` on the ``2m`` maps against ``z`` (Eq. 6's left side read per map) + ``L_prior``.
-
-    ``ConditionalCompatibleLoss`` applies ``L_comp`` to ``z_cap + z_delta`` (Eq. 6's right side):
-    the split between the two maps of a class is then supervised by the prior's negative terms
-    only. Here the positive term reaches the intersection map directly where ``z_cap = 1``.
-    """
-
-    def __init__(self, prior_weight: float = 1.0):
-        super().__init__()
-        from partialseg.losses import CompatibleLoss, PriorLoss
-
-        self.comp, self.prior, self.prior_weight = CompatibleLoss("ce", "ce"), PriorLoss("ce"), prior_weight
-
-    def forward(self, logits, z, cond_label):
-        return self.comp(logits, z) + self.prior_weight * self.prior(logits, cond_label)
-
-
 class HardCE(torch.nn.Module):
     """Ordinary CE on the hard label: an annotated class where the map has a 1, else background."""
 
@@ -219,9 +201,9 @@ def build(arm, args):
     if arm in CONDITIONAL:
         pos, neg = BASES.get(arm, ("ce", "ce"))
         net = CompNet(2, 1, m, backbone=lambda spatial_dims, in_channels, out_channels: make_unet(args, in_channels, out_channels))
-        if arm in ("5m_prior_maps", "6m_dual_maps"):
-            return net, MapLevelConditionalLoss()
-        loss = ConditionalCompatibleLoss(pos, neg, prior_weight=0.0 if arm == "4_cond" else 1.0)
+        # the investigation arms read Eq. 6 per map (L_comp on the 2m maps against z, + L_prior)
+        reading = "maps" if arm in ("5m_prior_maps", "6m_dual_maps") else "sum"
+        loss = ConditionalCompatibleLoss(pos, neg, prior_weight=0.0 if arm == "4_cond" else 1.0, reading=reading)
         return net, loss
     net = make_unet(args, 1, m)
     if arm == "1_ce":
