@@ -3,7 +3,9 @@
 ``partialseg evaluate --pred DIR --dataset DIR`` pairs every labelled case of a dataset split
 with a prediction file, computes per case and class Dice, HD95 and ASSD with MONAI's metrics
 (HD95 and ASSD in mm, from the reference's voxel spacing), and writes ``metrics.csv``,
-``summary.json`` and ``boxplot.png``. See ``docs/evaluation.md``.
+``summary.json`` and ``boxplot.png``. When the split's entries carry a ``phase`` (ACDC's
+``"ED"`` / ``"ES"``), the statistics are also given per phase (``summary["per_phase"]``).
+See ``docs/evaluation.md``.
 
 Conventions when a class is empty (no NaN or inf ever reaches the outputs):
 
@@ -44,6 +46,7 @@ __all__ = [
     "find_prediction",
     "evaluate_folder",
     "summarize",
+    "phase_of",
     "format_table",
     "add_arguments",
     "run",
@@ -57,6 +60,9 @@ STATUSES = ("ok", "both_empty", "pred_empty", "ref_empty")
 SAVE_POSTFIXES = ("seg", "trans")
 #: largest allowed difference between a prediction's and its reference's affine entries
 AFFINE_ATOL = 1e-3
+
+#: ``summary["per_phase"]`` key of the cases without a ``phase`` when other cases have one
+NO_PHASE = "(none)"
 
 _UNITS = {"dice": "", "hd95": "mm", "assd": "mm"}
 
@@ -368,11 +374,25 @@ def _check_same_grid(case: str, pred_path, pred_shape, pred_affine, ref_path, re
 # --------------------------------------------------------------------------------------------
 
 
+def phase_of(row: Mapping) -> str | None:
+    """The phase of a row or dataset entry: its ``phase`` value as a string, ``None`` without one.
+
+    A missing key, ``None`` and ``""`` all mean "no phase".
+
+    Example:
+        >>> phase_of({"phase": "ED"}), phase_of({"phase": ""}), phase_of({})
+        ('ED', None, None)
+    """
+    phase = row.get("phase")
+    return None if phase is None or phase == "" else str(phase)
+
+
 def summarize(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
     """Aggregates per case and class rows into per class statistics and an overall mean.
 
     Args:
-        rows: dicts as returned by :func:`evaluate_case`, each with a ``case`` key added.
+        rows: dicts as returned by :func:`evaluate_case`, each with a ``case`` key added, and
+            optionally a ``phase`` key (see :func:`phase_of`).
         class_names: the evaluated classes, in the order of the summary.
 
     Returns:
@@ -380,15 +400,33 @@ def summarize(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
         "median"}}}, "overall": {metric: mean over classes of the class means},
         "status_counts": {status: count}}``. ``std`` is the population standard deviation
         (``ddof=0``). A class with no rows has ``n = 0`` and no statistics, and is left out of
-        ``overall``.
+        ``overall``. When at least one row has a phase, also ``"per_phase": {phase: the same
+        three keys over that phase's rows}``, phases in sorted order, the rows without a phase
+        last under ``NO_PHASE`` (``"(none)"``); without any phase there is no ``per_phase`` key.
 
     Example:
         >>> rows = [{"class": "a", "dice": 1.0, "hd95": 0.0, "assd": 0.0, "status": "ok"},
         ...         {"class": "a", "dice": 0.5, "hd95": 2.0, "assd": 1.0, "status": "ok"}]
         >>> s = summarize(rows, ["a"])
-        >>> s["per_class"]["a"]["dice"], s["overall"]["hd95"]
-        ({'mean': 0.75, 'std': 0.25, 'median': 0.75}, 1.0)
+        >>> s["per_class"]["a"]["dice"], s["overall"]["hd95"], "per_phase" in s
+        ({'mean': 0.75, 'std': 0.25, 'median': 0.75}, 1.0, False)
+        >>> rows[0]["phase"], rows[1]["phase"] = "ES", "ED"
+        >>> s = summarize(rows, ["a"])
+        >>> {p: e["per_class"]["a"]["dice"]["mean"] for p, e in s["per_phase"].items()}
+        {'ED': 0.5, 'ES': 1.0}
     """
+    summary = _summarize(rows, class_names)
+    phases = {phase_of(r) for r in rows}
+    if phases - {None}:
+        groups = sorted(phases - {None}) + ([None] if None in phases else [])
+        summary["per_phase"] = {
+            NO_PHASE if p is None else p: _summarize([r for r in rows if phase_of(r) == p], class_names)
+            for p in groups
+        }
+    return summary
+
+
+def _summarize(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
     import numpy as np
 
     per_class: dict[str, dict] = {}
@@ -407,11 +445,13 @@ def summarize(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
-    fields = ["case", "class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "status"]
+    # "phase" last, so that readers by column position keep working; empty without a phase
+    fields = ["case", "class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "status", "phase"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
+            r = {**r, "phase": phase_of(r) or ""}
             # MONAI computes in float32: 7 significant digits carry all of it
             writer.writerow({k: (format(r[k], ".7g") if isinstance(r[k], float) else r[k]) for k in fields})
 
@@ -422,10 +462,21 @@ def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in class_names if any(r["class"] == n for r in rows)]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4.0), squeeze=False)
+    # one box per class; with phases, one per phase and class ("ED LV", ..., "ES LV", ...)
+    present = {phase_of(r) for r in rows}
+    by_phase = bool(present - {None})
+    phases = sorted(present - {None}) + ([None] if None in present else []) if by_phase else [None]
+    groups = []  # (tick label, rows)
+    for p in phases:
+        for n in class_names:
+            sel = [r for r in rows if r["class"] == n and phase_of(r) == p]
+            if sel:
+                groups.append((f"{NO_PHASE if p is None else p} {n}" if by_phase else n, sel))
+    names = [g[0] for g in groups]
+    width = max(4.5, 0.45 * len(names) + 1.5) if by_phase else 4.5
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS), 4.0), squeeze=False)
     for ax, m in zip(axes[0], METRICS):
-        data = [[r[m] for r in rows if r["class"] == n] for n in names]
+        data = [[r[m] for r in sel] for _, sel in groups]
         if data:
             ax.boxplot(data)
             ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
@@ -438,20 +489,60 @@ def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[st
 
 
 def format_table(summary: Mapping) -> str:
-    """Text table of a summary: class, n, Dice mean±std, HD95 and ASSD mean±std (mm)."""
-    header = f"{'class':<20} {'n':>4}  {'Dice':>15}  {'HD95 (mm)':>17}  {'ASSD (mm)':>17}"
-    lines = [header, "-" * len(header)]
+    """Text table of a summary: class, n, Dice mean±std, HD95 and ASSD mean±std (mm).
+
+    With ``summary["per_phase"]`` (see :func:`summarize`), the overall table is followed by one
+    block per phase, its rows named ``"<phase> <class>"`` (``ED LV``) and ending with
+    ``"<phase> mean over classes"``. Without it the output is the overall table alone.
+
+    Example:
+        >>> rows = [{"class": "a", "dice": 1.0, "hd95": 0.0, "assd": 0.0, "status": "ok", "phase": "ES"},
+        ...         {"class": "a", "dice": 0.5, "hd95": 2.0, "assd": 1.0, "status": "ok", "phase": "ED"}]
+        >>> print(format_table(summarize(rows, ["a"])))
+        class                   n             Dice          HD95 (mm)          ASSD (mm)
+        --------------------------------------------------------------------------------
+        a                       2  0.7500 ± 0.2500        1.00 ± 1.00        0.50 ± 0.50
+        --------------------------------------------------------------------------------
+        mean over classes                   0.7500               1.00               0.50
+        ================================================================================
+        ED a                    1  0.5000 ± 0.0000        2.00 ± 0.00        1.00 ± 0.00
+        ED mean over classes                0.5000               2.00               1.00
+        --------------------------------------------------------------------------------
+        ES a                    1  1.0000 ± 0.0000        0.00 ± 0.00        0.00 ± 0.00
+        ES mean over classes                1.0000               0.00               0.00
+    """
+    per_phase = summary.get("per_phase") or {}
+    width = 20  # the name column; wider only when a per phase name needs it
+    if per_phase:
+        names = [*summary["per_class"], "mean over classes"]
+        width = max([width] + [len(f"{p} {n}") for p in per_phase for n in names])
+    header = f"{'class':<{width}} {'n':>4}  {'Dice':>15}  {'HD95 (mm)':>17}  {'ASSD (mm)':>17}"
+    rule = "-" * len(header)
+    lines = [header, rule]
 
     def cell(e, m, digits):
         return f"{e[m]['mean']:.{digits}f} ± {e[m]['std']:.{digits}f}" if e["n"] else "-"
 
-    for name, e in summary["per_class"].items():
-        lines.append(f"{name:<20} {e['n']:>4}  {cell(e, 'dice', 4):>15}  {cell(e, 'hd95', 2):>17}  "
-                     f"{cell(e, 'assd', 2):>17}")
+    def block(part, prefix=""):
+        out = []
+        for name, e in part["per_class"].items():
+            out.append(f"{prefix + name:<{width}} {e['n']:>4}  {cell(e, 'dice', 4):>15}  "
+                       f"{cell(e, 'hd95', 2):>17}  {cell(e, 'assd', 2):>17}")
+        return out
+
+    def mean_row(part, prefix=""):
+        o = part["overall"]
+        return (f"{prefix + 'mean over classes':<{width}} {'':>4}  {o['dice']:>15.4f}  {o['hd95']:>17.2f}  "
+                f"{o['assd']:>17.2f}")
+
+    lines += block(summary)
     if summary["overall"]:
-        o = summary["overall"]
-        lines.append("-" * len(header))
-        lines.append(f"{'mean over classes':<20} {'':>4}  {o['dice']:>15.4f}  {o['hd95']:>17.2f}  {o['assd']:>17.2f}")
+        lines += [rule, mean_row(summary)]
+    for k, (phase, part) in enumerate(per_phase.items()):
+        lines.append("=" * len(header) if k == 0 else rule)
+        lines += block(part, f"{phase} ")
+        if part["overall"]:
+            lines.append(mean_row(part, f"{phase} "))
     return "\n".join(lines)
 
 
@@ -496,8 +587,10 @@ def evaluate_folder(
 
     Returns:
         The summary written to ``summary.json``: ``per_class``, ``overall``, ``status_counts``
-        (see :func:`summarize`), plus ``num_cases``, ``cases``, ``missing_predictions``,
-        ``skipped_unlabelled``, ``classes``, ``units``, ``outputs`` and ``arguments``.
+        and, when a scored case's dataset entry has a ``phase``, ``per_phase`` (see
+        :func:`summarize`), plus ``num_cases``, ``cases``, ``missing_predictions``,
+        ``skipped_unlabelled``, ``classes``, ``units``, ``outputs`` and ``arguments``. The
+        phase also fills the CSV's ``phase`` column and splits the box plot.
 
     Raises:
         ValueError: naming the case, for a missing prediction (unless ``allow_missing``),
@@ -568,12 +661,15 @@ def evaluate_folder(
             _check_same_grid(case, pred_path, pred.shape, pred_affine, entry["label"], ref.shape, ref_affine)
         # load_dataset gives the annotated classes as sorted indices ("all" expanded)
         annotated = entry.get("annotated")
+        phase = phase_of(entry)  # ACDC's "ED" / "ES"; None for datasets without phases
         case_classes = selected if annotated is None else [i for i in selected if i in set(annotated)]
         if not case_classes:
             continue
         for row in evaluate_case(pred, ref, names, spacing=spacing, include_background=include_background,
                                  class_indices=case_classes, case=case):
             rows.append({"case": case, **row})
+            if phase is not None:
+                rows[-1]["phase"] = phase
 
     class_names = [names[i] for i in selected]
     summary = summarize(rows, class_names)

@@ -329,6 +329,138 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert s["arguments"]["pred"] == str(preds) and s["arguments"]["split"] == "test"
     printed = capsys.readouterr().out
     assert "Dice" in printed and "HD95" in printed and "0.5000 ± 0.5000" in printed
+    # no phase in the dataset: the summary keys and the table are those from before phases
+    assert list(s) == NO_PHASE_SUMMARY_KEYS and "per_phase" not in s
+    assert printed.startswith(NO_PHASE_TABLE + "\n")
+    assert evaluation.format_table(s) == NO_PHASE_TABLE
+    assert list(rows[0]) == CSV_COLUMNS and {r["phase"] for r in rows} == {""}
+
+
+# the outputs of test_cli_end_to_end as they were before per phase reporting existed
+NO_PHASE_SUMMARY_KEYS = [
+    "per_class", "overall", "status_counts", "num_cases", "cases", "missing_predictions",
+    "skipped_unlabelled", "classes", "units", "outputs", "arguments",
+]
+NO_PHASE_TABLE = (
+    "class                   n             Dice          HD95 (mm)          ASSD (mm)\n"
+    "--------------------------------------------------------------------------------\n"
+    "a                       2  0.5000 ± 0.5000        1.00 ± 1.00        1.00 ± 1.00\n"
+    "b                       2  1.0000 ± 0.0000        0.00 ± 0.00        0.00 ± 0.00\n"
+    "--------------------------------------------------------------------------------\n"
+    "mean over classes                   0.7500               0.50               0.50"
+)
+# the old columns first, in their old order (readers by position keep working), then phase
+CSV_COLUMNS = ["case", "class", "class_index", "dice", "hd95", "assd", "pred_voxels", "ref_voxels", "status", "phase"]
+
+
+def _make_phase_dataset(root):
+    """ACDC-like: subjects s1, s2, each an ED and an ES case with "phase" (classes LV, MYO).
+
+    Every reference: LV = voxels (1, 1, 1) and (1, 2, 1), MYO = voxel (4, 4, 2). Predictions
+    are perfect except s1_ED, whose LV is shifted by one voxel along axis 1 (1 mm): (1, 2, 1)
+    and (1, 3, 1). Its LV: overlap 1 voxel -> Dice = 2 * 1 / (2 + 2) = 0.5; both 2-voxel lines
+    are all edge, each direction's distances are [0, 1] -> HD95 = 0.95 (linear interpolation
+    at position 0.95), ASSD = (0 + 1 + 1 + 0) / 4 = 0.5.
+    """
+    ds = root / "ds"
+    ref = np.zeros(SHAPE, dtype=np.uint8)
+    ref[1, 1:3, 1] = 1
+    ref[4, 4, 2] = 2
+    half = ref.copy()
+    half[1, 1:3, 1] = 0
+    half[1, 2:4, 1] = 1
+    entries = []
+    for subject in ("s1", "s2"):
+        for phase in ("ED", "ES"):
+            name = f"{subject}_{phase}"
+            _save(ds / "imagesTs" / f"{name}.nii.gz", np.zeros(SHAPE))
+            _save(ds / "labelsTs" / f"{name}.nii.gz", ref)
+            _save(root / "preds" / f"{name}.nii.gz", half if name == "s1_ED" else ref)
+            entries.append({"image": f"imagesTs/{name}.nii.gz", "label": f"labelsTs/{name}.nii.gz",
+                            "annotated": "all", "subject": subject, "phase": phase})
+    desc = {"classes": ["background", "LV", "MYO"], "training": [], "test": entries}
+    (ds / "dataset.json").write_text(json.dumps(desc))
+    return ds, root / "preds"
+
+
+def test_per_phase(tmp_path, capsys):
+    ds, preds = _make_phase_dataset(tmp_path)
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--no-progress"]) == 0
+    out = preds / "evaluation"
+    s = json.loads((out / "summary.json").read_text())
+    # the keys from before stay, in their place; per_phase follows the summarize() keys
+    assert list(s) == NO_PHASE_SUMMARY_KEYS[:3] + ["per_phase"] + NO_PHASE_SUMMARY_KEYS[3:]
+    # overall LV Dice over (0.5, 1, 1, 1): mean 0.875, population std sqrt(0.1875 / 4)
+    assert s["per_class"]["LV"]["n"] == 4 and s["per_class"]["LV"]["dice"]["mean"] == 0.875
+    assert s["per_class"]["LV"]["dice"]["std"] == pytest.approx(math.sqrt(0.1875 / 4))
+    assert list(s["per_phase"]) == ["ED", "ES"]
+    ed, es = s["per_phase"]["ED"], s["per_phase"]["ES"]
+    assert set(ed) == set(es) == {"per_class", "overall", "status_counts"}  # summarize()'s structure
+    # ED LV: Dice (0.5, 1) -> 0.75 ± 0.25, median 0.75; HD95 (0.95, 0) -> mean 0.475; ASSD (0.5, 0)
+    assert ed["per_class"]["LV"]["n"] == 2
+    assert ed["per_class"]["LV"]["dice"] == {"mean": 0.75, "std": 0.25, "median": 0.75}
+    assert ed["per_class"]["LV"]["hd95"]["mean"] == pytest.approx(0.475, abs=1e-6)
+    assert ed["per_class"]["LV"]["assd"]["mean"] == pytest.approx(0.25, abs=1e-6)
+    assert ed["per_class"]["MYO"]["dice"] == {"mean": 1.0, "std": 0.0, "median": 1.0}
+    assert ed["overall"]["dice"] == 0.875  # (0.75 + 1) / 2
+    assert ed["overall"]["hd95"] == pytest.approx(0.2375, abs=1e-6)
+    assert ed["status_counts"] == {"ok": 4, "both_empty": 0, "pred_empty": 0, "ref_empty": 0}
+    # ES: both predictions perfect
+    for name in ("LV", "MYO"):
+        assert es["per_class"][name]["n"] == 2
+        assert es["per_class"][name]["dice"] == {"mean": 1.0, "std": 0.0, "median": 1.0}
+        assert es["per_class"][name]["hd95"]["mean"] == 0.0
+    assert es["overall"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+
+    import csv
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_COLUMNS
+    assert {(r["case"], r["class"]): r["phase"] for r in rows} == {
+        (f"{sub}_{ph}", c): ph for sub in ("s1", "s2") for ph in ("ED", "ES") for c in ("LV", "MYO")
+    }
+    assert (out / "boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    lines = capsys.readouterr().out.splitlines()
+    table = evaluation.format_table(s).splitlines()
+    assert lines[: len(table)] == table  # the command prints the same table
+    names = [line[:20].rstrip() for line in table]
+    assert names == [
+        "class", "-" * 20, "LV", "MYO", "-" * 20, "mean over classes",
+        "=" * 20, "ED LV", "ED MYO", "ED mean over classes",
+        "-" * 20, "ES LV", "ES MYO", "ES mean over classes",
+    ]
+    row = dict(zip(names, table))
+    assert row["ED LV"].split()[2:5] == ["2", "0.7500", "±"] and "0.2500" in row["ED LV"]
+    assert row["ED mean over classes"].split()[4:] == ["0.8750", "0.24", "0.12"]
+    assert row["ES mean over classes"].split()[4:] == ["1.0000", "0.00", "0.00"]
+    assert row["mean over classes"].split()[3] == "0.9375"  # overall: (0.875 + 1) / 2
+
+
+def test_per_phase_cases_without_phase():
+    # a phase on some rows only: the others are grouped last under "(none)"; "" is no phase
+    rows = [
+        {"class": "a", "dice": 0.2, "hd95": 1.0, "assd": 1.0, "status": "ok", "phase": "ES"},
+        {"class": "a", "dice": 0.4, "hd95": 1.0, "assd": 1.0, "status": "ok"},
+        {"class": "a", "dice": 0.6, "hd95": 1.0, "assd": 1.0, "status": "ok", "phase": ""},
+        {"class": "a", "dice": 0.8, "hd95": 1.0, "assd": 1.0, "status": "ok", "phase": "ED"},
+    ]
+    s = summarize(rows, ["a", "b"])
+    assert list(s["per_phase"]) == ["ED", "ES", "(none)"]
+    assert {p: e["per_class"]["a"]["dice"]["mean"] for p, e in s["per_phase"].items()} == pytest.approx(
+        {"ED": 0.8, "ES": 0.2, "(none)": 0.5}
+    )
+    assert s["per_phase"]["ED"]["per_class"]["b"]["n"] == 0
+    table = evaluation.format_table(s)
+    # the name column widens to fit "(none) mean over classes"
+    assert "\n(none) a                    2 " in table and "\n(none) mean over classes " in table
+    assert len({len(line) for line in table.splitlines()}) == 1  # every line, rules included, as wide
+    # no phase anywhere: no per_phase, and the table is the overall one alone
+    for r in rows:
+        r.pop("phase", None)
+    s = summarize(rows, ["a", "b"])
+    assert "per_phase" not in s and "(none)" not in evaluation.format_table(s)
 
 
 def test_missing_prediction(tmp_path, capsys):
