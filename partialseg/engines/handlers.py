@@ -53,6 +53,12 @@ class MetricsRecorder:
     "epoch_length": N}``:
     what :func:`partialseg.plots.plot_training_curves` draws.
 
+    A resumed run (its first iteration is not 1: a checkpoint was restored) continues the record
+    already in ``path``: the entries up to the restored iteration and epoch are kept, later ones
+    (written by the interrupted run after its last checkpoint) are dropped, so the file covers the
+    whole training without repeating a step. Iterations the interrupted run did not record before
+    it stopped stay missing (the record is written at epoch ends).
+
     Args:
         path: output JSON file (its folder is created when training starts).
         validator: the evaluator whose ``state.metrics`` to record (None: losses only).
@@ -62,6 +68,7 @@ class MetricsRecorder:
         self.path = Path(path)
         self.validator = validator
         self.data: dict[str, Any] = {"iteration": [], "loss": [], "epoch": [], "metrics": {}}
+        self._first = True
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -74,7 +81,25 @@ class MetricsRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.data["epoch_length"] = int(engine.state.epoch_length or 0)
 
+    def _continue_record(self, iteration: int, epoch: int) -> None:
+        """Keep the existing record's entries before ``iteration`` / up to ``epoch`` (a resumed run)."""
+        try:
+            old = json.loads(self.path.read_text())
+            keep = [i for i, it in enumerate(old["iteration"]) if it < iteration]
+            kept_epochs = [i for i, ep in enumerate(old["epoch"]) if ep <= epoch]
+            self.data["iteration"] = [old["iteration"][i] for i in keep]
+            self.data["loss"] = [old["loss"][i] for i in keep]
+            self.data["epoch"] = [old["epoch"][i] for i in kept_epochs]
+            self.data["metrics"] = {k: [v[i] for i in kept_epochs] for k, v in old["metrics"].items() if len(v) == len(old["epoch"])}
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass  # no usable earlier record: this run's record starts here
+
     def _iteration(self, engine) -> None:
+        if self._first:
+            self._first = False
+            if engine.state.iteration > 1:  # resumed from a checkpoint
+                done = engine.state.epoch - 1 if engine.state.epoch_length else 0  # full epochs before this one
+                self._continue_record(int(engine.state.iteration), int(done))
         out = engine.state.output
         loss = out[0]["loss"] if isinstance(out, list) else out["loss"] if isinstance(out, dict) else out
         self.data["iteration"].append(int(engine.state.iteration))

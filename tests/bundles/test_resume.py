@@ -63,7 +63,12 @@ def test_killed_stage2_resumes_where_it_stopped(tmp_path):
     saved = sorted((tmp_path / "runs" / "stage2").glob("config_*.json"))  # the executed config, per run
     assert saved and json.loads(saved[-1].read_text())["epochs_stage2"] == 30
     metrics = json.loads((tmp_path / "runs" / "stage2" / "metrics.json").read_text())
-    assert metrics["iteration"] == list(range(killed_at + 1, 121))  # the count continues, no step repeated
+    # the record continues the interrupted run's: no step repeated, everything after the restored
+    # checkpoint from this run, the earlier steps as far as the killed run had written them
+    its = metrics["iteration"]
+    assert its == sorted(set(its)) and its[-1] == 120 and its[: its.index(killed_at + 1)] == list(range(1, its.index(killed_at + 1) + 1))
+    assert its[its.index(killed_at + 1) :] == list(range(killed_at + 1, 121))
+    assert metrics["epoch"] == sorted(set(metrics["epoch"]))
 
     final = torch.load(ckpt, weights_only=True)
     assert final["trainer"]["iteration"] == 120 and final["trainer"]["max_epochs"] == 30
