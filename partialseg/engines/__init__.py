@@ -5,7 +5,7 @@ in the loss, :class:`partialseg.losses.MixedSupervisionLoss`); methods whose ite
 subclass it in their own module here (:mod:`partialseg.engines.dcl`: DCL's primal/dual loop).
 """
 
-from partialseg.engines.checkpoint import AtomicCheckpointSaver, ResumeCheckpoint, atomic_save
+from partialseg.engines.checkpoint import AtomicCheckpointSaver, BestMetricState, ResumeCheckpoint, atomic_save
 from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, DualState, dual_swap
 from partialseg.engines.distributed import get_rank, quiet_non_zero_ranks, rank_zero_only
 from partialseg.engines.tracking import ConfigSaver
@@ -13,4 +13,4 @@ from partialseg.engines.handlers import MetricsRecorder, as_bool, require_checkp
 from partialseg.engines.launch import bundle_command, run_bundle
 
 __all__ = ["DCLTrainer", "DualNetworkUpdater", "DualState", "dual_swap", "MetricsRecorder", "as_bool", "require_checkpoint", "bundle_command", "run_bundle", "get_rank", "rank_zero_only", "quiet_non_zero_ranks",
-           "AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save", "ConfigSaver"]
+           "AtomicCheckpointSaver", "BestMetricState", "ResumeCheckpoint", "atomic_save", "ConfigSaver"]

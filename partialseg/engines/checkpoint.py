@@ -130,6 +130,9 @@ class ResumeCheckpoint:
         max_epochs = engine.state.max_epochs
         for name, obj in self._objects(engine).items():
             if name not in checkpoint:
+                if getattr(obj, "optional", False):  # e.g. a checkpoint written before it was saved
+                    logger.warning(f"{self.path} has no {name!r} state; {type(obj).__name__} starts afresh")
+                    continue
                 raise RuntimeError(f"{self.path} has no {name!r} state (it holds {sorted(checkpoint)})")
             obj.load_state_dict(checkpoint[name])
         if max_epochs is not None and engine.state.epoch > max_epochs:
@@ -138,6 +141,52 @@ class ResumeCheckpoint:
         self.resumed_from = int(engine.state.iteration)
         msg = f"resuming from {self.path} after iteration {engine.state.iteration} ({engine.state.epoch} full epochs)"
         (engine.logger if hasattr(engine, "logger") else logger).info(msg)
+
+
+class BestMetricState:
+    """The validation's best-metric bookkeeping as a checkpointable object, for resumed runs.
+
+    Without it a resumed training forgets its best validation score: the first validation after
+    the resume counts as an improvement, so the key-metric checkpoint (``model.pt``) is
+    overwritten by a possibly worse model and DCL's DualNet is refreshed from it. Put
+    ``BestMetricState(evaluator, saver)`` in a :class:`ResumeCheckpoint`'s ``save_dict``: it
+    saves and restores the evaluator's ``best_metric`` / ``best_metric_epoch`` and the
+    ``(score, file)`` record of the saver's key-metric checkpoint (ignite's ``Checkpoint``
+    state), so only a validation that beats the restored best writes ``model.pt`` again.
+
+    Args:
+        evaluator: the MONAI evaluator whose ``state.best_metric`` tracks the key metric.
+        saver: the MONAI ``CheckpointSaver`` (or :class:`AtomicCheckpointSaver`) with
+            ``save_key_metric=True`` attached to that evaluator, or None.
+    """
+
+    #: a checkpoint without this entry (written before it existed) still resumes, with a warning
+    optional = True
+
+    def __init__(self, evaluator: Any, saver: Any = None) -> None:
+        if not hasattr(evaluator, "state"):
+            raise TypeError(f"evaluator must be an ignite / MONAI engine with a state, got {type(evaluator).__name__}")
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def _key_checkpoint(self):
+        return getattr(self.saver, "_key_metric_checkpoint", None) if self.saver is not None else None
+
+    def state_dict(self) -> dict:
+        s = self.evaluator.state
+        out = {"best_metric": float(getattr(s, "best_metric", -1)), "best_metric_epoch": int(getattr(s, "best_metric_epoch", -1))}
+        ckpt = self._key_checkpoint()
+        if ckpt is not None:
+            out["key_metric_saved"] = [(float(p), str(f)) for p, f in ckpt._saved]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.evaluator.state
+        s.best_metric = float(state["best_metric"])
+        s.best_metric_epoch = int(state["best_metric_epoch"])
+        ckpt = self._key_checkpoint()
+        if ckpt is not None and "key_metric_saved" in state:
+            ckpt.load_state_dict({"_saved": [(float(p), str(f)) for p, f in state["key_metric_saved"]]})
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

@@ -343,8 +343,17 @@ class DualNetworkUpdater:
         self._seen: tuple[float, int] | None = None
 
     def attach(self, engine: Any) -> None:
-        """Register on ``engine``'s (the evaluator's) ``EPOCH_COMPLETED``."""
+        """Register on ``engine``'s (the evaluator's) ``EPOCH_STARTED`` and ``EPOCH_COMPLETED``.
+
+        The best metric is noted when a validation starts and compared when it ends, so only an
+        improvement made by that validation refreshes DualNet (not a best metric restored from a
+        checkpoint, :class:`~partialseg.engines.BestMetricState`).
+        """
+        engine.add_event_handler(Events.EPOCH_STARTED, self._note_best)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _note_best(self, engine: Any) -> None:
+        self._seen = (float(engine.state.best_metric), int(engine.state.best_metric_epoch))
 
     def __call__(self, engine: Any) -> None:
         best = (float(engine.state.best_metric), int(engine.state.best_metric_epoch))

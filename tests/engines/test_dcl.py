@@ -235,6 +235,22 @@ def test_dual_refreshes_only_on_validation_improvement(cardiac):
     assert dual_class() == refreshed_for[-1]
 
 
+def test_restored_best_metric_does_not_refresh_dual(cardiac):
+    """After a resume (BestMetricState restored the best), a validation below it leaves DualNet."""
+    torch.set_num_threads(1)
+    backbone = _ConstantClass(1 * (1 + M) + M, M)
+    net = CompNet(2, 1, M, backbone=backbone)
+    trainer, bank, test = _parts(cardiac, lambda_dual=0.2, network=net)
+    trainer.refresh_dual()
+    evaluator = _evaluator(net, bank, test)
+    DualNetworkUpdater(trainer).attach(evaluator)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.99, 3  # as restored from a checkpoint
+    backbone.set_class(1)
+    n = len(trainer.dual_refreshes)
+    evaluator.run(global_epoch=4)
+    assert evaluator.state.metrics["dice"] < 0.99 and len(trainer.dual_refreshes) == n
+
+
 def test_bad_arguments(cardiac):
     trainer, _, _ = _parts(cardiac, 0.0)
     kw = dict(device="cpu", max_epochs=1, train_data_loader=trainer.data_loader, network=trainer.network,

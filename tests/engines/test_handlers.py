@@ -56,3 +56,62 @@ def test_metrics_record_continues_after_a_resume(tmp_path):
     assert resumed["loss"] == [float(i) for i in range(1, 21)]
     # a fresh run (first iteration 1) starts a new record
     assert _run_recorder(path, 4)["iteration"] == [1, 2, 3, 4]
+
+
+def test_best_metric_state_survives_a_resume(tmp_path):
+    """The evaluator's best score and the key-metric checkpoint's record go through a checkpoint:
+    after the restore, only a validation beating the old best writes model.pt again."""
+    import torch
+    from ignite.engine import Engine, Events
+
+    from partialseg.engines import AtomicCheckpointSaver, BestMetricState, atomic_save
+
+    def evaluator_and_saver(scores):
+        ev = Engine(lambda e, b: None)
+        ev.state.best_metric, ev.state.best_metric_epoch = -1.0, -1
+        it = iter(scores)
+
+        @ev.on(Events.EPOCH_COMPLETED)  # registered first: the metric and the best, as MONAI's evaluator
+        def _score(e):
+            e.state.metrics["dice"] = next(it)
+            if e.state.metrics["dice"] > e.state.best_metric:
+                e.state.best_metric, e.state.best_metric_epoch = e.state.metrics["dice"], e.state.epoch
+
+        saver = AtomicCheckpointSaver(str(tmp_path / "ckpt"), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                                      key_metric_name="dice", key_metric_filename="model.pt")
+        saver.attach(ev)
+        return ev, saver
+
+    ev, saver = evaluator_and_saver([0.5, 0.8, 0.6])
+    ev.run([0], max_epochs=3)
+    assert ev.state.best_metric == 0.8
+    atomic_save({"best": BestMetricState(ev, saver).state_dict()}, tmp_path / "resume.pt")
+    written = (tmp_path / "ckpt" / "model.pt").stat().st_mtime_ns
+
+    # a new process: fresh evaluator and saver, restored from the checkpoint
+    ev2, saver2 = evaluator_and_saver([0.7, 0.9])
+    BestMetricState(ev2, saver2).load_state_dict(torch.load(tmp_path / "resume.pt", weights_only=True)["best"])
+    assert (ev2.state.best_metric, ev2.state.best_metric_epoch) == (0.8, 2)
+    ev2.run([0], max_epochs=1)  # 0.7 < 0.8: model.pt untouched
+    assert (tmp_path / "ckpt" / "model.pt").stat().st_mtime_ns == written
+    ev2.run([0], max_epochs=2)  # 0.9 > 0.8: written
+    assert (tmp_path / "ckpt" / "model.pt").stat().st_mtime_ns != written
+    assert ev2.state.best_metric == 0.9
+
+
+def test_resume_from_a_checkpoint_without_the_best_state(tmp_path):
+    """A checkpoint written before BestMetricState existed still resumes (the best starts afresh);
+    a missing required entry is still an error naming the file."""
+    import torch
+    from ignite.engine import Engine
+
+    from partialseg.engines import BestMetricState, ResumeCheckpoint, atomic_save
+
+    net = torch.nn.Linear(1, 1)
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1
+    atomic_save({"trainer": trainer.state_dict(), "network": net.state_dict()}, tmp_path / "old.pt")
+    ResumeCheckpoint(tmp_path / "old.pt", {"network": net, "best": BestMetricState(evaluator)}).load(trainer)
+    assert evaluator.state.best_metric == -1.0
+    with pytest.raises(RuntimeError, match="old.pt has no 'optimizer' state"):
+        ResumeCheckpoint(tmp_path / "old.pt", {"network": net, "optimizer": torch.optim.SGD(net.parameters(), 0.1)}).load(trainer)
