@@ -232,10 +232,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cardiac.add_argument("--size", type=int, nargs="+", metavar="N",
                          help=f"slice size after centred crop or pad, one value or one per axis (default {cardiac_builders.DEFAULT_SIZE})")
     cardiac.add_argument("--keep", choices=cardiac_builders.KEEP,
-                         help="training slices keep 'one' random structure each, balanced (default), or 'all'; "
-                         "validation and test are always fully labelled")
+                         help="training slices keep 'one' random structure each, balanced (default); 'subject': one "
+                         "structure per training subject on all its slices (the paper's single-label subjects); or "
+                         "'all'; validation and test are always fully labelled")
     cardiac.add_argument("--no-wholeheart", dest="wholeheart", action="store_false", default=None,
-                         help="with --keep one, draw among LV, MYO, RV only (no whole-heart labels; train the "
+                         help="with --keep one / subject, draw among LV, MYO, RV only (no whole-heart labels; train the "
                          "dcl_cardiac bundle with --missing any)")
     cardiac.add_argument("--seed", type=int, help="seed of the split and of the kept structures; same seed = identical files (default 0)")
     cardiac.add_argument("--quiet", action="store_true", help="no progress bar")

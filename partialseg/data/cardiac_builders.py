@@ -58,6 +58,11 @@ Choices:
   one kind among those **present in it** (a slice without RV never keeps "RV"), drawn at random
   with the counts kept equal (paper: "the number of annotated images for each label class was
   set to be equal"; :func:`assign_kinds`). A kind that no training slice contains is an error.
+- **One structure per subject** (``keep="subject"``, the paper's "single-label subjects": its
+  ``60 x 1`` labels are one per subject): each training subject keeps one kind, drawn the same
+  way over subjects among the kinds present in them, on every slice of both phases. A slice
+  that does not contain its subject's kind is left out (as a conditional slice it would lack its
+  class); their number is in ``dataset.json`` (``slices_without_kept_structure``).
 - **Empty slices** (no labelled structure on the output grid: outside the annotated stack, or
   cropped away) are skipped in every split; their number is in ``dataset.json``
   (``empty_slices_skipped``). Kept, they would be uninformative conditional slices for CompNet.
@@ -95,7 +100,7 @@ CLASSES = ("background", "LV", "MYO", "RV")
 STRUCTURES = ("LV", "MYO", "RV")
 #: the annotated name of a whole-heart label (value 1 = "one of LV, MYO, RV")
 WHOLEHEART = "background"
-KEEP = ("one", "all")
+KEEP = ("one", "subject", "all")
 DEFAULT_SPACING = 1.37
 DEFAULT_SIZE = 212
 AFFINE_TOL = 1e-3  # as partialseg check
@@ -326,8 +331,9 @@ def _split_subjects(subjects: Sequence[str], val: int, test: int, rng: np.random
 
 def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int, *, val: int, test: int,
                   spacing: tuple[float, float], size: tuple[int, int], keep: str, kinds: Sequence[str],
-                  seed: int, progress: bool) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    """Write one source's slices into ``tmp``; return its entries per split and the empty slices skipped."""
+                  seed: int, progress: bool) -> tuple[dict[str, list[dict[str, Any]]], int, int]:
+    """Write one source's slices into ``tmp``; return its entries per split, the empty slices skipped
+    and (``keep="subject"``) the training slices left out for lacking their subject's kind."""
     from tqdm import tqdm
 
     spec = SLICE_LAYOUTS[layout]
@@ -367,19 +373,35 @@ def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int,
                 entry["slice"] = z
                 _save(tmp / "images" / f"{name}.nii.gz", img2d.astype(np.float32), affine)
                 split = split_of[subject]
-                if split == "training" and keep == "one":
+                if split == "training" and keep in ("one", "subject"):
                     held.append((entry, lab2d, affine))
                 else:
                     _save(tmp / "labels" / f"{name}.nii.gz", lab2d, affine)
                 entries[split].append(entry)
+    without_kind = 0
     if held:
         present = [[k for k in kinds if k == WHOLEHEART or (lab == CLASSES.index(k)).any()] for _, lab, _ in held]
-        chosen = assign_kinds(present, kinds, np.random.default_rng([seed, index, 1]))
+        if keep == "subject":  # one kind per subject, among those present in some of its slices
+            held_subjects = list(dict.fromkeys(entry["subject"] for entry, _, _ in held))
+            union = [[k for k in kinds if any(k in p for (e, _, _), p in zip(held, present) if e["subject"] == subj)] for subj in held_subjects]
+            kind_of = dict(zip(held_subjects, assign_kinds(union, kinds, np.random.default_rng([seed, index, 1]))))
+            chosen = [kind_of[entry["subject"]] for entry, _, _ in held]
+            lacking = [i for i, (kind, p) in enumerate(zip(chosen, present)) if kind not in p]
+            for i in reversed(lacking):  # these slices do not contain their subject's kind: left out
+                entry = held[i][0]
+                entries["training"].remove(entry)
+                (tmp / "images" / Path(entry["image"]).name).unlink()
+                del held[i], chosen[i], present[i]
+            without_kind = len(lacking)
+        else:
+            chosen = assign_kinds(present, kinds, np.random.default_rng([seed, index, 1]))
         missing = [k for k in kinds if k not in chosen]
         if missing:
             found = "; ".join(f"{k} in {sum(k in p for p in present)} of {len(held)}" for k in missing)
+            hint = (f" ({len(set(e['subject'] for e, _, _ in held))} training subjects for {len(kinds)} kinds: use --keep one,"
+                    " fewer --val / --test subjects, or --no-wholeheart)") if keep == "subject" else ""
             raise ValueError(
-                f"source {source!r}: no training slice keeps {missing} ({found} training slices); "
+                f"source {source!r}: no training slice keeps {missing} ({found} training slices){hint}; "
                 "the DCL sampler needs training slices annotating every class"
             )
         for (entry, lab, affine), kind in zip(held, chosen):
@@ -390,7 +412,7 @@ def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int,
                 kept = np.where(lab == k, k, 0).astype(np.uint8)
             entry["annotated"] = [kind]
             _save(tmp / "labels" / Path(entry["label"]).name, kept, affine)
-    return entries, skipped
+    return entries, skipped, without_kind
 
 
 def build_slices(
@@ -420,8 +442,9 @@ def build_slices(
         test: subjects of each source held out, fully labelled, as the ``test`` split.
         spacing: in-plane pixel size in mm (one value, or one per array axis).
         size: output slice size (one value, or one per array axis).
-        keep: ``"one"`` structure per training slice, or ``"all"`` (fully labelled).
-        wholeheart: with ``keep="one"``, also keep whole-heart labels (``["background"]``).
+        keep: ``"one"`` structure per training slice, ``"subject"`` (one per training subject, on
+            all its slices), or ``"all"`` (fully labelled).
+        wholeheart: with ``keep="one"`` / ``"subject"``, also keep whole-heart labels (``["background"]``).
         seed: seed of the split and of the kept structures.
         name: dataset name (default: the source names joined by ``+``, then ``2d``).
         progress: show a progress bar per source.
@@ -434,7 +457,7 @@ def build_slices(
         >>> build_slices([("acdc", "/nonexistent")], "/tmp/x/dataset.json", keep="some")
         Traceback (most recent call last):
         ...
-        ValueError: keep must be one of ('one', 'all'), got 'some'
+        ValueError: keep must be one of ('one', 'subject', 'all'), got 'some'
     """
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
@@ -459,12 +482,13 @@ def build_slices(
         names.append(layout if counts[layout] == 1 else f"{layout}_{counts[layout]}")
     splits: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
     skipped: dict[str, int] = {}
+    without_kind: dict[str, int] = {}
     partials = [slices / f".{source}.partial" for source in names]
     try:
         for index, ((layout, folder), source, tmp) in enumerate(zip(sources, names, partials)):
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by an interrupted run
-            entries, skipped[source] = _build_source(
+            entries, skipped[source], without_kind[source] = _build_source(
                 layout, Path(folder), source, tmp, index, val=val, test=test, spacing=spacing_mm, size=shape,
                 keep=keep, kinds=kinds, seed=int(seed), progress=progress,
             )
@@ -484,7 +508,8 @@ def build_slices(
         "description": (
             "built by partialseg build-datalist from " + ", ".join(f"{l}={f}" for l, f in sources)
             + f": 2D slices at {spacing_mm[0]:g} x {spacing_mm[1]:g} mm, {shape[0]} x {shape[1]} pixels; "
-            + ("one structure kept per training slice" if keep == "one" else "fully labelled")
+            + {"one": "one structure kept per training slice", "subject": "one structure kept per training subject",
+               "all": "fully labelled"}[keep]
             + f"; validation and test fully labelled; seed {seed}"
         ),
         "tensorImageSize": "2D",
@@ -496,6 +521,7 @@ def build_slices(
         "keep": keep,
         "seed": int(seed),
         "empty_slices_skipped": skipped,
+        **({"slices_without_kept_structure": without_kind} if keep == "subject" else {}),
         "numTraining": len(splits["training"]),
         "numTest": len(splits["test"]),
     }

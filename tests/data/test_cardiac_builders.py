@@ -176,6 +176,39 @@ def test_keep_one_structure_per_training_slice(acdc, tmp_path):
     assert sorted(c["annotated"][0] for c in three["training"]) == sorted(["LV", "MYO", "RV"] * 4)
 
 
+def test_keep_one_structure_per_subject(acdc, tmp_path):
+    """keep="subject": every slice of a training subject (both phases) keeps the subject's one
+    kind; slices without it are left out (counted); labels hold only that structure."""
+    # three training subjects, three kinds (LV, MYO, RV): every class keeps a subject
+    full = build_slices([("acdc", acdc)], tmp_path / "full" / "dataset.json", keep="all", size=48, seed=5)
+    for seed in range(6):  # some seed gives a subject RV, which slice 3 lacks
+        out = tmp_path / f"subject{seed}" / "dataset.json"
+        sub = build_slices([("acdc", acdc)], out, keep="subject", size=48, seed=seed, wholeheart=False)
+        kind_of = {}
+        for c in sub["training"]:
+            assert len(c["annotated"]) == 1
+            assert kind_of.setdefault(c["subject"], c["annotated"][0]) == c["annotated"][0]  # one kind per subject
+        assert len(set(kind_of.values())) == len(kind_of)  # balanced over subjects: all different here
+        n_rv = sum(k == "RV" for k in kind_of.values())
+        assert sub["slices_without_kept_structure"] == {"acdc": 2 * n_rv}  # slice 3, ED and ES
+        assert len(sub["training"]) == len(full["training"]) - 2 * n_rv
+        images = sorted(p.name for p in (out.parent / "slices" / "acdc" / "images").iterdir())
+        listed = sorted(Path(c["image"]).name for c in sub["training"])
+        assert images == listed  # the left-out slices' images are not written either
+        for c in sub["training"]:
+            label, _ = _load(out.parent, c["label"])
+            kind = c["annotated"][0]
+            if kind != "background":
+                assert label.any() and set(np.unique(label)) <= {0, CLASSES.index(kind)}
+        if n_rv:
+            break
+    else:
+        pytest.fail("no seed in 0..5 gave a subject RV")
+    # with the whole heart as a fourth kind, three subjects cannot cover four classes: a clear error
+    with pytest.raises(ValueError, match="no training slice keeps"):
+        build_slices([("acdc", acdc)], tmp_path / "four" / "dataset.json", keep="subject", size=48, seed=0)
+
+
 def test_seed_gives_identical_files_and_rebuild_replaces(acdc, tmp_path):
     a, b, c = (tmp_path / n / "dataset.json" for n in "abc")
     options = dict(size=32, val=1, test=1)
