@@ -325,7 +325,6 @@ class _MarginalExclusionFunction(torch.autograd.Function):
         b_, c_ = p.shape[0], p.shape[1]
         a = p.new_zeros(b_, c_, 1)  # per-channel coefficient of v
         b = p.new_zeros(b_, 1, p.shape[2])  # per-voxel coefficient of v
-        iq = None
         if use_mce:  # d(-log q)/dx = g (p - w p / q), added in logit space below (no cancellation)
             iq = torch.where(informative > 0, g_mce.unsqueeze(1) / q, 0.0)
             if low_idx is not None:  # handled exactly below
