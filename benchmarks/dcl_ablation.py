@@ -100,6 +100,9 @@ def parse_args(argv=None):
     ap.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--data-dir", default="/tmp/partialseg_dcl_ablation")
     ap.add_argument("--out", default=str(RESULTS / "dcl_ablation_runs.jsonl"))
+    ap.add_argument("--report", default=str(RESULTS / "dcl_ablation.md"), help="the table (Markdown) written after every run")
+    ap.add_argument("--verdict", default=str(RESULTS / "dcl_ablation_verdict.md"),
+                    help="Markdown appended under the table (ignored when missing)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 2 arms of each kind, few iterations")
     ap.add_argument("--report-only", action="store_true")
@@ -396,17 +399,22 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
         f"from the best-validation weights, batch {cfg['batch']}, validation every {cfg['val_every']} iterations, "
         f"best-validation weights tested; CompNet arms tested with K = {cfg['k_test']} conditional sets; "
         f"dual arms use lambda = {cfg['lambda_dual']} in the second phase. Test Dice, mean ± std over seeds {sorted(args.seeds)}. "
-        f"Status: {status}. Raw runs: `benchmarks/results/dcl_ablation_runs.jsonl`.\n\n"
+        f"Status: {status}. Raw runs: `{_rel(args.out)}`.\n\n"
         + table(summary)
     )
     if verdict:
         text += "\n" + verdict.strip() + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.quick:
-        (RESULTS / "dcl_ablation.md").write_text(text)
+        Path(args.report).write_text(text)
     if not args.no_docs:
         update_results_md(text)
     return text
+
+
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
@@ -434,7 +442,7 @@ def main(argv=None) -> None:
     if out.is_file():
         runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
         runs = [r for r in runs if r.get("config") == cfg]
-    verdict_path = RESULTS / "dcl_ablation_verdict.md"
+    verdict_path = Path(args.verdict)
     verdict = verdict_path.read_text() if verdict_path.is_file() and not args.quick else None
     if args.report_only:
         # the table's command is the run that made the main rows (the investigation rows: see the verdict)
