@@ -156,7 +156,9 @@ class ConditionalInferer(Inferer):
     Set ``k`` is drawn with ``numpy.random.default_rng([seed, k])``: the same ``K`` sets for
     every target, so inference is deterministic. When the target's grid differs from the
     bank's, the conditions are resized to it (``match="resize"``: images (bi/tri)linear,
-    labels nearest) or rejected (``match="error"``).
+    labels nearest) or rejected (``match="error"``). The ``K`` sets, drawn and resized, are
+    kept for the last grid, device and dtype seen (a bank is not meant to change; make a new
+    inferer if it does).
 
     Args:
         support: a :class:`SupportBank` (or the path of one saved with :meth:`SupportBank.save`).
@@ -194,9 +196,20 @@ class ConditionalInferer(Inferer):
             raise TypeError(f"inferer must be a MONAI inferer, got {type(inferer).__name__}.")
         self.support, self.num_samples, self.seed, self.match = support, num_samples, seed, match
         self.inferer = inferer if inferer is not None else SimpleInferer()
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def conditions(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """Conditional set ``k`` as ``(B, m * C, *spatial)`` images and ``(B, m, *spatial)`` labels for target ``like``."""
+        key = (k, tuple(like.shape[2:]), like.device, like.dtype)
+        if key not in self._cache:
+            if any(old[1:] != key[1:] for old in self._cache):
+                self._cache.clear()  # a new grid, device or dtype: keep only the sets of the current one
+            self._cache[key] = self._draw(k, like)
+        cond_image, cond_label = self._cache[key]
+        b = like.shape[0]
+        return cond_image.expand(b, *cond_image.shape), cond_label.expand(b, *cond_label.shape)
+
+    def _draw(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
         cond_image, cond_label = self.support.draw(np.random.default_rng([self.seed, k]))
         cond_image = cond_image.to(like.device, like.dtype)
         cond_label = cond_label.to(like.device, like.dtype)
@@ -207,8 +220,7 @@ class ConditionalInferer(Inferer):
             mode = "bilinear" if len(spatial) == 2 else "trilinear"
             cond_image = F.interpolate(cond_image[None], size=spatial, mode=mode, align_corners=False)[0]
             cond_label = F.interpolate(cond_label[None], size=spatial, mode="nearest")[0]
-        b = like.shape[0]
-        return cond_image.expand(b, *cond_image.shape), cond_label.expand(b, *cond_label.shape)
+        return cond_image, cond_label
 
     def __call__(self, inputs: Tensor, network: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """

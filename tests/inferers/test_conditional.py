@@ -56,6 +56,26 @@ def test_average_over_k_sets_by_hand():
         torch.testing.assert_close(ConditionalInferer(bank, 3, seed=5)(x, net), out)
 
 
+def test_drawn_sets_are_kept_per_grid_and_equal_fresh_draws():
+    bank = _bank(size=(24, 24))
+    inf = ConditionalInferer(bank, num_samples=2, seed=3)
+    x = torch.rand(2, C, 24, 24)
+    first = [inf.conditions(k, x) for k in range(2)]
+    again = [inf.conditions(k, x) for k in range(2)]
+    for (ci, cl), (ci2, cl2), k in zip(first, again, range(2)):
+        assert ci2.data_ptr() == ci.data_ptr() and cl2.data_ptr() == cl.data_ptr()  # kept, not redrawn
+        fresh = ConditionalInferer(bank, num_samples=2, seed=3)._draw(k, x)
+        torch.testing.assert_close(ci[0], fresh[0])
+        torch.testing.assert_close(cl[1], fresh[1])
+    # another grid: resized sets for it, the old grid's sets dropped
+    y = torch.rand(1, C, 12, 12)
+    ci, cl = inf.conditions(0, y)
+    assert ci.shape == (1, M * C, 12, 12) and set(cl.unique().tolist()) <= {0.0, 1.0}
+    assert {key[1] for key in inf._cache} == {(12, 12)}
+    # a batch of a different size reuses the set of its grid
+    assert inf.conditions(0, torch.rand(3, C, 12, 12))[0].data_ptr() == ci.data_ptr()
+
+
 def test_sliding_window_crops_target_and_conditions_together():
     # a pointwise network gives the same output on any window if (and only if) every window
     # sees the target and its conditions at the same positions
