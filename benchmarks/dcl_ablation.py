@@ -101,12 +101,12 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", default="/tmp/partialseg_dcl_ablation")
     ap.add_argument("--out", default=str(RESULTS / "dcl_ablation_runs.jsonl"))
     ap.add_argument("--report", default=str(RESULTS / "dcl_ablation.md"), help="the table (Markdown) written after every run")
-    ap.add_argument("--verdict", default=str(RESULTS / "dcl_ablation_verdict.md"),
-                    help="Markdown appended under the table (ignored when missing)")
+    ap.add_argument("--verdict", default=None,
+                    help="Markdown appended under the table (default: benchmarks/results/dcl_ablation_verdict.md for the main study's report)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 2 arms of each kind, few iterations")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--no-docs", action="store_true", help="don't touch docs/results.md")
+    ap.add_argument("--no-docs", action="store_true", help="don't touch docs/results.md (a study with its own --report never does)")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.num_train, args.num_val, args.num_test = 32, 4, 1, 1
@@ -386,7 +386,7 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     summary = summarise(runs)
     cfg = config_of(args)
     done = {(r["arm"], r["seed"]) for r in runs}
-    expected = {(a, s) for a in MAIN_ARMS for s in args.seeds}
+    expected = {(a, s) for a in args.arms for s in args.seeds}
     status = "complete" if expected <= done else f"PARTIAL: {len(done & expected)} of {len(expected)} (arm, seed) runs finished"
     text = (
         f"{SECTION}\n\n"
@@ -407,7 +407,7 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.quick:
         Path(args.report).write_text(text)
-    if not args.no_docs:
+    if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dcl_ablation.md").resolve():  # only the main study
         update_results_md(text)
     return text
 
@@ -442,11 +442,13 @@ def main(argv=None) -> None:
     if out.is_file():
         runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
         runs = [r for r in runs if r.get("config") == cfg]
-    verdict_path = Path(args.verdict)
-    verdict = verdict_path.read_text() if verdict_path.is_file() and not args.quick else None
+    main_report = Path(args.report).resolve() == (RESULTS / "dcl_ablation.md").resolve()
+    verdict_path = Path(args.verdict) if args.verdict else (RESULTS / "dcl_ablation_verdict.md" if main_report else None)
+    verdict = verdict_path.read_text() if verdict_path is not None and verdict_path.is_file() and not args.quick else None
     if args.report_only:
-        # the table's command is the run that made the main rows (the investigation rows: see the verdict)
-        print(write_report(args, runs, "OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py", verdict))
+        # the table's command: the run that made the rows, i.e. these arguments without --report-only
+        given = sys.argv[1:] if argv is None else list(argv)
+        print(write_report(args, runs, " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py", *(a for a in given if a != "--report-only")]), verdict))
         return
     if not args.resume:
         runs = []
