@@ -276,6 +276,31 @@ def test_conditional_ground_truth_minimises():
             assert best <= loss(3 * torch.randn(1, 2 * m, n, generator=g, dtype=torch.float64), z, yc).item() + 1e-9
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("negative", ["ce", ("ce", "dice")])
+def test_prior_is_zero_for_any_segmentation_split_along_the_conditional_label(monkeypatch, native, negative):
+    # Eq. 7 constrains only how y_hat is split into z_cap / z_delta, never y_hat itself: for ANY
+    # prediction y_hat, the split z_cap = y_hat * y^c, z_delta = y_hat * (1 - y^c) has a zero prior,
+    # so L_cc (sum reading) equals L_comp(y_hat, y) of ablation #4. (docs/results.md: why the prior
+    # cannot raise the Dice by itself.)
+    monkeypatch.setenv("PARTIALSEG_NATIVE", native)
+    g = torch.Generator().manual_seed(1)
+    m, n = 3, 64
+    y_hat = torch.softmax(2 * torch.randn(1, m, n, generator=g), 1)
+    yc = (torch.rand(1, m, n, generator=g) > 0.5).float()
+    yt = F.one_hot(torch.randint(0, m, (n,), generator=g), m).T.float()[None]  # fully annotated voxels...
+    half = yt[:, :, n // 2 :]  # ...and, on the second half, only class 1 annotated: <0,p,1> with p = 0.5
+    in_1 = half[:, 1:2] == 1
+    yt[:, :, n // 2 :] = torch.where(in_1, half, 0.5)
+    yt[:, 1:2, n // 2 :] = in_1.float()
+    z = torch.cat([yt * yc, yt - yt * yc], 1)
+    logits = torch.cat([torch.where(yc == 1, y_hat.log(), -1e4), torch.where(yc == 0, y_hat.log(), -1e4)], 1)
+    cc = ConditionalCompatibleLoss("ce", negative, reduction="sum")(logits, z, yc)
+    comp = CompatibleLoss("ce", negative, reduction="sum")(y_hat.log(), yt)
+    assert PriorLoss(negative, reduction="sum")(logits, yc).item() == pytest.approx(0.0, abs=1e-5)
+    assert cc.item() == pytest.approx(comp.item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # arguments
 # ----------------------------------------------------------------------------------------------
