@@ -46,11 +46,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 4
-#: backbone presets: the dcl_cardiac bundle's CPU-sized UNet, and a UNet of the paper's width
+#: backbone presets: the dcl_cardiac bundle's CPU-sized UNet (and twice as wide), and a UNet of the paper's width
 #: (UNet+ of Baumgartner et al., the paper's backbone: 64 base channels, 5 levels, two
 #: convolutions per level, batch norm; approximated by MONAI's UNet with 2 residual subunits)
 BACKBONES = {
     "bundle": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
+    "bundle-wide": {"channels": (32, 64, 128, 256), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
     "paper": {"channels": (64, 128, 256, 512, 1024), "strides": (2, 2, 2, 2), "num_res_units": 2, "norm": "batch"},
 }
 BACKBONE = BACKBONES["bundle"]
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
                "repeats": args.repeats, "num_classes": M, "inference": [], "training": [],
                "backbones": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in BACKBONES[name].items()} for name in args.backbones}}
-    plan = [(name, args.sizes if name == "bundle" else args.paper_sizes, args.batch if name == "bundle" else args.paper_batch)
+    plan = [(name, args.paper_sizes if name == "paper" else args.sizes, args.paper_batch if name == "paper" else args.batch)
             for name in args.backbones]
     for name, sizes, _ in plan:
         for size in sizes:
