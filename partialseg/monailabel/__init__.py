@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PartialSegApp", "BundleInferTask", "PartialLabelTrainTask", "discover_bundles", "bundle_classes", "init_app"]
+__all__ = [
+    "PartialSegApp",
+    "BundleInferTask",
+    "PartialLabelTrainTask",
+    "ConditionalTrainTask",
+    "discover_bundles",
+    "bundle_classes",
+    "bundle_train_task",
+    "init_app",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,7 +30,7 @@ def __getattr__(name: str) -> Any:
         from partialseg.monailabel.__main__ import init_app
 
         return init_app
-    if name in ("BundleInferTask", "PartialLabelTrainTask", "discover_bundles", "bundle_classes"):
+    if name in ("BundleInferTask", "PartialLabelTrainTask", "ConditionalTrainTask", "discover_bundles", "bundle_classes", "bundle_train_task"):
         from partialseg.monailabel import tasks
 
         return getattr(tasks, name)

@@ -1,5 +1,10 @@
 """The partialseg MONAI Label app: every bundle under ``bundles/`` as an infer (and train) task.
 
+Train tasks come from :func:`~partialseg.monailabel.tasks.bundle_train_task`: a
+``PartialLabelTrainTask`` (stage-2 fine-tuning) for a bundle with one output channel per class,
+a ``ConditionalTrainTask`` (stage 1 on the first request, then stage 2 from the served model;
+model and support bank replaced together) for a conditional bundle such as DCL.
+
 ``monailabel start_server --app APP_DIR`` loads ``APP_DIR/main.py``, which only imports
 :class:`PartialSegApp` (``python -m partialseg.monailabel init APP_DIR`` writes it). Each bundle is
 copied into ``APP_DIR/model/<bundle>/`` on first start (configs, docs, and weights if the source
@@ -26,7 +31,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from partialseg.monailabel.tasks import BundleInferTask, PartialLabelTrainTask, bundle_classes, discover_bundles
+from partialseg.monailabel.tasks import BundleInferTask, bundle_train_task, discover_bundles
 
 __all__ = ["PartialSegApp", "DEFAULT_BUNDLES"]
 
@@ -86,11 +91,9 @@ class PartialSegApp(MONAILabelApp):
     def init_trainers(self) -> dict[str, Any]:
         trainers = {}
         for name, root in self.bundles.items():
-            classes = bundle_classes(root)
-            if not (root / "configs" / "train.json").is_file() or classes is None:
-                logger.info(f"{name}: no train task (needs configs/train.json and one output channel per class)")
-                continue
-            trainers[name] = PartialLabelTrainTask(root, classes, overrides=self.bundle_overrides.get(name), max_epochs=self.max_epochs)
+            task = bundle_train_task(root, overrides=self.bundle_overrides.get(name), max_epochs=self.max_epochs)
+            if task is not None:
+                trainers[name] = task
         return trainers
 
     def init_strategies(self) -> dict[str, Any]:

@@ -22,7 +22,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-__all__ = ["BundleInferTask", "PartialLabelTrainTask", "bundle_classes", "discover_bundles"]
+__all__ = [
+    "BundleInferTask",
+    "PartialLabelTrainTask",
+    "ConditionalTrainTask",
+    "bundle_classes",
+    "bundle_train_task",
+    "discover_bundles",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +47,44 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def bundle_classes(bundle: str | os.PathLike) -> list[str] | None:
-    """The bundle's class names (index 0 = background), or None when its metadata does not list them.
+    """The bundle's class names (index 0 = background), or None when its metadata does not name them.
 
-    Read from ``network_data_format.outputs.pred.channel_def`` when the output ``format`` is a
-    per-class map (``segmentation`` / ``labels``) with one channel per class, i.e. the output
-    channel i is class i. (DCL's conditional network has 2m output logits, not m classes: None.)
+    Read, in this order, from ``configs/metadata.json``:
+
+    1. ``class_names`` (a partialseg key beside the MONAI ones; the bundle schema allows extra
+       keys, so ``verify_metadata`` still passes): the ``m`` names, for a bundle whose network
+       output is not one channel per class. DCL's CompNet has ``2m`` output logits (the part of
+       each class inside and outside its conditional label) and its inference workflow returns
+       the ``m`` classes these names describe. When ``train.json`` sets ``num_classes``, it must
+       equal their number (``ValueError`` otherwise: the bundle contradicts itself).
+    2. ``network_data_format.outputs.pred.channel_def`` when the output ``format`` is a per-class
+       map (``segmentation`` / ``labels``) with one channel per class, i.e. the output channel i is
+       class i (and ``train.json``'s ``num_classes``, if set, agrees). "(logit)" style channel
+       descriptions are not class names: None.
+
+    Example:
+        >>> import partialseg
+        >>> bundles = Path(partialseg.__file__).parents[1] / "bundles"
+        >>> bundle_classes(bundles / "dcl_cardiac")
+        ['background', 'LV', 'MYO', 'RV']
+        >>> bundle_classes(bundles / "marginal_exclusion_abdomen")[:2]
+        ['background', 'liver']
     """
     meta = _read_json(Path(bundle) / "configs" / "metadata.json")
+    train = Path(bundle) / "configs" / "train.json"
+    num_classes = _read_json(train).get("num_classes") if train.is_file() else None
+    if "class_names" in meta:
+        names = meta["class_names"]
+        if (
+            not isinstance(names, list)
+            or len(names) < 2
+            or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ValueError(f"{bundle}: metadata class_names must list two or more distinct class names, got {names!r}.")
+        if isinstance(num_classes, int) and num_classes != len(names):
+            raise ValueError(f"{bundle}: metadata class_names {names} name {len(names)} classes, train.json num_classes is {num_classes}.")
+        return list(names)
     pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
     channels = pred.get("channel_def") or {}
     n = pred.get("num_channels")
@@ -55,12 +93,35 @@ def bundle_classes(bundle: str | os.PathLike) -> list[str] | None:
     names = [channels.get(str(i)) for i in range(n)]
     if any(not isinstance(name, str) or "(" in name for name in names):  # "(logit)" style descriptions
         return None
-    train = Path(bundle) / "configs" / "train.json"
-    if train.is_file():
-        num_classes = _read_json(train).get("num_classes")
-        if isinstance(num_classes, int) and num_classes != n:
-            return None
+    if isinstance(num_classes, int) and num_classes != n:
+        return None
     return names
+
+
+def bundle_dimension(bundle: str | os.PathLike) -> int:
+    """Spatial dimensionality of the bundle's input (``len`` of the metadata's image ``spatial_shape``; 3 if absent)."""
+    meta = _read_json(Path(bundle) / "configs" / "metadata.json")
+    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    return len(image.get("spatial_shape", [0, 0, 0]))
+
+
+def bundle_train_task(
+    bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None, max_epochs: int = 10
+) -> PartialLabelTrainTask | None:
+    """The train task of a bundle, or None (logged) when it cannot have one.
+
+    A bundle needs ``configs/train.json`` and class names (:func:`bundle_classes`). One whose
+    ``train.json`` saves a support bank (key ``support_bank_path``: a conditional network, DCL)
+    gets a :class:`ConditionalTrainTask`; any other a :class:`PartialLabelTrainTask`.
+    """
+    root = Path(bundle_root)
+    train = root / "configs" / "train.json"
+    classes = bundle_classes(root)
+    if not train.is_file() or classes is None:
+        logger.info(f"{root.name}: no train task (needs configs/train.json and class names: metadata class_names or one output channel per class)")
+        return None
+    cls = ConditionalTrainTask if "support_bank_path" in _read_json(train) else PartialLabelTrainTask
+    return cls(root, classes, overrides=overrides, max_epochs=max_epochs)
 
 
 class BundleInferTask(BasicInferTask):
@@ -86,7 +147,6 @@ class BundleInferTask(BasicInferTask):
         self.config_file = configs / "inference.json"
         self.meta_file = configs / "metadata.json"
         meta = _read_json(self.meta_file)
-        image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
         classes = bundle_classes(self.bundle_root)
         labels = {c: i for i, c in enumerate(classes) if i > 0} if classes else None
         super().__init__(
@@ -94,7 +154,7 @@ class BundleInferTask(BasicInferTask):
             network=None,
             type=InferType.SEGMENTATION,
             labels=labels,
-            dimension=len(image.get("spatial_shape", [0, 0, 0])),
+            dimension=bundle_dimension(self.bundle_root),
             description=meta.get("name") or meta.get("task", self.name),
             config={"device": ["cpu"] if not _cuda() else ["cuda", "cpu"]},
         )
@@ -169,29 +229,43 @@ class PartialLabelTrainTask(TrainTask):
     whose cases carry ``annotated``: the label's info ``annotated`` (class names or indices, or
     ``"all"``) when the client saved one (``PUT /datastore/label`` with
     ``params={"annotated": ["liver"]}``), else the classes present in the label file, a partial
-    annotation (voxels of value 0 are then "one of the other classes", not background). The
-    bundle's ``train.json`` then runs as stage 2 (validation: the last fully annotated case, held
-    out, when there are two cases or more; else the training cases themselves, an indicative metric) (``python -m monai.bundle run``, a subprocess),
-    initialised from the served ``models/model.pt`` when there is one, and writes the new
-    ``models/model.pt`` atomically; the infer task reloads it on its next request.
+    annotation (voxels of value 0 are then "one of the other classes", not background). Only
+    images of the bundle's dimensionality are used (a datastore may hold 2D slices and 3D volumes
+    for different bundles). Validation: the last fully annotated case, held out, when there are
+    two cases or more (and the others can train the bundle alone); else the training cases
+    themselves, an indicative metric. The bundle's ``train.json`` then runs (``python -m
+    monai.bundle run``, a subprocess) as stage 2, initialised from the served ``models/model.pt``
+    when there is one, and writes the new ``models/model.pt`` atomically; the infer task reloads
+    it on its next request.
+
+    Subclasses change the stage and the outputs through :meth:`stage_overrides`,
+    :meth:`output_overrides`, :meth:`check` and :meth:`install` (:class:`ConditionalTrainTask`).
 
     Args:
         bundle_root: the bundle folder (``configs/train.json``).
         classes: class names, index 0 background (:func:`bundle_classes`).
         overrides: config overrides for every training (e.g. a coarser ``pixdim``).
         max_epochs: default number of epochs (the request's ``max_epochs`` wins).
+        description: the task's description in ``/info/``.
     """
 
     def __init__(
-        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+        self,
+        bundle_root: str | os.PathLike,
+        classes: list[str],
+        overrides: dict[str, Any] | None = None,
+        max_epochs: int = 10,
+        description: str | None = None,
     ) -> None:
         self.bundle_root = Path(bundle_root).resolve()
         self.name = self.bundle_root.name
         self.classes = list(classes)
         self.overrides = dict(overrides or {})
         self.max_epochs = int(max_epochs)
+        self.dimension = bundle_dimension(self.bundle_root)
+        self.train_config = _read_json(self.bundle_root / "configs" / "train.json")
         self._stats: dict[str, Any] = {}
-        super().__init__(f"partial-label fine-tuning of {self.name} (train.json, stage 2)")
+        super().__init__(description or f"partial-label fine-tuning of {self.name} (train.json, stage 2)")
 
     def config(self) -> dict[str, Any]:
         return {"max_epochs": self.max_epochs, "iterations_per_epoch": 20, "val_interval": 1}
@@ -217,20 +291,41 @@ class PartialLabelTrainTask(TrainTask):
         values = np.unique(np.asarray(nib.load(label_path).dataobj)).astype(int)
         return [self.classes[v] for v in values if 0 < v < len(self.classes)]
 
+    def unannotated(self, cases: list[dict[str, Any]]) -> list[str]:
+        """The class names that no case of ``cases`` annotates (``annotated``: names or ``"all"``)."""
+        covered: set[str] = set()
+        for case in cases:
+            if case.get("annotated") == "all":
+                return []
+            covered.update(case.get("annotated") or [])
+        return [c for c in self.classes if c not in covered]
+
+    def can_train_on(self, cases: list[dict[str, Any]]) -> bool:
+        """Whether ``cases`` alone can train the bundle (here: always). A fully annotated case is
+        held out for validation only when the other cases can."""
+        return True
+
     def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
         """Write the datastore's labelled cases as ``folder/dataset.json``; returns its content."""
-        cases = []
+        cases, skipped = [], []
         for image_id in sorted(datastore.get_labeled_images()):
+            image = datastore.get_image_uri(image_id)
+            ndim = _nifti_ndim(image)
+            if ndim is not None and ndim != self.dimension:
+                skipped.append(image_id)
+                continue
             label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
             info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL)
-            cases.append({"image": datastore.get_image_uri(image_id), "label": label,
+            cases.append({"image": image, "label": label,
                           "annotated": self._annotated(label, info), "source": "monailabel", "case": image_id})  # fmt: skip
+        if skipped:
+            logger.info(f"{self.name}: {len(skipped)} labelled image(s) are not {self.dimension}D, left out: {skipped}")
         if not cases:
-            raise ValueError("no labelled image in the datastore: save a label (tag 'final') first")
+            raise ValueError(f"{self.name}: no labelled {self.dimension}D image in the datastore: save a label (tag 'final') first")
         full = [c for c in cases if c["annotated"] == "all" or set(c["annotated"]) >= set(self.classes[1:])]
         folder.mkdir(parents=True, exist_ok=True)
-        if full and len(cases) > 1:  # model selection on a held-out, fully annotated case
-            validation = [full[-1]]
+        if full and len(cases) > 1 and self.can_train_on([c for c in cases if c is not full[-1]]):
+            validation = [full[-1]]  # model selection on a held-out, fully annotated case
             training = [c for c in cases if c is not full[-1]]
         else:  # nothing to hold out: validate on (links to) the training cases, an indicative metric only
             training, validation = cases, []
@@ -245,26 +340,49 @@ class PartialLabelTrainTask(TrainTask):
         (folder / "dataset.json").write_text(json.dumps(content, indent=2))
         return content
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        run_dir = self.bundle_root / "runs" / f"monailabel_{stamp}"
-        content = self.dataset(datastore, run_dir / "dataset")
+    def setting(self, overrides: dict[str, Any], key: str) -> Any:
+        """The value of config ``key`` in a run with ``overrides``: the override, else ``train.json``'s."""
+        return overrides[key] if key in overrides else self.train_config.get(key)
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Config keys of the stage to run and its start: stage 2, from the served ``models/model.pt`` if any."""
         served = self.bundle_root / "models" / "model.pt"
-        configs = self.bundle_root / "configs"
-        overrides: dict[str, Any] = {
-            **self.overrides,
+        return {
             "stage": 2,
-            "dataset_dir": str(run_dir / "dataset"),
-            "output_dir": str(run_dir),
             "epochs_stage2": int(request.get("max_epochs", self.max_epochs)),
             "init_from_stage1": served.is_file(),
             "stage1_ckpt": str(served),
+        }
+
+    def output_overrides(self, run_dir: Path) -> dict[str, Any]:
+        """Config keys of where the run writes the served files: here nowhere else than the bundle's
+        ``models/`` (its ``AtomicCheckpointSaver`` replaces ``models/model.pt`` atomically)."""
+        return {}
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Raise ``ValueError`` before training when ``content`` cannot train the bundle (here: never)."""
+
+    def install(self, run_dir: Path, overrides: dict[str, Any]) -> dict[str, str]:
+        """Put a finished run's outputs where the infer task reads them; returns ``{what: served path}``."""
+        return {"checkpoint": str(self.bundle_root / "models" / "model.pt")}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        run_dir = _new_run_dir(self.bundle_root / "runs", f"monailabel_{time.strftime('%Y%m%d_%H%M%S')}")
+        content = self.dataset(datastore, run_dir / "dataset")
+        configs = self.bundle_root / "configs"
+        overrides: dict[str, Any] = {
+            **self.overrides,
+            **self.stage_overrides(request),
+            "dataset_dir": str(run_dir / "dataset"),
+            "output_dir": str(run_dir),
+            **self.output_overrides(run_dir),
             "progress": False,
         }
         for key in ("iterations_per_epoch", "val_interval", "learning_rate", "batch_size"):
             if key in request:
                 overrides[key] = request[key]
         overrides.update(request.get("overrides") or {})
+        self.check(content, overrides)
         from partialseg.engines.launch import bundle_command
 
         cmd = bundle_command(configs.parent, self.bundle_root, ("train.json",), **overrides)
@@ -274,17 +392,157 @@ class PartialLabelTrainTask(TrainTask):
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=str(self.bundle_root))
         if proc.returncode != 0:
             raise RuntimeError(f"{self.name}: training failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+        served = self.install(run_dir, overrides)
+        stage = overrides["stage"]
         self._stats = {
             "model": self.name,
-            "checkpoint": str(served),
+            "stage": stage,
+            **served,
             "run_dir": str(run_dir),
-            "epochs": overrides["epochs_stage2"],
+            "epochs": overrides.get(f"epochs_stage{stage}"),
             "cases": len(content["training"]),
             "annotated": {c["case"]: c["annotated"] for c in content["training"]},
             "validation": [c["case"] for c in content["validation"]],
             "train_time": round(time.time() - begin, 2),
         }
         return self._stats
+
+
+class ConditionalTrainTask(PartialLabelTrainTask):
+    """Train a bundle whose network reads conditional images (DCL's CompNet) on the datastore's labels.
+
+    As :class:`PartialLabelTrainTask` (cases keep their ``annotated`` classes; same validation
+    rule), with what a conditional bundle needs:
+
+    - **stage**: stage 1 (PrimNet from scratch, the bundle's stage-1 settings) while the bundle
+      serves no ``models/model.pt``; afterwards stage 2 (the bundle's stage-2 settings: DualNet,
+      its learning rate) starting from the served model (``stage1_ckpt``). A request's ``stage``
+      (``1``, ``2`` or ``"auto"``) forces the choice; ``max_epochs`` sets that stage's epochs.
+    - **conditional cases**: every class, background included, needs a case that annotates it
+      (the network's conditional image of that class, in training and in the support bank), unless
+      the bundle's ``missing`` option is ``"any"``; otherwise ``ValueError`` naming the classes
+      before training. A fully annotated case is held out for validation only when the other
+      cases still annotate every class.
+    - **served files**: the run writes its model and its support bank (rebuilt from the
+      datastore's cases) into ``runs/<run>/models/``; after a successful run both replace
+      ``models/model.pt`` and ``models/support_bank.pt`` (each by an atomic ``os.replace``, the
+      bank first), which the infer task reads on its next request. A failed run leaves both as
+      they were.
+
+    Arguments as :class:`PartialLabelTrainTask`; ``train.json`` must define the keys in
+    :attr:`REQUIRED_KEYS` (``ValueError`` naming the missing ones).
+    """
+
+    #: train.json keys the task sets or reads
+    REQUIRED_KEYS = ("stage", "stage1_ckpt", "epochs_stage1", "epochs_stage2", "ckpt_dir", "ckpt_name", "support_bank_path", "missing")
+    #: files of a run's ``models/`` that the infer task reads, in the order they are replaced
+    SERVED = (("support_bank", "support_bank.pt"), ("checkpoint", "model.pt"))
+
+    def __init__(
+        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+    ) -> None:
+        name = Path(bundle_root).name
+        super().__init__(bundle_root, classes, overrides, max_epochs,
+                         description=f"partial-label training of {name} (train.json: stage 1 until a model is served, then stage 2 from it)")  # fmt: skip
+        absent = [k for k in self.REQUIRED_KEYS if k not in self.train_config]
+        if absent:
+            raise ValueError(f"{self.name}: configs/train.json lacks the key(s) {absent} that a conditional train task sets or reads.")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stage": "auto"}
+
+    def choose_stage(self, request: dict[str, Any]) -> int:
+        """1 while no ``models/model.pt`` is served, else 2; the request's ``stage`` (1, 2, "auto") wins."""
+        served = (self.bundle_root / "models" / "model.pt").is_file()
+        stage = request.get("stage", "auto")
+        if stage in (None, "", "auto"):
+            return 2 if served else 1
+        if str(stage) not in ("1", "2"):
+            raise ValueError(f"{self.name}: stage must be 1, 2 or 'auto', got {stage!r}.")
+        if int(stage) == 2 and not served:
+            raise ValueError(f"{self.name}: stage 2 starts from the served models/model.pt, which does not exist: train stage 1 first.")
+        return int(stage)
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        stage = self.choose_stage(request)
+        overrides: dict[str, Any] = {"stage": stage, f"epochs_stage{stage}": int(request.get("max_epochs", self.max_epochs))}
+        if stage == 2:
+            overrides["stage1_ckpt"] = str(self.bundle_root / "models" / "model.pt")
+        return overrides
+
+    def output_overrides(self, run_dir: Path) -> dict[str, Any]:
+        models = run_dir / "models"
+        return {"ckpt_dir": str(models), "ckpt_name": "model.pt", "support_bank_path": str(models / "support_bank.pt")}
+
+    def can_train_on(self, cases: list[dict[str, Any]]) -> bool:
+        return not self.unannotated(cases)
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        absent = self.unannotated(content["training"])
+        missing = self.setting(overrides, "missing")
+        if absent and missing != "any":
+            hint = f" (the {self.classes[0]}: a whole-foreground label saved with params {{\"annotated\": [\"{self.classes[0]}\"]}})"
+            raise ValueError(
+                f"{self.name}: class(es) {absent} are annotated in no labelled case of the datastore, but the network needs"
+                f" a conditional image of every class: save a label that annotates {' and '.join(absent)}"
+                f"{hint if self.classes[0] in absent else ''}, or set the bundle's missing option to 'any' (bundle_overrides,"
+                f" or the request's overrides; now {missing!r})."
+            )
+        stage = overrides["stage"]
+        epochs, interval = overrides.get(f"epochs_stage{stage}"), self.setting(overrides, "val_interval")
+        if isinstance(epochs, int) and isinstance(interval, int) and epochs < interval:
+            raise ValueError(
+                f"{self.name}: {epochs} epoch(s) but val_interval {interval}: the model is saved at validation;"
+                " ask for more epochs or a smaller val_interval."
+            )
+
+    def install(self, run_dir: Path, overrides: dict[str, Any]) -> dict[str, str]:
+        built, served = Path(overrides["ckpt_dir"]), self.bundle_root / "models"
+        absent = [name for _, name in self.SERVED if not (built / name).is_file()]
+        if absent:
+            raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
+        served.mkdir(parents=True, exist_ok=True)
+        for _, name in self.SERVED:
+            _replace_atomically(built / name, served / name)
+        return {key: str(served / name) for key, name in self.SERVED}
+
+
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """Create and return ``parent/name``, or ``name_2``, ``name_3``... when taken (a run never
+    shares a folder, where the bundle would resume another run's ``checkpoint.pt``)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10000):
+        path = parent / (name if i == 1 else f"{name}_{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder {parent / name}_N")
+
+
+def _replace_atomically(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` so that a reader sees the old or the new file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _nifti_ndim(path: str) -> int | None:
+    """Dimensionality of a NIfTI image from its header (None for other formats or unreadable files)."""
+    if not str(path).endswith(_NIFTI):
+        return None
+    try:
+        import nibabel as nib
+
+        return len(nib.load(str(path)).shape)
+    except Exception:
+        return None
 
 
 def _cuda() -> bool:

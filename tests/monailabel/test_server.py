@@ -5,7 +5,10 @@ are its seed-0 initialisation (serving and numerics do not depend on training). 
 lists every bundle, ``/infer/<bundle>`` returns a label voxel-identical (same affine) to ``python
 -m monai.bundle run`` inference of the same bundle on the same image, 8 concurrent requests all
 succeed (latency percentiles printed), and a train request keeps each case's annotated classes
-and writes a checkpoint.
+and writes a checkpoint. The DCL bundle (``dcl_cardiac``, 2D synthetic cardiac slices in the same
+datastore, one structure labelled per slice) is trained through the app: stage 1 on the first
+request, stage 2 from the served model on the next, and the infer task then serves the new model
+and support bank.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 BUNDLE = "marginal_exclusion_abdomen"
 #: a coarser grid than the bundle's 4.5 mm keeps every request and the training to seconds
 OVERRIDES = {"pixdim": [9.0, 9.0, 8.0], "patch_size": [32, 32, 16]}
+DCL = "dcl_cardiac"
+#: 32 x 32 synthetic slices resampled to 1.8 mm and padded to 32 x 32 (tests/bundles/test_dcl_bundle.py)
+DCL_OVERRIDES = {"pixdim": [1.8, 1.8], "spatial_size": [32, 32]}
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +62,10 @@ def server(tmp_path_factory):
     studies.mkdir()
     for sub, name in [("imagesTs", "test_000"), ("imagesTs", "test_001"), ("imagesTr", "full_000"), ("imagesTr", "full_001")]:
         shutil.copy(data / sub / f"{name}.nii.gz", studies / f"{name}.nii.gz")
+    # 2D cardiac slices beside the 3D volumes: each train task uses the images of its own dimensionality
+    cardiac = Path(ensure_dataset(tmp / "data" / "cardiac2d", "cardiac2d", size=32, num_train=2, num_test=1, num_val=1, variant="wholeheart"))
+    for sub, name in [("imagesTr", "sub000_ED"), ("imagesTr", "sub000_ES"), ("imagesTr", "sub001_ED"), ("imagesTr", "sub001_ES"), ("imagesTs", "test000_ED")]:
+        shutil.copy(cardiac / sub / f"{name}.nii.gz", studies / f"cardiac_{name}.nii.gz")
     app = init_app(tmp / "app")
     models = app / "model" / BUNDLE / "models"
     models.mkdir(parents=True)
@@ -68,7 +78,7 @@ def server(tmp_path_factory):
     # the documented command; the script splits its arguments on spaces (`$*`): compact JSON
     exe = os.path.join(os.path.dirname(sys.executable), "monailabel")
     cmd = [exe, "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "bundles", str(REPO / "bundles"), "--conf", "bundle_overrides", json.dumps({BUNDLE: OVERRIDES}, separators=(",", ":"))]  # fmt: skip
+           "--conf", "bundles", str(REPO / "bundles"), "--conf", "bundle_overrides", json.dumps({BUNDLE: OVERRIDES, DCL: DCL_OVERRIDES}, separators=(",", ":"))]  # fmt: skip
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
     url = f"http://127.0.0.1:{port}"
@@ -84,7 +94,7 @@ def server(tmp_path_factory):
             pytest.fail("server did not start:\n" + (tmp / "server.log").read_text()[-4000:])
         time.sleep(0.5)
     print(f"server answered /info/ after {time.monotonic() - t0:.1f} s")
-    yield {"url": url, "tmp": tmp, "data": data, "studies": studies, "app": app}
+    yield {"url": url, "tmp": tmp, "data": data, "cardiac": cardiac, "studies": studies, "app": app}
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -99,9 +109,9 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PATH=path, OMP_NUM_THREADS="1")
 
 
-def _infer(url: str, image: str) -> tuple[bytes, float]:
+def _infer(url: str, image: str, model: str = BUNDLE) -> tuple[bytes, float]:
     t = time.perf_counter()
-    r = requests.post(f"{url}/infer/{BUNDLE}", params={"image": image, "output": "image"}, timeout=300)
+    r = requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"}, timeout=300)
     assert r.status_code == 200, r.text[:2000]
     return r.content, time.perf_counter() - t
 
@@ -193,3 +203,110 @@ def test_train_keeps_annotated_classes_and_writes_a_checkpoint(server):
     assert ckpt.stat().st_mtime > mtime and any(not torch.equal(after[k], before[k]) for k in before)
     content, _ = _infer(url, "test_000")  # the infer task serves the new weights
     assert len(content) > 100
+
+
+def _save_label(url: str, image: str, path: Path, params: dict | None = None) -> None:
+    with open(path, "rb") as f:
+        r = requests.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
+                         data={"params": json.dumps(params or {})}, files={"label": (path.name, f)}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text[:2000]
+
+
+def _train(url: str, model: str, **params) -> requests.Response:
+    return requests.post(f"{url}/train/{model}", params={"run_sync": "true"}, json=params, timeout=600)
+
+
+def test_info_lists_a_dcl_train_task(server):
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    # metadata class_names: the DCL bundle's m classes, although its network has 2m output logits
+    assert DCL in info["trainers"] and "stage 1 until a model is served" in info["trainers"][DCL]["description"]
+    assert info["trainers"][DCL]["config"]["stage"] == "auto"
+    assert {"cardiac_sub000_ED", "cardiac_test000_ED"} <= set(requests.get(f"{server['url']}/datastore/?output=all", timeout=30).json()["objects"])
+
+
+def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
+    url, tmp, cardiac = server["url"], server["tmp"], server["cardiac"]
+    root = server["app"] / "model" / DCL
+    models = root / "models"
+    assert not (models / "model.pt").exists()
+    labels = cardiac / "labelsTr"
+    # one structure per slice; sub001_ED's MYO label carries no `annotated`: read from its values
+    _save_label(url, "cardiac_sub000_ED", labels / "sub000_ED.nii.gz", {"annotated": ["LV"]})
+    _save_label(url, "cardiac_sub000_ES", labels / "sub000_ES.nii.gz", {"annotated": ["RV"]})
+    _save_label(url, "cardiac_sub001_ED", labels / "sub001_ED.nii.gz")
+    request = {"max_epochs": 1, "iterations_per_epoch": 2, "val_interval": 1, "batch_size": 4}
+
+    # no case annotates the background: no conditional image for it, refused before training
+    r = _train(url, DCL, **request)
+    assert r.status_code == 500
+    message = "dcl_cardiac: class(es) ['background'] are annotated in no labelled case"
+    t0 = time.monotonic()
+    while message not in (tmp / "server.log").read_text() and time.monotonic() - t0 < 20:
+        time.sleep(0.2)  # the traceback reaches the log after the response
+    assert message in (tmp / "server.log").read_text() and "missing option to 'any'" in (tmp / "server.log").read_text()
+    assert not (models / "model.pt").exists()
+
+    # a whole-heart label annotates the background (value 1 = "one of LV / MYO / RV")
+    _save_label(url, "cardiac_sub001_ES", labels / "sub001_ES.nii.gz", {"annotated": ["background"]})
+    r = _train(url, DCL, **request)
+    assert r.status_code == 200, r.text[:3000]
+    stats = r.json()
+    annotated = {"cardiac_sub000_ED": ["LV"], "cardiac_sub000_ES": ["RV"], "cardiac_sub001_ED": ["MYO"], "cardiac_sub001_ES": ["background"]}
+    # stage 1 (nothing served yet) on the 2D cases only (the 3D volumes labelled above are left out)
+    assert stats["stage"] == 1 and stats["annotated"] == annotated
+    print(f"DCL stage 1 through /train: {stats['train_time']:.1f} s in the subprocess")
+    assert stats["validation"] == sorted(annotated)  # no fully annotated case: the training cases
+    run1 = Path(stats["run_dir"])
+    assert json.loads((run1 / "metrics.json").read_text())["iteration"] == [1, 2]
+    assert "Restored all variables from" not in (run1 / "train.log").read_text()
+    assert stats["checkpoint"] == str(models / "model.pt") and stats["support_bank"] == str(models / "support_bank.pt")
+    from partialseg.inferers import SupportBank
+
+    bank = SupportBank.load(models / "support_bank.pt")  # rebuilt from the datastore's cases
+    assert sorted(set(bank.classes.tolist())) == [0, 1, 2, 3] and tuple(bank.images.shape[1:]) == (1, 32, 32)
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "support_bank.pt"]  # no temporary left
+    stage1 = torch.load(models / "model.pt", weights_only=True)
+
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert info["models"][DCL]["dimension"] == 2 and info["models"][DCL]["labels"] == {"LV": 1, "MYO": 2, "RV": 3}
+    content, _ = _infer(url, "cardiac_test000_ED", DCL)
+    (tmp / "dcl_stage1.nii.gz").write_bytes(content)
+    img = nib.load(str(server["studies"] / "cardiac_test000_ED.nii.gz"))
+    out = nib.load(str(tmp / "dcl_stage1.nii.gz"))
+    assert out.shape == img.shape == (32, 32)
+    np.testing.assert_allclose(out.affine, img.affine, atol=1e-4)
+
+    # the next request: stage 2 (DualNet, the bundle's stage-2 settings) from the served model
+    bank_inode = (models / "support_bank.pt").stat().st_ino
+    r = _train(url, DCL, **request)
+    assert r.status_code == 200, r.text[:3000]
+    stats = r.json()
+    assert stats["stage"] == 2 and stats["annotated"] == annotated
+    print(f"DCL stage 2 through /train: {stats['train_time']:.1f} s in the subprocess")
+    run2 = Path(stats["run_dir"])
+    train_log = (run2 / "train.log").read_text()
+    assert "Restored all variables from" in train_log and str(models / "model.pt") in train_log
+    (executed,) = run2.glob("config_*.json")  # the executed config (ConfigSaver): stage 2 from the served model
+    executed = json.loads(executed.read_text())
+    assert executed["stage"] == 2 and executed["stage1_ckpt"] == str(models / "model.pt")
+    stage2 = torch.load(models / "model.pt", weights_only=True)
+    assert any(not torch.equal(stage2[k], stage1[k]) for k in stage1)  # a new model is served
+    assert (models / "model.pt").read_bytes() == (run2 / "models" / "model.pt").read_bytes()  # the run's best model
+    assert (models / "support_bank.pt").stat().st_ino != bank_inode  # and a new bank, swapped in by os.replace
+
+    # the infer task uses them at once: its label equals `monai.bundle run` inference with the served files
+    content, _ = _infer(url, "cardiac_test000_ED", DCL)
+    (tmp / "dcl_stage2.nii.gz").write_bytes(content)
+    cfg = root / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg / "inference.json"),
+           "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
+           "--bundle_root", str(root), "--dataset_dir", str(cardiac), "--output_dir", str(tmp / "dcl_reference"),
+           "--progress", "false"]  # fmt: skip
+    for key, value in DCL_OVERRIDES.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got, ref = nib.load(str(tmp / "dcl_stage2.nii.gz")), nib.load(str(tmp / "dcl_reference" / "test000_ED_seg.nii.gz"))
+    assert got.shape == ref.shape == (32, 32)
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(ref.dataobj))
+    np.testing.assert_array_equal(got.affine, ref.affine)

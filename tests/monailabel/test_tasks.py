@@ -1,0 +1,196 @@
+"""The MONAI Label tasks without a server: class names, train-task choice, DCL stage choice,
+datastore cases, the conditional-class check and the atomic install of the served files."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monailabel")
+
+from partialseg.monailabel import tasks  # noqa: E402
+from partialseg.monailabel.tasks import (  # noqa: E402
+    ConditionalTrainTask,
+    PartialLabelTrainTask,
+    bundle_classes,
+    bundle_train_task,
+)
+
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+DCL_CLASSES = ["background", "LV", "MYO", "RV"]
+
+
+def _copy_bundle(name: str, dst: Path) -> Path:
+    shutil.copytree(BUNDLES / name / "configs", dst / name / "configs")
+    return dst / name
+
+
+def _edit_metadata(bundle: Path, **changes) -> None:
+    path = bundle / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def test_doctests():
+    assert doctest.testmod(tasks).failed == 0
+
+
+def test_bundle_classes(tmp_path):
+    # DCL: the metadata's class_names, though its network has 2m = 8 "(logit)" output channels
+    assert bundle_classes(BUNDLES / "dcl_cardiac") == DCL_CLASSES
+    # the marginal bundle: still its output channel_def, one channel per class
+    meta = json.loads((BUNDLES / "marginal_exclusion_abdomen" / "configs" / "metadata.json").read_text())
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert "class_names" not in meta
+    assert bundle_classes(BUNDLES / "marginal_exclusion_abdomen") == [channels[str(i)] for i in range(len(channels))]
+
+    dcl = _copy_bundle("dcl_cardiac", tmp_path)
+    _edit_metadata(dcl, class_names=None)  # without it, "(logit)" channels name no class
+    assert bundle_classes(dcl) is None and bundle_train_task(dcl) is None
+    _edit_metadata(dcl, class_names=["background", "LV", "MYO"])
+    with pytest.raises(ValueError, match="name 3 classes, train.json num_classes is 4"):
+        bundle_classes(dcl)
+    for bad in ("background, LV, MYO, RV", ["background", "LV", "LV", "RV"], ["background", 1, "MYO", "RV"]):
+        _edit_metadata(dcl, class_names=bad)
+        with pytest.raises(ValueError, match="class_names must list"):
+            bundle_classes(dcl)
+
+
+def test_bundle_train_task_picks_the_task(tmp_path):
+    dcl = bundle_train_task(BUNDLES / "dcl_cardiac", overrides={"pixdim": [2, 2]}, max_epochs=3)
+    assert type(dcl) is ConditionalTrainTask and dcl.classes == DCL_CLASSES and dcl.dimension == 2
+    assert dcl.overrides == {"pixdim": [2, 2]} and dcl.max_epochs == 3 and dcl.config()["stage"] == "auto"
+    marginal = bundle_train_task(BUNDLES / "marginal_exclusion_abdomen")
+    assert type(marginal) is PartialLabelTrainTask and marginal.dimension == 3 and "stage" not in marginal.config()
+    # a conditional bundle whose train.json lacks a key the task sets
+    bundle = _copy_bundle("dcl_cardiac", tmp_path)
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    del train["ckpt_name"]
+    (bundle / "configs" / "train.json").write_text(json.dumps(train))
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['ckpt_name'\]"):
+        bundle_train_task(bundle)
+
+
+def test_dcl_stage_choice(tmp_path):
+    bundle = _copy_bundle("dcl_cardiac", tmp_path)
+    task = ConditionalTrainTask(bundle, DCL_CLASSES, max_epochs=5)
+    served = bundle.resolve() / "models" / "model.pt"
+    # nothing served: stage 1 from scratch (its own epochs key, no checkpoint to load)
+    assert task.choose_stage({}) == task.choose_stage({"stage": "auto"}) == 1
+    assert task.stage_overrides({"max_epochs": 2}) == {"stage": 1, "epochs_stage1": 2}
+    with pytest.raises(ValueError, match="stage 2 starts from the served models/model.pt, which does not exist"):
+        task.choose_stage({"stage": 2})
+    # a served model: stage 2 from it
+    served.parent.mkdir()
+    served.write_bytes(b"weights")
+    assert task.choose_stage({}) == 2 and task.choose_stage({"stage": "1"}) == 1
+    assert task.stage_overrides({}) == {"stage": 2, "epochs_stage2": 5, "stage1_ckpt": str(served)}
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 'auto', got 3"):
+        task.choose_stage({"stage": 3})
+    # the run writes model and bank into its own folder; install() serves them afterwards
+    run = tmp_path / "run"
+    assert task.output_overrides(run) == {"ckpt_dir": str(run / "models"), "ckpt_name": "model.pt",
+                                          "support_bank_path": str(run / "models" / "support_bank.pt")}  # fmt: skip
+    # the marginal task is unchanged: always stage 2, from the served model when there is one
+    marginal = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver"])
+    assert marginal.stage_overrides({"max_epochs": 4}) == {"stage": 2, "epochs_stage2": 4, "init_from_stage1": False,
+                                                           "stage1_ckpt": str(marginal.bundle_root / "models" / "model.pt")}  # fmt: skip
+    assert marginal.output_overrides(run) == {}
+
+
+class FakeDatastore:
+    """The four datastore methods the train tasks read."""
+
+    def __init__(self, cases: dict[str, tuple[Path, Path, dict]]) -> None:
+        self.cases = cases
+
+    def get_labeled_images(self):
+        return list(self.cases)
+
+    def get_image_uri(self, image_id):
+        return str(self.cases[image_id][0])
+
+    def get_label_uri(self, image_id, tag):
+        return str(self.cases[image_id][1])
+
+    def get_label_info(self, image_id, tag):
+        return self.cases[image_id][2]
+
+
+def _case(folder: Path, name: str, label: np.ndarray, info: dict | None = None) -> tuple[Path, Path, dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    image, path = folder / f"{name}.nii.gz", folder / f"{name}_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=label.shape).astype(np.float32), np.eye(4)), str(image))
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), str(path))
+    return image, path, info or {}
+
+
+def test_dcl_dataset_and_conditional_class_check(tmp_path):
+    task = ConditionalTrainTask(_copy_bundle("dcl_cardiac", tmp_path), DCL_CLASSES)
+    disc = np.zeros((8, 8), np.uint8)
+    disc[2:5, 2:5] = 1
+    cases = {
+        "lv": _case(tmp_path / "s", "lv", disc, {"annotated": ["LV"]}),
+        "myo": _case(tmp_path / "s", "myo", 2 * disc),  # no `annotated`: read from the label's values
+        "rv": _case(tmp_path / "s", "rv", 3 * disc, {"annotated": [3]}),  # an index
+        "volume": _case(tmp_path / "s", "volume", np.ones((4, 4, 4)), {"annotated": ["liver"]}),  # 3D: left out
+    }
+    content = task.dataset(FakeDatastore(cases), tmp_path / "d1")
+    assert {c["case"]: c["annotated"] for c in content["training"]} == {"lv": ["LV"], "myo": ["MYO"], "rv": ["RV"]}
+    assert json.loads((tmp_path / "d1" / "dataset.json").read_text())["classes"] == DCL_CLASSES
+    assert task.unannotated(content["training"]) == ["background"]
+    overrides = {**task.stage_overrides({"max_epochs": 2}), "val_interval": 1}
+    with pytest.raises(ValueError, match=r"class\(es\) \['background'\] are annotated in no labelled case.*\"annotated\": \[\"background\"\]"):
+        task.check(content, overrides)
+    task.check(content, {**overrides, "missing": "any"})  # the bundle's missing option allows it
+    with pytest.raises(ValueError, match="2 epoch\\(s\\) but val_interval 3"):
+        task.check(content, {**overrides, "missing": "any", "val_interval": 3})
+
+    # a fully annotated case is held out only when the others still annotate every class
+    full = disc + 2 * np.roll(disc, 3, axis=0) + 3 * np.roll(disc, 3, axis=1)
+    cases["full"] = _case(tmp_path / "s", "full", full, {"annotated": "all"})
+    content = task.dataset(FakeDatastore(cases), tmp_path / "d2")
+    assert [c["case"] for c in content["validation"]] == ["full", "lv", "myo", "rv"]  # the training cases (links)
+    assert Path(content["validation"][0]["image"]).is_symlink()
+    task.check(content, overrides)
+    cases["heart"] = _case(tmp_path / "s", "heart", (full > 0), {"annotated": ["background"]})
+    content = task.dataset(FakeDatastore(cases), tmp_path / "d3")
+    assert [c["case"] for c in content["validation"]] == ["full"]
+    assert {c["case"]: c["annotated"] for c in content["training"]}["heart"] == ["background"]
+    task.check(content, overrides)
+
+    # the marginal task holds the full case out regardless (unchanged)
+    marginal = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), DCL_CLASSES)
+    with pytest.raises(ValueError, match="no labelled 3D image"):
+        marginal.dataset(FakeDatastore({k: v for k, v in cases.items() if k != "volume"}), tmp_path / "d4")
+
+
+def test_dcl_install_replaces_model_and_bank(tmp_path):
+    task = ConditionalTrainTask(_copy_bundle("dcl_cardiac", tmp_path), DCL_CLASSES)
+    run = tmp_path / "run"
+    overrides = task.output_overrides(run)
+    with pytest.raises(RuntimeError, match=r"the run wrote no \['support_bank.pt', 'model.pt'\]"):
+        task.install(run, overrides)
+    (run / "models").mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, run / "models" / "model.pt")
+    torch.save({"b": torch.zeros(2)}, run / "models" / "support_bank.pt")
+    served = task.bundle_root / "models"
+    served.mkdir()
+    torch.save({"w": torch.zeros(2)}, served / "model.pt")
+    assert task.install(run, overrides) == {"support_bank": str(served / "support_bank.pt"), "checkpoint": str(served / "model.pt")}
+    assert torch.equal(torch.load(served / "model.pt", weights_only=True)["w"], torch.ones(2))
+    assert (served / "support_bank.pt").read_bytes() == (run / "models" / "support_bank.pt").read_bytes()
+    assert sorted(p.name for p in served.iterdir()) == ["model.pt", "support_bank.pt"]  # no temporary left
+    assert (run / "models" / "model.pt").is_file()  # the run keeps its own copy
