@@ -38,6 +38,9 @@ ARMS = {
     # Table 5 of the paper: other marginal : exclusion weights (not run by default)
     "marginal_exclusion_1to1": {"lambda_exclusion": 1.0},
     "marginal_exclusion_1to4": {"lambda_exclusion": 4.0},
+    # sources balanced per epoch, as the paper samples its union (the bundle default draws uniformly over cases)
+    "marginal_source": {"lambda_exclusion": 0.0, "sampling": "source"},
+    "marginal_exclusion_source": {"lambda_exclusion": 2.0, "sampling": "source"},
     # diagnosis: the exclusion CE alone (no exclusion Dice), weight 2
     "marginal_exclusion_ce": {"partial_loss": "$lambda i, t, m=partialseg.losses.MarginalExclusionLoss(lambda_exclusion=0.0), "
                                               "e=partialseg.losses.ExclusionCELoss(): m(i, t) + 2.0 * e(i, t)"},
@@ -51,6 +54,8 @@ LABELS = {
     "marginal_exclusion_1to1": "(4') union, marginal + exclusion 1 : 1",
     "marginal_exclusion_1to4": "(4'') union, marginal + exclusion 1 : 4",
     "marginal_exclusion_ce": "(4ce) union, marginal + 2 x exclusion CE only",
+    "marginal_source": "(3s) as (3), sources balanced",
+    "marginal_exclusion_source": "(4s) as (4), sources balanced",
 }
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach"]
 

@@ -1,6 +1,7 @@
 """Partial-label datasets: the ``dataset.json`` description, unions, validation, benchmarks."""
 
 from partialseg.data.datalists import bundle_datalist, ensure_dataset
+from partialseg.data.sampling import SourceBalancedSampler
 from partialseg.data.spec import ALL, DatasetError, LabelMap, PartialDataset, load_dataset, union_datasets
 from partialseg.data.validation import ValidationReport, read_image, validate_dataset
 
@@ -9,6 +10,7 @@ __all__ = [
     "DatasetError",
     "LabelMap",
     "PartialDataset",
+    "SourceBalancedSampler",
     "ValidationReport",
     "bundle_datalist",
     "ensure_dataset",

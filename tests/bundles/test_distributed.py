@@ -34,6 +34,8 @@ CASES = {
     ),
 }  # fmt: skip
 NAMES = [n for n in CASES if (BUNDLES / n / "configs" / "multi_gpu_train.json").is_file()]
+#: (bundle, extra overrides): the marginal bundle also with its sources balanced (SourceBalancedSampler split over ranks)
+RUNS = [(n, {}) for n in NAMES] + [(n, {"sampling": "source"}) for n in NAMES if n == "marginal_exclusion_abdomen"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,9 +43,10 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_two_gloo_ranks_stay_identical_and_only_rank0_writes(name, tmp_path):
+@pytest.mark.parametrize("name,extra", RUNS, ids=[n + "".join(f"-{v}" for v in e.values()) for n, e in RUNS])
+def test_two_gloo_ranks_stay_identical_and_only_rank0_writes(name, extra, tmp_path):
     family, data, small, written, rank0_logging = CASES[name]
+    small = {**small, **extra}
     # a DistributedSampler needs at least one validation case per rank
     ensure_dataset(tmp_path / "data" / family, family, **data)
     cfg = BUNDLES / name / "configs"

@@ -83,3 +83,32 @@ def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
     r = bundle_run(tmp_path, stage=2, epochs_stage2=1, init_from_stage1="false", **SMALL)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").is_file() and "Restored all variables" not in r.stdout + r.stderr
+
+
+def test_sampling_option_picks_the_training_sampler(tmp_path):
+    # the config alone (no training): "source" balances the union's sources (the paper's "patches
+    # from each training dataset"), "case" keeps the shuffled loader, anything else is refused
+    from monai.bundle import ConfigParser
+
+    from partialseg.data import SourceBalancedSampler
+
+    ensure_dataset(tmp_path / "data" / "abdomen3d", "abdomen3d", size=24, num_train=2, num_full=1, num_test=1, num_val=1)
+
+    def parsed(key, **overrides):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / "train.json")])
+        parser.update({"bundle_root": str(tmp_path), **overrides})
+        return parser.get_parsed_content(key)
+
+    sampler = parsed("train#sampler", sampling="source")
+    datalist = parsed("train#datalist")
+    assert isinstance(sampler, SourceBalancedSampler)
+    counts = {s: sum(c["source"] == s for c in datalist) for s in {c["source"] for c in datalist}}
+    assert sampler.counts() == dict(sorted(counts.items())) and len(counts) >= 3
+    assert len(sampler) == len(counts) * max(counts.values())
+    assert parsed("train#sampler", sampling="case") is None
+    assert parsed("train#dataloader", sampling="case").sampler.__class__.__name__ == "RandomSampler"
+    assert parsed("train#dataloader", sampling="source").sampler.__class__ is SourceBalancedSampler
+    with pytest.raises(Exception) as err:  # monai.bundle wraps the error; the cause names the options
+        parsed("train#sampler", sampling="organ")
+    assert "sampling must be one of ('case', 'source')" in str(err.value.__cause__)
