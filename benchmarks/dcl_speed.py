@@ -25,11 +25,11 @@ to ``benchmarks/results/dcl_cpu.json``.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--backbones bundle paper] [--sizes 96 216] [--paper-sizes 224]
+    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--backbones bundle small paper] [--sizes 96 216] [--paper-sizes 224]
 
-Two backbones: the bundle's CPU-sized UNet (16 base channels), where CompNet's wider first layer
-and last layer are a large share of the network, and a UNet of the paper's width (64 base
-channels), where they are not.
+Three backbones: the bundle's UNet (32 base channels); a CPU-sized one (16 base channels, CompNet's
+default), where CompNet's wider first and last layers are a large share of the network; and a
+UNet of the paper's width (64 base channels), where they are not.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 4
-#: backbone presets: the dcl_cardiac bundle's CPU-sized UNet (and twice as wide), and a UNet of the paper's width
-#: (UNet+ of Baumgartner et al., the paper's backbone: 64 base channels, 5 levels, two
-#: convolutions per level, batch norm; approximated by MONAI's UNet with 2 residual subunits)
+#: backbone presets: the dcl_cardiac bundle's UNet (32 base channels), a CPU-sized one (16, CompNet's
+#: library default and the ablation's), and a UNet of the paper's width (UNet+ of Baumgartner et al.,
+#: the paper's backbone: 64 base channels, 5 levels, two convolutions per level, batch norm;
+#: approximated by MONAI's UNet with 2 residual subunits)
 BACKBONES = {
-    "bundle": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
-    "bundle-wide": {"channels": (32, 64, 128, 256), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
+    "bundle": {"channels": (32, 64, 128, 256), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
+    "small": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1, "norm": "instance"},
     "paper": {"channels": (64, 128, 256, 512, 1024), "strides": (2, 2, 2, 2), "num_res_units": 2, "norm": "batch"},
 }
 BACKBONE = BACKBONES["bundle"]
@@ -184,9 +185,9 @@ def bench_training(size: int, repeats: int, batch: int, backbone: dict | None = 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES), default=["bundle", "paper"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 216], help="bundle backbone: multiples of 8 (3 halvings); 216 ~ the paper's 212")
-    ap.add_argument("--batch", type=int, default=8, help="training batch size (bundle backbone)")
+    ap.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES), default=["bundle", "small", "paper"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 216], help="bundle / small backbones: multiples of 8 (3 halvings); 216 ~ the paper's 212")
+    ap.add_argument("--batch", type=int, default=8, help="training batch size (bundle / small backbones)")
     ap.add_argument("--paper-sizes", type=int, nargs="+", default=[224], help="paper backbone: multiples of 16 (4 halvings)")
     ap.add_argument("--paper-batch", type=int, default=2, help="training batch size (paper backbone; it is ~30x the compute)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dcl_cpu.json"))
