@@ -1,7 +1,6 @@
 """Partial-label datasets: the ``dataset.json`` description, unions, validation, benchmarks."""
 
 from partialseg.data.datalists import bundle_datalist, ensure_dataset
-from partialseg.data.sampling import SourceBalancedSampler
 from partialseg.data.spec import ALL, DatasetError, LabelMap, PartialDataset, load_dataset, union_datasets
 from partialseg.data.validation import ValidationReport, read_image, validate_dataset
 
@@ -19,3 +18,13 @@ __all__ = [
     "union_datasets",
     "validate_dataset",
 ]
+
+
+def __getattr__(name: str):
+    # the sampler subclasses torch's DistributedSampler: imported on first use, so that
+    # ``import partialseg.data`` (and the CLI's help) stays free of torch
+    if name == "SourceBalancedSampler":
+        from partialseg.data.sampling import SourceBalancedSampler
+
+        return SourceBalancedSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
