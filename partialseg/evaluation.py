@@ -324,6 +324,9 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
 def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str, label_map: Mapping | None = None):
     """Loads a label map as (array (spatial), affine numpy (4, 4), spacing tuple).
 
+    Trailing size-1 dimensions beyond the second are dropped, so a slice saved as ``(H, W, 1)``
+    and one saved as ``(H, W)`` are the same grid.
+
     ``label_map`` (a datalist entry's source value -> class index map) is applied with
     :class:`partialseg.transforms.RemapLabels`, as training does.
     """
@@ -338,6 +341,10 @@ def _load_label(loader: Any, path: str | os.PathLike, what: str, case: str, labe
             f"case {case!r}: the {what} {path} has {img.shape[0]} channels; expected one label map "
             "of class indices (argmax one-hot predictions before saving)."
         )
+    # a 2D slice saved as (H, W, 1) is compared as (H, W): a 2D bundle writes its prediction so
+    from partialseg.transforms.io import squeeze_trailing_singletons
+
+    img = squeeze_trailing_singletons(img, 2)
     arr = img
     if label_map:
         from partialseg.transforms import RemapLabels

@@ -551,3 +551,29 @@ def test_partialseg_command(tmp_path, capsys):
     assert s["classes"] == ["background", "a", "b"] and s["overall"]["dice"] == 1.0
     assert s["arguments"]["include_background"] is True
     assert "background" in capsys.readouterr().out
+
+
+def test_a_hw1_reference_and_a_hw_prediction_are_the_same_grid(tmp_path):
+    # a 2D bundle reads a slice saved as (H, W, 1) as (H, W) and writes its prediction so
+    ds = tmp_path / "ds"
+    affine = np.diag([1.5, 1.5, 1.0, 1.0])
+    ref = np.zeros((6, 5), np.uint8)
+    ref[1:3, 1:3] = 1  # 4 pixels
+    pred = np.zeros((6, 5), np.uint8)
+    pred[1:3, 1:4] = 1  # 6 pixels, 4 shared: Dice 8 / 10
+    nib.save(nib.Nifti1Image(ref[..., None], affine), str(_mkdir(ds / "labelsTs") / "s1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 1), np.float32), affine), str(_mkdir(ds / "imagesTs") / "s1.nii.gz"))
+    nib.save(nib.Nifti1Image(pred, affine), str(_mkdir(tmp_path / "preds") / "s1.nii.gz"))
+    desc = {"classes": ["background", "a"], "training": [], "test": [{"image": "imagesTs/s1.nii.gz", "label": "labelsTs/s1.nii.gz"}]}
+    (ds / "dataset.json").write_text(json.dumps(desc))
+    s = evaluate_folder(tmp_path / "preds", ds, progress=False)
+    assert s["per_class"]["a"]["dice"]["mean"] == pytest.approx(0.8)
+    # a real difference in depth is still refused
+    nib.save(nib.Nifti1Image(np.stack([pred, pred], -1), affine), str(tmp_path / "preds" / "s1.nii.gz"))
+    with pytest.raises(ValueError, match="case 's1'.*shape"):
+        evaluate_folder(tmp_path / "preds", ds, progress=False)
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

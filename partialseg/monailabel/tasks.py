@@ -310,7 +310,7 @@ class PartialLabelTrainTask(TrainTask):
         cases, skipped = [], []
         for image_id in sorted(datastore.get_labeled_images()):
             image = datastore.get_image_uri(image_id)
-            ndim = _nifti_ndim(image)
+            ndim = _nifti_ndim(image, self.dimension)
             if ndim is not None and ndim != self.dimension:
                 skipped.append(image_id)
                 continue
@@ -533,16 +533,24 @@ def _replace_atomically(src: Path, dst: Path) -> None:
         raise
 
 
-def _nifti_ndim(path: str) -> int | None:
-    """Dimensionality of a NIfTI image from its header (None for other formats or unreadable files)."""
+def _nifti_ndim(path: str, dimension: int) -> int | None:
+    """Dimensionality of a NIfTI image from its header, as a ``dimension``-D bundle loads it.
+
+    Trailing size-1 dimensions beyond ``dimension`` do not count, as in the bundles' loader
+    (``LoadImageNamedd(spatial_dims=...)``): for a 2D bundle a slice saved as ``(H, W, 1)`` is 2D.
+    None for other formats or unreadable files.
+    """
     if not str(path).endswith(_NIFTI):
         return None
     try:
         import nibabel as nib
 
-        return len(nib.load(str(path)).shape)
+        shape = list(nib.load(str(path)).shape)
     except Exception:
         return None
+    while len(shape) > dimension and shape[-1] == 1:
+        shape.pop()
+    return len(shape)
 
 
 def _cuda() -> bool:

@@ -97,3 +97,29 @@ def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
     r = bundle_run(tmp_path, stage=2, epochs_stage2=1, **SMALL)
     assert r.returncode != 0
     assert "model_stage1.pt does not exist" in r.stderr and "run stage 1 first" in r.stderr
+
+
+def test_a_slice_saved_as_hw1_is_segmented_as_the_same_slice_and_a_volume_is_refused(trained, tmp_path):
+    root, _, _ = trained
+    case = load_dataset(root / "data" / "cardiac2d").datalist("test")[0]
+    img = nib.load(case["image"])
+    hw1 = tmp_path / "slice_hw1.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine), str(hw1))
+    out = tmp_path / "pred"
+    r = bundle_run(root, configs=("inference.json",), num_samples=1, output_dir=str(out),
+                   datalist=[{"image": case["image"]}, {"image": str(hw1)}],
+                   **{k: SMALL[k] for k in ("pixdim", "spatial_size")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = nib.load(str(next(out.rglob(f"{case['case']}_seg.nii.gz"))))
+    b = nib.load(str(next(out.rglob("slice_hw1_seg.nii.gz"))))
+    assert b.shape == a.shape == (32, 32)
+    np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
+    assert np.asarray(a.dataobj).max() > 0  # not a trivially empty comparison
+    # a volume is refused before the network sees it, naming the file
+    volume = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.repeat(np.asarray(img.dataobj)[..., None], 3, -1), img.affine), str(volume))
+    r = bundle_run(root, configs=("inference.json",), num_samples=1, output_dir=str(tmp_path / "pred3d"),
+                   datalist=[{"image": str(volume)}], **{k: SMALL[k] for k in ("pixdim", "spatial_size")})
+    assert r.returncode != 0
+    assert "volume.nii.gz: a 3D image of spatial shape (32, 32, 3)" in r.stdout + r.stderr

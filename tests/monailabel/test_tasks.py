@@ -147,6 +147,9 @@ def test_dcl_dataset_and_conditional_class_check(tmp_path):
         "rv": _case(tmp_path / "s", "rv", 3 * disc, {"annotated": [3]}),  # an index
         "volume": _case(tmp_path / "s", "volume", np.ones((4, 4, 4)), {"annotated": ["liver"]}),  # 3D: left out
     }
+    # a slice saved as (H, W, 1) is 2D, as the bundle's loader reads it; a volume is not
+    flat = {"flat": _case(tmp_path / "s", "flat", disc[..., None], {"annotated": ["LV"]}), "volume": cases["volume"]}
+    assert [c["case"] for c in task.dataset(FakeDatastore(flat), tmp_path / "d0")["training"]] == ["flat"]
     content = task.dataset(FakeDatastore(cases), tmp_path / "d1")
     assert {c["case"]: c["annotated"] for c in content["training"]} == {"lv": ["LV"], "myo": ["MYO"], "rv": ["RV"]}
     assert json.loads((tmp_path / "d1" / "dataset.json").read_text())["classes"] == DCL_CLASSES

@@ -1,5 +1,5 @@
 """Loading with errors that name the file."""
 
-from partialseg.transforms.io.dictionary import LoadImageNamedd
+from partialseg.transforms.io.dictionary import LoadImageNamedd, squeeze_trailing_singletons
 
-__all__ = ["LoadImageNamedd"]
+__all__ = ["LoadImageNamedd", "squeeze_trailing_singletons"]

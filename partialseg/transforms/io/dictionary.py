@@ -5,9 +5,29 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from monai.transforms import LoadImaged
+import numpy as np
+from monai.transforms import LoadImaged, SqueezeDim
 
-__all__ = ["LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict"]
+__all__ = ["LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict", "squeeze_trailing_singletons"]
+
+
+def squeeze_trailing_singletons(img: Any, spatial_dims: int) -> Any:
+    """Drop trailing size-1 spatial dimensions of a channel-first image down to ``spatial_dims``.
+
+    A 2D slice stored as an ``(H, W, 1)`` volume loads as ``(C, H, W, 1)``; this gives ``(C, H, W)``
+    exactly as the same slice stored as ``(H, W)`` loads: NIfTI places a 2D image in 3D world
+    space, so MONAI keeps its 4 x 4 affine, and so does this (only ``spatial_shape`` in the meta
+    data follows the new shape). Dimensions that are not size 1 are kept: the caller decides
+    whether what is left is acceptable.
+    """
+    squeezed = False
+    while img.ndim - 1 > spatial_dims and img.shape[-1] == 1:
+        img = SqueezeDim(dim=-1, update_meta=False)(img)
+        squeezed = True
+    meta = getattr(img, "meta", None)
+    if squeezed and meta is not None and "spatial_shape" in meta:
+        meta["spatial_shape"] = np.asarray(img.shape[1:])
+    return img
 
 
 class LoadImageNamedd(LoadImaged):
@@ -17,8 +37,24 @@ class LoadImageNamedd(LoadImaged):
     ended before the end-of-stream marker was reached``, wrapped in ``applying transform
     <LoadImaged ...>``) do not say which file it was; here a missing file raises
     ``FileNotFoundError`` and an unreadable one ``RuntimeError``, both starting with the path.
-    Arguments as ``LoadImaged``.
+
+    Args:
+        spatial_dims: when given (needs ``ensure_channel_first=True``), every loaded image must
+            have this many spatial dimensions: trailing size-1 dimensions are dropped (a 2D slice
+            saved as ``(H, W, 1)`` loads as ``(1, H, W)``, as if saved as ``(H, W)``), and an image of
+            any other dimensionality raises ``ValueError`` naming the file and its shape, instead of
+            failing later inside a network's convolution.
+        Other arguments as ``LoadImaged``.
     """
+
+    def __init__(self, keys: Any, *args: Any, spatial_dims: int | None = None, **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        if spatial_dims is not None:
+            if spatial_dims not in (1, 2, 3):
+                raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+            if not kwargs.get("ensure_channel_first", False):
+                raise ValueError("spatial_dims needs ensure_channel_first=True (the channel must be known to count spatial dimensions)")
+        self.spatial_dims = spatial_dims
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         import os
@@ -28,10 +64,31 @@ class LoadImageNamedd(LoadImaged):
             if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: file not found (key {key!r})")
         try:
-            return super().__call__(data, reader)
+            out = super().__call__(data, reader)
         except Exception as e:  # noqa: BLE001 - any reader failure becomes one message naming the files
             paths = [str(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
             raise RuntimeError(f"{', '.join(paths)}: cannot be read ({type(e).__name__}: {e})") from e
+        if self.spatial_dims is not None:
+            for key in self.key_iterator(out):
+                out[key] = self._check_dims(squeeze_trailing_singletons(out[key], self.spatial_dims), data[key], key)
+        return out
+
+    def _check_dims(self, img: Any, path: Any, key: Hashable) -> Any:
+        spatial = tuple(int(s) for s in img.shape[1:])
+        if len(spatial) == self.spatial_dims:
+            return img
+        if len(spatial) > self.spatial_dims:
+            hint = (
+                "cut volumes into 2D slices first (docs/data_format.md, 'Cardiac layouts': partialseg build-datalist)"
+                if self.spatial_dims == 2
+                else "only trailing size-1 dimensions are dropped"
+            )
+        else:
+            hint = f"a {len(spatial)}D image cannot go through a {self.spatial_dims}D network"
+        raise ValueError(
+            f"{path}: a {len(spatial)}D image of spatial shape {spatial} (key {key!r}); this pipeline takes "
+            f"{self.spatial_dims}D images: {hint}."
+        )
 
 
 LoadImageNamedD = LoadImageNamedDict = LoadImageNamedd
