@@ -54,7 +54,8 @@ class ConditionalDataset(torch.utils.data.Dataset):
 
     The draws of item ``i`` come from ``numpy.random.default_rng([seed, epoch, i])``: the same
     seed, epoch and index give the same conditional cases in any worker or process order;
-    :meth:`set_epoch` gives a new draw per epoch (call it before each epoch; DCLTrainer does).
+    :meth:`set_epoch` gives new draws (DCLTrainer calls it whenever a pass over the data starts,
+    before the loader's workers copy the dataset).
 
     Full-annotation mode (``split_annotated=True``, the paper's section 4.1.4): a case annotating
     ``k > 1`` classes is ``k`` single-label targets, each seeing only one of its classes
@@ -147,6 +148,7 @@ class ConditionalDataset(torch.utils.data.Dataset):
                 self.views.append((i, None))
         self.seed = int(seed)
         self.epoch = 0
+        self.pass_index = 0
         self.split_annotated = bool(split_annotated)
         self.exclude_self = bool(exclude_self)
         self.p = float(p)
@@ -156,16 +158,23 @@ class ConditionalDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.views)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the draws of ``epoch`` from now on."""
+    def set_epoch(self, epoch: int, pass_index: int = 0) -> None:
+        """Use the draws of ``epoch`` from now on.
+
+        ``pass_index`` numbers the passes over the data that start within one epoch (more than
+        one when an epoch is longer than the loader): pass ``k > 0`` draws from
+        ``default_rng([seed, epoch, i, k])``, pass 0 as before.
+        """
         self.epoch = int(epoch)
+        self.pass_index = int(pass_index)
 
     def draw(self, index: int) -> list[int]:
         """The conditional case indices (one per class) of target view ``index``."""
         if not 0 <= index < len(self.views):
             raise IndexError(f"index {index} is outside [0, {len(self.views)}).")
         case = self.views[index][0]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        key = [self.seed, self.epoch, index] + ([self.pass_index] if self.pass_index else [])
+        rng = np.random.default_rng(key)
         out = []
         for pool in self.pools:
             if self.exclude_self and len(pool) > 1 and case in pool:

@@ -133,8 +133,15 @@ class DCLTrainer(SupervisedTrainer):
     probabilities ``z_cap + z_delta``), ``loss``, ``loss_prim``, ``loss_dual`` (0 in stage 1) and
     ``dual_class`` (-1 in stage 1), so MONAI's handlers (stats, checkpoints, metrics) work. The
     selected class of iteration ``i`` comes from ``numpy.random.default_rng([seed, i])``
-    (reproducible across resumes). At each epoch start the trainer calls
-    ``train_data_loader.dataset.set_epoch(epoch)`` when the dataset has it (new conditional draws).
+    (reproducible across resumes). Whenever a pass over the training data starts (the first
+    epoch's start, and each time the loader runs out, which for an epoch as long as the loader is
+    each epoch's start), the trainer calls ``train_data_loader.dataset.set_epoch(epoch,
+    pass_index)`` when the dataset has it: ``epoch`` (from 0) is the epoch in which the pass
+    starts, ``pass_index`` counts earlier passes started in that epoch. It is called before the
+    loader's iterator (and its worker processes, which copy the dataset) is created, so every pass
+    draws the same conditional cases with any ``num_workers``; an epoch shorter than the loader
+    (``epoch_length``) continues the pass it is in. A loader with ``persistent_workers`` would keep
+    stale copies and is refused.
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
@@ -238,17 +245,30 @@ class DCLTrainer(SupervisedTrainer):
         self.p = float(p)
         self.keys = (image_key, label_key, cond_image_key, cond_label_key)
         self.dual_refreshes: list[int] = []  # trainer iterations at which DualNet was refreshed
-        self.add_event_handler(Events.EPOCH_STARTED, self._set_data_epoch)
+        loader = self.data_loader
+        if hasattr(getattr(loader, "dataset", None), "set_epoch") and getattr(loader, "persistent_workers", False):
+            raise ValueError(
+                "train_data_loader has persistent_workers=True: its workers would keep the conditional draws of the first"
+                " pass; use persistent_workers=False (workers are created once per pass over the data)."
+            )
+        self._pass_key: tuple[int, int] | None = None  # (epoch, pass_index) of the last pass started
 
     @staticmethod
     def _freeze(net: nn.Module) -> None:
         net.requires_grad_(False)
         net.eval()
 
-    def _set_data_epoch(self, engine: DCLTrainer) -> None:
-        dataset = getattr(engine.data_loader, "dataset", None)
+    def _setup_dataloader_iter(self) -> None:
+        # ignite creates the loader's iterator here, at the start of every pass over the data:
+        # set the pass's conditional draws first, so worker processes copy them.
+        dataset = getattr(self.state.dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(engine.state.epoch - 1)
+            epoch = max(int(self.state.epoch) - 1, 0)
+            last = self._pass_key
+            key = (epoch, last[1] + 1 if last is not None and last[0] == epoch else 0)
+            dataset.set_epoch(*key)
+            self._pass_key = key
+        super()._setup_dataloader_iter()
 
     def refresh_dual(self) -> None:
         """Copy PrimNet's current weights into DualNet (creating DualNet if needed)."""

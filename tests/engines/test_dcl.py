@@ -251,6 +251,42 @@ def test_restored_best_metric_does_not_refresh_dual(cardiac):
     assert evaluator.state.metrics["dice"] < 0.99 and len(trainer.dual_refreshes) == n
 
 
+def _draws(cardiac, num_workers, epoch_length, max_epochs=3):
+    """cond_index of every iteration, and the (epoch, pass_index) keys the dataset was given."""
+    train, _ = cardiac
+    cond = ConditionalDataset(train, M, seed=0, missing="any")
+    keys = []
+    set_epoch = cond.set_epoch
+    cond.set_epoch = lambda *a: (keys.append(a), set_epoch(*a))
+    loader = DataLoader(cond, batch_size=1, shuffle=False, num_workers=num_workers)
+    net = CompNet(2, 1, M, backbone_kwargs=SMALL_UNET)
+    trainer = DCLTrainer(device="cpu", max_epochs=max_epochs, epoch_length=epoch_length, train_data_loader=loader,
+                         network=net, optimizer=torch.optim.SGD(net.parameters(), 0.0),
+                         loss_function=ConditionalCompatibleLoss(), decollate=False)
+    out = []
+    trainer.add_event_handler(dcl_module.Events.ITERATION_COMPLETED, lambda e: out.append(e.state.batch["cond_index"].flatten().tolist()))
+    trainer.run()
+    return out, keys
+
+
+def test_conditional_draws_do_not_depend_on_workers_or_epoch_length(cardiac):
+    # 12 targets, batch 1: an epoch of 8 iterations continues the pass it is in; one of 16 starts
+    # a second pass inside the epoch. Worker processes copy the dataset when a pass starts, so the
+    # draws must be set then (before this, 2 workers kept a stale epoch and drew other cases).
+    torch.set_num_threads(1)
+    short0, keys = _draws(cardiac, 0, epoch_length=8)
+    assert keys == [(0, 0), (1, 0)] and len(short0) == 24  # passes start at iterations 1 (epoch 1) and 13 (epoch 2)
+    assert _draws(cardiac, 2, epoch_length=8)[0] == short0
+    long0, keys = _draws(cardiac, 0, epoch_length=16, max_epochs=2)
+    assert keys == [(0, 0), (0, 1), (1, 0)]  # 32 iterations: passes at 1 and 13 (epoch 1), 25 (epoch 2)
+    assert _draws(cardiac, 2, epoch_length=16, max_epochs=2)[0] == long0
+    # each pass draws anew: the same targets get other conditional cases in the next pass
+    assert long0[:12] != long0[12:24] and long0[12:24] != long0[24:]
+    with pytest.raises(ValueError, match="persistent_workers"):
+        DCLTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(ConditionalDataset(cardiac[0], M, missing="any"),
+                   num_workers=1, persistent_workers=True), network=nn.Identity(), optimizer=None, loss_function=None)
+
+
 def test_bad_arguments(cardiac):
     trainer, _, _ = _parts(cardiac, 0.0)
     kw = dict(device="cpu", max_epochs=1, train_data_loader=trainer.data_loader, network=trainer.network,
