@@ -200,6 +200,8 @@ class ConditionalDataset(torch.utils.data.Dataset):
         for j, c in enumerate(cond_index):
             item = target if c == case else self.dataset[c]
             img, lab = torch.as_tensor(item[self.image_key]), torch.as_tensor(item[self.label_key] if c != case else label)
+            if c != case and lab.shape[0] != m:
+                raise ValueError(f"conditional case {c} (class {j}): {self.label_key!r} must be the <0,p,1> map with {m} channels, got shape {tuple(lab.shape)}.")
             if img.shape != image.shape or lab.shape[1:] != image.shape[1:]:
                 raise ValueError(
                     f"conditional case {c} (class {j}) has image {tuple(img.shape)} / label {tuple(lab.shape)}, the target case"

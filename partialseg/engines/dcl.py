@@ -237,9 +237,12 @@ class DCLTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.lambda_dual = float(lambda_dual)
+        if dual_network is not None and dual_network is _unwrap(network):
+            raise ValueError("dual_network must be a separate copy of the network (it is frozen); pass None to copy PrimNet.")
         self.dual_network = dual_network
         if dual_network is not None:
             self._freeze(dual_network)
+            dual_network.to(self.state.device)
         self.dual_classes = dual_classes
         self.seed = seed
         self.p = float(p)

@@ -18,12 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import ResizeWithPadOrCrop
 from torch import Tensor, nn
 
 from partialseg.data.conditional import annotated_classes, class_pools
 from partialseg.networks.compnet import compnet_segment, pack_conditional_input
 
 __all__ = ["ConditionalInferer", "SupportBank"]
+
+#: how ConditionalInferer brings the bank's conditions to another grid
+MATCH = ("pad", "resize", "error")
 
 
 class SupportBank(nn.Module):
@@ -130,9 +134,17 @@ class SupportBank(nn.Module):
         for j, pool in enumerate(pools):
             for i in sorted(rng.choice(len(pool), size=min(per_class, len(pool)), replace=False).tolist()):
                 case = pool[i]
-                item = cache.setdefault(case, dataset[case])
+                if case not in cache:  # each case loaded (and transformed) once
+                    cache[case] = dataset[case]
+                item = cache[case]
+                label = torch.as_tensor(item[label_key])
+                if label.ndim < 2 or label.shape[0] != num_classes:
+                    raise ValueError(
+                        f"case {case}: {label_key!r} must be the <0,p,1> map with {num_classes} channels (PartialLabelToVectord),"
+                        f" got shape {tuple(label.shape)}."
+                    )
                 images.append(torch.as_tensor(item[image_key]).float())
-                labels.append(torch.as_tensor(item[label_key])[j].float())
+                labels.append(label[j].float())
                 classes.append(j)
         try:
             return cls(torch.stack(images), torch.stack(labels), torch.tensor(classes), num_classes)
@@ -155,10 +167,18 @@ class ConditionalInferer(Inferer):
 
     Set ``k`` is drawn with ``numpy.random.default_rng([seed, k])``: the same ``K`` sets for
     every target, so inference is deterministic. When the target's grid differs from the
-    bank's, the conditions are resized to it (``match="resize"``: images (bi/tri)linear,
-    labels nearest) or rejected (``match="error"``). The ``K`` sets, drawn and resized, are
-    kept for the last grid, device and dtype seen (a bank is not meant to change; make a new
-    inferer if it does).
+    bank's (a larger image at the training spacing, run through a ``SlidingWindowInferer``), the
+    conditions are brought to it:
+
+    - ``match="pad"`` (default): centrally zero-padded or cropped (MONAI's
+      ``ResizeWithPadOrCrop``, as training brings every case to one size), so a structure in a
+      condition keeps its size in voxels, the same physical size as in the target;
+    - ``match="resize"``: interpolated (images (bi/tri)linear, labels ``nearest-exact``, both
+      voxel-centre aligned), which changes the conditions' scale;
+    - ``match="error"``: ``ValueError``.
+
+    The ``K`` sets, drawn and matched, are kept for the last grid, device and dtype seen (a bank
+    is not meant to change; make a new inferer if it does).
 
     Args:
         support: a :class:`SupportBank` (or the path of one saved with :meth:`SupportBank.save`).
@@ -166,7 +186,7 @@ class ConditionalInferer(Inferer):
         seed: seed of the draws.
         inferer: the MONAI inferer run on the packed input (default ``SimpleInferer``); a
             ``SlidingWindowInferer`` crops target and conditions at the same positions.
-        match: ``"resize"`` or ``"error"`` (see above).
+        match: ``"pad"``, ``"resize"`` or ``"error"`` (see above).
 
     Returns (when called):
         ``(B, m, *spatial)`` averaged class probabilities.
@@ -180,7 +200,7 @@ class ConditionalInferer(Inferer):
         torch.Size([2, 3, 16, 16])
     """
 
-    def __init__(self, support: SupportBank | str | os.PathLike, num_samples: int = 1, seed: int = 0, inferer: Inferer | None = None, match: str = "resize") -> None:
+    def __init__(self, support: SupportBank | str | os.PathLike, num_samples: int = 1, seed: int = 0, inferer: Inferer | None = None, match: str = "pad") -> None:
         super().__init__()
         if isinstance(support, (str, os.PathLike)):
             support = SupportBank.load(support)
@@ -190,8 +210,8 @@ class ConditionalInferer(Inferer):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        if match not in ("resize", "error"):
-            raise ValueError(f"match must be 'resize' or 'error', got {match!r}.")
+        if match not in MATCH:
+            raise ValueError(f"match must be one of {MATCH}, got {match!r}.")
         if inferer is not None and not callable(inferer):
             raise TypeError(f"inferer must be a MONAI inferer, got {type(inferer).__name__}.")
         self.support, self.num_samples, self.seed, self.match = support, num_samples, seed, match
@@ -213,13 +233,20 @@ class ConditionalInferer(Inferer):
         cond_image, cond_label = self.support.draw(np.random.default_rng([self.seed, k]))
         cond_image = cond_image.to(like.device, like.dtype)
         cond_label = cond_label.to(like.device, like.dtype)
-        spatial = tuple(like.shape[2:])
-        if tuple(cond_image.shape[1:]) != spatial:
+        spatial, bank = tuple(like.shape[2:]), tuple(cond_image.shape[1:])
+        if len(bank) != len(spatial):
+            raise ValueError(f"the support bank holds {len(bank)}D cases {bank}, the target is {len(spatial)}D {spatial}.")
+        if bank != spatial:
             if self.match == "error":
-                raise ValueError(f"the support bank's grid {tuple(cond_image.shape[1:])} differs from the target's {spatial} (match='error').")
-            mode = "bilinear" if len(spatial) == 2 else "trilinear"
-            cond_image = F.interpolate(cond_image[None], size=spatial, mode=mode, align_corners=False)[0]
-            cond_label = F.interpolate(cond_label[None], size=spatial, mode="nearest")[0]
+                raise ValueError(f"the support bank's grid {bank} differs from the target's {spatial} (match='error').")
+            if self.match == "pad":
+                fit = ResizeWithPadOrCrop(spatial)
+                cond_image, cond_label = fit(cond_image), fit(cond_label)
+            else:
+                mode = "bilinear" if len(spatial) == 2 else "trilinear"
+                cond_image = F.interpolate(cond_image[None], size=spatial, mode=mode, align_corners=False)[0]
+                cond_label = F.interpolate(cond_label[None], size=spatial, mode="nearest-exact")[0]
+            cond_image, cond_label = torch.as_tensor(cond_image), torch.as_tensor(cond_label)
         return cond_image, cond_label
 
     def __call__(self, inputs: Tensor, network: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
@@ -233,6 +260,9 @@ class ConditionalInferer(Inferer):
         m = self.support.num_classes
         if self.support.images.shape[1] != inputs.shape[1]:
             raise ValueError(f"the support images have {self.support.images.shape[1]} channel(s), the inputs {inputs.shape[1]}.")
+        net_classes = getattr(getattr(network, "module", network), "num_classes", None)  # CompNet, or CompNet in DDP
+        if isinstance(net_classes, int) and net_classes != m:
+            raise ValueError(f"the support bank has {m} classes, the network {net_classes}: use the bank saved with this model.")
 
         def segment(x: Tensor, *a: Any, **kw: Any) -> Tensor:
             return compnet_segment(network(x, *a, **kw))

@@ -296,6 +296,8 @@ def test_bad_arguments(cardiac):
             DCLTrainer(**kw, lambda_dual=bad)
     with pytest.raises(TypeError, match="dual_network"):
         DCLTrainer(**kw, lambda_dual=0.2, dual_network="net")
+    with pytest.raises(ValueError, match="separate copy"):  # it would freeze PrimNet
+        DCLTrainer(**kw, lambda_dual=0.2, dual_network=trainer.network)
     with pytest.raises(ValueError, match="dual_classes"):
         DCLTrainer(**kw, lambda_dual=0.2, dual_classes=[])
     with pytest.raises(TypeError):

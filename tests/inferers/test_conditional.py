@@ -108,14 +108,45 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(ConditionalInferer(str(path), 2)(x, net), ConditionalInferer(bank, 2)(x, net))
 
 
-def test_resize_or_reject_other_grids():
-    bank, net = _bank(size=(12, 12)), _pointwise_net()
+def _square_bank(size, lo, hi):
+    """A bank whose every entry is a bright square [lo, hi) with the same square as label."""
+    images = torch.zeros(M, C, size, size)
+    images[:, :, lo:hi, lo:hi] = 1.0
+    return SupportBank(images, images[:, 0].clone(), torch.arange(M), num_classes=M)
+
+
+def test_pad_resize_or_reject_other_grids():
+    net = _pointwise_net()
+    x = torch.rand(1, C, 40, 40)
+    # default "pad": centrally padded (or cropped), a structure keeps its size in voxels
+    ci, cl = ConditionalInferer(_square_bank(20, 6, 14), 1).conditions(0, x)
+    assert ci.shape[2:] == cl.shape[2:] == (40, 40)
+    assert cl[0, 0].sum() == 64 and cl[0, 0, 16:24, 16:24].all()  # 8 x 8, shifted by the 10-voxel margin
+    torch.testing.assert_close(ci[0, 0], cl[0, 0])
+    ci, cl = ConditionalInferer(_square_bank(60, 26, 34), 1).conditions(0, x)  # larger bank: cropped
+    assert cl[0, 0].sum() == 64 and cl[0, 0, 16:24, 16:24].all()
+    # "resize" scales by 2: 16 x 16, and label and image stay aligned (nearest-exact, voxel centres)
+    ci, cl = ConditionalInferer(_square_bank(20, 6, 14), 1, match="resize").conditions(0, x)
+    assert cl[0, 0].sum() == 256 and cl[0, 0, 12:28, 12:28].all()
+    assert set(cl.unique().tolist()) <= {0.0, 1.0}
+    assert ((ci[0, 0] > 0.5) == (cl[0, 0] > 0)).all()
+    for size, lo in ((96, 30), (96, 31), (96, 47)):  # odd factors: 96 -> 40
+        _, clr = ConditionalInferer(_square_bank(size, lo, lo + 15), 1, match="resize").conditions(0, x)
+        cir = ConditionalInferer(_square_bank(size, lo, lo + 15), 1, match="resize").conditions(0, x)[0]
+        rows_label = clr[0, 0].any(1).nonzero().flatten()
+        rows_image = (cir[0, 0] > 0.5).any(1).nonzero().flatten()
+        assert rows_label.tolist() == rows_image.tolist(), (size, lo)
     with torch.no_grad():
-        assert ConditionalInferer(bank, 1)(torch.rand(1, C, 24, 24), net).shape == (1, M, 24, 24)
-        _, cl = ConditionalInferer(bank, 1).conditions(0, torch.rand(1, C, 24, 24))
-    assert set(cl.unique().tolist()) <= {0.0, 1.0}  # labels resized by nearest neighbour
+        assert ConditionalInferer(_bank(size=(12, 12)), 1)(x, net).shape == (1, M, 40, 40)
     with pytest.raises(ValueError, match="grid"):
-        ConditionalInferer(bank, 1, match="error")(torch.rand(1, C, 24, 24), net)
+        ConditionalInferer(_bank(size=(12, 12)), 1, match="error")(x, net)
+    with pytest.raises(ValueError, match="2D cases"):
+        ConditionalInferer(_bank(), 1)(torch.rand(1, C, 8, 8, 8), net)
+
+
+def test_bank_and_network_must_agree_on_classes():
+    with pytest.raises(ValueError, match="support bank has 3 classes, the network 4"):
+        ConditionalInferer(_bank())(torch.rand(1, C, 24, 24), CompNet(2, C, 4, backbone=nn.Conv2d(C * 5 + 4, 8, 1)))
 
 
 def test_from_dataset_takes_annotated_cases():
@@ -132,6 +163,18 @@ def test_from_dataset_takes_annotated_cases():
     with pytest.raises(ValueError, match=r"\[0\]"):
         SupportBank.from_dataset(cases[:2], M, annotated=annotated[:2])
     assert SupportBank.from_dataset(cases[:2], M, annotated=annotated[:2], missing="any").num_classes == M
+
+    class Counting(list):
+        calls = 0
+
+        def __getitem__(self, i):
+            Counting.calls += 1
+            return list.__getitem__(self, i)
+
+    SupportBank.from_dataset(Counting(cases), M, annotated=annotated, per_class=4, seed=1)
+    assert Counting.calls == 5  # each case picked is loaded once (5 cases annotate something), not once per class
+    with pytest.raises(ValueError, match=r"case \d: 'label' must be the <0,p,1> map with 3 channels"):
+        SupportBank.from_dataset([{"image": c["image"], "label": torch.zeros(1, 8, 8)} for c in cases], M, annotated=annotated)
 
 
 BAD_BANKS = [

@@ -168,3 +168,19 @@ def test_sampler_bad_arguments():
 @pytest.mark.parametrize("module", [conditional_array, conditional_dict, conditional_data])
 def test_doctests(module):
     assert doctest.testmod(module).failed == 0
+
+
+def test_sampler_names_a_conditional_case_without_the_class_map():
+    cases = _cases([[0], [1]], m=2)
+    cases[1] = {**cases[1], "label": torch.zeros(1, 6, 6)}  # an index map, not the <0,p,1> map
+    ds = ConditionalDataset(cases, 2, annotated=[[0], [1]])
+    with pytest.raises(ValueError, match=r"conditional case 1 \(class 1\): 'label' must be the <0,p,1> map with 2 channels"):
+        ds[0]
+    # a second pass within one epoch draws anew; pass 0 keeps the epoch's draws
+    ds = ConditionalDataset(_cases(ANNOTATED), 4, annotated=ANNOTATED)
+    ds.set_epoch(2)
+    first = [ds.draw(i) for i in range(len(ds))]
+    ds.set_epoch(2, 1)
+    assert [ds.draw(i) for i in range(len(ds))] != first
+    ds.set_epoch(2, 0)
+    assert [ds.draw(i) for i in range(len(ds))] == first
