@@ -9,6 +9,7 @@ need the files live in :mod:`partialseg.data.validation`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,10 @@ __all__ = [
 
 ALL = "all"
 SPLITS = ("training", "validation", "test")
+#: top-level keys of the format and of MSD's dataset.json (others are kept, but a near miss of
+#: one of these, such as "valdation", is an error)
+KNOWN_KEYS = frozenset({*SPLITS, "classes", "label_maps", "name", "modality", "labels", "description", "reference",
+                        "licence", "license", "release", "tensorImageSize", "numTraining", "numTest", "numValidation"})
 
 #: a source value -> a global class index, or a (left, right) pair of indices for a lateral split
 LabelMap = dict[int, Union[int, tuple[int, int]]]
@@ -201,6 +206,12 @@ def _parse_label_maps(raw: Any, classes: list[str], where: str, problems: list[s
             except (TypeError, ValueError):
                 problems.append(f"{where}: label map of source {source!r}: key {value!r} is not an integer label value")
                 continue
+            if v < 0:
+                problems.append(f"{where}: label map of source {source!r}: key {value!r} is negative; label values are 0, 1, ...")
+                continue
+            if v in resolved:
+                problems.append(f"{where}: label map of source {source!r}: keys {value!r} and another key both mean value {v}")
+                continue
             try:
                 if isinstance(target, (list, tuple)):
                     if len(target) != 2:
@@ -222,7 +233,12 @@ def _parse_case(
     if not isinstance(raw, Mapping):
         problems.append(f"{split}[{index}]: a case must be a dict or an image path, got {raw!r}")
         return None
-    name = case_name(str(raw.get("image", f"{split}[{index}]")))
+    name = raw.get("case")
+    if name is not None and (not isinstance(name, str) or not name.strip() or os.sep in name or "/" in name):
+        problems.append(f"{split}[{index}]: 'case' must be a non-empty name without '/', got {name!r}")
+        return None
+    if name is None:
+        name = case_name(str(raw.get("image", f"{split}[{index}]")))
     where = f"case {name!r} ({split}[{index}])"
     try:
         image = _resolve_path(root, raw.get("image"), "image", where)
@@ -280,6 +296,10 @@ def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDat
         modality = next(iter(modality.values()), None) if len(modality) == 1 else "+".join(str(v) for v in modality.values())
     if "training" not in desc:
         problems.append(f"{where}: has no 'training' list")
+    for key in sorted(set(desc) - KNOWN_KEYS, key=str):
+        close = difflib.get_close_matches(str(key), [*SPLITS, "classes", "label_maps"], n=1, cutoff=0.75)
+        if close and close[0] != key:
+            problems.append(f"{where}: {key!r} is not a key of the format: did you mean {close[0]!r}?")
     splits: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         raw = desc.get(split)
@@ -296,6 +316,16 @@ def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDat
             if c["image"] in seen:
                 problems.append(f"case {c['case']!r}: image {c['image']} is listed twice ({seen[c['image']]} and {split})")
             seen[c["image"]] = split
+    for split in ("validation", "test"):  # predictions and metrics of these splits are keyed by case name
+        names: dict[str, str] = {}
+        for c in splits.get(split, []):
+            if c["case"] in names:
+                problems.append(
+                    f"case {c['case']!r}: two {split} cases have this name ({names[c['case']]} and {c['image']}); predictions"
+                    " and metrics are keyed by the case name (the image file name without its extension): give one a"
+                    " 'case' entry with another name"
+                )
+            names.setdefault(c["case"], c["image"])
     if problems:
         raise DatasetError(problems, header=f"invalid dataset description {where}")
     return PartialDataset(root=root, name=str(desc.get("name", root.name if root else "dataset")), classes=classes, label_maps=label_maps, splits=splits)

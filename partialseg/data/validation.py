@@ -108,6 +108,20 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def _spatial_shape(shape: tuple[int, ...], path: str, label_ndim: int) -> tuple[int, ...]:
+    """The spatial shape of an image or label, trailing size-1 dimensions beyond the second dropped.
+
+    NIfTI keeps space in its first three dimensions (channels, time and vectors come after), so a
+    2D label against a 3D NIfTI volume is a mismatch, while an ``(H, W, 1)`` slice and an
+    ``(H, W)`` one are the same grid. Other formats (PNG: ``(H, W, 3)``) hold channels after the
+    label's dimensions.
+    """
+    dims = list(shape[:3] if path.lower().endswith(_NIFTI) else shape[:label_ndim])
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return tuple(int(d) for d in dims)
+
+
 def _check_case(case: dict[str, Any], ds: PartialDataset, split: str, summary: _SourceSummary, problems: list[str]) -> None:
     where = f"case {case['case']!r} ({split}, source {case['source']!r})"
     summary.cases += 1
@@ -136,9 +150,9 @@ def _check_case(case: dict[str, Any], ds: PartialDataset, split: str, summary: _
         return
     summary.shapes.add(tuple(int(v) for v in label.shape))
     if image is not None:
-        spatial = image.shape[: label.ndim]
-        if tuple(spatial) != tuple(label.shape):
-            problems.append(f"{where}: label {case['label']} has shape {tuple(label.shape)} but image {case['image']} has spatial shape {tuple(spatial)}")
+        spatial, lab_spatial = _spatial_shape(image.shape, case["image"], label.ndim), _spatial_shape(label.shape, case["label"], label.ndim)
+        if spatial != lab_spatial:
+            problems.append(f"{where}: label {case['label']} has shape {tuple(label.shape)} but image {case['image']} has spatial shape {spatial}")
         elif not np.allclose(img_affine, lab_affine, atol=AFFINE_TOL):
             problems.append(
                 f"{where}: label {case['label']} and image {case['image']} have different affines "

@@ -66,11 +66,25 @@ def test_msd_labels_fallback_and_label_without_annotated_means_all():
         ({"training": "imagesTr"}, "must be a list"),
         ({"classes": ["background"]}, "at least two"),
         ({"classes": ["background", "liver", "liver"]}, "duplicate"),
+        ({"label_maps": {"s": {"-1": "liver"}}}, "key '-1' is negative"),
+        ({"label_maps": {"s": {"1": "liver", "+1": "spleen"}}}, "both mean value 1"),
+        ({"test": ["a/imagesTs/t.nii.gz", "b/imagesTs/t.nii.gz"]}, r"case 't': two test cases have this name.*'case' entry"),
+        ({"test": [{"image": "t.nii", "case": "a/b"}]}, r"test\[0\]: 'case' must be a non-empty name"),
+        ({"valdation": []}, r"'valdation' is not a key of the format: did you mean 'validation'"),
     ],
 )
 def test_description_errors_name_the_case(change, match):
     with pytest.raises(DatasetError, match=match):
         load_dataset(_desc(**change), root="/x")
+
+
+def test_case_names_can_be_given_and_repeat_in_training():
+    # KiTS: every image is case_*/imaging.nii.gz; a 'case' entry names it
+    desc = _desc(test=[{"image": "kits/case_00001/imaging.nii.gz", "case": "case_00001"}, {"image": "kits/case_00002/imaging.nii.gz", "case": "case_00002"}])
+    desc["training"] += [{"image": "x/imagesTr/a.nii.gz"}]  # a training name may repeat (no prediction is keyed by it)
+    ds = load_dataset(desc, root="/x")
+    assert [c["case"] for c in ds.datalist("test")] == ["case_00001", "case_00002"]
+    assert [c["case"] for c in ds.datalist("training")].count("a") == 2
 
 
 def test_missing_dataset_json(tmp_path):

@@ -68,3 +68,19 @@ def test_check_command(tiny_dataset, capsys):
     assert main(["check", str(root), "--quiet", "--json", str(root / "r.json")]) == 1
     assert "value(s) [9]" in capsys.readouterr().out and (root / "r.json").exists()
     assert main(["check", str(root / "nowhere")]) == 2
+    assert main(["check", str(root), "--quiet", "--json", str(root / "no" / "such" / "r.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a misspelt split is refused, not skipped
+        main(["check", str(root), "--splits", "valdation"])
+
+
+def test_a_2d_label_for_a_3d_volume_is_a_mismatch_and_hw1_is_2d(tiny_dataset):
+    img2d = np.zeros((6, 5), np.float32)
+    root = tiny_dataset(spl_label=np.zeros((6, 5), np.uint8))  # the image is (6, 5, 4)
+    text = "\n".join(validate_dataset(root).problems)
+    assert "case 'spl'" in text and "label" in text and "(6, 5, 4)" in text
+    # a slice saved as (H, W, 1) and its (H, W) label are one grid
+    save_nifti(root / "imagesTr/spl.nii.gz", img2d[..., None])
+    save_nifti(root / "labelsTr/spl.nii.gz", np.zeros((6, 5), np.uint8))
+    assert not [p for p in validate_dataset(root).problems if "'spl'" in p]
+

@@ -82,6 +82,13 @@ def test_3d_metatensor_keeps_affine_and_every_voxel_is_consistent():
         ({"num_classes": 3}, (None, [1]), "no label"),
         ({"num_classes": 3}, (None, []), "spatial_shape"),
         ({"num_classes": 3}, (np.zeros((1, 2, 2)), "some"), "annotated must"),
+        # values that are not class indices would silently become an all-zero (impossible) vector
+        ({"num_classes": 3}, (np.array([[[0, 9]]]), "all"), r"value\(s\) \[9\] outside the class indices \[0, 3\)"),
+        ({"num_classes": 3}, (np.array([[[0, -1]]]), [1]), r"\[-1\] outside"),
+        ({"num_classes": 3}, (np.array([[[0, 255]]], np.uint8), [1]), r"\[255\] outside.*label_maps"),
+        ({"num_classes": 3}, (np.array([[[0, np.nan]]], np.float32), "all"), r"\[nan\] outside"),
+        ({"num_classes": 3}, (np.array([[[0, 0.5]]], np.float32), "all"), "non-integer value 0.5.*nearest"),
+        ({"num_classes": 3}, (np.array([[[0, 2.5]]], np.float32), "all"), "non-integer value 2.5"),
     ],
 )
 def test_partial_label_to_vector_rejects_bad_input(kwargs, call, match):
@@ -144,6 +151,27 @@ def test_lateral_split_uses_world_coordinates():
     assert set(np.unique(out[0, 1:3])) == {0, 4}
     # the voxel count is preserved and nothing else changes
     assert (out > 0).sum() == (lab == 1).sum()
+
+
+def test_lateral_split_of_a_2d_slice_with_its_nifti_affine():
+    # MONAI loads a 2D NIfTI with a 4 x 4 affine (the slice lies in 3D world space)
+    lab = _two_blobs()[..., 1]  # (1, 10, 4)
+    flipped3 = np.array([[-1.5, 0, 13.5], [0, 1.5, 0], [0, 0, 1.0]])
+    flipped4 = np.array([[-1.5, 0, 0, 13.5], [0, 1.5, 0, 0], [0, 0, 3.0, 7.0], [0, 0, 0, 1.0]])
+    out3 = LateralSplit(1, 3, 4)(lab, affine=flipped3)
+    assert set(np.unique(out3[0, 1:3])) == {0, 4} and set(np.unique(out3[0, 7:9])) == {0, 3}
+    np.testing.assert_array_equal(LateralSplit(1, 3, 4)(lab, affine=flipped4), out3)
+    meta = MetaTensor(torch.as_tensor(lab), affine=torch.as_tensor(flipped4))
+    np.testing.assert_array_equal(RemapLabels({1: [3, 4]})(meta).as_tensor().numpy(), out3)
+
+
+def test_label_map_sources_are_non_negative_and_errors_name_the_case():
+    with pytest.raises(ValueError, match=r"label_map\[-1\]: source values are non-negative"):
+        RemapLabels({1: 2, -1: 3})  # -1 would index the lookup table from its end
+    with pytest.raises(ValueError, match=r"case 'k3'.*'label_map'.*non-negative"):
+        RemapLabelsd("label")({"label": torch.tensor([[0, 1]]), "label_map": {"-1": 2}, "case": "k3"})
+    with pytest.raises(ValueError, match=r"case 'k4'.*key 'label'.*\[7\] outside"):
+        PartialLabelToVectord("label", num_classes=3)({"label": torch.tensor([[[0, 7]]]), "annotated": "all", "case": "k4"})
 
 
 def test_lateral_split_midline_options_and_errors():

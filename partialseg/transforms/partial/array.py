@@ -117,11 +117,24 @@ class PartialLabelToVector(Transform):
             raise ValueError(f"label must be channel-first with one channel, (1, H, W[, D]); got shape {tuple(lab.shape)}")
         lab = lab[0]
         if lab.is_floating_point():
-            lab = lab.round()
+            rounded = lab.round()
+            off = (lab - rounded).abs() > 1e-3  # NaN compares False: caught as out of range below
+            if bool(off.any()):
+                raise ValueError(
+                    f"label holds the non-integer value {float(lab[off][0]):g}: class indices are integers"
+                    " (resample labels with nearest-neighbour interpolation)"
+                )
+            lab = rounded
+        bad = ~((lab >= 0) & (lab < m))  # NaN is outside too
+        if bool(bad.any()):
+            values = sorted({float(v) for v in lab[bad].unique()[:5].tolist()})
+            raise ValueError(
+                f"label holds value(s) {[int(v) if v == v else v for v in values]} outside the class indices [0, {m}):"
+                " map source values to classes first (label_maps, RemapLabels)"
+            )
         lab = lab.long()
         ann = ann.to(lab.device)
-        in_range = (lab >= 0) & (lab < m)
-        known = ann[lab.clamp(0, m - 1)] & in_range  # voxels that carry an annotated class
+        known = ann[lab]  # voxels that carry an annotated class
         view = (m,) + (1,) * lab.ndim
         unknown_value = (~ann).to(self.dtype).mul(self.p).view(view)
         onehot = lab.unsqueeze(0) == torch.arange(m, device=lab.device).view(view)
@@ -185,6 +198,10 @@ class LateralSplit(Transform):
             raise ValueError(f"label must be channel-first with one channel, (1, H, W[, D]); got shape {lab.shape}")
         mask = lab == self.value
         spatial, nd = mask[0], mask.ndim - 1
+        if nd == 2 and aff.shape == (4, 4):
+            # a 2D NIfTI image lies in 3D world space: MONAI keeps its 4 x 4 affine; the slice's
+            # third voxel index is 0, so its world x depends on the first two columns only
+            aff = aff[np.ix_([0, 1, 3], [0, 1, 3])]
         if aff.shape != (nd + 1, nd + 1):
             raise ValueError(f"affine must be {(nd + 1, nd + 1)} for a {nd}D label, got shape {aff.shape}")
         structure = ndimage.generate_binary_structure(nd, self.connectivity or nd)
@@ -244,6 +261,8 @@ class RemapLabels(Transform):
         self.lateral: dict[int, LateralSplit] = {}
         for k, v in label_map.items():
             key = int(k)
+            if key < 0:
+                raise ValueError(f"label_map[{k!r}]: source values are non-negative integers (label files hold class values 0, 1, ...)")
             if isinstance(v, (list, tuple)):
                 if len(v) != 2:
                     raise ValueError(f"label_map[{k!r}]: a lateral split needs [left, right], got {v!r}")

@@ -81,7 +81,10 @@ class PartialLabelToVectord(MapTransform):
                 out = self.converter(None, annotated, spatial_shape=tuple(image.shape[1:]))
                 d[key] = convert_to_dst_type(out, image, dtype=out.dtype)[0]
             else:
-                d[key] = self.converter(label, annotated)
+                try:
+                    d[key] = self.converter(label, annotated)
+                except ValueError as e:
+                    raise ValueError(f"{_where(d)}key {key!r}: {e}") from None
         d[self.annotated_key] = annotated_mask(annotated, self.converter.num_classes).to(torch.float32)
         return d
 
@@ -113,15 +116,27 @@ class RemapLabelsd(MapTransform):
         label_map = d.pop(self.label_map_key, None)
         if label_map is None:
             return d
-        remap = RemapLabels(label_map, midline=self.midline, space=self.space)
+        try:
+            remap = RemapLabels(label_map, midline=self.midline, space=self.space)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{_where(d)}{self.label_map_key!r} {label_map!r}: {e}") from None
         for key in self.key_iterator(d):
             if d[key] is None:
                 continue
             try:
                 d[key] = remap(d[key])
             except ValueError as e:
-                raise ValueError(f"case {d.get('case', '?')!r}, key {key!r}: {e}") from None
+                raise ValueError(f"{_where(d)}key {key!r}: {e}") from None
         return d
+
+
+def _where(d: Mapping[Hashable, object]) -> str:
+    """``"case 'x' (file): "`` for error messages, from a case's ``case`` and label file name."""
+    case = d.get("case")
+    meta = getattr(d.get("label"), "meta", None) or {}
+    path = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    parts = ([f"case {case!r}"] if case is not None else []) + ([f"({path})"] if path else [])
+    return " ".join(parts) + ", " if parts else "case '?', "
 
 
 class LateralSplitd(MapTransform):
