@@ -27,11 +27,17 @@ layout          folder                                          label values -> 
                 ``segmentation.nii.gz``                         kidney by side (world coordinates)
 ==============  ==============================================  =====================================
 
+KiTS19 as downloaded has no ``segmentation.nii.gz`` in its test cases (``case_00210`` to
+``case_00299``): those images become unlabelled entries of a ``test`` split (no ``label``, no
+``annotated``), counted in the command's output; a KiTS folder without any labelled case is an
+error. In every other layout a missing file is an error naming it.
+
 A class that a layout labels but ``--classes`` lacks is mapped to background only where the
 source is fully labelled (BTCV's other organs); in a single-organ source, it makes the source
 useless and is an error.
 
-Cardiac layouts (2D slices written under ``<out folder>/slices/<source>/``):
+Cardiac layouts (2D slices written under ``<out folder>/slices/<source>/``; a build whose
+``--out`` is another JSON file referencing those slices in the same folder is refused):
 
 ==================  ====================================================  =====================================
 layout              folder                                                label values -> classes
@@ -57,13 +63,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from partialseg.data import cardiac_builders
-from partialseg.data.cardiac_builders import SLICE_LAYOUTS, build_slices
+from partialseg.data.cardiac_builders import SLICE_LAYOUTS, build_slices, check_out, write_json
 
 __all__ = ["LAYOUTS", "SLICE_LAYOUTS", "build_datalist", "add_arguments", "run"]
 
@@ -76,9 +83,21 @@ def _msd_pairs(root: Path) -> list[tuple[Path, Path]]:
     desc_path = root / "dataset.json"
     if not desc_path.is_file():
         raise FileNotFoundError(f"{root}: not an MSD task folder (no dataset.json)")
-    desc = json.loads(desc_path.read_text())
+    try:
+        desc = json.loads(desc_path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{desc_path}: not valid JSON ({e}); restore the task's original dataset.json") from None
+    if not isinstance(desc, Mapping):
+        raise ValueError(
+            f"{desc_path}: the top level is a JSON {type(desc).__name__}; an MSD dataset.json is an object "
+            "with a 'training' list of {\"image\": ..., \"label\": ...} entries"
+        )
+    training = desc.get("training", [])
+    if not isinstance(training, list):
+        raise ValueError(f"{desc_path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries, "
+                         f"got a {type(training).__name__}")
     pairs = []
-    for i, entry in enumerate(desc.get("training", [])):
+    for i, entry in enumerate(training):
         if not isinstance(entry, Mapping) or "image" not in entry or "label" not in entry:
             raise ValueError(f"{desc_path}: training[{i}] must have 'image' and 'label', got {entry!r}")
         pairs.append((root / entry["image"], root / entry["label"]))
@@ -93,15 +112,22 @@ def _btcv_pairs(root: Path) -> list[tuple[Path, Path]]:
     raise FileNotFoundError(f"{root}: no BTCV img/ and label/ folders (looked in ., RawData/Training, Training)")
 
 
-def _kits_pairs(root: Path) -> list[tuple[Path, Path]]:
+def _kits_pairs(root: Path) -> list[tuple[Path, Path | None]]:
+    """Image/label pairs of the KiTS19 ``data/`` folder; label None where a case has no
+    ``segmentation.nii.gz`` (the challenge's test cases 210-299 as downloaded)."""
     cases = sorted(p for p in root.glob("case_*") if p.is_dir())
     if not cases:
         raise FileNotFoundError(f"{root}: no KiTS case_* folders")
-    return [(c / "imaging.nii.gz", c / "segmentation.nii.gz") for c in cases]
+    pairs: list[tuple[Path, Path | None]] = []
+    for c in cases:
+        label = c / "segmentation.nii.gz"
+        pairs.append((c / "imaging.nii.gz", label if label.exists() else None))
+    return pairs
 
 
-#: layout -> (pair finder, annotated classes or "all", {source value: class name or [left, right]})
-LAYOUTS: dict[str, tuple[Callable[[Path], list[tuple[Path, Path]]], Any, dict[str, Any]]] = {
+#: layout -> (pair finder, annotated classes or "all", {source value: class name or [left, right]});
+#: a finder gives label None for an image whose layout allows it to be unlabelled (a test image)
+LAYOUTS: dict[str, tuple[Callable[[Path], list[tuple[Path, Path | None]]], Any, dict[str, Any]]] = {
     "btcv": (_btcv_pairs, "all", {"1": "spleen", "2": "kidney_right", "3": "kidney_left", "4": "background",
                                   "5": "background", "6": "liver", "7": "stomach", "8": "background",
                                   "9": "background", "10": "background", "11": "pancreas", "12": "background",
@@ -111,6 +137,8 @@ LAYOUTS: dict[str, tuple[Callable[[Path], list[tuple[Path, Path]]], Any, dict[st
     "msd_pancreas": (_msd_pairs, ["pancreas"], {"1": "pancreas", "2": "pancreas"}),
     "kits19": (_kits_pairs, _KIDNEYS, {"1": _KIDNEYS, "2": _KIDNEYS}),
 }
+#: layouts whose image file names repeat (``case_*/imaging.nii.gz``): entries are named by their folder
+_CASE_FROM_FOLDER = {"kits19"}
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -132,7 +160,7 @@ def build_datalist(
 
     Args:
         sources: ``(layout, folder)`` pairs; the source name is the layout (numbered when repeated).
-        out: output ``dataset.json`` path (paths inside are relative to its folder).
+        out: output ``dataset.json`` path, a ``.json`` file (paths inside are relative to its folder).
         classes: global classes, ``background`` first (default :data:`DEFAULT_CLASSES`; for the
             cardiac layouts ``background, LV, MYO, RV``, the only choice).
         val: fully labelled cases moved from training to a ``validation`` split (the last ones of
@@ -143,12 +171,20 @@ def build_datalist(
             :func:`~partialseg.data.cardiac_builders.build_slices` (``test``, ``spacing``,
             ``size``, ``keep``, ``wholeheart``, ``seed``, ``progress``).
 
+    Returns:
+        the ``dataset.json`` content. KiTS cases without ``segmentation.nii.gz`` are entries of
+        its ``test`` split without ``label`` (unlabelled test images).
+
     Raises:
-        ValueError: unknown layout, a class a single-organ source needs that ``classes`` lacks,
-            a missing file (named), more validation cases than fully labelled ones, cardiac and
-            abdominal layouts mixed, or cardiac options given with abdominal layouts.
+        ValueError: ``out`` not a ``.json`` file (or a folder), unknown layout, ``val`` not an
+            integer >= 0, ``classes`` not starting with background or repeating a name, a class
+            a single-organ source needs that ``classes`` lacks, a missing file (named), a source
+            without labelled cases, more validation cases than fully labelled ones, an unreadable
+            MSD ``dataset.json`` (named), cardiac and abdominal layouts mixed, or cardiac options
+            given with abdominal layouts.
         FileNotFoundError: a folder that is not in its layout.
     """
+    out = check_out(out)
     slicing = [layout for layout, _ in sources if layout in SLICE_LAYOUTS]
     if slicing:
         others = sorted({layout for layout, _ in sources if layout not in SLICE_LAYOUTS})
@@ -161,9 +197,15 @@ def build_datalist(
     name = "union" if name is None else name
     if not classes or classes[0] != "background":
         raise ValueError(f"classes must start with 'background', got {classes}")
-    out = Path(out)
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"--classes {' '.join(classes)} names {', '.join(map(repr, repeated))} more than once; "
+                         "give each class once")
+    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
+        raise ValueError(f"--val must be an integer >= 0 (fully labelled cases held out), got {val!r}")
     root = out.parent
     training: list[dict[str, Any]] = []
+    unlabelled: list[dict[str, Any]] = []
     label_maps: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     for layout, folder in sources:
@@ -186,11 +228,18 @@ def build_datalist(
         pairs = finder(Path(folder))
         if not pairs:
             raise ValueError(f"source {source!r}: no cases found in {folder}")
+        if all(label is None for _, label in pairs):
+            raise ValueError(f"source {source!r}: none of the {len(pairs)} cases in {folder} has a label "
+                             "(point the source at the labelled data)")
         for image, label in pairs:
             for path, what in ((image, "image"), (label, "label")):
-                if not path.is_file():
+                if path is not None and not path.is_file():
                     raise ValueError(f"source {source!r}: {what} {path} does not exist")
-            training.append({"image": _relative(image, root), "label": _relative(label, root),
+            case = {"case": image.parent.name} if layout in _CASE_FROM_FOLDER else {}
+            if label is None:  # an unlabelled test image (KiTS19's cases 210-299)
+                unlabelled.append({"image": _relative(image, root), **case, "source": source, "modality": "CT"})
+                continue
+            training.append({"image": _relative(image, root), "label": _relative(label, root), **case,
                              "annotated": annotated, "source": source, "modality": "CT"})
     full = [i for i, c in enumerate(training) if c["annotated"] == "all"]
     if val > len(full):
@@ -205,10 +254,9 @@ def build_datalist(
     }
     if val_idx:
         desc["validation"] = [c for i, c in enumerate(training) if i in val_idx]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(desc, indent=2))
-    os.replace(tmp, out)
+    if unlabelled:
+        desc["test"] = unlabelled
+    write_json(out, desc)
     return desc
 
 
@@ -219,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--source", action="append", required=True, metavar="LAYOUT=DIR",
                         help="a dataset folder in a known layout; repeat for each source")
-    parser.add_argument("--out", required=True, help="output dataset.json")
+    parser.add_argument("--out", required=True, help="output dataset.json (a .json file; its folder is created)")
     parser.add_argument("--classes", nargs="+", help=f"global classes (default: {' '.join(DEFAULT_CLASSES)}; "
                         f"cardiac: {' '.join(cardiac_builders.CLASSES)})")
     parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split "
@@ -257,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         options["progress"] = not args.quiet
     try:
         desc = build_datalist(sources, args.out, classes=args.classes, val=args.val, name=args.name, **options)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "empty_slices_skipped" in desc:
@@ -266,11 +314,17 @@ def run(args: argparse.Namespace) -> int:
         per_source: dict[str, int] = {}
         for c in desc["training"]:
             per_source[c["source"]] = per_source.get(c["source"], 0) + 1
+        unlabelled: dict[str, int] = {}
+        for c in desc.get("test", []):
+            unlabelled[c["source"]] = unlabelled.get(c["source"], 0) + 1
         for source, n in per_source.items():
-            print(f"  {source:<16}{n:>5} training cases")
+            extra = (f"; {unlabelled[source]} images without a label file kept as unlabelled test cases"
+                     if source in unlabelled else "")
+            print(f"  {source:<16}{n:>5} training cases{extra}")
         if "validation" in desc:
             print(f"  {'(validation)':<16}{len(desc['validation']):>5} cases")
-    print(f"wrote {args.out}; next: partialseg check {Path(args.out).parent}")
+    out = Path(args.out)
+    print(f"wrote {out}; next: partialseg check {out.parent if out.name == 'dataset.json' else out}")
     return 0
 
 

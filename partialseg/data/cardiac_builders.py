@@ -42,6 +42,10 @@ Output, next to the ``dataset.json`` (``out``):
   only when the whole build has succeeded (then ``dataset.json`` is written, also through a
   temporary file): an interrupted or failed run leaves the previous output as it was (a
   ``.partial`` folder left by a killed run is removed by the next one).
+- ``slices/<source>/`` belongs to one JSON file: re-running the same command (same ``out``)
+  replaces it, but a build whose ``out`` is another JSON file in the same folder is refused
+  while a JSON file there references ``slices/<source>/`` (it would silently change that
+  dataset's labels under its ``annotated`` entries): give each such dataset its own folder.
 
 Entries: ``annotated`` (``["LV"]``, ``["MYO"]``, ``["RV"]``, ``["background"]`` or ``"all"``),
 ``source`` (the layout name), ``modality`` ``"MR"``, ``sequence`` (``cine`` / ``LGE`` / ``C0`` /
@@ -317,6 +321,82 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, str(path))
 
 
+def check_out(out: str | os.PathLike) -> Path:
+    """The output ``dataset.json`` path, checked before anything is built or written.
+
+    Raises:
+        ValueError: ``out`` does not end with ``.json``, is an existing folder, or lies in a
+            folder that is a file.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the JSON file to write, e.g. {path / 'dataset.json'}")
+    if path.suffix.lower() != ".json":
+        raise ValueError(f"--out {out} must be a .json file, e.g. {path / 'dataset.json'} or {path}.json")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def write_json(out: Path, desc: dict[str, Any]) -> None:
+    """Write ``desc`` to ``out`` through ``<out>.tmp``, which never stays behind (even on failure)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(desc, indent=2))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _references(path: Path, prefixes: Sequence[str]) -> str | None:
+    """The first prefix that an image or label of the dataset JSON ``path`` starts with, if any
+    (anything that is not a readable dataset JSON references nothing)."""
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(desc, dict):
+        return None
+    for split in ("training", "validation", "test"):
+        rows = desc.get(split)
+        for row in rows if isinstance(rows, list) else []:
+            for value in (row.get("image"), row.get("label")) if isinstance(row, dict) else (row,):
+                if isinstance(value, str):
+                    rel = value.replace("\\", "/")
+                    while rel.startswith("./"):
+                        rel = rel[2:]
+                    for prefix in prefixes:
+                        if rel.startswith(prefix):
+                            return prefix
+    return None
+
+
+def _check_slice_owners(out: Path, sources: Sequence[str]) -> None:
+    """Refuse to replace ``slices/<source>/`` folders that another JSON file beside ``out`` references.
+
+    Raises:
+        ValueError: naming the folder, the JSON file that uses it, and what to do.
+    """
+    root = out.parent
+    prefixes = [f"slices/{source}/" for source in sources if (root / "slices" / source).exists()]
+    if not prefixes:
+        return
+    for other in sorted(root.glob("*.json")):
+        if other.name == out.name or not other.is_file():
+            continue
+        prefix = _references(other, prefixes)
+        if prefix is not None:
+            raise ValueError(
+                f"{root / prefix.rstrip('/')} holds the slices that {other} references; building {out.name} "
+                f"there would replace them and silently change that dataset. Write {out.name} to another folder "
+                f"(its slices go beside it), or delete {other} first if it is no longer used"
+            )
+
+
 def _split_subjects(subjects: Sequence[str], val: int, test: int, rng: np.random.Generator, source: str) -> dict[str, str]:
     if val + test >= len(subjects):
         raise ValueError(
@@ -436,7 +516,8 @@ def build_slices(
     Args:
         sources: ``(layout, folder)`` pairs, layouts of :data:`SLICE_LAYOUTS`; the source name is
             the layout (numbered when repeated: ``acdc_2``).
-        out: output ``dataset.json``; the slices go to ``slices/<source>/`` beside it.
+        out: output ``dataset.json`` (a ``.json`` file); the slices go to ``slices/<source>/``
+            beside it, which no other JSON file in that folder may reference.
         classes: must be None or ``["background", "LV", "MYO", "RV"]``.
         val: subjects of each source held out, fully labelled, as the ``validation`` split.
         test: subjects of each source held out, fully labelled, as the ``test`` split.
@@ -450,7 +531,9 @@ def build_slices(
         progress: show a progress bar per source.
 
     Raises:
-        ValueError: a bad argument, an unknown layout, or a problem with a source volume (named).
+        ValueError: a bad argument (``out`` not a ``.json`` file, or a folder), an unknown layout,
+            ``slices/<source>/`` referenced by another JSON file beside ``out``, or a problem
+            with a source volume (named).
         FileNotFoundError: a folder that is not in its layout, or a missing ``Info.cfg``.
 
     Example:
@@ -459,6 +542,7 @@ def build_slices(
         ...
         ValueError: keep must be one of ('one', 'subject', 'all'), got 'some'
     """
+    out = check_out(out)
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     if classes is not None and list(classes) != list(CLASSES):
@@ -471,7 +555,6 @@ def build_slices(
     kinds = [*STRUCTURES, WHOLEHEART] if wholeheart else list(STRUCTURES)
     if not sources:
         raise ValueError("no sources given")
-    out = Path(out)
     root = out.parent
     slices = root / "slices"
     names, counts = [], {}
@@ -480,6 +563,7 @@ def build_slices(
             raise ValueError(f"unknown slicing layout {layout!r}; choose one of {sorted(SLICE_LAYOUTS)}")
         counts[layout] = counts.get(layout, 0) + 1
         names.append(layout if counts[layout] == 1 else f"{layout}_{counts[layout]}")
+    _check_slice_owners(out, names)
     splits: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
     skipped: dict[str, int] = {}
     without_kind: dict[str, int] = {}
@@ -526,7 +610,5 @@ def build_slices(
         "numTest": len(splits["test"]),
     }
     desc.update({split: rows for split, rows in splits.items() if rows or split == "training"})
-    tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(desc, indent=2))
-    os.replace(tmp_json, out)
+    write_json(out, desc)
     return desc

@@ -94,6 +94,81 @@ def test_cli_and_errors(folders, tmp_path, capsys):
         build_datalist([("msd_spleen", folders["msd_spleen"])], out, classes=["background", "liver"])
     with pytest.raises(ValueError, match="more validation cases"):
         build_datalist([("msd_spleen", folders["msd_spleen"])], out, val=1)
-    (folders["kits19"] / "case_00000" / "segmentation.nii.gz").unlink()
-    with pytest.raises(ValueError, match="segmentation.nii.gz does not exist"):
+    (folders["kits19"] / "case_00000" / "imaging.nii.gz").unlink()
+    with pytest.raises(ValueError, match="imaging.nii.gz does not exist"):
         build_datalist([("kits19", folders["kits19"])], out)
+
+
+def test_kits_cases_without_segmentation_are_unlabelled_test_images(folders, tmp_path, capsys):
+    """KiTS19 as downloaded: cases 210-299 have imaging.nii.gz only. They become unlabelled test
+    entries (named by their folder), counted in the output; the build does not stop."""
+    kits = folders["kits19"]
+    for n in (210, 211):
+        save_nifti(kits / f"case_{n:05d}/imaging.nii.gz", np.zeros(SHAPE, np.float32), LPS)
+    out = tmp_path / "k" / "dataset.json"
+    assert main(["build-datalist", "--source", f"kits19={kits}", "--source", f"btcv={folders['btcv']}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 images without a label file kept as unlabelled test cases" in printed, printed
+    desc = json.loads(out.read_text())
+    assert [(c["case"], "label" in c) for c in desc["training"] if c["source"] == "kits19"] == [("case_00000", True)]
+    assert [c["case"] for c in desc["test"]] == ["case_00210", "case_00211"]
+    assert all("label" not in c and "annotated" not in c and c["source"] == "kits19" for c in desc["test"])
+    report = validate_dataset(out)
+    assert report.ok, report.problems
+    # a KiTS folder without any labelled case is a mistake (the test images alone cannot train)
+    (kits / "case_00000" / "segmentation.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"source 'kits19': none of the 3 cases in .* has a label"):
+        build_datalist([("kits19", kits)], out)
+
+
+def test_out_must_be_a_json_file(folders, tmp_path, capsys):
+    source = ["--source", f"msd_spleen={folders['msd_spleen']}"]
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    assert main(["build-datalist", *source, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {folder} is a folder" in err and "dataset.json" in err, err
+    assert main(["build-datalist", *source, "--out", str(tmp_path / "o15")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be a .json file" in err and "o15.json" in err, err
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        build_datalist([("msd_spleen", folders["msd_spleen"])], tmp_path / "dir.json")
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "o15").exists() and not any(folder.iterdir())
+    # a write that fails half way leaves no temporary file either
+    from partialseg.data.cardiac_builders import write_json
+
+    with pytest.raises(OSError):
+        write_json(folder, {"training": []})  # a folder cannot be replaced by a file
+    assert not list(tmp_path.rglob("*.tmp"))
+    # the hint names the file to check when it is not the folder's dataset.json
+    assert main(["build-datalist", *source, "--out", str(tmp_path / "spleen.json")]) == 0
+    assert f"next: partialseg check {tmp_path / 'spleen.json'}" in capsys.readouterr().out
+
+
+def test_msd_dataset_json_errors_name_the_file(folders, tmp_path, capsys):
+    task = folders["msd_spleen"]
+    out = tmp_path / "m" / "dataset.json"
+    (task / "dataset.json").write_text('{"name": "spleen",\n, "training": []}')
+    assert main(["build-datalist", "--source", f"msd_spleen={task}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{task / 'dataset.json'}: not valid JSON (Expecting property name" in err, err
+    (task / "dataset.json").write_text('[{"image": "a.nii.gz", "label": "b.nii.gz"}]')
+    with pytest.raises(ValueError, match=r"Task09_Spleen.dataset\.json: the top level is a JSON list; an MSD dataset.json is an object"):
+        build_datalist([("msd_spleen", task)], out)
+    (task / "dataset.json").write_text('{"training": {"image": "a.nii.gz"}}')
+    with pytest.raises(ValueError, match=r"dataset\.json: 'training' must be a list"):
+        build_datalist([("msd_spleen", task)], out)
+    assert not out.parent.exists()
+
+
+def test_val_and_classes_are_checked(folders, tmp_path, capsys):
+    out = tmp_path / "v" / "dataset.json"
+    source = ["--source", f"btcv={folders['btcv']}"]
+    assert main(["build-datalist", *source, "--out", str(out), "--val", "-1"]) == 2
+    assert "--val must be an integer >= 0" in capsys.readouterr().err
+    assert main(["build-datalist", *source, "--out", str(out), "--classes", "background", "liver", "liver"]) == 2
+    assert "names 'liver' more than once" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--val must be an integer >= 0"):
+        build_datalist([("btcv", folders["btcv"])], out, val=True)
+    assert not out.parent.exists()

@@ -227,6 +227,36 @@ def test_seed_gives_identical_files_and_rebuild_replaces(acdc, tmp_path):
     assert _files(a.parent) == _files(c.parent)
 
 
+def test_another_json_in_the_folder_keeps_its_slices(acdc, tmp_path):
+    """Two builds with different --out files in one folder would share slices/<source>/: the second
+    is refused (naming both files) instead of silently replacing the labels the first references."""
+    a, b = tmp_path / "cardiac" / "a.json", tmp_path / "cardiac" / "b.json"
+    build_slices([("acdc", acdc)], a, size=32, seed=0)
+    before = _files(a.parent)
+    with pytest.raises(ValueError, match=r"slices.acdc holds the slices that .*a\.json references; building b\.json"):
+        build_slices([("acdc", acdc)], b, size=32, seed=1)
+    with pytest.raises(ValueError, match="Write b.json to another folder"):  # also through build_datalist
+        build_datalist([("acdc", acdc)], b, size=32, seed=1)
+    assert _files(a.parent) == before and not b.exists()
+    # re-running the same command (same --out, here another seed) replaces its own slices
+    desc = build_slices([("acdc", acdc)], a, size=32, seed=1)
+    report = validate_dataset(a)
+    assert report.ok, report.problems
+    assert json.loads(a.read_text()) == desc and _files(a.parent) != before
+    # a JSON file that references nothing there (not a dataset, or another source) is no owner
+    (a.parent / "notes.json").write_text("[1, 2")
+    (a.parent / "other.json").write_text(json.dumps({"training": [{"image": "slices/mscmrseg/images/x.nii.gz"}]}))
+    os.replace(a, a.parent / "a.json.bak")  # a.json no longer exists: its slices can be replaced
+    assert build_slices([("acdc", acdc)], b, size=32, seed=1) == desc
+
+
+def test_out_must_be_a_json_file_cardiac(acdc, tmp_path):
+    for out, match in ((tmp_path / "o15", "must be a .json file"), (tmp_path, "is a folder")):
+        with pytest.raises(ValueError, match=match):
+            build_slices([("acdc", acdc)], out, size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ACDC"]  # nothing written, no temporary file
+
+
 def test_mscmrseg_layouts(mscmr, tmp_path):
     out = tmp_path / "ms" / "dataset.json"
     desc = build_slices([("mscmrseg", mscmr)], out, keep="all", size=48, test=1, seed=0)
