@@ -31,6 +31,8 @@ import csv
 import json
 import math
 import os
+import secrets
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -285,7 +287,9 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
     ``pred_dir``: the image's file name itself, ``NAME`` + any extension of ``IMAGE_SUFFIXES``,
     ``NAME_seg`` + extension and ``NAME/NAME_seg`` + extension (MONAI ``SaveImage`` with the
     bundles' ``output_postfix="seg"``, without and with its default per-case folder), and the
-    same with ``_trans`` (``SaveImage``'s default postfix).
+    same with ``_trans`` (``SaveImage``'s default postfix). The extension may also be written in
+    upper case (``case_001.NII.GZ``); mixed case (``.Nii.Gz``) is not looked for, as nibabel
+    cannot open such a name.
 
     Args:
         pred_dir: folder of predictions.
@@ -305,13 +309,19 @@ def find_prediction(pred_dir: str | os.PathLike, image: str | os.PathLike, case:
         stems.append(str(case))
     candidates = [pred_dir / image_name]
     for stem in stems:
-        for suffix in IMAGE_SUFFIXES:
+        for suffix in [e for ext in IMAGE_SUFFIXES for e in (ext, ext.upper())]:
             candidates.append(pred_dir / f"{stem}{suffix}")
             for postfix in SAVE_POSTFIXES:
                 candidates += [pred_dir / f"{stem}_{postfix}{suffix}", pred_dir / stem / f"{stem}_{postfix}{suffix}"]
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()  # one file reached by two names (a case-insensitive file system)
     for c in candidates:
-        if c.is_file() and c not in found:
+        try:
+            st = c.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
             found.append(c)
     if len(found) > 1:
         raise ValueError(
@@ -490,9 +500,85 @@ def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[st
         ax.set_title(m.upper() if m != "dice" else "Dice")
         ax.set_ylabel(f"{m} ({_UNITS[m]})" if _UNITS[m] else m)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _check_outputs(out_dir: Path, paths: Any) -> None:
+    """Fails, naming the path, when the outputs cannot be written in ``out_dir``.
+
+    ``out_dir`` must be a folder or not exist yet (below an existing folder, not a file), and
+    no output name in it may be taken by anything but a file, which is replaced.
+
+    Raises:
+        ValueError: the message names the path and says what to do.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output folder {out_dir} is a file; give --out a folder (new or existing).")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the output folder {out_dir}: {existing} is a file; choose another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {existing} (no write permission); choose another --out.")
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise ValueError(f"{path} exists and is not a file; remove it or choose another --out.")
+
+
+def _write_outputs(outputs: Mapping[str, Path], rows: Sequence[Mapping], class_names: Sequence[str],
+                   summary: Mapping) -> None:
+    """Writes ``metrics.csv``, ``boxplot.png`` and ``summary.json``, all or (nearly) nothing.
+
+    Each file is written under a temporary name in the output folder (``.NAME-XXXX.partial.EXT``);
+    only when all three are complete are they renamed over the final names (``os.replace``,
+    atomic per file). A failure before that leaves the folder as it was.
+
+    Raises:
+        OSError: naming the output path that could not be written.
+    """
+    out_dir = outputs["csv"].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    temps = {k: p.with_name(f".{p.stem}-{token}.partial{p.suffix}") for k, p in outputs.items()}
+    writers = {
+        "csv": lambda path: _write_csv(path, rows),
+        "boxplot": lambda path: _write_boxplot(path, rows, class_names),
+        "summary": lambda path: _write_json(path, summary),
+    }
+    try:
+        for key, write in writers.items():
+            try:
+                write(temps[key])
+            except OSError as e:
+                raise _os_error_at(e, outputs[key]) from e
+        for key in writers:
+            try:
+                os.replace(temps[key], outputs[key])
+            except OSError as e:
+                raise _os_error_at(e, outputs[key]) from e
+    finally:
+        for path in temps.values():
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def _write_json(path: Path, obj: Mapping) -> None:
+    with open(path, "x") as f:  # "x": a fresh file, created with the umask's mode
+        json.dump(obj, f, indent=2, allow_nan=False)
+
+
+def _os_error_at(e: OSError, path: Path) -> OSError:
+    """The same error, naming the final output ``path`` instead of a temporary file."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def format_table(summary: Mapping) -> str:
@@ -613,6 +699,8 @@ def evaluate_folder(
     if not pred_dir.is_dir():
         raise ValueError(f"the prediction folder {pred_dir} does not exist.")
     out_dir = pred_dir / "evaluation" if out_dir is None else Path(out_dir)
+    outputs = {"csv": out_dir / "metrics.csv", "summary": out_dir / "summary.json", "boxplot": out_dir / "boxplot.png"}
+    _check_outputs(out_dir, outputs.values())  # before any work: a bad --out fails at once
     names, cases = _load_cases(dataset_dir, split)
 
     if classes is None:
@@ -672,6 +760,10 @@ def evaluate_folder(
         case_classes = selected if annotated is None else [i for i in selected if i in set(annotated)]
         if not case_classes:
             continue
+        # checked here too, not only in evaluate_case, so that a value that is no class index names its file
+        if pred_path is not None:
+            pred = _as_label_array(pred, f"the prediction {pred_path}", case, len(names))
+        ref = _as_label_array(ref, f"the reference {entry['label']}", case, len(names))
         for row in evaluate_case(pred, ref, names, spacing=spacing, include_background=include_background,
                                  class_indices=case_classes, case=case):
             rows.append({"case": case, **row})
@@ -680,10 +772,6 @@ def evaluate_folder(
 
     class_names = [names[i] for i in selected]
     summary = summarize(rows, class_names)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"csv": out_dir / "metrics.csv", "summary": out_dir / "summary.json", "boxplot": out_dir / "boxplot.png"}
-    _write_csv(outputs["csv"], rows)
-    _write_boxplot(outputs["boxplot"], rows, class_names)
     summary.update(
         num_cases=len(pairs),
         cases=[case for _, case, _ in pairs],
@@ -698,8 +786,7 @@ def evaluate_folder(
             "include_background": include_background, "allow_missing": allow_missing,
         },
     )
-    with open(outputs["summary"], "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=False)
+    _write_outputs(outputs, rows, class_names, summary)
     return summary
 
 
@@ -727,7 +814,8 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         0 on success; 2 when the evaluation cannot be done (a missing or mismatched prediction,
-        a bad dataset, ...), after printing the error, which names the case, to stderr.
+        a bad dataset, an output folder that cannot be written, ...), after printing a one-line
+        ``error: ...`` to stderr, which names the case or the path.
     """
     import sys
 
@@ -746,6 +834,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an output that cannot be written: one line naming the path
+        reason = e.strerror or str(e)
+        print(f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}", file=sys.stderr)
         return 2
     print(format_table(summary))
     counts = summary["status_counts"]

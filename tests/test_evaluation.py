@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -577,3 +578,91 @@ def test_a_hw1_reference_and_a_hw_prediction_are_the_same_grid(tmp_path):
 def _mkdir(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# output folder and files, one-line errors
+# --------------------------------------------------------------------------------------------
+
+
+def _perfect_preds(tmp_path, ref1, ref2):
+    preds = tmp_path / "preds"
+    _save(preds / "case_001.nii.gz", ref1)
+    _save(preds / "case_002.nii.gz", ref2)
+    return preds
+
+
+def test_out_that_is_a_file_is_refused_up_front(tmp_path, capsys):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = _perfect_preds(tmp_path, ref1, ref2)
+    out = tmp_path / "results"
+    out.write_text("not a folder")
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(out) in err and "is a file" in err
+    assert out.read_text() == "not a folder"
+    # a file where a parent folder should be is refused the same way
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out / "sub"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err
+
+
+def test_output_name_taken_by_a_folder_writes_nothing(tmp_path, capsys):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = _perfect_preds(tmp_path, ref1, ref2)
+    out = tmp_path / "results"
+    (out / "summary.json").mkdir(parents=True)
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / "summary.json") in err and "not a file" in err
+    assert [p.name for p in out.iterdir()] == ["summary.json"]  # no metrics.csv, no boxplot.png
+
+
+def test_outputs_are_all_or_nothing(tmp_path, capsys, monkeypatch):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = _perfect_preds(tmp_path, ref1, ref2)
+    out = tmp_path / "results"
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["boxplot.png", "metrics.csv", "summary.json"]
+    capsys.readouterr()
+
+    # the third output fails (disk full): the earlier run's outputs stay as they were, no temporary file
+    def full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluation, "_write_json", full)
+    _save(preds / "case_002.nii.gz", np.zeros(SHAPE, dtype=np.uint8))  # different metrics now
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'summary.json'}: No space left on device"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_bad_value_names_the_prediction_file(tmp_path):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = _perfect_preds(tmp_path, ref1, ref2)
+    affine = np.diag([*SPACING, 1.0])
+    bad = preds / "case_002.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(ref2 > 0, 0.75, 0.0).astype(np.float32), affine), str(bad))
+    where = re.escape(f"case 'case_002': the prediction {bad} holds the ")
+    with pytest.raises(ValueError, match=where + "non-integer value 0.75"):
+        evaluate_folder(preds, ds, progress=False)
+    nib.save(nib.Nifti1Image(np.where(ref2 > 0, 255, 0).astype(np.uint8), affine), str(bad))
+    with pytest.raises(ValueError, match=where + "value 255"):
+        evaluate_folder(preds, ds, progress=False)
+    assert not (preds / "evaluation").exists()  # nothing written when a case fails
+
+
+def test_find_prediction_upper_case_extension(tmp_path):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save(preds / "case_001.NII.GZ", ref1)
+    _save(preds / "case_002_seg.NII.GZ", ref2)
+    assert find_prediction(preds, "imagesTs/case_001.nii.gz") == preds / "case_001.NII.GZ"
+    s = evaluate_folder(preds, ds, progress=False)
+    assert s["per_class"]["a"]["dice"]["mean"] == 1.0 and s["missing_predictions"] == []
+    # both spellings present: ambiguous, as any two matches are
+    _save(preds / "case_001.nii.gz", ref1)
+    with pytest.raises(ValueError, match="several prediction files"):
+        find_prediction(preds, "imagesTs/case_001.nii.gz")

@@ -354,3 +354,89 @@ def test_cli_make_data(tmp_path, capsys):
     assert main(["make-data", "cardiac2d", "--out", str(out), "--modality", "MR", "--quiet"]) == 2
     with pytest.raises(SystemExit):
         main(["make-data", "brain3d", "--out", str(out)])
+
+
+def _tiny_cli(out, *extra):
+    return ["make-data", "cardiac2d", "--out", str(out), "--size", "32", "--num-train", "1", "--num-test", "1",
+            "--quiet", *extra]
+
+
+def test_cli_make_data_refuses_a_non_empty_folder(tmp_path, capsys):
+    from partialseg.cli import main
+
+    out = tmp_path / "userds"
+    out.mkdir()
+    (out / "dataset.json").write_text('{"name": "mine"}')
+    (out / "imagesTr").mkdir()
+    (out / "imagesTr" / "mine_000.nii.gz").write_bytes(b"x")
+    before = _files(out)
+    assert main(_tiny_cli(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "dataset.json" in err and "--overwrite" in err
+    assert _files(out) == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["userds"]  # no temporary folder left
+    # a file is refused too, with or without --overwrite
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(_tiny_cli(afile, "--overwrite")) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep"
+
+
+def test_cli_make_data_overwrite_replaces_the_whole_folder(tmp_path, capsys):
+    from partialseg.cli import main
+
+    out = tmp_path / "userds"
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "imagesTr" / "stale_000.nii.gz").write_bytes(b"old")
+    (out / "notes.txt").write_text("old")
+    assert main(_tiny_cli(out, "--overwrite")) == 0
+    desc = _desc(out)
+    assert not (out / "notes.txt").exists() and not (out / "imagesTr" / "stale_000.nii.gz").exists()
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(Path(c["image"]).name
+                                                                          for c in desc["training"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["userds"]  # old folder and temporary one gone
+    # an empty existing folder is filled (no --overwrite needed) and keeps being the same folder
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    assert main(_tiny_cli(empty)) == 0
+    assert (empty / "dataset.json").is_file() and empty.stat().st_ino == inode
+    capsys.readouterr()
+
+
+def test_make_dataset_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    # a generator failing half-way: no --out folder, no half-written dataset, no temporary folder
+    def failing(out_dir, **kwargs):
+        (Path(out_dir) / "imagesTr").mkdir()
+        (Path(out_dir) / "imagesTr" / "sub000_ED.nii.gz").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cardiac, "generate", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_dataset("cardiac2d", tmp_path / "new" / "ds")
+    assert list(tmp_path.iterdir()) == []  # not even the parent folder created for it
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "dataset.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        make_dataset("cardiac2d", old, overwrite=True)
+    assert _files(old) == {"dataset.json": b"{}"}  # the old dataset survives a failed overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_dataset("cardiac2d", old)
+
+
+@pytest.mark.parametrize("size", [100000, (5000, 5000), (300, 300, 300)])
+def test_size_above_the_memory_limit_is_refused_before_any_work(tmp_path, capsys, size):
+    from partialseg.cli import main
+    from partialseg.data.synthetic import MAX_VOXELS
+
+    family = "atrium3d" if np.ndim(size) and len(size) == 3 else "cardiac2d"
+    with pytest.raises(ValueError, match="voxels per image.*memory"):
+        make_dataset(family, tmp_path / "ds", size=size)
+    assert not (tmp_path / "ds").exists() and list(tmp_path.iterdir()) == []
+    sizes = [str(s) for s in np.atleast_1d(size)]
+    assert main(["make-data", family, "--out", str(tmp_path / "ds"), "--size", *sizes, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{MAX_VOXELS:,}" in err
+    assert list(tmp_path.iterdir()) == []

@@ -14,11 +14,16 @@ FAMILY_CHOICES = ("cardiac2d", "abdomen3d", "polyp2d", "atrium3d")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``make-data`` arguments to ``parser``."""
     parser.add_argument("family", choices=FAMILY_CHOICES, help="benchmark family")
-    parser.add_argument("--out", required=True, help="output dataset folder (created)")
+    parser.add_argument("--out", required=True,
+                        help="output dataset folder: created, or an empty one (a non-empty folder is refused "
+                             "unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder as a whole (its old files are deleted)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; same seed = identical files (default 0)")
     parser.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
                         help="spatial size: one value for every axis or one per axis, e.g. '--size 96' or "
-                             "'--size 64 64 48' (default: 96x96 for 2D families, 64x64x48 for 3D)")
+                             "'--size 64 64 48' (default: 96x96 for 2D families, 64x64x48 for 3D; at most "
+                             "16,777,216 voxels per image, e.g. 4096x4096 or 256x256x256)")
     parser.add_argument("--num-train", type=int, default=None,
                         help="training cases: cardiac2d subjects (x2 phases, default 24); abdomen3d cases per "
                              "partially labelled source (default 8); polyp2d frames (default 100); atrium3d "
@@ -54,14 +59,19 @@ _FAMILY_OPTIONS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the dataset and print a summary; return the exit status (0, or 2 on a bad option)."""
+    """Generate the dataset and print a summary; return the exit status.
+
+    0 on success; 2, after a one-line ``make-data: ...`` message on stderr, for a bad option or
+    size, an ``--out`` that is a file or a non-empty folder (without ``--overwrite``), or a
+    dataset that cannot be written (the message names the path).
+    """
     import json
     import sys
     import time
     from collections import Counter
     from pathlib import Path
 
-    from partialseg.data.synthetic import make_dataset
+    from partialseg.data.synthetic import check_out_dir, make_dataset
 
     options = {"num_train": args.num_train, "num_test": args.num_test, "progress": not args.quiet}
     for name, families in _FAMILY_OPTIONS.items():
@@ -73,12 +83,22 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         options[name] = value
+    try:  # before generating: a non-empty --out is refused at once
+        check_out_dir(args.out, overwrite=args.overwrite, hint="add --overwrite")
+    except FileExistsError as err:
+        print(f"make-data: {err}", file=sys.stderr)
+        return 2
     size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size))
     start = time.perf_counter()
     try:
-        path = make_dataset(args.family, args.out, seed=args.seed, size=size, **options)
+        path = make_dataset(args.family, args.out, seed=args.seed, size=size, overwrite=args.overwrite, **options)
     except ValueError as err:
         print(f"make-data: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # FileExistsError from make_dataset names the folder; a system error names its path
+        where = f" {err.filename}" if err.filename and str(err.filename) not in str(err) else ""
+        print(f"make-data: cannot write the dataset{where}: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
 
