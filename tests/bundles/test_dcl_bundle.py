@@ -107,7 +107,7 @@ def test_a_slice_saved_as_hw1_is_segmented_as_the_same_slice_and_a_volume_is_ref
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine), str(hw1))
     out = tmp_path / "pred"
     r = bundle_run(root, configs=("inference.json",), num_samples=1, output_dir=str(out),
-                   datalist=[{"image": case["image"]}, {"image": str(hw1)}],
+                   datalist=[{"image": case["image"]}, {"image": str(hw1)}, {"image": case["image"], "case": "named"}],
                    **{k: SMALL[k] for k in ("pixdim", "spatial_size")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a = nib.load(str(next(out.rglob(f"{case['case']}_seg.nii.gz"))))
@@ -116,6 +116,9 @@ def test_a_slice_saved_as_hw1_is_segmented_as_the_same_slice_and_a_volume_is_ref
     np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
     assert np.asarray(a.dataobj).max() > 0  # not a trivially empty comparison
+    # a dataset entry's case name names its prediction (KiTS's images are all called imaging.nii.gz)
+    named = nib.load(str(out / "named_seg.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(named.dataobj), np.asarray(a.dataobj))
     # a volume is refused before the network sees it, naming the file
     volume = tmp_path / "volume.nii.gz"
     nib.save(nib.Nifti1Image(np.repeat(np.asarray(img.dataobj)[..., None], 3, -1), img.affine), str(volume))

@@ -58,3 +58,21 @@ def test_spatial_dims_refuses_other_dimensionalities_naming_the_file(tmp_path):
         LoadImageNamedd("image", spatial_dims=2)
     with pytest.raises(ValueError, match="1, 2 or 3"):
         LoadImageNamedd("image", ensure_channel_first=True, spatial_dims=4)
+
+
+def test_case_name_names_the_saved_output(tmp_path):
+    from monai.transforms import SaveImaged
+
+    from partialseg.transforms import CaseNameToMetad, case_name_formatter
+
+    img = save_nifti(tmp_path / "case_00001" / "imaging.nii.gz", np.zeros((4, 3, 2), np.float32))
+    load = LoadImageNamedd("image", image_only=True, ensure_channel_first=True)
+    d = CaseNameToMetad("image")(load({"image": str(img), "case": "case_00001"}))
+    save = SaveImaged("image", output_dir=str(tmp_path / "out"), output_postfix="seg", separate_folder=False,
+                      output_name_formatter=case_name_formatter, print_log=False)
+    save(d)
+    assert (tmp_path / "out" / "case_00001_seg.nii.gz").is_file()
+    save(CaseNameToMetad("image")(load({"image": str(img)})))  # no case name: the file's name, as MONAI does
+    assert (tmp_path / "out" / "imaging_seg.nii.gz").is_file()
+    with pytest.raises(TypeError, match="MetaTensor"):
+        CaseNameToMetad("image")({"image": np.zeros((1, 2, 2)), "case": "x"})

@@ -6,9 +6,14 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
-from monai.transforms import LoadImaged, SqueezeDim
+from monai.config import KeysCollection
+from monai.data.folder_layout import default_name_formatter
+from monai.transforms import LoadImaged, MapTransform, SqueezeDim
 
-__all__ = ["LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict", "squeeze_trailing_singletons"]
+__all__ = [
+    "LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict", "CaseNameToMetad", "CaseNameToMetaD", "CaseNameToMetaDict",
+    "case_name_formatter", "squeeze_trailing_singletons",
+]
 
 
 def squeeze_trailing_singletons(img: Any, spatial_dims: int) -> Any:
@@ -92,3 +97,48 @@ class LoadImageNamedd(LoadImaged):
 
 
 LoadImageNamedD = LoadImageNamedDict = LoadImageNamedd
+
+
+class CaseNameToMetad(MapTransform):
+    """Record the case's name in the meta data of its images (``meta["case"]``).
+
+    Outputs saved by MONAI's ``SaveImaged(output_name_formatter=case_name_formatter)`` are then
+    named after the case (``<case>_seg.nii.gz``, what ``partialseg evaluate`` looks for) rather
+    than after the image file, whose name may repeat: KiTS stores every case as
+    ``case_*/imaging.nii.gz``, and its predictions would overwrite each other.
+
+    Args:
+        keys: image keys (MetaTensors, as ``LoadImaged`` gives) whose meta data get the name.
+        case_key: key of the case's name (a dataset entry's ``case``); a case without it is
+            left unchanged.
+        allow_missing_keys: don't raise when a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, case_key: str = "case", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        name = d.get(self.case_key)
+        if name is None:
+            return d
+        for key in self.key_iterator(d):
+            meta = getattr(d[key], "meta", None)
+            if meta is None:
+                raise TypeError(f"{key!r} must be a MetaTensor (load it with LoadImaged) to carry the case name, got {type(d[key]).__name__}")
+            meta["case"] = str(name)
+        return d
+
+
+def case_name_formatter(metadict: dict | None, saver: Any) -> dict:
+    """``SaveImage`` name formatter: the case name of :class:`CaseNameToMetad`, else MONAI's default (the file name)."""
+    out = default_name_formatter(metadict, saver)
+    case = (metadict or {}).get("case")
+    if case:
+        out["subject"] = str(case)
+    return out
+
+
+CaseNameToMetaD = CaseNameToMetaDict = CaseNameToMetad
+
