@@ -7,7 +7,8 @@ see ``docs/data_format.md``) when it does.
 Example:
     >>> import tempfile
     >>> from partialseg.data.datalists import bundle_datalist, ensure_dataset
-    >>> root = ensure_dataset(tempfile.mkdtemp(), "cardiac2d", size=32, num_train=3, num_test=1)
+    >>> root = ensure_dataset(tempfile.mkdtemp(), "cardiac2d", size=32, num_train=3, num_test=1)  # doctest: +ELLIPSIS
+    partialseg: no dataset.json in ...; generating the synthetic cardiac2d benchmark (seed 0)
     >>> cases = bundle_datalist(root, "training")
     >>> sorted(cases[0])
     ['annotated', 'case', 'image', 'label', 'source']
@@ -55,6 +56,9 @@ def ensure_dataset(dataset_dir: str | os.PathLike, family: str, seed: int = 0, *
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0o700; the dataset gets a plain folder's mode
     print(f"partialseg: no dataset.json in {root}; generating the synthetic {family} benchmark (seed {seed})", flush=True)
     try:
         make_dataset(family, tmp, seed=seed, **options)

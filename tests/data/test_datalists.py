@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,6 +25,15 @@ def test_ensure_dataset_generates_once_and_leaves_real_data_alone(tmp_path, caps
     ensure_dataset(root, "abdomen3d", size=24)  # present: untouched
     assert (root / "dataset.json").stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".abd-")]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask  # a plain folder's mode, not mkdtemp's 0o700
+
+
+def test_doctests():
+    import partialseg.data.datalists as module
+
+    assert doctest.testmod(module).failed == 0
 
 
 def test_ensure_dataset_refuses_a_folder_of_other_files(tmp_path):
