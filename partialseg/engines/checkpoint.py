@@ -77,7 +77,13 @@ class ResumeCheckpoint:
         save_dict: name -> object with ``state_dict`` / ``load_state_dict``; DDP / DataParallel
             wrappers are unwrapped, so a checkpoint from one process resumes under torchrun and back.
         interval: save every this many iterations; the final state is saved on ``COMPLETED`` too.
-        enabled: False: neither load nor save (``--resume false``).
+            A save that falls on an epoch's last iteration waits for the end of that epoch's
+            ``EPOCH_COMPLETED`` handlers, so the validation they run (and the best metric it
+            records, :class:`BestMetricState`) is part of it: a resume never repeats, nor
+            forgets, a validation.
+        enabled: False (``--resume false``): start afresh; an existing checkpoint is moved aside
+            to ``<name>.previous<suffix>`` (so a later resumed run cannot continue that older
+            run), and this run saves as usual, so it can be resumed in turn.
         map_location: ``torch.load``'s ``map_location`` (default: CPU, then ``load_state_dict`` moves).
 
     Raises:
@@ -103,11 +109,40 @@ class ResumeCheckpoint:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        if not self.enabled:
-            return
-        engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.STARTED, self.load if self.enabled else self.discard)
+        engine.add_event_handler(Events.STARTED, self._attach_epoch_end)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._save_within_epoch)
         engine.add_event_handler(Events.COMPLETED, self.save)
+
+    @staticmethod
+    def _at_epoch_end(engine) -> bool:
+        length = engine.state.epoch_length
+        return bool(length) and engine.state.iteration % length == 0
+
+    def _save_within_epoch(self, engine) -> None:
+        if not self._at_epoch_end(engine):  # an epoch's last iteration is saved after its handlers
+            self.save(engine)
+
+    def _attach_epoch_end(self, engine) -> None:
+        # registered when the run starts, so it comes after every EPOCH_COMPLETED handler
+        # attached before (MONAI's ValidationHandler, DCL's DualNet refresh)
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self._save_at_epoch_end, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save_at_epoch_end)
+
+    def _save_at_epoch_end(self, engine) -> None:
+        if engine.state.iteration % self.interval == 0:
+            self.save(engine)
+
+    def discard(self, engine) -> None:
+        """``--resume false``: move an existing checkpoint aside (rank 0), so this run starts afresh."""
+        if get_rank() != 0 or not self.path.is_file():
+            return
+        previous = self.path.with_name(f"{self.path.stem}.previous{self.path.suffix}")
+        os.replace(self.path, previous)
+        msg = f"resume disabled: {self.path} (an earlier run's state) moved to {previous.name}; starting afresh"
+        (engine.logger if hasattr(engine, "logger") else logger).info(msg)
 
     def _objects(self, engine) -> dict[str, Any]:
         return {"trainer": engine, **{k: _unwrap(v) for k, v in self.save_dict.items()}}

@@ -23,13 +23,17 @@ def bundle_command(
             there are passed when present).
         bundle_root: the run's ``--bundle_root`` (data, models, runs and evaluations go there).
         configs: config files of ``configs/``, layered in this order.
-        **overrides: config keys and values; each value is passed as JSON, which ``fire`` reads
-            back as the same Python value (strings stay strings, lists stay lists).
+        **overrides: config keys and values; each value is passed as a Python literal, which
+            ``fire`` reads back as the same value (``False`` and ``None`` too, which JSON's
+            ``false`` / ``null`` are not: fire reads those as strings). Paths become strings,
+            numpy scalars and arrays plain numbers and lists.
 
     Example:
         >>> cmd = bundle_command("bundles/marginal_exclusion_abdomen", "/tmp/run", stage=1)
         >>> cmd[1:4], cmd[-2:]
         (['-m', 'monai.bundle', 'run'], ['--stage', '1'])
+        >>> bundle_command("b", "/tmp/run", shuffle=False, ckpt=None, size=(32, 32))[-6:]
+        ['--shuffle', 'False', '--ckpt', 'None', '--size', '[32, 32]']
     """
     cfg = Path(bundle) / "configs"
     files = [str(cfg / c) for c in configs]
@@ -40,8 +44,21 @@ def bundle_command(
         cmd += ["--logging_file", str(cfg / "logging.conf")]
     cmd += ["--bundle_root", str(bundle_root)]
     for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
+        cmd += [f"--{key}", _literal(value)]
     return cmd
+
+
+def _literal(value: Any) -> str:
+    """``value`` as a Python literal that ``fire`` parses back to it (via JSON's plain types)."""
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+            return obj.tolist()
+        raise TypeError(f"cannot pass {type(obj).__name__} {obj!r} as a bundle override")
+
+    return repr(json.loads(json.dumps(value, default=plain)))
 
 
 def run_bundle(

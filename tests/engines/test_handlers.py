@@ -115,3 +115,67 @@ def test_resume_from_a_checkpoint_without_the_best_state(tmp_path):
     assert evaluator.state.best_metric == -1.0
     with pytest.raises(RuntimeError, match="old.pt has no 'optimizer' state"):
         ResumeCheckpoint(tmp_path / "old.pt", {"network": net, "optimizer": torch.optim.SGD(net.parameters(), 0.1)}).load(trainer)
+
+
+def test_a_save_on_an_epochs_last_iteration_includes_that_epochs_validation(tmp_path):
+    """interval == epoch length (the marginal bundle's setting): the checkpoint is written after
+    the epoch's validation, so a resume neither forgets its best score nor lets a worse model
+    overwrite model.pt."""
+    import torch
+    from ignite.engine import Engine, Events
+
+    from partialseg.engines import BestMetricState, ResumeCheckpoint
+
+    def run(crash_at=None):
+        trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+        evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1
+        scores = []
+
+        def validate(e):  # every 2 epochs; the score only falls: the first validation stays best
+            if e.state.epoch % 2 == 0:
+                score = 1.0 / e.state.epoch
+                scores.append(score)
+                if score > evaluator.state.best_metric:
+                    evaluator.state.best_metric, evaluator.state.best_metric_epoch = score, e.state.epoch
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # attached first, like ValidationHandler
+        ResumeCheckpoint(tmp_path / "checkpoint.pt", {"network": torch.nn.Linear(1, 1), "best": BestMetricState(evaluator)},
+                         interval=4).attach(trainer)
+        if crash_at:
+            def crash(e):
+                raise KeyboardInterrupt
+
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(once=crash_at), crash)
+        try:
+            trainer.run(range(4), max_epochs=4)
+        except KeyboardInterrupt:
+            pass
+        return evaluator.state, scores
+
+    _, scores = run(crash_at=10)  # validated at epoch 2 (iteration 8), killed in epoch 3
+    assert scores == [0.5]
+    state, scores = run()
+    assert scores == [0.25]  # resumed after epoch 2: epoch 4 validates, epoch 2 is not repeated
+    assert (state.best_metric, state.best_metric_epoch) == (0.5, 2)  # epoch 2's best was saved with it
+
+
+def test_resume_false_moves_the_old_checkpoint_aside_and_saves(tmp_path):
+    import torch
+    from ignite.engine import Engine, Events
+
+    from partialseg.engines import ResumeCheckpoint
+
+    def run(weight, max_epochs, enabled):
+        net = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.constant_(net.weight, weight)
+        e = Engine(lambda e, b: None)
+        ResumeCheckpoint(tmp_path / "checkpoint.pt", {"network": net}, interval=2, enabled=enabled).attach(e)
+        start = []
+        e.add_event_handler(Events.STARTED, lambda e: start.append((e.state.epoch, net.weight.item())))
+        e.run(range(4), max_epochs=max_epochs)
+        return start[0]
+
+    assert run(1.0, 3, True) == (0, 1.0)
+    assert run(2.0, 5, False) == (0, 2.0)  # afresh
+    assert (tmp_path / "checkpoint.previous.pt").is_file()
+    assert run(3.0, 6, True) == (5, 2.0)  # a later default run continues the latest run, not the older one
