@@ -379,6 +379,10 @@ def _check_same_grid(case: str, pred_path, pred_shape, pred_affine, ref_path, re
             f"case {case!r}: the prediction {pred_path} has shape {tuple(pred_shape)}, the reference "
             f"{ref_path} has shape {tuple(ref_shape)}; predictions must be on the reference grid."
         )
+    from partialseg.data.validation import comparable_affines
+
+    if pred_affine.shape != ref_affine.shape and pred_affine.shape[0] > 2 and ref_affine.shape[0] > 2:
+        pred_affine, ref_affine = comparable_affines(np.asarray(pred_affine), np.asarray(ref_affine))  # 2D NRRD/PNG vs NIfTI
     if pred_affine.shape != ref_affine.shape or not np.allclose(pred_affine, ref_affine, atol=AFFINE_ATOL, rtol=0):
         raise ValueError(
             f"case {case!r}: the prediction {pred_path} and the reference {ref_path} have different affines "

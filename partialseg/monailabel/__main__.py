@@ -23,10 +23,18 @@ from partialseg.monailabel.app import PartialSegApp  # noqa: F401  (monailabel p
 
 
 def init_app(app_dir: str | os.PathLike) -> Path:
-    """Create ``app_dir`` with the ``main.py`` MONAI Label loads; returns the folder."""
+    """Create ``app_dir`` with the ``main.py`` MONAI Label loads; returns the folder.
+
+    An existing ``main.py`` that is not partialseg's is kept: ``FileExistsError`` naming it (an
+    app folder of another MONAI Label app is never overwritten).
+    """
     app = Path(app_dir).resolve()
+    main_py = app / "main.py"
+    if main_py.is_file() and main_py.read_text() != MAIN_PY:
+        raise FileExistsError(f"{main_py} exists and is not partialseg's app: choose another app folder (it is left as it is)")
     app.mkdir(parents=True, exist_ok=True)
-    (app / "main.py").write_text(MAIN_PY)
+    if not main_py.is_file():
+        main_py.write_text(MAIN_PY)
     return app
 
 
@@ -43,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundles", default=None, help="bundles folder (default: the repository's bundles/)")
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args(argv)
+    try:
+        app = init_app(args.app_dir if args.command == "init" else args.app)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.command == "init":
-        print(init_app(args.app_dir))
+        print(app)
         return 0
-    app = init_app(args.app)
     try:
         import monailabel  # noqa: F401
     except ImportError:

@@ -42,11 +42,15 @@ DEFAULT_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def _install(src: Path, dst: Path) -> None:
-    """Copy a bundle's configs/docs (and weights, if ``dst`` has none) into the app's model folder."""
+    """Copy a bundle's configs/docs (and weights, if ``dst`` has none) into the app's model folder.
+
+    Only what the app folder lacks is copied: a copy edited there (its configs) is kept, on every
+    start and in MONAI Label's training processes, which build the app again.
+    """
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("configs", "docs"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+        if (src / name).is_dir() and not (dst / name).is_dir():
+            shutil.copytree(src / name, dst / name)
     for name in ("LICENSE",):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -66,8 +70,14 @@ class PartialSegApp(MONAILabelApp):
         self.model_dir = Path(app_dir) / "model"
         self.bundle_overrides: dict[str, dict[str, Any]] = json.loads(conf.get("bundle_overrides") or "{}")
         self.max_epochs = int(conf.get("max_epochs", 10))
+        if not isinstance(self.bundle_overrides, dict) or not all(isinstance(v, dict) for v in self.bundle_overrides.values()):
+            raise ValueError(f"--conf bundle_overrides must be a JSON object {{bundle: {{key: value}}}}, got {self.bundle_overrides!r}")
+        found = discover_bundles(source)
+        unknown = sorted(set(self.bundle_overrides) - set(found))
+        if unknown:
+            raise ValueError(f"--conf bundle_overrides names bundle(s) {unknown} that {source} does not have (it has {sorted(found)})")
         self.bundles: dict[str, Path] = {}
-        for name, src in discover_bundles(source).items():
+        for name, src in found.items():
             dst = self.model_dir / name
             _install(src, dst)
             self.bundles[name] = dst

@@ -28,6 +28,7 @@ __all__ = [
     "ConditionalTrainTask",
     "bundle_classes",
     "bundle_train_task",
+    "convert_result",
     "discover_bundles",
 ]
 
@@ -160,7 +161,14 @@ class BundleInferTask(BasicInferTask):
         )
 
     def is_valid(self) -> bool:
-        return Path(self.path[0]).is_file()
+        """Whether the bundle can serve: its ``models/model.pt``, and a conditional bundle's support bank."""
+        return all(p.is_file() for p in self.required_files())
+
+    def required_files(self) -> list[Path]:
+        files = [Path(self.path[0])]
+        if "support_bank.pt" in self.config_file.read_text():  # DCL: the conditional images live beside the model
+            files.append(Path(self.path[0]).with_name("support_bank.pt"))
+        return files
 
     def _parsed(self, key: str) -> list[Any]:
         from monai.bundle import ConfigParser
@@ -215,6 +223,8 @@ class BundleInferTask(BasicInferTask):
             shutil.move(str(written[0]), result)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
+        if request.get("result_extension") or request.get("result_dtype"):
+            result = convert_result(result, request.get("result_extension"), request.get("result_dtype"), bool(request.get("result_compress")))
         latency = time.time() - begin
         logger.info(f"{self.name}: {image} -> {result} in {latency:.2f} s")
         return result, {"label_names": self.labels, "latencies": {"total": round(latency, 3)}}
@@ -264,8 +274,14 @@ class PartialLabelTrainTask(TrainTask):
         self.max_epochs = int(max_epochs)
         self.dimension = bundle_dimension(self.bundle_root)
         self.train_config = _read_json(self.bundle_root / "configs" / "train.json")
+        absent = [k for k in self.REQUIRED_KEYS if k not in self.train_config]
+        if absent:
+            raise ValueError(f"{self.name}: configs/train.json lacks the key(s) {absent} that the {type(self).__name__} sets or reads.")
         self._stats: dict[str, Any] = {}
         super().__init__(description or f"partial-label fine-tuning of {self.name} (train.json, stage 2)")
+
+    #: train.json keys the task sets or reads
+    REQUIRED_KEYS: tuple[str, ...] = ("stage", "epochs_stage2", "init_from_stage1", "stage1_ckpt", "ckpt_dir", "ckpt_name", "val_interval")
 
     def config(self) -> dict[str, Any]:
         return {"max_epochs": self.max_epochs, "iterations_per_epoch": 20, "val_interval": 1}
@@ -277,18 +293,27 @@ class PartialLabelTrainTask(TrainTask):
         given = (info or {}).get("annotated")
         if given == "all":
             return "all"
-        if given:
+        if given is not None and given != [] and given != "":
             names = []
             for c in given if isinstance(given, (list, tuple)) else [given]:
-                name = self.classes[int(c)] if isinstance(c, int) or str(c).isdigit() else str(c)
+                if isinstance(c, bool) or not isinstance(c, (int, str)):
+                    raise ValueError(f"{label_path}: annotated entry {c!r} must be a class name or index (of {self.classes})")
+                if isinstance(c, int) or c.strip().lstrip("-").isdigit():
+                    index = int(c)
+                    if not 0 <= index < len(self.classes):
+                        raise ValueError(f"{label_path}: annotated class index {c!r} is outside 0..{len(self.classes) - 1} ({self.classes})")
+                    name = self.classes[index]
+                else:
+                    name = c
                 if name not in self.classes:
                     raise ValueError(f"{label_path}: annotated class {c!r} is not one of {self.classes}")
                 names.append(name)
             return names
-        import nibabel as nib
         import numpy as np
 
-        values = np.unique(np.asarray(nib.load(label_path).dataobj)).astype(int)
+        from partialseg.data.validation import read_image
+
+        values = np.unique(read_image(label_path)[0]).astype(int)  # NIfTI, NRRD, ...: whatever MONAI reads
         return [self.classes[v] for v in values if 0 < v < len(self.classes)]
 
     def unannotated(self, cases: list[dict[str, Any]]) -> list[str]:
@@ -310,7 +335,7 @@ class PartialLabelTrainTask(TrainTask):
         cases, skipped = [], []
         for image_id in sorted(datastore.get_labeled_images()):
             image = datastore.get_image_uri(image_id)
-            ndim = _nifti_ndim(image, self.dimension)
+            ndim = _image_ndim(image)
             if ndim is not None and ndim != self.dimension:
                 skipped.append(image_id)
                 continue
@@ -355,34 +380,91 @@ class PartialLabelTrainTask(TrainTask):
         }
 
     def output_overrides(self, run_dir: Path) -> dict[str, Any]:
-        """Config keys of where the run writes the served files: here nowhere else than the bundle's
-        ``models/`` (its ``AtomicCheckpointSaver`` replaces ``models/model.pt`` atomically)."""
-        return {}
+        """Config keys of where the run writes the files to serve: its own ``runs/<run>/models/``
+        (:meth:`install` moves them into ``models/`` once the run succeeded)."""
+        return {"ckpt_dir": str(run_dir / "models"), "ckpt_name": "model.pt"}
 
     def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
-        """Raise ``ValueError`` before training when ``content`` cannot train the bundle (here: never)."""
+        """Raise ``ValueError`` before training when the run could not give a model to serve: fewer
+        epochs than ``val_interval`` (the model is saved at validation)."""
+        stage = overrides["stage"]
+        epochs, interval = overrides.get(f"epochs_stage{stage}"), self.setting(overrides, "val_interval")
+        if isinstance(epochs, int) and isinstance(interval, int) and epochs < interval:
+            raise ValueError(
+                f"{self.name}: {epochs} epoch(s) but val_interval {interval}: the model is saved at validation;"
+                " ask for more epochs or a smaller val_interval."
+            )
+
+    #: files of a run's ``models/`` that the infer task reads, in the order they are replaced
+    SERVED: tuple[tuple[str, str], ...] = (("checkpoint", "model.pt"),)
 
     def install(self, run_dir: Path, overrides: dict[str, Any]) -> dict[str, str]:
-        """Put a finished run's outputs where the infer task reads them; returns ``{what: served path}``."""
-        return {"checkpoint": str(self.bundle_root / "models" / "model.pt")}
+        """Put a finished run's outputs where the infer task reads them (each by an atomic
+        ``os.replace``); returns ``{what: served path}``. A failed or stopped run never gets here,
+        so the served files stay as they were."""
+        built, served = Path(overrides["ckpt_dir"]), self.bundle_root / "models"
+        absent = [name for _, name in self.SERVED if not (built / name).is_file()]
+        if absent:
+            raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
+        served.mkdir(parents=True, exist_ok=True)
+        for _, name in self.SERVED:
+            _replace_atomically(built / name, served / name)
+        return {key: str(served / name) for key, name in self.SERVED}
+
+    #: request keys passed to the bundle, with their type (values must be positive)
+    REQUEST_KEYS: dict[str, type] = {"max_epochs": int, "iterations_per_epoch": int, "val_interval": int, "batch_size": int, "learning_rate": float}
+
+    def request_values(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request's training settings, checked: :attr:`REQUEST_KEYS` (else the task's
+        :meth:`config` defaults) as positive numbers, and ``overrides`` a dict of keys that
+        ``train.json`` has (``ValueError`` naming the key otherwise)."""
+        values: dict[str, Any] = {}
+        defaults = self.config()
+        for key, kind in self.REQUEST_KEYS.items():
+            raw = request.get(key, defaults.get(key))
+            if raw is None:
+                continue
+            value = _number(raw, kind)
+            if value is None:
+                raise ValueError(f"{self.name}: {key} must be {'an integer' if kind is int else 'a number'}, got {raw!r}.")
+            if value <= 0:
+                raise ValueError(f"{self.name}: {key} must be positive, got {raw!r}.")
+            values[key] = value
+        extra = request.get("overrides") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{self.name}: overrides must be an object of config keys and values, got {type(extra).__name__} {extra!r}.")
+        unknown = [k for k in extra if str(k).split("#")[0] not in self.train_config]
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(str(k).split("#")[0], list(self.train_config), n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"{self.name}: overrides name key(s) that configs/train.json does not have: {said}.")
+        values["overrides"] = extra
+        return values
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        values = self.request_values(request)  # bad values are refused before any folder is made
         run_dir = _new_run_dir(self.bundle_root / "runs", f"monailabel_{time.strftime('%Y%m%d_%H%M%S')}")
-        content = self.dataset(datastore, run_dir / "dataset")
+        try:
+            content = self.dataset(datastore, run_dir / "dataset")
+            overrides: dict[str, Any] = {
+                **self.overrides,
+                **self.stage_overrides({**request, "max_epochs": values["max_epochs"]}),
+                "dataset_dir": str(run_dir / "dataset"),
+                "output_dir": str(run_dir),
+                **self.output_overrides(run_dir),
+                "progress": False,
+            }
+            for key in ("iterations_per_epoch", "val_interval", "learning_rate", "batch_size"):
+                if key in values:
+                    overrides[key] = values[key]
+            overrides.update(values["overrides"])
+            self.check(content, overrides)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a refused request leaves no run folder
+            raise
         configs = self.bundle_root / "configs"
-        overrides: dict[str, Any] = {
-            **self.overrides,
-            **self.stage_overrides(request),
-            "dataset_dir": str(run_dir / "dataset"),
-            "output_dir": str(run_dir),
-            **self.output_overrides(run_dir),
-            "progress": False,
-        }
-        for key in ("iterations_per_epoch", "val_interval", "learning_rate", "batch_size"):
-            if key in request:
-                overrides[key] = request[key]
-        overrides.update(request.get("overrides") or {})
-        self.check(content, overrides)
         from partialseg.engines.launch import bundle_command
 
         cmd = bundle_command(configs.parent, self.bundle_root, ("train.json",), **overrides)
@@ -434,8 +516,7 @@ class ConditionalTrainTask(PartialLabelTrainTask):
     """
 
     #: train.json keys the task sets or reads
-    REQUIRED_KEYS = ("stage", "stage1_ckpt", "epochs_stage1", "epochs_stage2", "ckpt_dir", "ckpt_name", "support_bank_path", "missing")
-    #: files of a run's ``models/`` that the infer task reads, in the order they are replaced
+    REQUIRED_KEYS = ("stage", "stage1_ckpt", "epochs_stage1", "epochs_stage2", "ckpt_dir", "ckpt_name", "support_bank_path", "missing", "val_interval")
     SERVED = (("support_bank", "support_bank.pt"), ("checkpoint", "model.pt"))
 
     def __init__(
@@ -444,9 +525,6 @@ class ConditionalTrainTask(PartialLabelTrainTask):
         name = Path(bundle_root).name
         super().__init__(bundle_root, classes, overrides, max_epochs,
                          description=f"partial-label training of {name} (train.json: stage 1 until a model is served, then stage 2 from it)")  # fmt: skip
-        absent = [k for k in self.REQUIRED_KEYS if k not in self.train_config]
-        if absent:
-            raise ValueError(f"{self.name}: configs/train.json lacks the key(s) {absent} that a conditional train task sets or reads.")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "stage": "auto"}
@@ -471,8 +549,7 @@ class ConditionalTrainTask(PartialLabelTrainTask):
         return overrides
 
     def output_overrides(self, run_dir: Path) -> dict[str, Any]:
-        models = run_dir / "models"
-        return {"ckpt_dir": str(models), "ckpt_name": "model.pt", "support_bank_path": str(models / "support_bank.pt")}
+        return {**super().output_overrides(run_dir), "support_bank_path": str(run_dir / "models" / "support_bank.pt")}
 
     def can_train_on(self, cases: list[dict[str, Any]]) -> bool:
         return not self.unannotated(cases)
@@ -488,23 +565,39 @@ class ConditionalTrainTask(PartialLabelTrainTask):
                 f"{hint if self.classes[0] in absent else ''}, or set the bundle's missing option to 'any' (bundle_overrides,"
                 f" or the request's overrides; now {missing!r})."
             )
-        stage = overrides["stage"]
-        epochs, interval = overrides.get(f"epochs_stage{stage}"), self.setting(overrides, "val_interval")
-        if isinstance(epochs, int) and isinstance(interval, int) and epochs < interval:
-            raise ValueError(
-                f"{self.name}: {epochs} epoch(s) but val_interval {interval}: the model is saved at validation;"
-                " ask for more epochs or a smaller val_interval."
-            )
+        super().check(content, overrides)
 
-    def install(self, run_dir: Path, overrides: dict[str, Any]) -> dict[str, str]:
-        built, served = Path(overrides["ckpt_dir"]), self.bundle_root / "models"
-        absent = [name for _, name in self.SERVED if not (built / name).is_file()]
-        if absent:
-            raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
-        served.mkdir(parents=True, exist_ok=True)
-        for _, name in self.SERVED:
-            _replace_atomically(built / name, served / name)
-        return {key: str(served / name) for key, name in self.SERVED}
+
+def convert_result(path: str, extension: str | None = None, dtype: str | None = None, compress: bool = False) -> str:
+    """The label file ``path`` rewritten as MONAI Label's writer does for a request's
+    ``result_extension`` / ``result_dtype`` / ``result_compress`` (OHIF asks for ``.nrrd``);
+    returns the new file (``path`` removed) or ``path`` when nothing changes."""
+    if (not extension or path.endswith(extension)) and not dtype:
+        return path
+    import numpy as np
+    from monai.transforms import LoadImage
+    from monailabel.transform.writer import Writer
+
+    label = LoadImage(image_only=True)(path)
+    data = {"pred": np.asarray(label), "pred_meta_dict": {"affine": np.asarray(label.affine)}, "image_path": path,
+            "result_extension": extension or None, "result_dtype": dtype, "result_compress": compress}  # fmt: skip
+    out, _ = Writer(label="pred")(data)
+    os.remove(path)
+    return str(out)
+
+
+def _number(raw: Any, kind: type) -> int | float | None:
+    """``raw`` (a number, or a string of one, as form fields give) as ``kind``; None when it is not
+    one (a bool, text, or a fractional value for an int)."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw.strip()) if isinstance(raw, str) else float(raw)
+    except (TypeError, ValueError):
+        return None
+    if kind is int:
+        return int(value) if value.is_integer() else None
+    return value if value == value else None  # not NaN
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:
@@ -533,22 +626,23 @@ def _replace_atomically(src: Path, dst: Path) -> None:
         raise
 
 
-def _nifti_ndim(path: str, dimension: int) -> int | None:
-    """Dimensionality of a NIfTI image from its header, as a ``dimension``-D bundle loads it.
-
-    Trailing size-1 dimensions beyond ``dimension`` do not count, as in the bundles' loader
-    (``LoadImageNamedd(spatial_dims=...)``): for a 2D bundle a slice saved as ``(H, W, 1)`` is 2D.
-    None for other formats or unreadable files.
-    """
-    if not str(path).endswith(_NIFTI):
-        return None
+def _image_ndim(path: str) -> int | None:
+    """Spatial dimensionality of an image: its number of dimensions, trailing size-1 ones beyond
+    the second not counted (a slice saved as ``(H, W, 1)`` is 2D, for every bundle). NIfTI is read
+    from its header; other formats through MONAI's reader. None for an unreadable file (training
+    then names it)."""
     try:
-        import nibabel as nib
+        if str(path).lower().endswith(_NIFTI):
+            import nibabel as nib
 
-        shape = list(nib.load(str(path)).shape)
-    except Exception:
+            shape = list(nib.load(str(path)).shape)[:3]  # NIfTI keeps space in its first three dimensions
+        else:
+            from partialseg.data.validation import read_image
+
+            shape = list(read_image(str(path))[0].shape)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the run that reads it
         return None
-    while len(shape) > dimension and shape[-1] == 1:
+    while len(shape) > 2 and shape[-1] == 1:
         shape.pop()
     return len(shape)
 

@@ -84,3 +84,23 @@ def test_a_2d_label_for_a_3d_volume_is_a_mismatch_and_hw1_is_2d(tiny_dataset):
     save_nifti(root / "labelsTr/spl.nii.gz", np.zeros((6, 5), np.uint8))
     assert not [p for p in validate_dataset(root).problems if "'spl'" in p]
 
+
+
+def test_a_2d_nrrd_label_beside_a_2d_nifti_image(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    from partialseg.data import load_dataset
+
+    affine = np.diag([1.5, 1.5, 1.0, 1.0])
+    save_nifti(tmp_path / "img.nii.gz", np.zeros((6, 5), np.float32), affine)
+    lab = np.zeros((6, 5), np.uint8)
+    lab[1, 1] = 1
+    # the same grid in LPS (NRRD's space here; NIfTI's affine is RAS): x and y flip sign
+    header = {"space": "left-posterior-superior", "space directions": np.diag([-1.5, -1.5]), "space origin": np.zeros(2)}
+    nrrd.write(str(tmp_path / "lab.nrrd"), lab, header)
+    desc = {"classes": ["background", "a"], "training": [{"image": "img.nii.gz", "label": "lab.nrrd"}]}
+    report = validate_dataset(load_dataset(desc, root=tmp_path))
+    assert report.ok, report.problems  # 3 x 3 against 4 x 4: compared, not a broadcast error
+    header["space directions"] = np.diag([1.5, 1.5])  # mirrored: a real mismatch, named
+    nrrd.write(str(tmp_path / "lab.nrrd"), lab, header)
+    problems = validate_dataset(load_dataset(desc, root=tmp_path)).problems
+    assert len(problems) == 1 and "different affines" in problems[0]

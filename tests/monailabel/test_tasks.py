@@ -107,7 +107,8 @@ def test_dcl_stage_choice(tmp_path):
     marginal = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver"])
     assert marginal.stage_overrides({"max_epochs": 4}) == {"stage": 2, "epochs_stage2": 4, "init_from_stage1": False,
                                                            "stage1_ckpt": str(marginal.bundle_root / "models" / "model.pt")}  # fmt: skip
-    assert marginal.output_overrides(run) == {}
+    # both tasks train into the run folder; install() serves the result only after success
+    assert marginal.output_overrides(run) == {"ckpt_dir": str(run / "models"), "ckpt_name": "model.pt"}
 
 
 class FakeDatastore:
@@ -197,3 +198,106 @@ def test_dcl_install_replaces_model_and_bank(tmp_path):
     assert (served / "support_bank.pt").read_bytes() == (run / "models" / "support_bank.pt").read_bytes()
     assert sorted(p.name for p in served.iterdir()) == ["model.pt", "support_bank.pt"]  # no temporary left
     assert (run / "models" / "model.pt").is_file()  # the run keeps its own copy
+
+
+def test_request_values_are_checked_before_any_run_folder(tmp_path):
+    task = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver", "spleen"])
+    # the task's advertised defaults apply (train.json's val_interval is 5: 2 epochs would save no model)
+    assert task.request_values({"max_epochs": 2}) == {"max_epochs": 2, "iterations_per_epoch": 20, "val_interval": 1, "overrides": {}}
+    got = task.request_values({"max_epochs": "3", "val_interval": "1", "learning_rate": "1e-4", "overrides": {"train#dataloader#shuffle": False}})
+    assert got["max_epochs"] == 3 and got["val_interval"] == 1 and got["learning_rate"] == 1e-4
+    for request, match in [
+        ({"max_epochs": 0}, "max_epochs must be positive"),
+        ({"max_epochs": -1}, "max_epochs must be positive"),
+        ({"max_epochs": "two"}, "max_epochs must be an integer, got 'two'"),
+        ({"max_epochs": 1.7}, "max_epochs must be an integer, got 1.7"),
+        ({"max_epochs": True}, "max_epochs must be an integer"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"overrides": '{"a": 1}'}, "overrides must be an object"),
+        ({"overrides": {"learnig_rate": 1e-3}}, "'learnig_rate' \\(did you mean 'learning_rate'\\?\\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            task({**request}, FakeDatastore({}))
+    assert not (task.bundle_root / "runs").exists() or not any((task.bundle_root / "runs").iterdir())
+    # a datastore that cannot train leaves no run folder either
+    with pytest.raises(ValueError, match="no labelled 3D image"):
+        task({"max_epochs": 2}, FakeDatastore({}))
+    assert not any((task.bundle_root / "runs").iterdir())
+
+
+def test_annotated_entries_must_be_class_names_or_indices(tmp_path):
+    task = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver", "spleen"])
+    label = _case(tmp_path / "s", "v", np.ones((4, 4, 4)))[1]
+    assert task._annotated(str(label), {"annotated": [1, "2", "spleen"]}) == ["liver", "spleen", "spleen"]
+    for bad, match in [([-1], r"index -1 is outside 0..2"), ([99], "index 99 is outside"), (True, "True must be a class name"),
+                       (["heart"], "'heart' is not one of")]:
+        with pytest.raises(ValueError, match=match):
+            task._annotated(str(label), {"annotated": bad})
+
+
+def test_nrrd_labels_and_hw1_slices(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+
+    task = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver", "spleen"])
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 2
+    path = tmp_path / "v.nrrd"
+    nrrd.write(str(path), lab, {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)})
+    assert task._annotated(str(path), {}) == ["spleen"]  # values read from NRRD too (Slicer saves it)
+    flat = {"flat": _case(tmp_path / "s", "flat", np.ones((8, 8, 1)), {"annotated": ["liver"]})}
+    with pytest.raises(ValueError, match="no labelled 3D image"):  # an (H, W, 1) slice is 2D for every bundle
+        task.dataset(FakeDatastore(flat), tmp_path / "d")
+
+
+def test_dcl_is_listed_only_with_its_support_bank(tmp_path):
+    from partialseg.monailabel.tasks import BundleInferTask
+
+    root = _copy_bundle("dcl_cardiac", tmp_path)
+    (root / "models").mkdir()
+    torch.save({}, root / "models" / "model.pt")
+    assert not BundleInferTask(root).is_valid()
+    torch.save({}, root / "models" / "support_bank.pt")
+    assert BundleInferTask(root).is_valid()
+    marginal = _copy_bundle("marginal_exclusion_abdomen", tmp_path)
+    (marginal / "models").mkdir()
+    torch.save({}, marginal / "models" / "model.pt")
+    assert BundleInferTask(marginal).is_valid()
+
+
+def test_app_folder_keeps_edits_and_foreign_apps(tmp_path):
+    from partialseg.monailabel.__main__ import MAIN_PY, init_app, main
+    from partialseg.monailabel.app import _install
+
+    dst = tmp_path / "app" / "model" / "dcl_cardiac"
+    _install(BUNDLES / "dcl_cardiac", dst)
+    edited = dst / "configs" / "inference.json"
+    edited.write_text(edited.read_text().replace('"num_samples": 3', '"num_samples": 1'))
+    _install(BUNDLES / "dcl_cardiac", dst)  # a later start (or a training process) keeps the edit
+    assert '"num_samples": 1' in edited.read_text()
+    assert (init_app(tmp_path / "app") / "main.py").read_text() == MAIN_PY
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "main.py").write_text("# another MONAI Label app\n")
+    assert main(["init", str(other)]) == 2
+    assert (other / "main.py").read_text() == "# another MONAI Label app\n"
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (6, 5)])
+def test_results_in_the_format_a_client_asks_for(tmp_path, shape):
+    from monai.transforms import LoadImage
+
+    from partialseg.monailabel.tasks import convert_result
+
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 2.0]
+    lab = np.random.default_rng(0).integers(0, 3, size=shape).astype(np.uint8)
+    src = tmp_path / "r.nii.gz"
+    nib.save(nib.Nifti1Image(lab, affine), str(src))
+    assert convert_result(str(src)) == str(src) and convert_result(str(src), ".nii.gz") == str(src)  # unchanged
+    before = LoadImage(image_only=True)(str(src))
+    out = convert_result(str(src), ".nrrd", "uint8")  # what OHIF's MONAI Label plugin asks for
+    assert out.endswith(".nrrd") and not src.exists()
+    after = LoadImage(image_only=True)(out)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    if len(shape) == 3:
+        np.testing.assert_allclose(np.asarray(after.affine), np.asarray(before.affine), atol=1e-5)
