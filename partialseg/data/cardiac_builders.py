@@ -342,14 +342,10 @@ def check_out(out: str | os.PathLike) -> Path:
 
 
 def write_json(out: Path, desc: dict[str, Any]) -> None:
-    """Write ``desc`` to ``out`` through ``<out>.tmp``, which never stays behind (even on failure)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(desc, indent=2))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``desc`` to ``out`` atomically (a temporary file that never stays behind, even on failure)."""
+    from partialseg._fileio import atomic_write_text
+
+    atomic_write_text(out, json.dumps(desc, indent=2))
 
 
 def _references(path: Path, prefixes: Sequence[str]) -> str | None:

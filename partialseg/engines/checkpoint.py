@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.handlers import CheckpointSaver
 
+from partialseg._fileio import atomic_open, remove_stale_temporaries
 from partialseg.engines.distributed import get_rank
 
 __all__ = ["AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save"]
@@ -37,22 +37,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     A process killed while saving leaves ``path`` as it was (a stray ``.<name>.*.tmp`` at worst,
     never a truncated checkpoint). The file gets the permissions a plain ``torch.save`` would give.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _unwrap(obj: Any) -> Any:
@@ -154,8 +140,7 @@ class ResumeCheckpoint:
 
     def load(self, engine) -> None:
         if get_rank() == 0:  # temporaries of writes a kill interrupted (the checkpoint itself is intact)
-            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.path)
         if not self.path.is_file():
             return
         try:

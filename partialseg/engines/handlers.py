@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from partialseg._fileio import atomic_write_text
+
 __all__ = ["MetricsRecorder", "as_bool", "require_checkpoint"]
 
 _TRUE = ("true", "1", "yes", "on")
@@ -114,6 +116,4 @@ class MetricsRecorder:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.data["metrics"].setdefault(name, []).append(float(value))
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data))

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from partialseg._fileio import atomic_write_text
+
 __all__ = ["ConfigSaver"]
 
 
@@ -68,6 +70,4 @@ class ConfigSaver:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / self.filename.format(time=time.strftime("%Y%m%d_%H%M%S"))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.config, indent=2, default=str))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.config, indent=2, default=str))

@@ -22,6 +22,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from partialseg._fileio import atomic_copy
+
 __all__ = [
     "BundleInferTask",
     "PartialLabelTrainTask",
@@ -408,7 +410,7 @@ class PartialLabelTrainTask(TrainTask):
             raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
         served.mkdir(parents=True, exist_ok=True)
         for _, name in self.SERVED:
-            _replace_atomically(built / name, served / name)
+            atomic_copy(built / name, served / name)
         return {key: str(served / name) for key, name in self.SERVED}
 
     #: request keys passed to the bundle, with their type (values must be positive)
@@ -612,18 +614,6 @@ def _new_run_dir(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"no free run folder {parent / name}_N")
-
-
-def _replace_atomically(src: Path, dst: Path) -> None:
-    """Copy ``src`` over ``dst`` so that a reader sees the old or the new file, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _image_ndim(path: str) -> int | None:
