@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["plot_overlays", "plot_training_curves"]
 
@@ -90,16 +91,24 @@ def plot_overlays(
 
     from partialseg.data.synthetic._common import write_preview
 
+    def volume(path: Any, dtype: Any) -> Any:
+        """A 2D slice (``(H, W)`` or ``(H, W, 1)``) or a 3D volume, as ``(H, W, D)``."""
+        arr = np.asarray(nib.load(str(path)).dataobj).astype(dtype)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: shape {arr.shape}; overlays take 2D slices or 3D volumes (one channel)")
+        return arr
+
     panels = []
     for name, image, ref, pred in cases:
-        img = np.asarray(nib.load(str(image)).dataobj, dtype=np.float32)
-        lab = np.asarray(nib.load(str(ref)).dataobj).astype(np.int32)
-        prd = np.asarray(nib.load(str(pred)).dataobj).astype(np.int32)
+        img, lab, prd = volume(image, np.float32), volume(ref, np.int32), volume(pred, np.int32)
         if not (img.shape == lab.shape == prd.shape):
             raise ValueError(f"case {name!r}: image {img.shape}, reference {lab.shape} and prediction {prd.shape} differ")
         counts = (lab > 0).sum(axis=(0, 1))
         centre = int(np.argmax(counts)) if counts.max() > 0 else lab.shape[2] // 2
-        picks = sorted({int(np.clip(centre + d, 0, lab.shape[2] - 1)) for d in np.linspace(-4, 4, slices).astype(int)})
+        offsets = np.linspace(-4, 4, slices).round().astype(int) if slices > 1 else [0]  # one slice: the centre
+        picks = sorted({int(np.clip(centre + d, 0, lab.shape[2] - 1)) for d in offsets})
         for k in picks:
             view = img[:, :, k].T
             if window is not None:

@@ -31,3 +31,24 @@ def test_overlays_and_grid_mismatch(tmp_path):
     bad = save_nifti(tmp_path / "bad.nii.gz", lab[:, :, :5])
     with pytest.raises(ValueError, match="case 'case'"):
         plot_overlays([("case", paths[0], paths[1], bad)], tmp_path / "x.png", num_classes=2)
+
+
+def test_overlays_show_the_labelled_slice_and_take_2d_slices(tmp_path, monkeypatch):
+    import partialseg.data.synthetic._common as common
+
+    shown = []
+    monkeypatch.setattr(common, "write_preview", lambda path, panels, *a, **k: shown.extend(t for _, _, t in panels[::3]))
+    img = np.zeros((12, 10, 12), np.float32)
+    lab = np.zeros((12, 10, 12), np.uint8)
+    lab[2:6, 2:6, 6] = 1  # only slice 6 is labelled
+    paths = [save_nifti(tmp_path / f"{n}.nii.gz", a) for n, a in (("img", img), ("ref", lab), ("pred", lab))]
+    plot_overlays([("v", *paths)], tmp_path / "o.png", num_classes=2, window=None)  # default: one slice
+    assert shown == ["v z=6"]  # was z=2: linspace(-4, 4, 1) is [-4]
+    shown.clear()
+    plot_overlays([("v", *paths)], tmp_path / "o.png", num_classes=2, window=None, slices=3)
+    assert shown == ["v z=2", "v z=6", "v z=10"]
+    # 2D slices, (H, W) or (H, W, 1) as the DCL bundle reads and writes them
+    flat = [save_nifti(tmp_path / f"{n}2d.nii.gz", a) for n, a in (("img", img[:, :, 6]), ("ref", lab[:, :, 6:7]), ("pred", lab[:, :, 6]))]
+    shown.clear()
+    plot_overlays([("s", *flat)], tmp_path / "s.png", num_classes=2, window=None)
+    assert shown == ["s z=0"]
