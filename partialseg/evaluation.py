@@ -538,7 +538,7 @@ def _write_outputs(outputs: Mapping[str, Path], rows: Sequence[Mapping], class_n
                    summary: Mapping) -> None:
     """Writes ``metrics.csv``, ``boxplot.png`` and ``summary.json``, all or (nearly) nothing.
 
-    Each file is written under a temporary name in the output folder (``.NAME-XXXX.partial.EXT``);
+    Each file is written under a temporary name in the output folder (``.NAME-<pid>-<random>.partial.EXT``);
     only when all three are complete are they renamed over the final names (``os.replace``,
     atomic per file). A failure before that leaves the folder as it was.
 

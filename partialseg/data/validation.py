@@ -120,13 +120,13 @@ def comparable_affines(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     return (small, reduced) if small is a else (reduced, small)
 
 
-def _spatial_shape(shape: tuple[int, ...], path: str, label_ndim: int) -> tuple[int, ...]:
+def spatial_shape(shape: Sequence[int], path: str, label_ndim: int | None = None) -> tuple[int, ...]:
     """The spatial shape of an image or label, trailing size-1 dimensions beyond the second dropped.
 
     NIfTI keeps space in its first three dimensions (channels, time and vectors come after), so a
     2D label against a 3D NIfTI volume is a mismatch, while an ``(H, W, 1)`` slice and an
     ``(H, W)`` one are the same grid. Other formats (PNG: ``(H, W, 3)``) hold channels after the
-    label's dimensions.
+    label's dimensions (``label_ndim``; None: every dimension counts).
     """
     dims = list(shape[:3] if path.lower().endswith(_NIFTI) else shape[:label_ndim])
     while len(dims) > 2 and dims[-1] == 1:
@@ -162,7 +162,7 @@ def _check_case(case: dict[str, Any], ds: PartialDataset, split: str, summary: _
         return
     summary.shapes.add(tuple(int(v) for v in label.shape))
     if image is not None:
-        spatial, lab_spatial = _spatial_shape(image.shape, case["image"], label.ndim), _spatial_shape(label.shape, case["label"], label.ndim)
+        spatial, lab_spatial = spatial_shape(image.shape, case["image"], label.ndim), spatial_shape(label.shape, case["label"], label.ndim)
         if spatial != lab_spatial:
             problems.append(f"{where}: label {case['label']} has shape {tuple(label.shape)} but image {case['image']} has spatial shape {spatial}")
         else:

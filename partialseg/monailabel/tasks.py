@@ -621,20 +621,18 @@ def _image_ndim(path: str) -> int | None:
     the second not counted (a slice saved as ``(H, W, 1)`` is 2D, for every bundle). NIfTI is read
     from its header; other formats through MONAI's reader. None for an unreadable file (training
     then names it)."""
+    from partialseg.data.validation import read_image, spatial_shape
+
     try:
         if str(path).lower().endswith(_NIFTI):
             import nibabel as nib
 
-            shape = list(nib.load(str(path)).shape)[:3]  # NIfTI keeps space in its first three dimensions
+            shape = nib.load(str(path)).shape  # the header only
         else:
-            from partialseg.data.validation import read_image
-
-            shape = list(read_image(str(path))[0].shape)
+            shape = read_image(str(path))[0].shape
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the run that reads it
         return None
-    while len(shape) > 2 and shape[-1] == 1:
-        shape.pop()
-    return len(shape)
+    return len(spatial_shape(shape, str(path)))
 
 
 def _cuda() -> bool:
