@@ -242,9 +242,10 @@ def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
     from monai.transforms import AsDiscreted
     from ignite.engine import Events
 
-    from partialseg.data.conditional import ConditionalDataset
+    from partialseg.data.dcl import ConditionalDataset
     from partialseg.engines import DCLTrainer, DualNetworkUpdater
-    from partialseg.inferers import ConditionalInferer, SupportBank
+    from partialseg.data.dcl import SupportBank
+from partialseg.inferers import ConditionalInferer
 
     m = len(CLASSES)
     cond = arm in CONDITIONAL

@@ -81,7 +81,8 @@ def interleaved(*fns, repeats: int, warmup: int = 2) -> list[float]:
 def bench_inference(size: int, repeats: int, batch: int = 1, backbone: dict | None = None) -> dict:
     from monai.inferers import SimpleInferer
 
-    from partialseg.inferers import ConditionalInferer, SupportBank
+    from partialseg.data.dcl import SupportBank
+from partialseg.inferers import ConditionalInferer
     from partialseg.networks import CompNet
 
     torch.manual_seed(0)
@@ -119,7 +120,7 @@ def bench_training(size: int, repeats: int, batch: int, backbone: dict | None = 
     from partialseg.engines import DCLTrainer
     from partialseg.losses import CompatibleLoss, ConditionalCompatibleLoss
     from partialseg.networks import CompNet, pack_conditional_input
-    from partialseg.transforms.conditional.array import conditional_supervision
+    from partialseg.transforms.dcl.array import conditional_supervision
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,9 @@ __all__ = [
     "DatasetError",
     "LabelMap",
     "PartialDataset",
+    "ConditionalDataset",
     "SourceBalancedSampler",
+    "SupportBank",
     "ValidationReport",
     "bundle_datalist",
     "ensure_dataset",
@@ -27,4 +29,8 @@ def __getattr__(name: str):
         from partialseg.data.sampling import SourceBalancedSampler
 
         return SourceBalancedSampler
+    if name in ("ConditionalDataset", "SupportBank"):
+        from partialseg.data import dcl
+
+        return getattr(dcl, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,8 +28,8 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 from torch import Tensor, nn
 
-from partialseg.networks.compnet import compnet_segment, pack_conditional_input
-from partialseg.transforms.conditional.array import conditional_supervision, label_view
+from partialseg.networks.dcl import compnet_segment, pack_conditional_input
+from partialseg.transforms.dcl.array import conditional_supervision, label_view
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -124,7 +124,7 @@ class DCLTrainer(SupervisedTrainer):
     Each batch is a dictionary with the target image (``image_key``, ``(B, C, *spatial)``), its
     ``<0,p,1>`` map (``label_key``, ``(B, m, *spatial)``) and one conditional pair per class
     (``cond_image_key`` ``(B, m * C, *spatial)``, ``cond_label_key`` ``(B, m, *spatial)``), as
-    :class:`~partialseg.data.conditional.ConditionalDataset` gives. The iteration computes
+    :class:`~partialseg.data.dcl.ConditionalDataset` gives. The iteration computes
     ``z = g(y_t, y_c)`` (Eq. 5), PrimNet's logits, ``L_prim = loss_function(logits, z, y_c)``
     and, when ``lambda_dual > 0``, the dual task (:func:`dual_swap`) through DualNet:
     ``loss = (1 - lambda_dual) L_prim + lambda_dual L_dual`` (Eq. 10).

@@ -1,5 +1,5 @@
 """Inferers that need more than an image: conditional images for DCL's CompNet."""
 
-from partialseg.inferers.conditional import ConditionalInferer, SupportBank
+from partialseg.inferers.dcl import ConditionalInferer, SupportBank
 
 __all__ = ["ConditionalInferer", "SupportBank"]

@@ -4,7 +4,7 @@ See ``docs/losses.md`` for the equations, the decisions (empty annotation, unkno
 absent classes, dtypes) and the measured speed.
 """
 
-from partialseg.losses.compatible import CompatibleLoss, ConditionalCompatibleLoss, PriorLoss, conditional_compatible_terms
+from partialseg.losses.dcl import CompatibleLoss, ConditionalCompatibleLoss, PriorLoss, conditional_compatible_terms
 from partialseg.losses.marginal import (
     ExclusionCELoss,
     ExclusionDiceLoss,

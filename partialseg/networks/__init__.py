@@ -1,5 +1,5 @@
 """Networks: CompNet (DCL)."""
 
-from partialseg.networks.compnet import CompNet, compnet_segment, pack_conditional_input
+from partialseg.networks.dcl import CompNet, compnet_segment, pack_conditional_input
 
 __all__ = ["CompNet", "compnet_segment", "pack_conditional_input"]

@@ -19,10 +19,10 @@ from partialseg.transforms.partial import __all__ as _partial_all
 from partialseg.transforms.spatial import *  # noqa: F401,F403
 from partialseg.transforms.spatial import __all__ as _spatial_all
 
-from partialseg.transforms.conditional import *  # noqa: F401,F403,E402
-from partialseg.transforms.conditional import __all__ as _conditional_all  # noqa: E402
+from partialseg.transforms.dcl import *  # noqa: F401,F403,E402
+from partialseg.transforms.dcl import __all__ as _dcl_all  # noqa: E402
 
 from partialseg.transforms.io import *  # noqa: F401,F403,E402
 from partialseg.transforms.io import __all__ as _io_all  # noqa: E402
 
-__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all, *_conditional_all, *_io_all]
+__all__ = [*_partial_all, *_distance_all, *_spatial_all, *_mix_all, *_dcl_all, *_io_all]

@@ -58,7 +58,7 @@ def test_both_stages_train_and_hand_over(trained):
     # stage 2 starts where stage 1 ended, not from scratch
     assert stage2["loss"][0] < stage1["loss"][0]
     # the support bank saved beside the model: every class, on the training grid
-    from partialseg.inferers import SupportBank
+    from partialseg.data.dcl import SupportBank
 
     bank = SupportBank.load(models / "support_bank.pt")
     assert bank.num_classes == 4 and sorted(set(bank.classes.tolist())) == [0, 1, 2, 3]

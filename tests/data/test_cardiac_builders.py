@@ -17,7 +17,7 @@ from partialseg.cli import main
 from partialseg.data import bundle_datalist, cardiac_builders, validate_dataset
 from partialseg.data.builders import build_datalist
 from partialseg.data.cardiac_builders import CLASSES, build_slices
-from partialseg.data.conditional import annotated_classes, class_pools
+from partialseg.data.dcl import annotated_classes, class_pools
 
 from conftest import save_nifti
 

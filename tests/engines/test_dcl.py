@@ -16,10 +16,11 @@ from torch import nn
 
 import partialseg.engines.dcl as dcl_module
 from partialseg.data import load_dataset
-from partialseg.data.conditional import ConditionalDataset
+from partialseg.data.dcl import ConditionalDataset
 from partialseg.data.synthetic import make_dataset
 from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, argmax_is, dual_swap
-from partialseg.inferers import ConditionalInferer, SupportBank
+from partialseg.data.dcl import SupportBank
+from partialseg.inferers import ConditionalInferer
 from partialseg.losses import ConditionalCompatibleLoss
 from partialseg.networks import CompNet, compnet_segment, pack_conditional_input
 from partialseg.transforms import PartialLabelToVectord, conditional_supervision

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import partialseg.losses._functional as functional
-import partialseg.losses.compatible as compatible_module
+import partialseg.losses.dcl as compatible_module
 import partialseg.losses.marginal as marginal_module
 from partialseg.losses import (
     ExclusionCELoss,

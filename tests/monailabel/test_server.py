@@ -260,7 +260,7 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
     assert json.loads((run1 / "metrics.json").read_text())["iteration"] == [1, 2]
     assert "Restored all variables from" not in (run1 / "train.log").read_text()
     assert stats["checkpoint"] == str(models / "model.pt") and stats["support_bank"] == str(models / "support_bank.pt")
-    from partialseg.inferers import SupportBank
+    from partialseg.data.dcl import SupportBank
 
     bank = SupportBank.load(models / "support_bank.pt")  # rebuilt from the datastore's cases
     assert sorted(set(bank.classes.tolist())) == [0, 1, 2, 3] and tuple(bank.images.shape[1:]) == (1, 32, 32)

@@ -4,20 +4,24 @@
 ``label`` the ``<0,p,1>`` map ``(m, *spatial)`` of ``PartialLabelToVectord``) and, for every
 target, draws one conditional case per class among the cases that annotate that class, so the
 conditional label of class ``j`` is known everywhere (1 inside class ``j``, 0 outside).
+:class:`SupportBank` keeps such cases (one binary label each) beside a trained model, so that
+inference (:class:`partialseg.inferers.ConditionalInferer`) can draw conditional sets.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
-from partialseg.transforms.conditional.array import label_view
+from partialseg.transforms.dcl.array import label_view
 from partialseg.transforms.partial.array import annotated_mask
 
-__all__ = ["ConditionalDataset", "annotated_classes", "class_pools"]
+__all__ = ["ConditionalDataset", "SupportBank", "annotated_classes", "class_pools"]
 
 MISSING = ("error", "any")
 
@@ -213,3 +217,135 @@ class ConditionalDataset(torch.utils.data.Dataset):
         target[self.cond_label_key] = torch.stack(cond_labels, 0)
         target["cond_index"] = torch.as_tensor(cond_index, dtype=torch.int64)
         return target
+
+
+class SupportBank(nn.Module):
+    """Conditional image-label pairs for inference, as buffers (``state_dict`` / ``torch.save``).
+
+    Entry ``n`` is an image ``images[n]`` ``(C, *spatial)``, the class ``classes[n]`` it
+    conditions, and the label of that class ``labels[n]`` ``(*spatial)``: binary (1 inside, 0
+    outside) when the case annotates the class; the case's ``<0,p,1>`` channel when no case
+    annotates it (``from_dataset(..., missing="any")``, as ``ConditionalDataset`` in training).
+    Every class has at least one entry.
+
+    Args:
+        images: ``(N, C, *spatial)``.
+        labels: ``(N, *spatial)`` values in ``[0, 1]``.
+        classes: ``(N,)`` class index of each entry.
+        num_classes: ``m``.
+
+    Raises:
+        ValueError: shapes disagree, a label lies outside ``[0, 1]``, a class is outside ``[0, m)`` or has
+            no entry.
+
+    Example:
+        >>> import torch
+        >>> bank = SupportBank(torch.rand(2, 1, 4, 4), torch.ones(2, 4, 4), torch.tensor([0, 1]), num_classes=2)
+        >>> import numpy as np
+        >>> img, lab = bank.draw(np.random.default_rng(0))
+        >>> tuple(img.shape), tuple(lab.shape)
+        ((2, 4, 4), (2, 4, 4))
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: Tensor, num_classes: int) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        images, labels, classes = torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(classes).long().reshape(-1)
+        if images.ndim < 3 or labels.shape != (images.shape[0], *images.shape[2:]) or classes.shape != (images.shape[0],):
+            raise ValueError(
+                f"images (N, C, *spatial), labels (N, *spatial) and classes (N,) expected, got {tuple(images.shape)},"
+                f" {tuple(labels.shape)}, {tuple(classes.shape)}."
+            )
+        if labels.numel() and (float(labels.min()) < 0 or float(labels.max()) > 1):
+            raise ValueError(f"support labels must lie in [0, 1], found [{float(labels.min())}, {float(labels.max())}].")
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+            raise ValueError(f"support classes {sorted(set(classes.tolist()))} are outside [0, {num_classes}).")
+        empty = sorted(set(range(num_classes)) - set(classes.tolist()))
+        if empty:
+            raise ValueError(f"class(es) {empty} have no support entry.")
+        self.num_classes = num_classes
+        self.register_buffer("images", images.float())
+        self.register_buffer("labels", labels.float())
+        self.register_buffer("classes", classes)
+
+    @property
+    def pools(self) -> list[list[int]]:
+        """For every class, the indices of its entries."""
+        return class_pools([[c] for c in self.classes.tolist()], self.num_classes)
+
+    def draw(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        """One conditional set: ``(m * C, *spatial)`` images and ``(m, *spatial)`` labels."""
+        idx = [pool[int(rng.integers(len(pool)))] for pool in self.pools]
+        return self.images[idx].flatten(0, 1), self.labels[idx]
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Sequence[dict],
+        num_classes: int,
+        annotated: Sequence[Any] | None = None,
+        per_class: int = 4,
+        seed: int = 0,
+        missing: str = "error",
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> SupportBank:
+        """Pick up to ``per_class`` cases annotating each class (reproducibly from ``seed``).
+
+        Args:
+            dataset: transformed cases (``image`` ``(C, *spatial)``, ``label`` the ``<0,p,1>`` map).
+            num_classes: ``m``.
+            annotated: per case, its annotated classes; None reads ``dataset.data[i]["annotated"]``.
+            per_class: entries per class (fewer when fewer cases annotate the class).
+            seed: seed of the choice.
+            missing: a class no case annotates: ``"error"`` raises ``ValueError``, ``"any"``
+                draws its entries from every case (as ``ConditionalDataset(missing="any")``).
+        """
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise ValueError(f"per_class must be a positive int, got {per_class!r}.")
+        if annotated is None:
+            data = getattr(dataset, "data", None)
+            if data is None:
+                raise ValueError("annotated=None needs dataset.data (a MONAI dataset's datalist); pass annotated.")
+            annotated = [case.get("annotated") for case in data]
+        pools = class_pools([annotated_classes(a, num_classes) for a in annotated], num_classes)
+        empty = [j for j, pool in enumerate(pools) if not pool]
+        if missing not in ("error", "any"):
+            raise ValueError(f"missing must be 'error' or 'any', got {missing!r}.")
+        if empty and missing == "error":
+            raise ValueError(f"class(es) {empty} are annotated in no case of the dataset; the support bank needs each class (or missing='any').")
+        for j in empty:
+            pools[j] = list(range(len(dataset)))
+        rng = np.random.default_rng(seed)
+        images, labels, classes = [], [], []
+        cache: dict[int, dict] = {}
+        for j, pool in enumerate(pools):
+            for i in sorted(rng.choice(len(pool), size=min(per_class, len(pool)), replace=False).tolist()):
+                case = pool[i]
+                if case not in cache:  # each case loaded (and transformed) once
+                    cache[case] = dataset[case]
+                item = cache[case]
+                label = torch.as_tensor(item[label_key])
+                if label.ndim < 2 or label.shape[0] != num_classes:
+                    raise ValueError(
+                        f"case {case}: {label_key!r} must be the <0,p,1> map with {num_classes} channels (PartialLabelToVectord),"
+                        f" got shape {tuple(label.shape)}."
+                    )
+                images.append(torch.as_tensor(item[image_key]).float())
+                labels.append(label[j].float())
+                classes.append(j)
+        try:
+            return cls(torch.stack(images), torch.stack(labels), torch.tensor(classes), num_classes)
+        except RuntimeError as e:
+            raise ValueError(f"support cases differ in size ({e}); crop or pad every case to one size.") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """``torch.save`` the bank (buffers and ``num_classes``) to ``path``."""
+        torch.save({"num_classes": self.num_classes, **{k: v.cpu() for k, v in self.state_dict().items()}}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> SupportBank:
+        """Load a bank written by :meth:`save`."""
+        d = torch.load(path, map_location=map_location, weights_only=True)
+        return cls(d["images"], d["labels"], d["classes"], int(d["num_classes"]))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import partialseg.data.conditional as conditional_data
-import partialseg.transforms.conditional.array as conditional_array
-import partialseg.transforms.conditional.dictionary as conditional_dict
-from partialseg.data.conditional import ConditionalDataset
+import partialseg.data.dcl as conditional_data
+import partialseg.transforms.dcl.array as conditional_array
+import partialseg.transforms.dcl.dictionary as conditional_dict
+from partialseg.data.dcl import ConditionalDataset
 from partialseg.transforms import (
     ConditionalSupervision,
     ConditionalSupervisiond,

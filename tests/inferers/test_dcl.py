@@ -11,8 +11,9 @@ import torch
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch import nn
 
-import partialseg.inferers.conditional as inferer_module
-from partialseg.inferers import ConditionalInferer, SupportBank
+import partialseg.inferers.dcl as inferer_module
+from partialseg.data.dcl import SupportBank
+from partialseg.inferers import ConditionalInferer
 from partialseg.networks import CompNet, compnet_segment, pack_conditional_input
 from partialseg.transforms import PartialLabelToVector
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet, UNet
 
-import partialseg.networks.compnet as compnet_module
+import partialseg.networks.dcl as compnet_module
 from partialseg.networks import CompNet, compnet_segment, pack_conditional_input
 
 SHAPE_CASES = [

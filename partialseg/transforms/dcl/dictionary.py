@@ -1,4 +1,4 @@
-"""Dictionary wrappers of :mod:`partialseg.transforms.conditional.array`."""
+"""Dictionary wrappers of :mod:`partialseg.transforms.dcl.array`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from partialseg.transforms.conditional.array import ConditionalSupervision
+from partialseg.transforms.dcl.array import ConditionalSupervision
 
 __all__ = ["ConditionalSupervisiond", "ConditionalSupervisionD", "ConditionalSupervisionDict"]
 
