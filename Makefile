@@ -26,6 +26,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 test: install
+	# the layering contract (setup.cfg [importlinter]): imports only go down the layers, no cycles
+	$(VENV)/bin/lint-imports --config setup.cfg
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: install
