@@ -12,25 +12,34 @@ __all__ = [
     "ConditionalDataset",
     "SourceBalancedSampler",
     "SupportBank",
+    "TwoStreamBatchSampler",
     "ValidationReport",
     "bundle_datalist",
     "ensure_dataset",
     "load_dataset",
     "read_image",
+    "training_sampler",
     "union_datasets",
     "validate_dataset",
 ]
 
 
-def __getattr__(name: str):
-    # the sampler subclasses torch's DistributedSampler: imported on first use, so that
-    # ``import partialseg.data`` (and the CLI's help) stays free of torch
-    if name == "SourceBalancedSampler":
-        from partialseg.data.sampling import SourceBalancedSampler
+_SUBMODULES = ("builders", "check", "datalists", "dcl", "sampling", "spec", "synthetic", "validation")
 
-        return SourceBalancedSampler
+
+def __getattr__(name: str):
+    # the samplers subclass torch's samplers: imported on first use, so that
+    # ``import partialseg.data`` (and the CLI's help) stays free of torch
+    if name in ("SourceBalancedSampler", "TwoStreamBatchSampler", "training_sampler"):
+        from partialseg.data import sampling
+
+        return getattr(sampling, name)
     if name in ("ConditionalDataset", "SupportBank"):
         from partialseg.data import dcl
 
         return getattr(dcl, name)
+    if name in _SUBMODULES:  # `partialseg.data.dcl` after a bare `import partialseg` (bundle configs)
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+# moved to the data layer (it makes a data decision); kept here as a re-export for old configs
+from partialseg.data.sampling import SAMPLINGS, training_sampler  # noqa: F401
+
 __all__ = ["get_rank", "rank_zero_only", "quiet_non_zero_ranks", "training_sampler", "RANK_ZERO_HANDLERS"]
 
 #: handler class names that only log or write files: attached on rank 0 only. Every other handler
@@ -92,31 +95,3 @@ def quiet_non_zero_ranks(level: int = logging.WARNING) -> None:
         logging.getLogger().setLevel(level)
         for name in ("ignite", "monai"):
             logging.getLogger(name).setLevel(level)
-
-
-SAMPLINGS = ("case", "source")
-
-
-def training_sampler(sampling: str, datalist: Sequence[dict], dataset: Any, distributed: bool = False, seed: int = 0) -> Any:
-    """The training ``DataLoader``'s sampler for a bundle's ``sampling`` setting.
-
-    - ``"case"``: every case equally likely (None: the loader shuffles; under DDP MONAI's
-      ``DistributedSampler`` over ``dataset``, shuffled, evenly divisible);
-    - ``"source"``: every source equally likely, whatever its number of cases
-      (:class:`~partialseg.data.SourceBalancedSampler` over ``datalist``'s ``source`` entries,
-      one epoch's draws split over the ranks under DDP), as Shi et al. sample their union.
-
-    Raises:
-        ValueError: an unknown ``sampling``.
-    """
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS} ('case': uniform over cases, 'source': uniform over sources), got {sampling!r}.")
-    if sampling == "source":
-        from partialseg.data.sampling import SourceBalancedSampler
-
-        return SourceBalancedSampler(datalist, seed=seed)
-    if not distributed:
-        return None
-    from monai.data import DistributedSampler
-
-    return DistributedSampler(dataset, even_divisible=True, shuffle=True)
