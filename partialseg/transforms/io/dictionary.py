@@ -8,11 +8,15 @@ from typing import Any
 import numpy as np
 from monai.config import KeysCollection
 from monai.data.folder_layout import default_name_formatter
-from monai.transforms import LoadImaged, MapTransform, SqueezeDim
+from monai.transforms import LoadImaged, MapTransform, SaveImaged, SqueezeDim
+
+from partialseg._checks import check_int
+from partialseg.transforms.io.array import AtomicNiftiWriter, _check_nifti
+from partialseg.transforms.io.record import PredictionRun
 
 __all__ = [
     "LoadImageNamedd", "LoadImageNamedD", "LoadImageNamedDict", "CaseNameToMetad", "CaseNameToMetaD", "CaseNameToMetaDict",
-    "case_name_formatter", "squeeze_trailing_singletons",
+    "SavePredictiond", "SavePredictionD", "SavePredictionDict", "case_name_formatter", "squeeze_trailing_singletons",
 ]
 
 
@@ -55,8 +59,7 @@ class LoadImageNamedd(LoadImaged):
     def __init__(self, keys: Any, *args: Any, spatial_dims: int | None = None, **kwargs: Any) -> None:
         super().__init__(keys, *args, **kwargs)
         if spatial_dims is not None:
-            if spatial_dims not in (1, 2, 3):
-                raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+            check_int(spatial_dims, "spatial_dims (1, 2 or 3)", minimum=1, maximum=3)
             if not kwargs.get("ensure_channel_first", False):
                 raise ValueError("spatial_dims needs ensure_channel_first=True (the channel must be known to count spatial dimensions)")
         self.spatial_dims = spatial_dims
@@ -142,3 +145,50 @@ def case_name_formatter(metadict: dict | None, saver: Any) -> dict:
 
 CaseNameToMetaD = CaseNameToMetaDict = CaseNameToMetad
 
+
+
+class SavePredictiond(SaveImaged):
+    """MONAI's ``SaveImaged`` writing whole NIfTI files only, each with the run's record.
+
+    The dictionary twin of :class:`~partialseg.transforms.SavePrediction`: each file is written
+    to a temporary name in its folder and renamed into place once complete (a kill leaves the
+    earlier file or none under the final name, never part of one), and its NIfTI header records
+    the run id and the SHA-256 of ``model_file`` (:mod:`partialseg.transforms.io.record`), which
+    ``partialseg evaluate`` reads to refuse a folder mixing several runs' predictions. One
+    instance is one run: the bundles' ``inference.json`` build one per ``monai.bundle run``.
+
+    Args:
+        keys: keys of the predictions to save.
+        model_file: checkpoint the predictions come from (hashed once, on the first save), or
+            ``None`` to record the run id alone.
+        run_id: the run id (default: a fresh one per instance).
+        args, kwargs: as ``SaveImaged`` (``output_dir``, ``output_postfix``,
+            ``output_name_formatter``, ...), except ``writer``; ``output_ext`` must be
+            ``.nii.gz`` (default) or ``.nii``.
+
+    Raises:
+        ValueError: for another ``output_ext`` or a ``writer`` argument.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from monai.data import MetaTensor
+        >>> from partialseg.transforms.io.record import read_run_record
+        >>> out = tempfile.mkdtemp()
+        >>> save = SavePredictiond("pred", output_dir=out, output_postfix="seg", separate_folder=False,
+        ...                        output_name_formatter=case_name_formatter, resample=False, print_log=False, run_id="run-1")
+        >>> pred = MetaTensor(torch.ones(1, 4, 4, 3), meta={"filename_or_obj": "imaging.nii.gz", "case": "case_7"})
+        >>> _ = save({"pred": pred})
+        >>> sorted(os.listdir(out)), read_run_record(os.path.join(out, "case_7_seg.nii.gz"))["partialseg_run"]
+        (['case_7_seg.nii.gz'], 'run-1')
+    """
+
+    def __init__(self, keys: KeysCollection, *args: Any, model_file: Any = None, run_id: str | None = None, **kwargs: Any) -> None:
+        if "writer" in kwargs:
+            raise ValueError(f"{type(self).__name__} always writes with AtomicNiftiWriter; drop writer={kwargs['writer']!r}")
+        super().__init__(keys, *args, writer=AtomicNiftiWriter, **kwargs)
+        _check_nifti(self.saver.output_ext, type(self).__name__)
+        self.run = PredictionRun(model_file, run_id)
+        self.saver.set_options(init_kwargs={"run": self.run})
+
+
+SavePredictionD = SavePredictionDict = SavePredictiond
