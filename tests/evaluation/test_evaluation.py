@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from partialseg import evaluation
+from partialseg.evaluation import report
 from partialseg.evaluation import evaluate_case, evaluate_folder, find_prediction, image_diagonal, summarize
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no NaN arithmetic
@@ -337,10 +338,11 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert list(rows[0]) == CSV_COLUMNS and {r["phase"] for r in rows} == {""}
 
 
-# the outputs of test_cli_end_to_end as they were before per phase reporting existed
+# the outputs of test_cli_end_to_end as they were before per phase reporting existed, plus the
+# run record of the predictions (added last, so that earlier keys keep their order)
 NO_PHASE_SUMMARY_KEYS = [
     "per_class", "overall", "status_counts", "num_cases", "cases", "missing_predictions",
-    "skipped_unlabelled", "classes", "units", "outputs", "arguments",
+    "skipped_unlabelled", "classes", "units", "outputs", "arguments", "prediction_run",
 ]
 NO_PHASE_TABLE = (
     "class                   n             Dice          HD95 (mm)          ASSD (mm)\n"
@@ -631,7 +633,7 @@ def test_outputs_are_all_or_nothing(tmp_path, capsys, monkeypatch):
     def full(path, obj):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(evaluation, "_write_json", full)
+    monkeypatch.setattr(report, "_write_json", full)
     _save(preds / "case_002.nii.gz", np.zeros(SHAPE, dtype=np.uint8))  # different metrics now
     assert _cli(["--pred", str(preds), "--dataset", str(ds), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,0 +1,55 @@
+"""Evaluation of segmentation predictions against a dataset's reference labels.
+
+``partialseg evaluate --pred DIR --dataset DIR`` pairs every labelled case of a dataset split
+with a prediction file, computes per case and class Dice, HD95 and ASSD with MONAI's metrics
+(HD95 and ASSD in mm, from the reference's voxel spacing), and writes ``metrics.csv``,
+``summary.json`` and ``boxplot.png``. When the split's entries carry a ``phase`` (ACDC's
+``"ED"`` / ``"ES"``), the statistics are also given per phase (``summary["per_phase"]``).
+A folder whose predictions were written by several inference runs (their NIfTI run records
+differ) is refused. See ``docs/evaluation.md``.
+
+One module per concern:
+
+- ``metrics``: one case: :func:`evaluate_case` (Dice, HD95, ASSD, the empty-mask conventions);
+- ``discovery``: files: :func:`find_prediction`, reading labels, the grid check and
+  :func:`check_one_run` (one inference run per folder);
+- ``report``: :func:`summarize`, :func:`format_table` and the output files;
+- ``folder``: :func:`evaluate_folder`, a folder against a dataset split;
+- ``cli``: the ``partialseg evaluate`` command (``add_arguments``, ``run``).
+
+Only the standard library and ``partialseg.data.spec`` are imported here and by the modules at
+their top, so that ``partialseg --help`` stays fast; numpy, torch and MONAI are imported inside
+the functions.
+
+Example:
+    >>> import numpy as np
+    >>> ref = np.zeros((8, 8), dtype=int); ref[2:6, 2:6] = 1
+    >>> evaluate_case(ref, ref, ["background", "square"])[0]["dice"]
+    1.0
+"""
+
+from partialseg.evaluation.cli import add_arguments, run
+from partialseg.evaluation.discovery import AFFINE_ATOL, SAVE_POSTFIXES, check_one_run, find_prediction
+from partialseg.evaluation.folder import evaluate_folder, select_classes
+from partialseg.evaluation.metrics import METRICS, STATUSES, UNITS, evaluate_case, image_diagonal
+from partialseg.evaluation.report import NO_PHASE, format_table, phase_of, summarize
+
+__all__ = [
+    "METRICS",
+    "STATUSES",
+    "UNITS",
+    "NO_PHASE",
+    "AFFINE_ATOL",
+    "SAVE_POSTFIXES",
+    "image_diagonal",
+    "evaluate_case",
+    "find_prediction",
+    "check_one_run",
+    "select_classes",
+    "evaluate_folder",
+    "summarize",
+    "phase_of",
+    "format_table",
+    "add_arguments",
+    "run",
+]

@@ -1,0 +1,69 @@
+"""``partialseg evaluate``: the command's arguments and its run (see ``docs/evaluation.md``).
+
+Only ``argparse`` is imported at module level, so ``partialseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``partialseg evaluate`` arguments to ``parser``."""
+    parser.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label maps")
+    parser.add_argument("--dataset", required=True, metavar="DIR", help="dataset folder with dataset.json")
+    parser.add_argument("--split", default="test", help="dataset split holding the references (default: test)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <pred>/evaluation)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                        help="evaluate only these classes (names or indices; default: all but background)")
+    parser.add_argument("--include-background", action="store_true", help="evaluate class 0 too")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="count a missing prediction as empty instead of stopping with an error")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``partialseg evaluate``: writes the outputs and prints the per class table.
+
+    Returns:
+        0 on success; 2 when the evaluation cannot be done (a missing or mismatched prediction,
+        a bad dataset, an output folder that cannot be written, ...), after printing a one-line
+        ``error: ...`` to stderr, which names the case or the path.
+    """
+    import sys
+
+    from partialseg.evaluation.folder import evaluate_folder
+    from partialseg.evaluation.report import format_table
+
+    arguments = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    try:
+        summary = evaluate_folder(
+            pred_dir=args.pred,
+            dataset_dir=args.dataset,
+            split=args.split,
+            out_dir=args.out,
+            classes=args.classes,
+            include_background=args.include_background,
+            allow_missing=args.allow_missing,
+            progress=not getattr(args, "no_progress", False),
+            arguments=arguments,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an output that cannot be written: one line naming the path
+        reason = e.strerror or str(e)
+        print(f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    counts = summary["status_counts"]
+    print(f"{summary['num_cases']} cases; empty: {counts['both_empty']} both, {counts['pred_empty']} prediction only, "
+          f"{counts['ref_empty']} reference only; missing predictions: {len(summary['missing_predictions'])}")
+    run = summary.get("prediction_run")
+    if run:
+        sha = f", model sha256:{run['model_sha256'][:12]}" if run.get("model_sha256") else ""
+        print(f"predictions of inference run {run['partialseg_run']}{sha}")
+    print(f"wrote {', '.join(summary['outputs'].values())}")
+    return 0
