@@ -1,16 +1,27 @@
-"""``partialseg check DATASET_DIR``: validate a dataset and print a per-source summary."""
+"""``partialseg check DATASET_DIR``: validate a dataset and print a per-source summary.
+
+Cases are read in parallel (``--workers``, default: every CPU) with a progress bar on stderr, and
+each case's findings are cached by its files' resolved paths, sizes and modification times
+(``.partialseg_check_cache.json`` beside ``dataset.json``, or under ``~/.cache/partialseg/check/``
+when that folder is read-only; ``--no-cache`` to read everything again).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="dataset folder holding dataset.json (or the JSON file)")
     parser.add_argument(
-        "--splits", nargs="+", default=["training", "validation", "test"], choices=["training", "validation", "test"],
-        help="splits to check (default: all present)",
+        "--splits", nargs="+", default=None, choices=["training", "validation", "test"],
+        help="splits to check, each of which must hold cases (default: training, and validation / test where present)",
     )
+    parser.add_argument("--channels", type=int, default=1, help="channels every image must have: the network's in_channels (default 1)")
+    parser.add_argument("--hash", action="store_true", help="also compare images by content (finds copies under other names)")
+    parser.add_argument("--workers", type=int, default=None, help="processes reading the files (default: the number of CPUs)")
+    parser.add_argument("--no-cache", action="store_true", help="read every file again instead of reusing the cached findings")
     parser.add_argument("--json", metavar="FILE", help="also write the summary and problems as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -22,9 +33,16 @@ def run(args: argparse.Namespace) -> int:
     from partialseg.data.spec import DatasetError
     from partialseg.data.validation import validate_dataset
 
+    workers = args.workers if args.workers is not None else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
-        report = validate_dataset(args.dataset, splits=args.splits, progress=not args.quiet)
+        report = validate_dataset(
+            args.dataset, splits=args.splits, progress=not args.quiet, channels=args.channels,
+            content_hash=args.hash, workers=workers, cache=not args.no_cache,
+        )  # fmt: skip
     except (FileNotFoundError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TypeError, ValueError) as e:  # a bad --channels / --workers
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.format())

@@ -310,12 +310,13 @@ def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDat
             continue
         cases = [_parse_case(c, i, split, root, classes, modality, problems) for i, c in enumerate(raw)]
         splits[split] = [c for c in cases if c is not None]
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # by normalised path here; validate_dataset also resolves symlinks
     for split, cases in splits.items():
         for c in cases:
-            if c["image"] in seen:
-                problems.append(f"case {c['case']!r}: image {c['image']} is listed twice ({seen[c['image']]} and {split})")
-            seen[c["image"]] = split
+            key = os.path.normpath(c["image"])
+            if key in seen:
+                problems.append(f"case {c['case']!r}: image {c['image']} is listed twice ({seen[key]} and {split})")
+            seen[key] = split
     for split in ("validation", "test"):  # predictions and metrics of these splits are keyed by case name
         names: dict[str, str] = {}
         for c in splits.get(split, []):
@@ -360,8 +361,15 @@ def load_dataset(path: str | os.PathLike | Mapping[str, Any], root: str | os.Pat
         p = p / "dataset.json"
     if not p.is_file():
         raise FileNotFoundError(f"no dataset description at {p} (expected a folder with dataset.json, or the JSON file)")
+    raw = p.read_bytes()
     try:
-        desc = json.loads(p.read_text())
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{p}: is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}; JSON files are UTF-8: re-save it as UTF-8)"
+        ) from None
+    try:
+        desc = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{p}: is not valid JSON: {e}") from None
     return _parse(desc, Path(root) if root is not None else p.parent.resolve(), str(p))

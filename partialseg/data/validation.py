@@ -1,37 +1,116 @@
-"""Checks of a partial-label dataset that need its files, run before any training starts."""
+"""Checks of a partial-label dataset that need its files, run before any training starts.
+
+:func:`validate_dataset` opens every image and label (one case per task, in worker processes
+with ``workers > 1``), and can keep each case's findings in a cache file keyed by the files'
+resolved paths, sizes and modification times, so a second ``partialseg check`` of a large
+dataset only reads what changed. Across cases it compares files by resolved real path (a
+``..`` or a symlink does not hide a duplicate or a training/validation/test leak) and, with
+``content_hash``, by content.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from partialseg._checks import check_int, check_option
 from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset
 
-__all__ = ["ValidationReport", "read_image", "validate_dataset"]
+__all__ = ["ValidationReport", "read_image", "read_gzip_verified", "validate_dataset"]
 
 AFFINE_TOL = 1e-3
 _NIFTI = (".nii", ".nii.gz")
+_CHUNK = 1 << 20
+#: cache file written beside ``dataset.json`` (or under ``~/.cache/partialseg/check/``)
+CACHE_NAME = ".partialseg_check_cache.json"
+_CACHE_VERSION = 1
 
 
-def read_image(path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_gzip_verified(path: str) -> bytes:
+    """The decompressed content of a gzip file, every member checked against its trailer.
+
+    nibabel stops reading a ``.nii.gz`` once it has the voxels it needs and never reads the
+    8-byte trailer (CRC32 and length of the data), so a corrupted stream (a flipped byte in a
+    stored block, a truncated file) loads silently. This streams the file in 1 MiB chunks through
+    ``zlib``'s gzip decoder, which compares each member's CRC32 and length with its trailer, and
+    requires every member to reach its end.
+
+    Raises:
+        ValueError: not gzip, truncated, a CRC or length that does not match; the message names the file.
+
+    Example:
+        >>> import gzip, tempfile
+        >>> path = tempfile.mkdtemp() + "/x.gz"
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(gzip.compress(b"voxels"))
+        >>> read_gzip_verified(path)
+        b'voxels'
+    """
+    out: list[bytes] = []
+    member = 0
+    with open(path, "rb") as f:
+        pending = f.read(_CHUNK)
+        while pending:
+            if pending[:2] != b"\x1f\x8b":
+                if member and not pending.strip(b"\x00") and not f.read(1):
+                    break  # zero padding after the last member (as the gzip module accepts)
+                raise ValueError(f"{path}: is not a gzip stream (member {member} starts with {pending[:2]!r})")
+            d = zlib.decompressobj(wbits=31)  # one gzip member; zlib checks its CRC32 and length trailer
+            try:
+                while True:
+                    out.append(d.decompress(pending))
+                    if d.eof:
+                        break
+                    pending = f.read(_CHUNK)
+                    if not pending:
+                        raise ValueError(f"{path}: truncated gzip stream (member {member} has no end or no CRC/length trailer)")
+            except zlib.error as e:
+                raise ValueError(f"{path}: corrupted gzip stream in member {member} ({e})") from None
+            pending = d.unused_data + f.read(_CHUNK)
+            member += 1
+    if not member:
+        raise ValueError(f"{path}: is an empty file, not a gzip stream")
+    return b"".join(out)
+
+
+def _nifti_from_bytes(data: bytes, path: str) -> Any:
+    import nibabel as nib
+
+    sizeof_hdr = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    if sizeof_hdr not in (348, 540):
+        sizeof_hdr = int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
+    klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
+    return klass.from_bytes(data)
+
+
+def read_image(path: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read an image as ``(array, affine)``; spatial axes first, channels (if any) last.
 
-    NIfTI goes through nibabel directly (fast; ``dataobj`` keeps the stored dtype); every other
-    format through MONAI's ``LoadImage``.
+    NIfTI goes through nibabel directly (fast; ``dataobj`` keeps the stored dtype); a ``.nii.gz``
+    is decompressed once with its gzip trailer verified (:func:`read_gzip_verified`, unless
+    ``verify=False``); every other format goes through MONAI's ``LoadImage``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be read; the message names it.
+        ValueError: the file cannot be read or its gzip stream is corrupted; the message names it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
+    lower = path.lower()
     try:
-        if path.lower().endswith(_NIFTI):
+        if lower.endswith(".nii.gz") and verify:
+            img = _nifti_from_bytes(read_gzip_verified(path), path)
+            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        if lower.endswith(_NIFTI):
             import nibabel as nib
 
             img = nib.load(path)
@@ -40,10 +119,11 @@ def read_image(path: str) -> tuple[np.ndarray, np.ndarray]:
 
         img = LoadImage(image_only=True)(path)
         return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
+    except ValueError as e:  # the gzip check names the file already
+        reason = str(e)[len(path) + 2 :] if str(e).startswith(f"{path}: ") else f"ValueError: {e}"
+        raise ValueError(f"{path}: cannot be read ({reason})") from None
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear message
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-
-
 def _spacing(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(round(s, 4)) for s in np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0)))
 
@@ -134,109 +214,313 @@ def spatial_shape(shape: Sequence[int], path: str, label_ndim: int | None = None
     return tuple(int(d) for d in dims)
 
 
-def _check_case(case: dict[str, Any], ds: PartialDataset, split: str, summary: _SourceSummary, problems: list[str]) -> None:
-    where = f"case {case['case']!r} ({split}, source {case['source']!r})"
-    summary.cases += 1
-    if case.get("modality"):
-        summary.modalities.add(case["modality"])
+def _channels(shape: Sequence[int], path: str, spatial_ndim: int | None) -> int:
+    """Channels of an image: NIfTI holds them after its three spatial dimensions; other formats
+    after the label's dimensions (``spatial_ndim``; None: unknown, 1)."""
+    extra = shape[3:] if path.lower().endswith(_NIFTI) else (shape[spatial_ndim:] if spatial_ndim is not None else ())
+    return int(np.prod(extra)) if len(extra) else 1
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inspect_case(image: str, label: str | None, channels: int | None = 1, content_hash: bool = False) -> dict[str, Any]:
+    """What one case's files say, independent of the dataset description (cacheable).
+
+    Returns:
+        a JSON-able dict: ``problems`` (lines naming the file, without the case), ``spacing`` of
+        the image, ``shape`` and ``values`` (sorted unique integer values) of the label, and the
+        files' content hashes when ``content_hash``.
+    """
+    out: dict[str, Any] = {"problems": [], "spacing": None, "shape": None, "values": None, "hashes": {}}
+    problems = out["problems"]
     try:
-        image, img_affine = read_image(case["image"])
+        img, img_affine = read_image(image)
     except (FileNotFoundError, ValueError) as e:
-        problems.append(f"{where}: image {e}")
-        image = None
-    if image is not None:
-        summary.spacings.add(_spacing(img_affine))
-        if not np.issubdtype(image.dtype, np.number):
-            problems.append(f"{where}: image {case['image']} has non-numeric dtype {image.dtype}")
-        elif not np.isfinite(image).all():
-            n = int((~np.isfinite(image)).sum())
-            problems.append(f"{where}: image {case['image']} has {n} NaN or infinite value(s)")
-    if case.get("label") is None:
-        return
-    summary.labelled += 1
-    summary.annotated.update(case["annotated"])
+        problems.append(f"image {e}")
+        img = None
+    if img is not None:
+        out["spacing"] = list(_spacing(img_affine))
+        if img.dtype.names is not None or not np.issubdtype(img.dtype, np.number):
+            problems.append(f"image {image} has non-numeric dtype {img.dtype} (a scalar image is needed)")
+            img = None
+        elif not np.isfinite(img).all():
+            n = int((~np.isfinite(img)).sum())
+            problems.append(f"image {image} has {n} NaN or infinite value(s)")
+    if content_hash:
+        out["hashes"] = {p: _file_hash(p) for p in (image, label) if p is not None and os.path.isfile(p)}
+    if label is None:
+        if img is not None and channels is not None and _channels(img.shape, image, None) != channels:
+            problems.append(f"image {image} has shape {tuple(img.shape)}: {_channels(img.shape, image, None)} channels, expected {channels}")
+        return out
     try:
-        label, lab_affine = read_image(case["label"])
+        lab, lab_affine = read_image(label)
     except (FileNotFoundError, ValueError) as e:
-        problems.append(f"{where}: label {e}")
-        return
-    summary.shapes.add(tuple(int(v) for v in label.shape))
-    if image is not None:
-        spatial, lab_spatial = spatial_shape(image.shape, case["image"], label.ndim), spatial_shape(label.shape, case["label"], label.ndim)
+        problems.append(f"label {e}")
+        return out
+    if lab.dtype.names is not None or not np.issubdtype(lab.dtype, np.number):
+        problems.append(f"label {label} has non-scalar dtype {lab.dtype} (e.g. RGB): a label holds one class value per voxel")
+        return out
+    out["shape"] = [int(v) for v in lab.shape]
+    lab_ndim = lab.ndim
+    if label.lower().endswith(_NIFTI) and lab.ndim > 3 and int(np.prod(lab.shape[3:])) > 1:
+        problems.append(f"label {label} is {lab.ndim}D with shape {tuple(lab.shape)}: a label has one channel")
+        return out
+    if img is not None:
+        if channels is not None and _channels(img.shape, image, lab_ndim) != channels:
+            problems.append(
+                f"image {image} has shape {tuple(img.shape)}: {_channels(img.shape, image, lab_ndim)} channels, expected {channels}"
+                " (the network's in_channels)"
+            )
+        spatial, lab_spatial = spatial_shape(img.shape, image, lab_ndim), spatial_shape(lab.shape, label, lab_ndim)
         if spatial != lab_spatial:
-            problems.append(f"{where}: label {case['label']} has shape {tuple(label.shape)} but image {case['image']} has spatial shape {spatial}")
+            problems.append(f"label {label} has shape {tuple(lab.shape)} but image {image} has spatial shape {spatial}")
         else:
             a, b = comparable_affines(img_affine, lab_affine)
             if not np.allclose(a, b, atol=AFFINE_TOL):
-                problems.append(
-                    f"{where}: label {case['label']} and image {case['image']} have different affines "
-                    f"(max difference {np.abs(a - b).max():.4g})"
-                )
-    values = np.unique(np.asarray(label))
-    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-        bad = values[~np.isfinite(values) | (values != np.round(values))][:5]
-        problems.append(f"{where}: label {case['label']} holds non-integer values {bad.tolist()}")
-        return
-    values = values.astype(np.int64)
+                problems.append(f"label {label} and image {image} have different affines (max difference {np.abs(a - b).max():.4g})")
+    values = np.unique(np.asarray(lab))
+    bad = values[~np.isfinite(values) | (values != np.round(values))] if values.dtype.kind == "f" else values[:0]
+    if bad.size:
+        problems.append(f"label {label} holds non-integer values {bad[:5].tolist()}")
+        return out
+    out["values"] = [int(v) for v in values]
+    return out
+
+
+def _inspect_chunk(jobs: Sequence[tuple[str, str | None]], channels: int | None, content_hash: bool) -> list[dict[str, Any]]:
+    return [inspect_case(image, label, channels, content_hash) for image, label in jobs]
+
+
+def _stat_key(path: str | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class _Cache:
+    """Per-case findings keyed by the files' real paths, sizes and modification times (and the
+    options that change the findings), in one JSON file."""
+
+    def __init__(self, path: Path | None, options: dict[str, Any]) -> None:
+        self.path, self.options, self.entries, self.dirty = path, options, {}, False
+        if path is not None and path.is_file():
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                if stored.get("version") == _CACHE_VERSION and stored.get("options") == options:
+                    self.entries = stored.get("cases", {})
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}  # an unreadable cache is rebuilt
+
+    @staticmethod
+    def key(image: str, label: str | None) -> str:
+        return json.dumps([_stat_key(image), _stat_key(label)])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.entries[key], self.dirty = value, True
+
+    def save(self, keep: Iterable[str]) -> None:
+        if self.path is None or not self.dirty:
+            return
+        from partialseg._fileio import atomic_write_text
+
+        keep = set(keep)  # forget cases no longer in the dataset
+        cases = {k: v for k, v in self.entries.items() if k in keep}
+        try:
+            atomic_write_text(self.path, json.dumps({"version": _CACHE_VERSION, "options": self.options, "cases": cases}))
+        except OSError:
+            pass  # a read-only dataset folder: the check still ran, only the cache is lost
+
+
+def cache_path(ds: PartialDataset, cache: bool | str | os.PathLike | None) -> Path | None:
+    """Where :func:`validate_dataset` keeps its cache: ``cache`` if a path, else beside the
+    dataset's ``dataset.json`` when that folder is writable, else under ``~/.cache/partialseg/check/``."""
+    if cache is None or cache is False:
+        return None
+    if cache is not True:
+        return Path(cache)
+    root = ds.root.resolve() if ds.root is not None else None
+    if root is not None and os.access(root, os.W_OK):
+        return root / CACHE_NAME
+    tag = hashlib.blake2b(str(root).encode(), digest_size=8).hexdigest()
+    return Path(os.path.expanduser("~")) / ".cache" / "partialseg" / "check" / f"{tag}.json"
+
+
+def _label_values(ds: PartialDataset, case: dict[str, Any], values: list[int], where: str, problems: list[str]) -> set:
     label_map = ds.label_maps.get(case["source"])
-    if label_map is not None:
-        unexplained = [int(v) for v in values if v != 0 and int(v) not in label_map]
-        if unexplained:
-            problems.append(
-                f"{where}: label {case['label']} holds value(s) {unexplained} that the label map of source "
-                f"{case['source']!r} does not list ({sorted(label_map)})"
-            )
-        mapped = set()
-        for v in values:
-            t = label_map.get(int(v), 0 if v == 0 else None)
-            if isinstance(t, tuple):
-                mapped.update(t)
-            elif t is not None:
-                mapped.add(t)
-        summary.values.update(mapped)
-    else:
-        unexplained = [int(v) for v in values if not 0 <= v < ds.num_classes]
+    if label_map is None:
+        unexplained = [v for v in values if not 0 <= v < ds.num_classes]
         if unexplained:
             problems.append(
                 f"{where}: label {case['label']} holds value(s) {unexplained} that no class explains "
                 f"(classes are 0..{ds.num_classes - 1}: {ds.classes})"
             )
-        summary.values.update(int(v) for v in values)
+        return set(values)
+    unexplained = [v for v in values if v != 0 and v not in label_map]
+    if unexplained:
+        problems.append(
+            f"{where}: label {case['label']} holds value(s) {unexplained} that the label map of source "
+            f"{case['source']!r} does not list ({sorted(label_map)})"
+        )
+    mapped = set()
+    for v in values:
+        t = label_map.get(v, 0 if v == 0 else None)
+        if isinstance(t, tuple):
+            mapped.update(t)
+        elif t is not None:
+            mapped.add(t)
+    return mapped
+
+
+def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int], dict[str, Any]], content_hash: bool) -> list[str]:
+    """Images listed twice or shared between splits, by resolved real path and (optionally) content."""
+    problems: list[str] = []
+    by_path: dict[str, tuple[str, str, str]] = {}
+    by_hash: dict[str, tuple[str, str, str]] = {}
+    for split in splits:
+        for i, case in enumerate(ds.splits.get(split, [])):
+            real = os.path.realpath(case["image"])
+            first = by_path.setdefault(real, (split, case["case"], case["image"]))
+            if first[1:] != (case["case"], case["image"]) or first[0] != split:
+                kind = "listed twice" if first[0] == split else f"a {first[0]}/{split} leak"
+                problems.append(
+                    f"case {case['case']!r} ({split}): image {case['image']} is the file of case {first[1]!r} ({first[0]}: "
+                    f"{first[2]}), resolved to {real}: {kind}"
+                )
+                continue
+            digest = found.get((split, i), {}).get("hashes", {}).get(case["image"]) if content_hash else None
+            if digest is not None:
+                first = by_hash.setdefault(digest, (split, case["case"], case["image"]))
+                if first[1:] != (case["case"], case["image"]):
+                    kind = "a duplicate" if first[0] == split else f"a {first[0]}/{split} leak"
+                    problems.append(
+                        f"case {case['case']!r} ({split}): image {case['image']} has the same content as case {first[1]!r} "
+                        f"({first[0]}: {first[2]}): {kind}"
+                    )
+    return problems
 
 
 def validate_dataset(
-    dataset: PartialDataset | str | os.PathLike, splits: Sequence[str] = SPLITS, progress: bool = False
+    dataset: PartialDataset | str | os.PathLike,
+    splits: Sequence[str] | None = None,
+    progress: bool = False,
+    channels: int | None = 1,
+    content_hash: bool = False,
+    workers: int = 1,
+    cache: bool | str | os.PathLike | None = None,
 ) -> ValidationReport:
     """Check every case of a dataset against its files.
 
-    Finds: missing or unreadable images and labels, non-finite images, label and image grids
-    that differ (spatial shape, or affine beyond 1e-3), and label values that no class or
-    label map explains. Description-level problems (an ``annotated`` class that is not in
-    ``classes``) are already caught by :func:`partialseg.data.load_dataset`.
+    Finds: missing, unreadable or corrupted images and labels (a ``.nii.gz`` is checked to its
+    gzip trailer), non-finite or non-scalar images, non-scalar (RGB) and multi-channel labels,
+    images whose channel count is not ``channels``, label and image grids that differ (spatial
+    shape, or affine beyond 1e-3), label values that no class or label map explains, an image
+    listed twice or in two splits (compared by resolved real path, so ``a/../a/x.nii.gz`` and
+    symlinks count; by content too with ``content_hash``), and an empty training list or requested
+    split. Description-level problems (an ``annotated`` class that is not in ``classes``) are
+    already caught by :func:`partialseg.data.load_dataset`.
 
     Args:
         dataset: a loaded dataset, or a folder / ``dataset.json`` path.
-        splits: which splits to check.
-        progress: show a progress bar.
+        splits: which splits to check (None: training, and validation / test where present); a
+            split named here must hold cases.
+        progress: show a progress bar (on stderr).
+        channels: the channels every image must have (the network's ``in_channels``; None: any).
+        content_hash: also compare the images' contents (BLAKE2 of the files) across cases.
+        workers: processes reading the files (1: in this process).
+        cache: a cache file of per-case findings (True: beside ``dataset.json`` or under
+            ``~/.cache/partialseg/check/``; None / False: no cache).
 
     Returns:
         a :class:`ValidationReport`; call ``raise_if_invalid()`` to turn problems into an error.
+
+    Example:
+        >>> report = validate_dataset({"classes": ["background", "a"], "training": []})
+        >>> report.problems
+        ["split 'training' has no cases"]
     """
     ds = dataset if isinstance(dataset, PartialDataset) else load_dataset(dataset)
-    problems: list[str] = []
+    if splits is None:
+        splits = ["training"] + [s for s in SPLITS[1:] if ds.splits.get(s)]
+    splits = [check_option(s, SPLITS, "split") for s in splits]
+    channels = None if channels is None else check_int(channels, "channels", minimum=1)
+    workers = check_int(workers, "workers", minimum=1)
+    problems: list[str] = [f"split {s!r} has no cases" for s in splits if not ds.splits.get(s)]
+    todo = [(split, i, case) for split in splits for i, case in enumerate(ds.splits.get(split, []))]
+    store = _Cache(cache_path(ds, cache), {"channels": channels, "content_hash": bool(content_hash), "verify_gzip": True})
+    keys = [store.key(case["image"], case.get("label")) for _, _, case in todo]
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    missing = []
+    for (split, i, case), key in zip(todo, keys):
+        hit = store.get(key)
+        if hit is not None:
+            found[(split, i)] = hit
+        else:
+            missing.append((split, i, case, key))
+    bar = None
+    if progress and missing:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(missing), desc="checking cases", unit="case")
+    jobs = [(case["image"], case.get("label")) for _, _, case, _ in missing]
+    results: list[dict[str, Any]] = []
+    if workers == 1 or len(jobs) < 2 * workers:
+        for job in jobs:
+            results.append(inspect_case(*job, channels, content_hash))
+            if bar is not None:
+                bar.update(1)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        size = max(1, min(256, len(jobs) // (workers * 8)))
+        chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for part in pool.map(_inspect_chunk, chunks, [channels] * len(chunks), [content_hash] * len(chunks)):
+                results.extend(part)
+                if bar is not None:
+                    bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    for (split, i, _, key), result in zip(missing, results):
+        found[(split, i)] = result
+        store.put(key, result)
+    store.save(keys)
+
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for split in splits:
         cases = ds.splits.get(split, [])
         if not cases:
             continue
         per_source: dict[str, _SourceSummary] = defaultdict(_SourceSummary)
-        iterator = cases
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(cases, desc=f"checking {split}", unit="case")
-        for case in iterator:
-            _check_case(case, ds, split, per_source[case["source"]], problems)
+        for i, case in enumerate(cases):
+            s, result = per_source[case["source"]], found[(split, i)]
+            where = f"case {case['case']!r} ({split}, source {case['source']!r})"
+            s.cases += 1
+            if case.get("modality"):
+                s.modalities.add(case["modality"])
+            if result["spacing"] is not None:
+                s.spacings.add(tuple(result["spacing"]))
+            problems.extend(f"{where}: {p}" for p in result["problems"])
+            if case.get("label") is None:
+                continue
+            s.labelled += 1
+            s.annotated.update(case["annotated"])
+            if result["shape"] is not None:
+                s.shapes.add(tuple(result["shape"]))
+            if result["values"] is not None:
+                s.values.update(_label_values(ds, case, result["values"], where, problems))
         summary[split] = {
             src: {
                 "cases": s.cases,
@@ -249,4 +533,5 @@ def validate_dataset(
             }
             for src, s in per_source.items()
         }
+    problems.extend(_leaks(ds, splits, found, content_hash))
     return ValidationReport(dataset=ds, problems=problems, summary=summary)
