@@ -4,9 +4,10 @@
     python -m partialseg.monailabel start --studies STUDIES [--app APP_DIR] [--host 127.0.0.1]
         [--port 8000] [--bundles DIR] [--conf KEY VALUE ...]
 
-``start`` runs ``monailabel start_server --app APP_DIR --studies STUDIES --host HOST --port PORT``
-(the server writes ``model/``, ``logs/``, ``bin/`` into APP_DIR and its datastore files into
-STUDIES).
+``start`` runs ``monailabel start_server --app APP_DIR --studies STUDIES --host HOST --port PORT
+--uvicorn_app partialseg.monailabel.server:app`` (the server writes ``model/``, ``logs/``, ``bin/``
+into APP_DIR and its datastore files into STUDIES; the ASGI app adds the safe defaults of
+docs/serving.md, Security: CORS limited to the server's origin, model upload off, requests checked).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     conf = list(args.conf) + ([["bundles", str(Path(args.bundles).resolve())]] if args.bundles else [])
     # what the `monailabel` script runs, without its shell word-splitting of --conf values
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app),
-           "--studies", str(Path(args.studies).resolve()), "--host", args.host, "--port", str(args.port)]  # fmt: skip
+           "--studies", str(Path(args.studies).resolve()), "--host", args.host, "--port", str(args.port),
+           "--uvicorn_app", "partialseg.monailabel.server:app"]  # fmt: skip
     for key, value in conf:
         cmd += ["--conf", key, value]
     os.execv(sys.executable, cmd)

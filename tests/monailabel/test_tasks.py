@@ -1,5 +1,6 @@
-"""The MONAI Label tasks without a server: class names, train-task choice, DCL stage choice,
-datastore cases, the conditional-class check and the atomic install of the served files."""
+"""The MONAI Label tasks without a server: class names, the metadata declaration (train task and
+served files), DCL stage choice, datastore cases, the conditional-class check, the atomic install of
+the served files, the train-request checks and the datastore's name checks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 pytest.importorskip("monailabel")
 
 from partialseg.monailabel import tasks  # noqa: E402
+from partialseg.monailabel.bundle import read_declaration  # noqa: E402
+from partialseg.monailabel.request_checks import RequestError  # noqa: E402
 from partialseg.monailabel.tasks import (  # noqa: E402
     ConditionalTrainTask,
     PartialLabelTrainTask,
@@ -58,7 +61,9 @@ def test_bundle_classes(tmp_path):
 
     dcl = _copy_bundle("dcl_cardiac", tmp_path)
     _edit_metadata(dcl, class_names=None)  # without it, "(logit)" channels name no class
-    assert bundle_classes(dcl) is None and bundle_train_task(dcl) is None
+    assert bundle_classes(dcl) is None
+    with pytest.raises(ValueError, match=r"metadata.json: declares the train task 'conditional' but names no classes"):
+        bundle_train_task(dcl)
     _edit_metadata(dcl, class_names=["background", "LV", "MYO"])
     with pytest.raises(ValueError, match="name 3 classes, train.json num_classes is 4"):
         bundle_classes(dcl)
@@ -81,6 +86,60 @@ def test_bundle_train_task_picks_the_task(tmp_path):
     (bundle / "configs" / "train.json").write_text(json.dumps(train))
     with pytest.raises(ValueError, match=r"lacks the key\(s\) \['ckpt_name'\]"):
         bundle_train_task(bundle)
+
+
+def test_the_declaration_chooses_the_train_task_and_the_served_files(tmp_path):
+    # the marginal bundle's train.json now mentions a support bank: the declaration, not the text, decides
+    marginal = _copy_bundle("marginal_exclusion_abdomen", tmp_path)
+    train = json.loads((marginal / "configs" / "train.json").read_text())
+    train["support_bank_path"] = "$@ckpt_dir + '/support_bank.pt'"
+    (marginal / "configs" / "train.json").write_text(json.dumps(train))
+    assert type(bundle_train_task(marginal)) is PartialLabelTrainTask
+    assert [p.name for p in tasks.BundleInferTask(marginal).required_files()] == ["model.pt"]
+    # a declared extra file (an atlas) is served and installed, though no config text says 'atlas'
+    meta = json.loads((marginal / "configs" / "metadata.json").read_text())
+    meta["partialseg"]["model_files"] = {"atlas": {"path": "models/atlas.pt", "train_key": "support_bank_path"}}
+    (marginal / "configs" / "metadata.json").write_text(json.dumps(meta))
+    task = bundle_train_task(marginal)
+    assert task.served == [("atlas", "atlas.pt"), ("checkpoint", "model.pt")]
+    assert task.output_overrides(tmp_path / "run")["support_bank_path"] == str(tmp_path / "run" / "models" / "atlas.pt")
+    infer = tasks.BundleInferTask(marginal)
+    (marginal / "models").mkdir()
+    torch.save({}, marginal / "models" / "model.pt")
+    assert not infer.is_valid()
+    torch.save({}, marginal / "models" / "atlas.pt")
+    assert infer.is_valid()
+    # a declared file whose train_key train.json lacks
+    meta["partialseg"]["model_files"]["atlas"]["train_key"] = "atlas_path"
+    (marginal / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['atlas_path'\]"):
+        bundle_train_task(marginal)
+    # "train": null: served, not trained
+    meta["partialseg"] = {"train": None, "model_files": {}}
+    (marginal / "configs" / "metadata.json").write_text(json.dumps(meta))
+    assert bundle_train_task(marginal) is None
+
+
+@pytest.mark.parametrize(
+    "declaration, match",
+    [
+        (None, "no 'partialseg' declaration"),
+        ("conditional", "partialseg must be an object"),
+        ({"train": {"task": "conditional"}}, r"missing: \['model_files'\]"),
+        ({"train": {"task": "conditionnal"}, "model_files": {}}, "Did you mean 'conditional'"),
+        ({"train": {"task": "conditional"}, "model_files": {"bank": {"path": "../bank.pt", "train_key": "support_bank_path"}}}, "a file directly in models/"),
+        ({"train": {"task": "conditional"}, "model_files": {"bank": {"path": "models/model.pt", "train_key": "support_bank_path"}}}, "other than model.pt"),
+        ({"train": {"task": "conditional"}, "model_files": {"bank": "models/support_bank.pt"}}, "model_files.bank must be"),
+        ({"train": {"task": "conditional"}, "model_files": {"a": {"path": "models/a.pt", "train_key": "k"}, "b": {"path": "models/a.pt", "train_key": "j"}}}, "declared more than once"),
+    ],
+)
+def test_a_missing_or_malformed_declaration_names_the_file(tmp_path, declaration, match):
+    dcl = _copy_bundle("dcl_cardiac", tmp_path)
+    _edit_metadata(dcl, partialseg=declaration)
+    for read in (read_declaration, bundle_train_task, tasks.BundleInferTask):
+        with pytest.raises(ValueError, match=match) as e:
+            read(dcl)
+        assert str(dcl / "configs" / "metadata.json") in str(e.value)
 
 
 def test_dcl_stage_choice(tmp_path):
@@ -204,8 +263,10 @@ def test_request_values_are_checked_before_any_run_folder(tmp_path):
     task = PartialLabelTrainTask(_copy_bundle("marginal_exclusion_abdomen", tmp_path), ["background", "liver", "spleen"])
     # the task's advertised defaults apply (train.json's val_interval is 5: 2 epochs would save no model)
     assert task.request_values({"max_epochs": 2}) == {"max_epochs": 2, "iterations_per_epoch": 20, "val_interval": 1, "overrides": {}}
-    got = task.request_values({"max_epochs": "3", "val_interval": "1", "learning_rate": "1e-4", "overrides": {"train#dataloader#shuffle": False}})
+    got = task.request_values({"max_epochs": "3", "val_interval": "1", "learning_rate": "1e-4", "overrides": {"train#trainer#amp": False}})
     assert got["max_epochs"] == 3 and got["val_interval"] == 1 and got["learning_rate"] == 1e-4
+    plain = {"pixdim": [9, 9.0, 8], "sampling": "source", "num_workers": 1, "learning_rate": 1e-3, "train::trainer::amp": True}
+    assert task.request_values({"overrides": plain})["overrides"] == plain
     for request, match in [
         ({"max_epochs": 0}, "max_epochs must be positive"),
         ({"max_epochs": -1}, "max_epochs must be positive"),
@@ -215,9 +276,34 @@ def test_request_values_are_checked_before_any_run_folder(tmp_path):
         ({"learning_rate": "fast"}, "learning_rate must be a number"),
         ({"overrides": '{"a": 1}'}, "overrides must be an object"),
         ({"overrides": {"learnig_rate": 1e-3}}, "'learnig_rate' \\(did you mean 'learning_rate'\\?\\)"),
+        # bounded, finite (issue 13: 1e300 epochs were launched, "inf" left a run folder)
+        ({"max_epochs": 1e300}, "max_epochs must be at most 1000"),
+        ({"max_epochs": "1e300"}, "max_epochs must be at most 1000"),
+        ({"learning_rate": "inf"}, "learning_rate must be at most 1"),
+        ({"learning_rate": "nan"}, "learning_rate must be a number"),
+        ({"batch_size": 100000}, "batch_size must be at most 512"),
+        ({"iterations_per_epoch": 10**7}, "iterations_per_epoch must be at most 10000"),
+        # override values: plain JSON of the default's type, never a config expression
+        ({"overrides": {"learning_rate": "$__import__('os').system('touch /tmp/x') and 3e-4"}}, "is a config expression"),
+        ({"overrides": {"num_workers": "@batch_size"}}, "is a config expression"),
+        ({"overrides": {"sampling": "%configs/inference.json#network_def"}}, "is a config expression"),
+        ({"overrides": {"sampling": "case#x"}}, "is a config expression"),
+        ({"overrides": {"train#trainer#amp": "yes"}}, "must be a boolean"),
+        ({"overrides": {"train#dataloader#shuffle": False}}, "is not a plain value"),
+        ({"overrides": {"num_workers": 1.5}}, "must be an integer"),
+        ({"overrides": {"lambda_marginal": float("inf")}}, "must be finite"),
+        ({"overrides": {"pixdim": [1, 2]}}, "must be a list of 3 plain values"),
+        ({"overrides": {"pixdim": {"_target_": "os.system"}}}, "must be a list of 3"),
+        ({"overrides": {"learning_rate": 5.0}}, "learning_rate'\\] must be at most 1"),
+        ({"overrides": {"ckpt_dir": "/tmp"}}, "sets 'ckpt_dir' itself"),
+        ({"overrides": {"output_dir": "/tmp"}}, "sets 'output_dir' itself"),
+        ({"overrides": {"network_def#_target_": "os.system"}}, "component keys \\(_target_\\)"),
+        ({"overrides": {"network_def": "x"}}, "is not a plain value"),
+        ({"overrides": {"train#nothing": 1}}, "has no such id"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(RequestError, match=match) as e:
             task({**request}, FakeDatastore({}))
+        assert e.value.status_code == 400 and "marginal_exclusion_abdomen" in e.value.detail
     assert not (task.bundle_root / "runs").exists() or not any((task.bundle_root / "runs").iterdir())
     # a datastore that cannot train leaves no run folder either
     with pytest.raises(ValueError, match="no labelled 3D image"):
@@ -301,3 +387,39 @@ def test_results_in_the_format_a_client_asks_for(tmp_path, shape):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
     if len(shape) == 3:
         np.testing.assert_allclose(np.asarray(after.affine), np.asarray(before.affine), atol=1e-5)
+
+
+def test_the_datastore_refuses_names_that_leave_it(tmp_path):
+    from partialseg.monailabel.datastore import SafeDatastore
+
+    studies, outside = tmp_path / "studies", tmp_path / "outside"
+    studies.mkdir()
+    outside.mkdir()
+    image = _case(tmp_path / "src", "case", np.ones((4, 4, 4)))[0]
+    store = SafeDatastore(str(studies))
+    assert store.add_image("case", str(image), {}) == "case"
+    label = tmp_path / "src" / "upload.nii.gz"
+    shutil.copy(image, label)
+    for image_id, tag, match in [
+        ("case", "../../outside/x", "tag '../../outside/x' is not a safe name"),
+        ("case", str(outside), "is not a safe name"),  # an absolute tag
+        ("case", "..", "is not a safe name"),
+        ("../case", "final", "image '../case' is not a safe name"),
+    ]:
+        with pytest.raises(RequestError, match=match):
+            store.save_label(image_id, str(label), tag, {})
+    with pytest.raises(RequestError, match="image '../outside/y' is not a safe name"):
+        store.add_image("../outside/y", str(image), {})
+    # a tag folder that is a link out of the datastore: refused by the resolved path
+    (studies / "labels").mkdir(exist_ok=True)
+    (studies / "labels" / "linked").symlink_to(outside)
+    with pytest.raises(RequestError, match="outside the datastore"):
+        store.save_label("case", str(label), "linked", {})
+    assert list(outside.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["outside", "src", "studies"]
+    assert store.save_label("case", str(label), "final", {"annotated": ["liver"]}) == "case"
+    assert (studies / "labels" / "final" / "case.nii.gz").is_file()
+    # the app's check of `annotated` runs before anything is written
+    checked = SafeDatastore(str(studies), check_label_info=lambda i, info: (_ for _ in ()).throw(ValueError(f"{i}: bad {info}")))
+    with pytest.raises(RequestError, match="case: bad"):
+        checked.save_label("case", str(label), "other", {"annotated": ["heart"]})
+    assert not (studies / "labels" / "other").exists()

@@ -1,0 +1,486 @@
+"""MONAI Label train tasks of partialseg bundles: partial-label fine-tuning and conditional (DCL) training.
+
+:func:`bundle_train_task` picks the task a bundle declares in its metadata (``partialseg.train.task``,
+:mod:`partialseg.monailabel.bundle`); the files a run serves besides ``models/model.pt`` come from the
+same declaration. Each request is checked (:mod:`partialseg.monailabel.request_checks`) before any run
+folder exists; the bundle's ``train.json`` then runs as ``python -m monai.bundle run`` in a subprocess.
+
+Example:
+    >>> import partialseg
+    >>> bundles = Path(partialseg.__file__).parents[1] / "bundles"
+    >>> task = bundle_train_task(bundles / "dcl_cardiac")
+    >>> type(task).__name__, task.served
+    ('ConditionalTrainTask', [('support_bank', 'support_bank.pt'), ('checkpoint', 'model.pt')])
+    >>> task.request_values({"max_epochs": 2, "overrides": {"missing": "any"}})["overrides"]
+    {'missing': 'any'}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from partialseg._fileio import atomic_copy
+from partialseg.monailabel.bundle import NIFTI_SUFFIXES, bundle_classes, bundle_dimension, read_declaration, read_json
+from partialseg.monailabel.request_checks import RequestError, check_override, check_setting, config_default
+
+__all__ = ["ConditionalTrainTask", "PartialLabelTrainTask", "bundle_train_task"]
+
+logger = logging.getLogger(__name__)
+
+
+def bundle_train_task(
+    bundle_root: str | os.PathLike, overrides: dict[str, Any] | None = None, max_epochs: int = 10
+) -> PartialLabelTrainTask | None:
+    """The train task a bundle declares (``partialseg.train.task`` in ``configs/metadata.json``),
+    or None (logged) when it declares none (``"train": null``).
+
+    ``"partial_label"`` gives a :class:`PartialLabelTrainTask`, ``"conditional"`` a
+    :class:`ConditionalTrainTask`.
+
+    Raises:
+        ValueError: naming the file: a missing or malformed declaration, a declared task without
+            ``configs/train.json`` or without class names (metadata ``class_names`` or one output
+            channel per class), or a ``train.json`` without the keys the task sets.
+    """
+    root = Path(bundle_root)
+    declaration = read_declaration(root)
+    if declaration.train_task is None:
+        logger.info(f"{root.name}: no train task (configs/metadata.json declares \"train\": null)")
+        return None
+    meta = root / "configs" / "metadata.json"
+    train = root / "configs" / "train.json"
+    if not train.is_file():
+        raise ValueError(f"{meta}: declares the train task {declaration.train_task!r} but {train} does not exist")
+    classes = bundle_classes(root)
+    if classes is None:
+        raise ValueError(
+            f"{meta}: declares the train task {declaration.train_task!r} but names no classes: add class_names,"
+            " or describe one output channel per class (network_data_format.outputs.pred.channel_def)"
+        )
+    cls = ConditionalTrainTask if declaration.train_task == "conditional" else PartialLabelTrainTask
+    return cls(root, classes, overrides=overrides, max_epochs=max_epochs)
+
+
+class PartialLabelTrainTask(TrainTask):
+    """Fine-tune a bundle on the datastore's labels, keeping each case's annotated classes.
+
+    MONAI Label's own bundle train task hands the bundle only ``{image, label}`` per case, so a
+    label that marks only the liver would teach "everything else is background". Here the
+    labelled cases of the datastore become a partialseg ``dataset.json`` (docs/data_format.md)
+    whose cases carry ``annotated``: the label's info ``annotated`` (class names or indices, or
+    ``"all"``) when the client saved one (``PUT /datastore/label`` with
+    ``params={"annotated": ["liver"]}``), else the classes present in the label file, a partial
+    annotation (voxels of value 0 are then "one of the other classes", not background). Only
+    images of the bundle's dimensionality are used (a datastore may hold 2D slices and 3D volumes
+    for different bundles). Validation: the last fully annotated case, held out, when there are
+    two cases or more (and the others can train the bundle alone); else the training cases
+    themselves, an indicative metric. The bundle's ``train.json`` then runs (``python -m
+    monai.bundle run``, a subprocess) as stage 2, initialised from the served ``models/model.pt``
+    when there is one, and writes the new ``models/model.pt`` atomically; the infer task reloads
+    it on its next request.
+
+    Subclasses change the stage and the outputs through :meth:`stage_overrides`,
+    :meth:`output_overrides`, :meth:`check` and :meth:`install` (:class:`ConditionalTrainTask`).
+
+    Args:
+        bundle_root: the bundle folder (``configs/train.json``).
+        classes: class names, index 0 background (:func:`bundle_classes`).
+        overrides: config overrides for every training (e.g. a coarser ``pixdim``).
+        max_epochs: default number of epochs (the request's ``max_epochs`` wins).
+        description: the task's description in ``/info/``.
+    """
+
+    def __init__(
+        self,
+        bundle_root: str | os.PathLike,
+        classes: list[str],
+        overrides: dict[str, Any] | None = None,
+        max_epochs: int = 10,
+        description: str | None = None,
+    ) -> None:
+        self.bundle_root = Path(bundle_root).resolve()
+        self.name = self.bundle_root.name
+        self.classes = list(classes)
+        self.overrides = dict(overrides or {})
+        self.max_epochs = int(max_epochs)
+        self.dimension = bundle_dimension(self.bundle_root)
+        self.train_config = read_json(self.bundle_root / "configs" / "train.json")
+        self.declaration = read_declaration(self.bundle_root)
+        keys = list(self.REQUIRED_KEYS) + [f.train_key for f in self.declaration.model_files]
+        absent = [k for k in keys if k not in self.train_config]
+        if absent:
+            raise ValueError(
+                f"{self.name}: configs/train.json lacks the key(s) {absent} that the {type(self).__name__} sets or reads"
+                " (the declared model_files' train_key included; configs/metadata.json)."
+            )
+        self._stats: dict[str, Any] = {}
+        super().__init__(description or f"partial-label fine-tuning of {self.name} (train.json, stage 2)")
+
+    #: train.json keys the task sets or reads
+    REQUIRED_KEYS: tuple[str, ...] = ("stage", "epochs_stage2", "init_from_stage1", "stage1_ckpt", "ckpt_dir", "ckpt_name", "val_interval")
+
+    def config(self) -> dict[str, Any]:
+        return {"max_epochs": self.max_epochs, "iterations_per_epoch": 20, "val_interval": 1}
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    def _annotated(self, label_path: str, info: dict[str, Any]) -> list[str] | str:
+        given = (info or {}).get("annotated")
+        if given == "all":
+            return "all"
+        if given is not None and given != [] and given != "":
+            names = []
+            for c in given if isinstance(given, (list, tuple)) else [given]:
+                if isinstance(c, bool) or not isinstance(c, (int, str)):
+                    raise ValueError(f"{label_path}: annotated entry {c!r} must be a class name or index (of {self.classes})")
+                if isinstance(c, int) or c.strip().lstrip("-").isdigit():
+                    index = int(c)
+                    if not 0 <= index < len(self.classes):
+                        raise ValueError(f"{label_path}: annotated class index {c!r} is outside 0..{len(self.classes) - 1} ({self.classes})")
+                    name = self.classes[index]
+                else:
+                    name = c
+                if name not in self.classes:
+                    raise ValueError(f"{label_path}: annotated class {c!r} is not one of {self.classes}")
+                names.append(name)
+            return names
+        import numpy as np
+
+        from partialseg.data.validation import read_image
+
+        values = np.unique(read_image(label_path)[0]).astype(int)  # NIfTI, NRRD, ...: whatever MONAI reads
+        return [self.classes[v] for v in values if 0 < v < len(self.classes)]
+
+    def unannotated(self, cases: list[dict[str, Any]]) -> list[str]:
+        """The class names that no case of ``cases`` annotates (``annotated``: names or ``"all"``)."""
+        covered: set[str] = set()
+        for case in cases:
+            if case.get("annotated") == "all":
+                return []
+            covered.update(case.get("annotated") or [])
+        return [c for c in self.classes if c not in covered]
+
+    def can_train_on(self, cases: list[dict[str, Any]]) -> bool:
+        """Whether ``cases`` alone can train the bundle (here: always). A fully annotated case is
+        held out for validation only when the other cases can."""
+        return True
+
+    def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
+        """Write the datastore's labelled cases as ``folder/dataset.json``; returns its content."""
+        cases, skipped = [], []
+        for image_id in sorted(datastore.get_labeled_images()):
+            image = datastore.get_image_uri(image_id)
+            ndim = _image_ndim(image)
+            if ndim is not None and ndim != self.dimension:
+                skipped.append(image_id)
+                continue
+            label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL)
+            cases.append({"image": image, "label": label,
+                          "annotated": self._annotated(label, info), "source": "monailabel", "case": image_id})  # fmt: skip
+        if skipped:
+            logger.info(f"{self.name}: {len(skipped)} labelled image(s) are not {self.dimension}D, left out: {skipped}")
+        if not cases:
+            raise ValueError(f"{self.name}: no labelled {self.dimension}D image in the datastore: save a label (tag 'final') first")
+        full = [c for c in cases if c["annotated"] == "all" or set(c["annotated"]) >= set(self.classes[1:])]
+        folder.mkdir(parents=True, exist_ok=True)
+        if full and len(cases) > 1 and self.can_train_on([c for c in cases if c is not full[-1]]):
+            validation = [full[-1]]  # model selection on a held-out, fully annotated case
+            training = [c for c in cases if c is not full[-1]]
+        else:  # nothing to hold out: validate on (links to) the training cases, an indicative metric only
+            training, validation = cases, []
+            for c in cases:
+                link = folder / "validation" / Path(c["image"]).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(c["image"])
+                validation.append({**c, "image": str(link)})
+        content = {"name": f"monailabel-{self.name}", "classes": self.classes, "training": training, "validation": validation}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
+        return content
+
+    def setting(self, overrides: dict[str, Any], key: str) -> Any:
+        """The value of config ``key`` in a run with ``overrides``: the override, else ``train.json``'s."""
+        return overrides[key] if key in overrides else self.train_config.get(key)
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Config keys of the stage to run and its start: stage 2, from the served ``models/model.pt`` if any."""
+        served = self.bundle_root / "models" / "model.pt"
+        return {
+            "stage": 2,
+            "epochs_stage2": int(request.get("max_epochs", self.max_epochs)),
+            "init_from_stage1": served.is_file(),
+            "stage1_ckpt": str(served),
+        }
+
+    def output_overrides(self, run_dir: Path) -> dict[str, Any]:
+        """Config keys of where the run writes the files to serve: its own ``runs/<run>/models/``
+        (the checkpoint, and each declared model file through its ``train_key``; :meth:`install`
+        moves them into ``models/`` once the run succeeded)."""
+        files = {f.train_key: str(run_dir / "models" / f.filename) for f in self.declaration.model_files}
+        return {"ckpt_dir": str(run_dir / "models"), "ckpt_name": "model.pt", **files}
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Raise ``ValueError`` before training when the run could not give a model to serve: fewer
+        epochs than ``val_interval`` (the model is saved at validation)."""
+        stage = overrides["stage"]
+        epochs, interval = overrides.get(f"epochs_stage{stage}"), self.setting(overrides, "val_interval")
+        if isinstance(epochs, int) and isinstance(interval, int) and epochs < interval:
+            raise ValueError(
+                f"{self.name}: {epochs} epoch(s) but val_interval {interval}: the model is saved at validation;"
+                " ask for more epochs or a smaller val_interval."
+            )
+
+    @property
+    def served(self) -> list[tuple[str, str]]:
+        """``(name, file name)`` of the files in ``models/`` that the infer task reads, in the order
+        they are replaced: the declared ``model_files``, then the checkpoint ``model.pt``."""
+        return [(f.name, f.filename) for f in self.declaration.model_files] + [("checkpoint", "model.pt")]
+
+    def install(self, run_dir: Path, overrides: dict[str, Any]) -> dict[str, str]:
+        """Put a finished run's outputs where the infer task reads them (each by an atomic
+        ``os.replace``); returns ``{what: served path}``. A failed or stopped run never gets here,
+        so the served files stay as they were."""
+        built, served = Path(overrides["ckpt_dir"]), self.bundle_root / "models"
+        absent = [name for _, name in self.served if not (built / name).is_file()]
+        if absent:
+            raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
+        served.mkdir(parents=True, exist_ok=True)
+        for _, name in self.served:
+            atomic_copy(built / name, served / name)
+        return {key: str(served / name) for key, name in self.served}
+
+    #: request keys passed to the bundle (bounds in :data:`~partialseg.monailabel.request_checks.LIMITS`)
+    REQUEST_KEYS: tuple[str, ...] = ("max_epochs", "iterations_per_epoch", "val_interval", "batch_size", "learning_rate")
+    #: train.json keys the task sets itself, which a request's ``overrides`` may not (with the
+    #: declared model files' ``train_key``)
+    OWNED_KEYS: tuple[str, ...] = ("bundle_root", "stage", "epochs", "epochs_stage1", "epochs_stage2", "init_from_stage1", "stage1_ckpt",
+                                   "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir", "progress")  # fmt: skip
+
+    def request_values(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request's training settings, checked before anything is written.
+
+        :attr:`REQUEST_KEYS` (else the task's :meth:`config` defaults) as bounded positive numbers
+        (:func:`~partialseg.monailabel.request_checks.check_setting`), and ``overrides`` an object
+        of ``train.json`` keys (nested ids ``a#b``) whose values are plain JSON of the default's
+        type (:func:`~partialseg.monailabel.request_checks.check_override`); keys the task sets
+        (:attr:`OWNED_KEYS`) and component keys (``_target_`` ...) are refused.
+
+        Raises:
+            RequestError: a ``ValueError`` naming the field (a 400 answer in the server).
+        """
+        values: dict[str, Any] = {}
+        defaults = self.config()
+        for key in self.REQUEST_KEYS:
+            raw = request.get(key, defaults.get(key))
+            if raw is not None:
+                values[key] = self._checked(lambda: check_setting(key, raw))
+        extra = request.get("overrides") or {}
+        if not isinstance(extra, dict):
+            raise RequestError(f"{self.name}: overrides must be an object of config keys and values, got {type(extra).__name__} {extra!r}.")
+        owned = set(self.OWNED_KEYS) | {f.train_key for f in self.declaration.model_files}
+        unknown, checked = [], {}
+        for key, value in extra.items():
+            parts = re.split(r"#|::", str(key))
+            if parts[0] not in self.train_config:
+                unknown.append(key)
+                continue
+            if parts[0] in owned:
+                raise RequestError(f"{self.name}: overrides[{key!r}]: the train task sets {parts[0]!r} itself; use the request's keys (max_epochs, stage ...)")
+            if any(p.startswith("_") for p in parts):
+                raise RequestError(f"{self.name}: overrides[{key!r}]: component keys ({', '.join(p for p in parts if p.startswith('_'))}) cannot be overridden")
+            found, default = config_default(self.train_config, str(key))
+            if not found:
+                raise RequestError(f"{self.name}: overrides[{key!r}]: configs/train.json has no such id")
+            checked[key] = self._checked(lambda: check_override(str(key), value, default))
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(re.split(r"#|::", str(k))[0], list(self.train_config), n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise RequestError(f"{self.name}: overrides name key(s) that configs/train.json does not have: {said}.")
+        values["overrides"] = checked
+        return values
+
+    def _checked(self, check: Any) -> Any:
+        try:
+            return check()
+        except RequestError as e:
+            raise RequestError(f"{self.name}: {e.detail}", e.status_code) from None
+
+    def iterations(self, values: dict[str, Any]) -> int:
+        """Training iterations of a request with checked ``values`` (:meth:`request_values`):
+        epochs x iterations per epoch (the run_sync bound of the app)."""
+        per_epoch = values["overrides"].get("iterations_per_epoch", values.get("iterations_per_epoch", self.train_config.get("iterations_per_epoch")))
+        return int(values["max_epochs"]) * int(per_epoch if isinstance(per_epoch, int) else 1)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        values = self.request_values(request)  # bad values are refused before any folder is made
+        run_dir = _new_run_dir(self.bundle_root / "runs", f"monailabel_{time.strftime('%Y%m%d_%H%M%S')}")
+        try:
+            content = self.dataset(datastore, run_dir / "dataset")
+            overrides: dict[str, Any] = {
+                **self.overrides,
+                **self.stage_overrides({**request, "max_epochs": values["max_epochs"]}),
+                "dataset_dir": str(run_dir / "dataset"),
+                "output_dir": str(run_dir),
+                **self.output_overrides(run_dir),
+                "progress": False,
+            }
+            for key in ("iterations_per_epoch", "val_interval", "learning_rate", "batch_size"):
+                if key in values:
+                    overrides[key] = values[key]
+            overrides.update(values["overrides"])
+            self.check(content, overrides)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a refused request leaves no run folder
+            raise
+        configs = self.bundle_root / "configs"
+        from partialseg.engines.launch import bundle_command
+
+        cmd = bundle_command(configs.parent, self.bundle_root, ("train.json",), **overrides)
+        log = run_dir / "train.log"
+        begin = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=str(self.bundle_root))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.name}: training failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+        served = self.install(run_dir, overrides)
+        stage = overrides["stage"]
+        self._stats = {
+            "model": self.name,
+            "stage": stage,
+            **served,
+            "run_dir": str(run_dir),
+            "epochs": overrides.get(f"epochs_stage{stage}"),
+            "cases": len(content["training"]),
+            "annotated": {c["case"]: c["annotated"] for c in content["training"]},
+            "validation": [c["case"] for c in content["validation"]],
+            "train_time": round(time.time() - begin, 2),
+        }
+        return self._stats
+
+
+class ConditionalTrainTask(PartialLabelTrainTask):
+    """Train a bundle whose network reads conditional images (DCL's CompNet) on the datastore's labels.
+
+    As :class:`PartialLabelTrainTask` (cases keep their ``annotated`` classes; same validation
+    rule), with what a conditional bundle needs:
+
+    - **stage**: stage 1 (PrimNet from scratch, the bundle's stage-1 settings) while the bundle
+      serves no ``models/model.pt``; afterwards stage 2 (the bundle's stage-2 settings: DualNet,
+      its learning rate) starting from the served model (``stage1_ckpt``). A request's ``stage``
+      (``1``, ``2`` or ``"auto"``) forces the choice; ``max_epochs`` sets that stage's epochs.
+    - **conditional cases**: every class, background included, needs a case that annotates it
+      (the network's conditional image of that class, in training and in the support bank), unless
+      the bundle's ``missing`` option is ``"any"``; otherwise ``ValueError`` naming the classes
+      before training. A fully annotated case is held out for validation only when the other
+      cases still annotate every class.
+    - **served files**: the run writes its model and the files its metadata declares beside it
+      (DCL: the support bank, rebuilt from the datastore's cases) into ``runs/<run>/models/``;
+      after a successful run they replace the served ones (each by an atomic ``os.replace``,
+      ``model.pt`` last), which the infer task reads on its next request. A failed run leaves them
+      as they were.
+
+    Arguments as :class:`PartialLabelTrainTask`; ``train.json`` must define the keys in
+    :attr:`REQUIRED_KEYS` (``ValueError`` naming the missing ones).
+    """
+
+    #: train.json keys the task sets or reads
+    REQUIRED_KEYS = ("stage", "stage1_ckpt", "epochs_stage1", "epochs_stage2", "ckpt_dir", "ckpt_name", "missing", "val_interval")
+
+    def __init__(
+        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+    ) -> None:
+        name = Path(bundle_root).name
+        super().__init__(bundle_root, classes, overrides, max_epochs,
+                         description=f"partial-label training of {name} (train.json: stage 1 until a model is served, then stage 2 from it)")  # fmt: skip
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stage": "auto"}
+
+    def choose_stage(self, request: dict[str, Any]) -> int:
+        """1 while no ``models/model.pt`` is served, else 2; the request's ``stage`` (1, 2, "auto") wins."""
+        served = (self.bundle_root / "models" / "model.pt").is_file()
+        stage = request.get("stage", "auto")
+        if stage in (None, "", "auto"):
+            return 2 if served else 1
+        if str(stage) not in ("1", "2"):
+            raise RequestError(f"{self.name}: stage must be 1, 2 or 'auto', got {stage!r}.")
+        if int(stage) == 2 and not served:
+            raise RequestError(f"{self.name}: stage 2 starts from the served models/model.pt, which does not exist: train stage 1 first.")
+        return int(stage)
+
+    def request_values(self, request: dict[str, Any]) -> dict[str, Any]:
+        values = super().request_values(request)
+        self.choose_stage(request)  # a bad stage is refused with the other settings
+        return values
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        stage = self.choose_stage(request)
+        overrides: dict[str, Any] = {"stage": stage, f"epochs_stage{stage}": int(request.get("max_epochs", self.max_epochs))}
+        if stage == 2:
+            overrides["stage1_ckpt"] = str(self.bundle_root / "models" / "model.pt")
+        return overrides
+
+    def can_train_on(self, cases: list[dict[str, Any]]) -> bool:
+        return not self.unannotated(cases)
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        absent = self.unannotated(content["training"])
+        missing = self.setting(overrides, "missing")
+        if absent and missing != "any":
+            hint = f" (the {self.classes[0]}: a whole-foreground label saved with params {{\"annotated\": [\"{self.classes[0]}\"]}})"
+            raise ValueError(
+                f"{self.name}: class(es) {absent} are annotated in no labelled case of the datastore, but the network needs"
+                f" a conditional image of every class: save a label that annotates {' and '.join(absent)}"
+                f"{hint if self.classes[0] in absent else ''}, or set the bundle's missing option to 'any' (bundle_overrides,"
+                f" or the request's overrides; now {missing!r})."
+            )
+        super().check(content, overrides)
+
+
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """Create and return ``parent/name``, or ``name_2``, ``name_3``... when taken (a run never
+    shares a folder, where the bundle would resume another run's ``checkpoint.pt``)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10000):
+        path = parent / (name if i == 1 else f"{name}_{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder {parent / name}_N")
+
+
+def _image_ndim(path: str) -> int | None:
+    """Spatial dimensionality of an image: its number of dimensions, trailing size-1 ones beyond
+    the second not counted (a slice saved as ``(H, W, 1)`` is 2D, for every bundle). NIfTI is read
+    from its header; other formats through MONAI's reader. None for an unreadable file (training
+    then names it)."""
+    from partialseg.data.validation import read_image, spatial_shape
+
+    try:
+        if str(path).lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape  # the header only
+        else:
+            shape = read_image(str(path))[0].shape
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the run that reads it
+        return None
+    return len(spatial_shape(shape, str(path)))
