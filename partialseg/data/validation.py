@@ -82,14 +82,18 @@ def read_gzip_verified(path: str) -> bytes:
     return b"".join(out)
 
 
-def _nifti_from_bytes(data: bytes, path: str) -> Any:
+def _nifti_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A decompressed NIfTI-1 or -2 file as ``(array, affine)`` (the header's best affine, voxel
+    scaling applied), read with the header class alone: a whole nibabel image costs ~1 ms more."""
+    import io
+
     import nibabel as nib
 
-    sizeof_hdr = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
-    if sizeof_hdr not in (348, 540):
-        sizeof_hdr = int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
-    klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
-    return klass.from_bytes(data)
+    sizeof_hdr = {int.from_bytes(data[:4], order) for order in ("little", "big")} if len(data) >= 4 else set()
+    header_class = nib.Nifti2Header if 540 in sizeof_hdr else nib.Nifti1Header
+    stream = io.BytesIO(data)
+    header = header_class.from_fileobj(stream, check=False)
+    return np.asanyarray(header.data_from_fileobj(stream)), np.asarray(header.get_best_affine(), dtype=np.float64)
 
 
 def read_image(path: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +112,7 @@ def read_image(path: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     lower = path.lower()
     try:
         if lower.endswith(".nii.gz") and verify:
-            img = _nifti_from_bytes(read_gzip_verified(path), path)
-            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+            return _nifti_from_bytes(read_gzip_verified(path))
         if lower.endswith(_NIFTI):
             import nibabel as nib
 
