@@ -22,18 +22,28 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_float", "check_int", "check_option", "unwrap_network"]
+__all__ = ["ArgumentTypeError", "check_float", "check_int", "check_option", "unwrap_network"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a ``TypeError`` that is also a ``ValueError``.
+
+    partialseg's checks raised ``ValueError`` for every bad argument before they were shared;
+    like NumPy's ``AxisError`` (a ``ValueError`` and an ``IndexError``), this keeps both kinds
+    of caller working.
+    """
 
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as a Python ``int`` if it is an integer (NumPy integers too, never a bool) in range.
 
     Raises:
-        TypeError: ``value`` is a bool, a float or anything not integral.
+        ArgumentTypeError: ``value`` is a bool, a float or anything not integral (a ``TypeError``
+            and a ``ValueError``).
         ValueError: ``value`` is below ``minimum`` or above ``maximum``.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
@@ -53,11 +63,12 @@ def check_float(
     """``value`` as a finite Python ``float`` (ints accepted, bools not) in the given range.
 
     Raises:
-        TypeError: ``value`` is a bool or not a real number.
+        ArgumentTypeError: ``value`` is a bool or not a real number (a ``TypeError`` and a
+            ``ValueError``).
         ValueError: ``value`` is NaN or infinite, or outside the range.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}.")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from partialseg._checks import check_int, check_option
 from partialseg.transforms.dcl.array import label_view
 from partialseg.transforms.partial.array import annotated_mask
 
@@ -115,12 +116,9 @@ class ConditionalDataset(torch.utils.data.Dataset):
     ) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sized, indexable collection of cases, got {type(dataset).__name__}.")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        if missing not in MISSING:
-            raise ValueError(f"missing must be one of {list(MISSING)}, got {missing!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        check_int(num_classes, "num_classes", minimum=2)
+        check_option(missing, MISSING, "missing")
+        check_int(seed, "seed", minimum=0)
         if not 0.0 < float(p) < 1.0:
             raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}.")
         self.dataset = dataset
@@ -249,8 +247,7 @@ class SupportBank(nn.Module):
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Tensor, num_classes: int) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        check_int(num_classes, "num_classes", minimum=2)
         images, labels, classes = torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(classes).long().reshape(-1)
         if images.ndim < 3 or labels.shape != (images.shape[0], *images.shape[2:]) or classes.shape != (images.shape[0],):
             raise ValueError(
@@ -302,8 +299,8 @@ class SupportBank(nn.Module):
             missing: a class no case annotates: ``"error"`` raises ``ValueError``, ``"any"``
                 draws its entries from every case (as ``ConditionalDataset(missing="any")``).
         """
-        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-            raise ValueError(f"per_class must be a positive int, got {per_class!r}.")
+        check_int(per_class, "per_class", minimum=1)
+        check_option(missing, MISSING, "missing")
         if annotated is None:
             data = getattr(dataset, "data", None)
             if data is None:
@@ -311,8 +308,6 @@ class SupportBank(nn.Module):
             annotated = [case.get("annotated") for case in data]
         pools = class_pools([annotated_classes(a, num_classes) for a in annotated], num_classes)
         empty = [j for j, pool in enumerate(pools) if not pool]
-        if missing not in ("error", "any"):
-            raise ValueError(f"missing must be 'error' or 'any', got {missing!r}.")
         if empty and missing == "error":
             raise ValueError(f"class(es) {empty} are annotated in no case of the dataset; the support bank needs each class (or missing='any').")
         for j in empty:

@@ -21,6 +21,7 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import ResizeWithPadOrCrop
 from torch import Tensor, nn
 
+from partialseg._checks import check_int, check_option
 from partialseg.data.dcl import SupportBank
 from partialseg.networks.dcl import compnet_segment, pack_conditional_input
 
@@ -74,12 +75,9 @@ class ConditionalInferer(Inferer):
             support = SupportBank.load(support)
         if not isinstance(support, SupportBank):
             raise TypeError(f"support must be a SupportBank or the path of one, got {type(support).__name__}.")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        if match not in MATCH:
-            raise ValueError(f"match must be one of {MATCH}, got {match!r}.")
+        check_int(num_samples, "num_samples", minimum=1)
+        check_int(seed, "seed", minimum=0)
+        check_option(match, MATCH, "match")
         if inferer is not None and not callable(inferer):
             raise TypeError(f"inferer must be a MONAI inferer, got {type(inferer).__name__}.")
         self.support, self.num_samples, self.seed, self.match = support, num_samples, seed, match

@@ -14,17 +14,11 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
+from partialseg._checks import check_int
+
 __all__ = ["CompNet", "compnet_segment", "pack_conditional_input"]
 
 BackboneSpec = Union[nn.Module, Callable[..., nn.Module], None]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return value
 
 
 def compnet_segment(logits: Tensor, softmax: bool = True) -> Tensor:
@@ -137,12 +131,12 @@ class CompNet(nn.Module):
         backbone_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        _check_int("spatial_dims", spatial_dims, 1)
+        check_int(spatial_dims, "spatial_dims", minimum=1)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         self.spatial_dims = spatial_dims
-        self.in_channels = _check_int("in_channels", in_channels, 1)
-        self.num_classes = _check_int("num_classes", num_classes, 2)
+        self.in_channels = check_int(in_channels, "in_channels", minimum=1)
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
         self.backbone_in_channels = in_channels * (1 + num_classes) + num_classes
         self.out_channels = 2 * num_classes
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):

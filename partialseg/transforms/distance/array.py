@@ -14,6 +14,8 @@ from monai.data.meta_tensor import MetaTensor
 from monai.transforms.transform import Transform
 from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 
+from partialseg._checks import check_int
+
 __all__ = ["SignedDistanceMap", "signed_distance_map"]
 
 
@@ -166,8 +168,7 @@ class SignedDistanceMap(Transform):
         dtype: DtypeLike | torch.dtype = np.float32,
     ) -> None:
         if num_classes is not None:
-            if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-                raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}.")
+            check_int(num_classes, "num_classes", minimum=1)
             if num_classes < 2 and not include_background:
                 raise ValueError(
                     f"num_classes={num_classes} with include_background=False leaves no class to compute."
@@ -177,8 +178,7 @@ class SignedDistanceMap(Transform):
                 raise ValueError(f"spacing must be None, a number, a sequence or 'meta', got {spacing!r}.")
         elif spacing is not None:
             _normalize_spacing(spacing, np.asarray(spacing).size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}.")
+        check_int(num_workers, "num_workers", minimum=1)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.include_background = bool(include_background)
         self.spacing = spacing

@@ -18,6 +18,8 @@ from monai.data import MetaTensor
 from monai.transforms import Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
+from partialseg._checks import check_int, check_option
+
 __all__ = ["PartialLabelToVector", "RemapLabels", "LateralSplit", "annotated_mask"]
 
 Annotated = Union[Sequence[int], str, NdarrayOrTensor, None]
@@ -85,8 +87,7 @@ class PartialLabelToVector(Transform):
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, num_classes: int, p: float = 0.5, dtype: torch.dtype = torch.float32) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int(num_classes, "num_classes", minimum=2)
         if not 0.0 < float(p) < 1.0:
             raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}")
         self.num_classes = num_classes
@@ -181,8 +182,7 @@ class LateralSplit(Transform):
     backend = [TransformBackends.NUMPY]
 
     def __init__(self, value: int, left: int, right: int, midline: float | str = "center", space: str = "RAS", connectivity: int | None = None) -> None:
-        if space not in ("RAS", "LPS"):
-            raise ValueError(f"space must be 'RAS' or 'LPS', got {space!r}")
+        check_option(space, ("RAS", "LPS"), "space")
         if isinstance(midline, str) and midline not in ("center", "mask"):
             raise ValueError(f"midline must be a world x in mm, 'center' or 'mask', got {midline!r}")
         self.value, self.left, self.right = int(value), int(left), int(right)
