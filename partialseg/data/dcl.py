@@ -22,7 +22,7 @@ from partialseg._checks import check_int, check_option
 from partialseg.transforms.dcl.array import label_view
 from partialseg.transforms.partial.array import annotated_mask
 
-__all__ = ["ConditionalDataset", "SupportBank", "annotated_classes", "class_pools"]
+__all__ = ["ConditionalDataset", "SupportBank", "annotated_classes", "class_pools", "conditional_pools"]
 
 MISSING = ("error", "any")
 
@@ -44,6 +44,29 @@ def class_pools(annotated: Sequence[Sequence[int]], num_classes: int) -> list[li
         for j in classes:
             pools[j].append(i)
     return pools
+
+
+def conditional_pools(annotated: Sequence[Sequence[int]], num_classes: int, missing: str = "error", what: str = "conditional image") -> tuple[list[list[int]], list[int]]:
+    """Per class, the cases that can give its conditional image; and the classes no case annotates.
+
+    A class annotated by no case is an error (``missing="error"``, naming ``what`` the class
+    lacks) or draws from every case (``missing="any"``, the classes returned second).
+
+    Example:
+        >>> conditional_pools([[1], [1, 2]], 3, missing="any")
+        ([[0, 1], [0, 1], [1]], [0])
+    """
+    check_option(missing, MISSING, "missing")
+    pools = class_pools(annotated, num_classes)
+    empty = [j for j, pool in enumerate(pools) if not pool]
+    if empty and missing == "error":
+        raise ValueError(
+            f"class(es) {empty} are annotated in no case, so they have no {what};"
+            " add cases annotating them (e.g. whole-heart cases for background) or use missing='any'."
+        )
+    for j in empty:
+        pools[j] = list(range(len(annotated)))
+    return pools, empty
 
 
 class ConditionalDataset(torch.utils.data.Dataset):
@@ -131,16 +154,7 @@ class ConditionalDataset(torch.utils.data.Dataset):
         if len(annotated) != len(dataset):
             raise ValueError(f"annotated has {len(annotated)} entries for {len(dataset)} cases.")
         self.annotated = [annotated_classes(a, num_classes) for a in annotated]
-        self.pools = class_pools(self.annotated, num_classes)
-        empty = [j for j, pool in enumerate(self.pools) if not pool]
-        if empty and missing == "error":
-            raise ValueError(
-                f"class(es) {empty} are annotated in no case, so they have no conditional image;"
-                " add cases annotating them (e.g. whole-heart cases for background) or use missing='any'."
-            )
-        for j in empty:
-            self.pools[j] = list(range(len(dataset)))
-        self.missing_classes = empty
+        self.pools, self.missing_classes = conditional_pools(self.annotated, num_classes, missing)
         # target views: (case index, annotated classes of the view)
         self.views: list[tuple[int, tuple[int, ...] | None]] = []
         for i, classes in enumerate(self.annotated):
@@ -306,12 +320,9 @@ class SupportBank(nn.Module):
             if data is None:
                 raise ValueError("annotated=None needs dataset.data (a MONAI dataset's datalist); pass annotated.")
             annotated = [case.get("annotated") for case in data]
-        pools = class_pools([annotated_classes(a, num_classes) for a in annotated], num_classes)
-        empty = [j for j, pool in enumerate(pools) if not pool]
-        if empty and missing == "error":
-            raise ValueError(f"class(es) {empty} are annotated in no case of the dataset; the support bank needs each class (or missing='any').")
-        for j in empty:
-            pools[j] = list(range(len(dataset)))
+        if len(annotated) != len(dataset):
+            raise ValueError(f"annotated has {len(annotated)} entries for {len(dataset)} cases.")
+        pools, _ = conditional_pools([annotated_classes(a, num_classes) for a in annotated], num_classes, missing, "support bank entry")
         rng = np.random.default_rng(seed)
         images, labels, classes = [], [], []
         cache: dict[int, dict] = {}
