@@ -1,4 +1,13 @@
-"""Argument handling shared by the partial-label loss classes."""
+"""Argument handling shared by the partial-label loss classes.
+
+Example:
+    >>> check_positive("alpha_pos", 2)
+    2.0
+    >>> PartialLabelLoss(reduction="avg")
+    Traceback (most recent call last):
+    ...
+    ValueError: reduction must be one of 'mean', 'sum', 'none'; got 'avg'.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,9 @@ from typing import Sequence
 import torch
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PartialLabelLoss", "plain_tensor"]
+from partialseg._checks import check_float, check_option
+
+__all__ = ["PartialLabelLoss", "plain_tensor", "apply_class_weight", "check_nonnegative", "check_positive"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -42,9 +53,7 @@ class PartialLabelLoss(_Loss):
         return super().__call__(*(plain_tensor(a) for a in args), **{k: plain_tensor(v) for k, v in kwargs.items()})
 
     def __init__(self, reduction: str = "mean", weight: Sequence[float] | float | torch.Tensor | None = None) -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"Unsupported reduction: {reduction!r}, available options are {list(_REDUCTIONS)}.")
-        super().__init__(reduction=reduction)
+        super().__init__(reduction=check_option(reduction, _REDUCTIONS, "reduction"))
         if weight is not None:
             w = torch.as_tensor(weight, dtype=torch.float32)
             if w.ndim > 1:
@@ -55,30 +64,29 @@ class PartialLabelLoss(_Loss):
         else:
             self.class_weight = None
 
-    def _apply_weight(self, f: torch.Tensor) -> torch.Tensor:
-        """Multiply a (B, C) per-channel loss by ``class_weight`` (MONAI DiceLoss semantics)."""
-        if self.class_weight is None:
-            return f
-        w = self.class_weight.to(f)
-        if w.ndim == 1 and w.shape[0] != f.shape[1]:
-            raise ValueError(
-                f"weight has {w.shape[0]} entries but the loss has {f.shape[1]} channels"
-                " (with include_background=False the weight must leave out class 0)."
-            )
-        return f * w
+
+def apply_class_weight(f: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor:
+    """``f * class_weight`` for a (B, C) per-channel loss (MONAI DiceLoss semantics); ``f`` when None.
+
+    Raises:
+        ValueError: a 1-D weight whose length is not the number of channels.
+    """
+    if class_weight is None:
+        return f
+    w = class_weight.to(f)
+    if w.ndim == 1 and w.shape[0] != f.shape[1]:
+        raise ValueError(
+            f"weight has {w.shape[0]} entries but the loss has {f.shape[1]} channels"
+            " (with include_background=False the weight must leave out class 0)."
+        )
+    return f * w
 
 
 def check_nonnegative(name: str, value: float) -> float:
-    """Return ``float(value)`` or raise ValueError naming it when it is negative or not finite."""
-    v = float(value)
-    if not v >= 0 or v == float("inf"):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
-    return v
+    """Return ``float(value)`` or raise naming it when it is negative or not finite (:func:`~partialseg._checks.check_float`)."""
+    return check_float(value, name, minimum=0.0)
 
 
 def check_positive(name: str, value: float) -> float:
-    """Return ``float(value)`` or raise ValueError naming it unless it is finite and > 0."""
-    v = float(value)
-    if not v > 0 or v == float("inf"):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
-    return v
+    """Return ``float(value)`` or raise naming it unless it is finite and > 0 (:func:`~partialseg._checks.check_float`)."""
+    return check_float(value, name, minimum=0.0, include_minimum=False)

@@ -25,29 +25,62 @@ negative
 
 The merged-class terms of Eq. 15-18 are counted once per voxel (the paper writes them inside
 the sum over classes, which would count them ``m`` times).
+
+Implementation. :func:`dcl_per_voxel` is the family's one entry point (compatible loss, prior
+loss, and both readings of the conditional loss): it chooses the compiled CPU kernel
+(:mod:`partialseg.losses._native`) or the torch path below, which give the same numbers. The
+torch path is a probability-domain reference with plain autograd (CompNet's summed maps, the
+prior loss) and a logit-domain autograd function with a hand-written backward (the compatible
+loss).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from partialseg._checks import check_option
 from partialseg.losses import _native
 from partialseg.losses._functional import (
-    NEGATIVE_BASES,
-    POSITIVE_BASES,
+    UNDERFLOW,
+    candidate_mask,
     check_input_target,
-    compatible_from_logits,
-    compatible_terms_from_probs,
-    compute_dtype,
-    prior_terms_from_probs,
+    check_not_empty,
+    exact_candidate_rows,
+    flat,
+    float_mask,
+    nonfinite_marker,
     reduce_voxelwise,
+    safe_log,
+    sample_unknown_classes,
+    softmax_backward,
 )
 from partialseg.losses.base import PartialLabelLoss, check_nonnegative, check_positive
 
-__all__ = ["CompatibleLoss", "PriorLoss", "ConditionalCompatibleLoss", "conditional_compatible_terms", "prior_per_voxel"]
+__all__ = [
+    "CompatibleLoss",
+    "PriorLoss",
+    "ConditionalCompatibleLoss",
+    "conditional_compatible_terms",
+    "dcl_per_voxel",
+    "compatible_from_logits",
+    "compatible_terms_from_probs",
+    "prior_terms_from_probs",
+    "prior_per_voxel",
+    "POSITIVE_BASES",
+    "NEGATIVE_BASES",
+]
+
+POSITIVE_BASES = ("ce", "dice", "ta_ce", "ta_dice")
+NEGATIVE_BASES = ("ce", "dice", "ex_ce", "ex_dice")
+
+# log(1 - p) below this (1 - p < 1e-2) is recomputed from the logits (DCL negative CE): float32 p
+# carries ~6e-8 absolute error, i.e. < 6e-6 relative error in 1 - p above it
+_LOG_SATURATED = math.log(1e-2)
 
 
 def _bases(name: str, value: str | Sequence[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -55,11 +88,368 @@ def _bases(name: str, value: str | Sequence[str] | None, allowed: tuple[str, ...
         return ()
     items = (value,) if isinstance(value, str) else tuple(value)
     for item in items:
-        if item not in allowed:
-            raise ValueError(f"{name} base {item!r} is not one of {list(allowed)}.")
+        check_option(item, allowed, f"{name} base")
     if len(set(items)) != len(items):
         raise ValueError(f"{name} bases repeat: {list(items)}.")
     return items
+
+
+# ----------------------------------------------------------------------------------------------
+# the family's one entry point: compiled kernel or torch
+# ----------------------------------------------------------------------------------------------
+
+
+def dcl_per_voxel(
+    input: Tensor,
+    target: Tensor | None,
+    positive: Sequence[str] = (),
+    negative: Sequence[str] = (),
+    alpha_pos: float = 1.0,
+    alpha_neg: float = 1.0,
+    eps: float = 1.0,
+    cond_label: Tensor | None = None,
+    prior_negative: Sequence[str] = ("ce",),
+    prior_weight: float = 0.0,
+) -> Tensor:
+    """Per-voxel (B, N) DCL loss from logits: ``L_comp`` (Eq. 2) plus ``prior_weight * L_prior`` (Eq. 7).
+
+    The one place where this family chooses its implementation: the compiled CPU kernel for
+    float32 (and half, computed in float32) CPU tensors when it builds, else torch (CUDA,
+    float64, ``PARTIALSEG_NATIVE=0``). Both give the same numbers, and both return NaN at a voxel
+    whose logits are NaN / +inf.
+
+    Args:
+        input: (B, K, *spatial) logits, softmax over K.
+        target: the ``<0,p,1>`` map of the compatible loss: (B, K, *spatial) (K classes, or
+            CompNet's 2m maps read as classes), or (B, K / 2, *spatial) for CompNet's 2m maps
+            summed per class (``z_cap + z_delta``, Eq. 6 as written), or None (prior loss alone).
+        positive, negative, alpha_pos, alpha_neg, eps: as in :class:`CompatibleLoss`.
+        cond_label: (B, K / 2, *spatial) conditional labels of the prior loss (K = 2m maps).
+        prior_negative: the prior loss's ``f_N`` bases.
+        prior_weight: weight of the prior loss (0: none).
+
+    Returns:
+        (B, N) per-voxel loss, N the number of voxels.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(1, 3, 1)
+        >>> t = torch.tensor([[[0.5], [0.5], [0.0]]])  # class 2 known absent
+        >>> round(dcl_per_voxel(x, t, (), ("ce",)).item(), 4)  # -log(1 - 1/3)
+        0.4055
+    """
+    x = flat(input)
+    t = flat(target, x.dtype) if target is not None else None
+    summed = t is not None and t.shape[1] != x.shape[1]
+    yc = flat(cond_label, x.dtype) if (cond_label is not None and prior_weight > 0) else None
+    if t is None and yc is None:
+        raise ValueError("dcl_per_voxel: nothing to compute (no target, and no cond_label with prior_weight > 0).")
+    positive, negative = tuple(positive), tuple(negative)
+    if _native.usable(x):  # compiled CPU kernel: the loss and its gradient in one pass
+        prior = _native.prior_weights(prior_negative, prior_weight)
+        if t is None:  # the kernel with no compatible base: the prior terms alone
+            return _native.compatible(x, yc, (), (), 1.0, 1.0, eps, yc, prior)
+        if summed:  # softmax over the 2m maps, compatible terms on their per-class sums, prior terms
+            return _native.compatible(x, t, positive, negative, alpha_pos, alpha_neg, eps, yc, prior)
+        out = _native.compatible(x, t, positive, negative, alpha_pos, alpha_neg, eps)
+        return out if yc is None else out + _native.compatible(x, yc, (), (), 1.0, 1.0, eps, yc, prior)
+    marker = nonfinite_marker(x)  # (B, N): 0, NaN at a voxel with a NaN / +inf logit
+    if summed:  # probability-domain reference, plain autograd
+        probs = torch.softmax(x, 1)
+        m = t.shape[1]
+        out = compatible_terms_from_probs((probs[:, :m] + probs[:, m:]).clamp(0, 1), t, positive, negative, alpha_pos, alpha_neg, eps)
+        if yc is not None:
+            out = out + prior_weight * prior_terms_from_probs(probs, yc, prior_negative, eps)
+        return out + marker
+    out = _compatible_torch(x, t, positive, negative, alpha_pos, alpha_neg, eps) if t is not None else None
+    if yc is not None:
+        prior = prior_terms_from_probs(torch.softmax(x, 1), yc, prior_negative, eps)
+        prior = prior * prior_weight if prior_weight != 1.0 else prior
+        out = prior if out is None else out + prior
+    return out + marker
+
+
+def compatible_from_logits(
+    x: Tensor, target: Tensor, positive: Sequence[str], negative: Sequence[str], alpha_pos: float, alpha_neg: float, eps: float = 1.0
+) -> Tensor:
+    """Per-voxel DCL compatible loss (B, N) from logits with a hand-written backward (see :func:`dcl_per_voxel`).
+
+    Args:
+        x: (B, C, *spatial) logits; computed in float32 (float64 stays float64).
+        target: (B, C, *spatial) ``<0,p,1>`` map.
+        positive: positive bases (see :data:`POSITIVE_BASES`).
+        negative: negative bases (see :data:`NEGATIVE_BASES`).
+        alpha_pos: weight of L_P.
+        alpha_neg: weight of L_N.
+        eps: epsilon of ``ex_ce``.
+
+    Returns:
+        (B, N) per-voxel loss.
+    """
+    return dcl_per_voxel(x, target, positive, negative, alpha_pos, alpha_neg, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch implementation: probability-domain reference (plain autograd; PriorLoss, CompNet's summed
+# maps, the tests) and the compatible loss from logits with a hand-written backward
+# ----------------------------------------------------------------------------------------------
+
+
+def compatible_terms_from_probs(
+    probs: Tensor,
+    target: Tensor,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    alpha_pos: float = 1.0,
+    alpha_neg: float = 1.0,
+    eps: float = 1.0,
+) -> Tensor:
+    """Per-voxel DCL compatible loss ``alpha_pos L_P + alpha_neg L_N`` (Eq. 2) from probabilities.
+
+    Args:
+        probs: (B, C, *spatial) class probabilities (not logits); they need not sum to 1
+            (CompNet's ``z_cap + z_delta``), but each must lie in [0, 1].
+        target: (B, C, *spatial) ``<0,p,1>`` map.
+        positive: positive bases, a subset of ``("ce", "dice", "ta_ce", "ta_dice")`` (Eq. 11, 13, 15, 16).
+        negative: negative bases, a subset of ``("ce", "dice", "ex_ce", "ex_dice")`` (Eq. 12, 14, 17, 18).
+        alpha_pos: weight of ``L_P``.
+        alpha_neg: weight of ``L_N``.
+        eps: the exclusive bases' epsilon (Eq. 17), 1 in the paper.
+
+    Returns:
+        (B, *spatial) per-voxel loss (summed over classes), in the dtype of ``probs``.
+    """
+    k1 = target == 1
+    k0 = target == 0
+    zero = probs.new_zeros(())
+    out = probs.new_zeros(probs.shape[:1] + probs.shape[2:])
+    cand = candidate_mask(target)
+    q = (probs * cand).sum(1)
+    has1 = k1.any(1)
+    for base in positive:
+        if base == "ce":  # Eq. 11
+            out = out + alpha_pos * torch.where(k1, -safe_log(probs), zero).sum(1)
+        elif base == "dice":  # Eq. 13
+            out = out + alpha_pos * torch.where(k1, 1 - 2 * probs / (1 + probs), zero).sum(1)
+        elif base == "ta_ce":  # Eq. 15: -log of the candidate (merged) probability
+            out = out + alpha_pos * -safe_log(q)
+        elif base == "ta_dice":  # Eq. 16
+            out = out + alpha_pos * (1 - 2 * q / (q + 1))
+    if negative:
+        excl = sample_unknown_classes(target) & k0
+        s_ex = (probs * excl).sum(1)
+    for base in negative:
+        if base == "ce":  # Eq. 12
+            out = out + alpha_neg * torch.where(k0, -safe_log(1 - probs), zero).sum(1)
+        elif base == "dice":  # Eq. 14
+            out = out + alpha_neg * torch.where(k0, 2 * probs / (1 + probs), zero).sum(1)
+        elif base == "ex_ce":  # Eq. 17
+            term = torch.where(k0, torch.log(probs + eps), zero).sum(1)
+            out = out + alpha_neg * (term + torch.where(has1, torch.log(s_ex + eps), zero))
+        elif base == "ex_dice":  # Eq. 18
+            term = torch.where(k0, 2 * probs / (probs + 1), zero).sum(1)
+            out = out + alpha_neg * (term + torch.where(has1, 2 * s_ex / (s_ex + 1), zero))
+    return out
+
+
+def prior_terms_from_probs(probs: Tensor, cond_label: Tensor, negative: Sequence[str], eps: float = 1.0) -> Tensor:
+    """Per-voxel DCL prior loss (Eq. 7) from the 2m CompNet probabilities.
+
+    Args:
+        probs: (B, 2m, *spatial) probabilities, intersection channels first, extra channels last.
+        cond_label: (B, m, *spatial) conditional labels ``y^c`` (``<0,p,1>``).
+        negative: the ``f_N`` bases (``"ce"``: ``-log(1-a)``, ``"dice"``: ``2a/(1+a)``,
+            ``"ex_ce"``: ``log(a+eps)``, ``"ex_dice"``: ``2a/(a+1)``), summed.
+        eps: epsilon of ``"ex_ce"``.
+
+    Returns:
+        (B, *spatial) per-voxel loss.
+    """
+    m = cond_label.shape[1]
+    z_cap, z_delta = probs[:, :m], probs[:, m:]
+    zero = probs.new_zeros(())
+    incl = cond_label == 0  # inclusiveness: the intersection is 0 where y^c is 0
+    excl = cond_label == 1  # exclusiveness: the extra part is 0 where y^c is 1
+    out = probs.new_zeros(probs.shape[:1] + probs.shape[2:])
+    for base in negative:
+        if base == "ce":
+            f_cap, f_delta = -safe_log(1 - z_cap), -safe_log(1 - z_delta)
+        elif base == "ex_ce":
+            f_cap, f_delta = torch.log(z_cap + eps), torch.log(z_delta + eps)
+        else:  # "dice" and "ex_dice" share f_N(a, 0) = 2a / (a + 1)
+            f_cap, f_delta = 2 * z_cap / (1 + z_cap), 2 * z_delta / (1 + z_delta)
+        out = out + torch.where(incl, f_cap, zero).sum(1) + torch.where(excl, f_delta, zero).sum(1)
+    return out
+
+
+
+
+def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total.add_(term)
+
+
+class _CompatibleFunction(torch.autograd.Function):
+    """DCL compatible loss per voxel from logits: forward (B, N), backward by hand.
+
+    Gradients are gathered with respect to the probabilities (``g_p``, then one fused softmax
+    backward) except for the log terms, which are written in logit space (``g_x``) so that they
+    stay exact when probabilities underflow.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, positive: tuple[str, ...], negative: tuple[str, ...], a_pos: float, a_neg: float, eps: float):  # type: ignore[override]
+        n_cls = x.shape[1]
+        p = torch.softmax(x, 1)
+        out = p.new_zeros((x.shape[0], x.shape[2]))
+        log_p = torch.log_softmax(x, 1) if "ce" in positive else None
+        ce_low = None
+        k1 = float_mask(t, 1.0, p) if ("ce" in positive or "dice" in positive or "ex_ce" in negative or "ex_dice" in negative) else None
+        k0 = float_mask(t, 0.0, p) if negative else None
+        w = q = informative = low_idx = r_rows = excl = s_ex = has1 = None
+        if "ta_ce" in positive or "ta_dice" in positive:
+            w = float_mask(t, 0.0, p, equal=False)
+            n_cand = w.sum(1, keepdim=True)
+            informative = (n_cand < n_cls) & (n_cand > 0)  # an all-zero voxel carries no information
+            q = torch.where(informative, (p * w).sum(1, keepdim=True), 1.0)
+        if "ex_ce" in negative or "ex_dice" in negative:
+            has1 = (k1.sum(1, keepdim=True) > 0).to(p.dtype)
+            excl = sample_unknown_classes(t).to(p.dtype) * k0
+            s_ex = (p * excl).sum(1, keepdim=True)
+        for base in positive:
+            if base == "ce":  # Eq. 11 (exact log-softmax)
+                out -= a_pos * (k1 * log_p).sum(1)
+            elif base == "dice":  # Eq. 13
+                out += a_pos * (k1 * ((1 - p) / (1 + p))).sum(1)
+            elif base == "ta_ce":  # Eq. 15: -log q, exact where q underflows
+                log_q = torch.log(q)
+                low = (q < UNDERFLOW).squeeze(1)
+                if bool(low.any()):
+                    low_idx, exact, r_rows = exact_candidate_rows(x, w, low)
+                    log_q = log_q.squeeze(1).index_put(low_idx, exact).unsqueeze(1)
+                out -= a_pos * log_q.squeeze(1)
+            elif base == "ta_dice":  # Eq. 16
+                out += a_pos * ((1 - q) / (1 + q)).squeeze(1)
+        for base in negative:
+            if base == "ce":  # Eq. 12: -log(1 - p) at the zeros
+                lg = torch.clamp(p, max=1.0 - 2.0**-24).neg_().log1p_().mul_(k0)  # finite: p = 1 reads as saturated
+                # 1 - p < 1e-2 (a confident mistake on a known-absent class): float32 p leaves too
+                # few digits in 1 - p, so those voxels are recomputed from the logits in log space
+                sat = (lg.amin(1) < _LOG_SATURATED)
+                ce_low = sat.nonzero(as_tuple=True) if bool(sat.any()) else None
+                term = lg.sum(1)
+                if ce_low is not None:
+                    rows = _neg_ce_rows(x.permute(0, 2, 1)[ce_low], k0.permute(0, 2, 1)[ce_low])
+                    term = term.index_put(ce_low, -rows)
+                out -= a_neg * term
+            elif base == "dice":  # Eq. 14
+                out += a_neg * (k0 * (2 * p / (1 + p))).sum(1)
+            elif base == "ex_ce":  # Eq. 17
+                out += a_neg * ((k0 * torch.log(p + eps)).sum(1) + (has1 * torch.log(s_ex + eps)).squeeze(1))
+            elif base == "ex_dice":  # Eq. 18
+                out += a_neg * ((k0 * (2 * p / (p + 1))).sum(1) + (has1 * (2 * s_ex / (s_ex + 1))).squeeze(1))
+        ctx.positive, ctx.negative, ctx.a_pos, ctx.a_neg, ctx.eps = positive, negative, a_pos, a_neg, eps
+        ctx.low_idx, ctx.r_rows, ctx.ce_low = low_idx, r_rows, ce_low
+        saved = (p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, x if ce_low is not None else None)
+        ctx.has = tuple(v is not None for v in saved)
+        ctx.save_for_backward(*(v for v in saved if v is not None))
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        it = iter(ctx.saved_tensors)
+        p, log_p, k1, k0, w, q, informative, excl, s_ex, has1, x = (next(it) if h else None for h in ctx.has)
+        a_pos, a_neg, eps = ctx.a_pos, ctx.a_neg, ctx.eps
+        g = g_out.unsqueeze(1)
+        g_p = None  # dL/dp (probability space)
+        g_x = None  # terms written directly in logit space
+        for base in ctx.positive:
+            if base == "ce":  # d(-sum_k log p_k)/dx = n1 p - k1
+                n1 = k1.sum(1, keepdim=True)
+                g_x = _accumulate(g_x, torch.addcmul(-k1, p, n1).mul_(a_pos * g))
+            elif base == "dice":
+                g_p = _accumulate(g_p, k1 * (-2 * a_pos) / (1 + p) ** 2 * g)
+            elif base == "ta_ce":  # dL/dp_j = -w_j / q on informative voxels, exact rows below
+                iq = torch.where(informative, (a_pos * g) / q, 0.0)
+                if ctx.low_idx is not None:
+                    iq = iq.squeeze(1).index_put(ctx.low_idx, iq.new_zeros(())).unsqueeze(1)
+                g_p = _accumulate(g_p, w * (-iq))
+            elif base == "ta_dice":
+                gq = torch.where(informative, -2 * a_pos / (1 + q) ** 2 * g, 0.0)
+                g_p = _accumulate(g_p, w * gq)
+        for base in ctx.negative:
+            if base == "ce":
+                # term c: w_c (delta_cj - p_j), w_c = p_c / (1 - p_c)
+                wgt = torch.clamp(p, max=1.0 - 2.0**-24).neg_().add_(1.0)  # 1 - p, > 0 (saturated rows: below)
+                wgt = torch.div(p, wgt, out=wgt).mul_(k0)
+                term = wgt.addcmul_(p, wgt.sum(1, keepdim=True), value=-1)
+                if ctx.ce_low is not None:  # exact rows where 1 - p underflows
+                    with torch.enable_grad():
+                        xr = x.permute(0, 2, 1)[ctx.ce_low].detach().requires_grad_(True)
+                        rows = _neg_ce_rows(xr, k0.permute(0, 2, 1)[ctx.ce_low])
+                        (g_rows,) = torch.autograd.grad(rows.sum(), xr)
+                    term.permute(0, 2, 1).index_put_(ctx.ce_low, g_rows)
+                g_x = _accumulate(g_x, term.mul_(a_neg * g))
+            elif base == "dice":
+                g_p = _accumulate(g_p, k0 * (2 * a_neg) / (1 + p) ** 2 * g)
+            elif base == "ex_ce":
+                term = k0 / (p + eps) + excl * (has1 / (s_ex + eps))
+                g_p = _accumulate(g_p, term.mul_(a_neg * g))
+            elif base == "ex_dice":
+                term = k0 * 2 / (p + 1) ** 2 + excl * (has1 * 2 / (s_ex + 1) ** 2)
+                g_p = _accumulate(g_p, term.mul_(a_neg * g))
+        grad = g_x
+        if g_p is not None:
+            grad = _accumulate(grad, softmax_backward(g_p, p))
+        if ctx.low_idx is not None:
+            p_rows = p.permute(0, 2, 1)[ctx.low_idx]
+            rows = (p_rows - ctx.r_rows) * (a_pos * g_out[ctx.low_idx]).unsqueeze(1)
+            grad.permute(0, 2, 1).index_put_(ctx.low_idx, rows, accumulate=True)
+        return grad, None, None, None, None, None, None
+
+
+def _count_and_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per voxel, the number of set entries of a (B, C, N) 0/1 mask and the sum of their class
+    indices (the index itself when there is one), in one GEMM: two (B, N) float tensors."""
+    n_cls = mask.shape[1]
+    rows = torch.stack([torch.ones(n_cls, dtype=mask.dtype, device=mask.device), torch.arange(n_cls, dtype=mask.dtype, device=mask.device)])
+    out = torch.matmul(rows, mask)  # (B, 2, N)
+    return out[:, 0], out[:, 1]
+
+
+def _neg_ce_rows(xs: Tensor, k0s: Tensor) -> Tensor:
+    """``-sum_c k0_c log(1 - p_c)`` for a few rows (k, C) of logits, in log space (exact)."""
+    n_cls = xs.shape[1]
+    eye = torch.eye(n_cls, dtype=torch.bool, device=xs.device)
+    others = xs.unsqueeze(1).expand(-1, n_cls, n_cls).masked_fill(eye, float("-inf")).logsumexp(2)
+    return -(k0s * (others - xs.logsumexp(1, keepdim=True))).sum(1)
+
+
+
+
+def _compatible_torch(
+    xb: Tensor, tb: Tensor, positive: tuple[str, ...], negative: tuple[str, ...], alpha_pos: float, alpha_neg: float, eps: float
+) -> Tensor:
+    """The torch path of the compatible loss on (B, C, N) logits and target: (B, N) per voxel."""
+    out = None
+    if "ce" in positive:
+        # Eq. 11 is torch's cross-entropy on the voxels holding a 1 (at most one per voxel in a
+        # <0,p,1> map): use its fused kernel, ignoring voxels without a 1
+        count, index = _count_and_index(float_mask(tb, 1.0, xb))
+        if float(count.max()) <= 1.0:  # at most one 1 per voxel (always so in a <0,p,1> map)
+            idx = torch.where(count > 0, index.long(), -100)
+            out = F.cross_entropy(xb, idx, ignore_index=-100, reduction="none")
+            if alpha_pos != 1.0:
+                out = out * alpha_pos
+            positive = tuple(b for b in positive if b != "ce")
+    if positive or negative:
+        rest = _CompatibleFunction.apply(xb, tb, positive, negative, float(alpha_pos), float(alpha_neg), float(eps))
+        out = rest if out is None else out + rest
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
 
 
 class CompatibleLoss(PartialLabelLoss):
@@ -115,7 +505,7 @@ class CompatibleLoss(PartialLabelLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Compute the loss from logits ``input`` and the ``<0,p,1>`` ``target`` (same shape)."""
         check_input_target(input, target, type(self).__name__)
-        per_voxel = compatible_from_logits(input, target, self.positive, self.negative, self.alpha_pos, self.alpha_neg, self.eps)
+        per_voxel = dcl_per_voxel(input, target, self.positive, self.negative, self.alpha_pos, self.alpha_neg, self.eps)
         return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
 
 
@@ -128,6 +518,7 @@ def _check_conditional(input: Tensor, cond_label: Tensor, name: str) -> int:
             f"{name}: input must have 2m = {2 * m} channels (intersection then extra) and the grid of cond_label;"
             f" got input {tuple(input.shape)}, cond_label {tuple(cond_label.shape)}."
         )
+    check_not_empty(input.shape, name)
     return m
 
 
@@ -166,18 +557,13 @@ class PriorLoss(PartialLabelLoss):
     def forward(self, input: Tensor, cond_label: Tensor) -> Tensor:
         """Compute the loss from CompNet logits ``input`` and conditional labels ``cond_label``."""
         _check_conditional(input, cond_label, type(self).__name__)
-        per_voxel = prior_per_voxel(input, cond_label, self.negative, 1.0, self.eps)
+        per_voxel = dcl_per_voxel(input, None, eps=self.eps, cond_label=cond_label, prior_negative=self.negative, prior_weight=1.0)
         return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
 
 
 def prior_per_voxel(input: Tensor, cond_label: Tensor, negative: Sequence[str], weight: float, eps: float) -> Tensor:
-    """``weight * L_prior`` per voxel, (B, N), from CompNet logits (compiled kernel on CPU float32)."""
-    x = input.to(compute_dtype(input)).reshape(input.shape[0], input.shape[1], -1)
-    yc = cond_label.to(x.dtype).reshape(x.shape[0], cond_label.shape[1], -1)
-    if _native.usable(x):  # the kernel with no compatible base: the prior terms alone
-        return _native.compatible(x, yc, (), (), 1.0, 1.0, eps, yc, _native.prior_weights(negative, weight))
-    per_voxel = prior_terms_from_probs(torch.softmax(x, 1), yc, negative, eps)
-    return per_voxel * weight if weight != 1.0 else per_voxel
+    """``weight * L_prior`` per voxel, (B, N), from CompNet logits (see :func:`dcl_per_voxel`)."""
+    return dcl_per_voxel(input, None, eps=eps, cond_label=cond_label, prior_negative=negative, prior_weight=weight)
 
 
 def conditional_compatible_terms(
@@ -275,9 +661,7 @@ class ConditionalCompatibleLoss(PartialLabelLoss):
         super().__init__(reduction=reduction)
         self.compatible = CompatibleLoss(positive, negative, alpha_pos, alpha_neg, reduction, eps)
         self.prior_weight = check_nonnegative("prior_weight", prior_weight)
-        if reading not in ("sum", "maps"):
-            raise ValueError(f"reading must be 'sum' (Eq. 6 as written) or 'maps' (per map), got {reading!r}.")
-        self.reading = reading
+        self.reading = check_option(reading, ("sum", "maps"), "reading")
 
     def forward(self, input: Tensor, target: Tensor, cond_label: Tensor) -> Tensor:
         """Compute the loss from CompNet logits, the target ``z`` and the conditional labels."""
@@ -285,21 +669,10 @@ class ConditionalCompatibleLoss(PartialLabelLoss):
         if target.shape != input.shape:
             raise ValueError(f"{type(self).__name__}: target must match input {tuple(input.shape)}, got {tuple(target.shape)}.")
         c = self.compatible
-        if self.reading == "maps":  # L_comp on the 2m maps against z, plus the prior loss
-            per_voxel = compatible_from_logits(input, target, c.positive, c.negative, c.alpha_pos, c.alpha_neg, c.eps)
-            if self.prior_weight > 0:
-                per_voxel = per_voxel + prior_per_voxel(input, cond_label, c.negative or ("ce",), self.prior_weight, c.eps)
-            return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
-        x = input.to(compute_dtype(input)).reshape(input.shape[0], input.shape[1], -1)
-        if _native.usable(x):  # compiled CPU kernel: softmax, both terms and the gradient in one pass
+        if self.reading == "sum":  # Eq. 6 as written: the compatible loss of the summed maps, per class
             m = cond_label.shape[1]
-            y = (target[:, :m] + target[:, m:]).clamp(0, 1).to(x.dtype).reshape(x.shape[0], m, -1)
-            yc = cond_label.to(x.dtype).reshape(y.shape) if self.prior_weight > 0 else None
-            prior = _native.prior_weights(c.negative or ("ce",), self.prior_weight)
-            per_voxel = _native.compatible(x, y, c.positive, c.negative, c.alpha_pos, c.alpha_neg, c.eps, yc, prior)
-            return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
-        probs = torch.softmax(input.to(compute_dtype(input)), 1)
-        per_voxel = conditional_compatible_terms(
-            probs, target, cond_label, c.positive, c.negative, c.alpha_pos, c.alpha_neg, self.prior_weight, c.eps
+            target = (target[:, :m] + target[:, m:]).clamp(0, 1)
+        per_voxel = dcl_per_voxel(
+            input, target, c.positive, c.negative, c.alpha_pos, c.alpha_neg, c.eps, cond_label, c.negative or ("ce",), self.prior_weight
         )
-        return reduce_voxelwise(per_voxel.flatten(1), self.reduction, input.shape[2:])
+        return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
