@@ -136,7 +136,7 @@ def test_out_must_be_a_json_file(folders, tmp_path, capsys):
         build_datalist([("msd_spleen", folders["msd_spleen"])], tmp_path / "dir.json")
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "o15").exists() and not any(folder.iterdir())
     # a write that fails half way leaves no temporary file either
-    from partialseg.data.cardiac_builders import write_json
+    from partialseg.data.builders import write_json
 
     with pytest.raises(OSError):
         write_json(folder, {"training": []})  # a folder cannot be replaced by a file
@@ -166,9 +166,9 @@ def test_val_and_classes_are_checked(folders, tmp_path, capsys):
     out = tmp_path / "v" / "dataset.json"
     source = ["--source", f"btcv={folders['btcv']}"]
     assert main(["build-datalist", *source, "--out", str(out), "--val", "-1"]) == 2
-    assert "--val must be an integer >= 0" in capsys.readouterr().err
+    assert "--val must be >= 0, got -1" in capsys.readouterr().err
     assert main(["build-datalist", *source, "--out", str(out), "--classes", "background", "liver", "liver"]) == 2
     assert "names 'liver' more than once" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--val must be an integer >= 0"):
+    with pytest.raises(TypeError, match="--val must be an int, got bool True"):
         build_datalist([("btcv", folders["btcv"])], out, val=True)
     assert not out.parent.exists()

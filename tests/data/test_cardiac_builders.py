@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from partialseg.cli import main
-from partialseg.data import bundle_datalist, cardiac_builders, validate_dataset
+from partialseg.data import bundle_datalist, validate_dataset
+from partialseg.data.builders import cardiac as cardiac_builders
 from partialseg.data.builders import build_datalist
-from partialseg.data.cardiac_builders import CLASSES, build_slices
+from partialseg.data.builders.cardiac import CLASSES, build_slices
 from partialseg.data.dcl import annotated_classes, class_pools
 
 from conftest import save_nifti

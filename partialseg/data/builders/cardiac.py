@@ -1,6 +1,6 @@
-"""The slicing layouts of ``partialseg build-datalist``: ACDC and MS-CMRSeg -> 2D partial labels.
+"""The cardiac layouts of ``partialseg build-datalist``: ACDC and MS-CMRSeg -> 2D partial labels.
 
-Unlike the abdominal layouts (:mod:`partialseg.data.builders`), which point at the original
+Unlike the abdominal layouts (:mod:`partialseg.data.builders.abdomen`), which point at the original
 files, these layouts **write** the dataset the ``dcl_cardiac`` bundle trains on, preprocessed as
 in the DCL paper (Zhang & Zhuang, section 4.1): every 3D short-axis volume is cut into 2D slices
 along its third voxel axis, each slice resampled in-plane to ``spacing`` (1.37 x 1.37 mm) and
@@ -90,14 +90,17 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CLASSES", "SLICE_LAYOUTS", "assign_kinds", "build_slices"]
+from partialseg._checks import check_int, check_option
+from partialseg.data.builders._common import check_out, write_json
+
+__all__ = ["CLASSES", "LAYOUTS", "SLICE_LAYOUTS", "SliceLayout", "assign_kinds", "build_slices"]
 
 #: the classes of the ``dcl_cardiac`` bundle (and of the synthetic ``cardiac2d``)
 CLASSES = ("background", "LV", "MYO", "RV")
@@ -194,6 +197,7 @@ SLICE_LAYOUTS: dict[str, SliceLayout] = {
     "mscmrseg_c0": SliceLayout(partial(_mscmr_volumes, sequence="C0"), _MSCMR_VALUES, "C0"),
     "mscmrseg_t2": SliceLayout(partial(_mscmr_volumes, sequence="T2"), _MSCMR_VALUES, "T2"),
 }
+LAYOUTS = SLICE_LAYOUTS  # the name every anatomy module of the registry exposes
 
 
 def assign_kinds(present: Sequence[Sequence[str]], kinds: Sequence[str], rng: np.random.Generator) -> list[str]:
@@ -321,33 +325,6 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, str(path))
 
 
-def check_out(out: str | os.PathLike) -> Path:
-    """The output ``dataset.json`` path, checked before anything is built or written.
-
-    Raises:
-        ValueError: ``out`` does not end with ``.json``, is an existing folder, or lies in a
-            folder that is a file.
-    """
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the JSON file to write, e.g. {path / 'dataset.json'}")
-    if path.suffix.lower() != ".json":
-        raise ValueError(f"--out {out} must be a .json file, e.g. {path / 'dataset.json'} or {path}.json")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-            break
-    return path
-
-
-def write_json(out: Path, desc: dict[str, Any]) -> None:
-    """Write ``desc`` to ``out`` atomically (a temporary file that never stays behind, even on failure)."""
-    from partialseg._fileio import atomic_write_text
-
-    atomic_write_text(out, json.dumps(desc, indent=2))
-
-
 def _references(path: Path, prefixes: Sequence[str]) -> str | None:
     """The first prefix that an image or label of the dataset JSON ``path`` starts with, if any
     (anything that is not a readable dataset JSON references nothing)."""
@@ -405,6 +382,17 @@ def _split_subjects(subjects: Sequence[str], val: int, test: int, rng: np.random
     return split
 
 
+@dataclass
+class _Held:
+    """A training slice whose label is written once its kept kind is chosen."""
+
+    entry: dict[str, Any]
+    label: np.ndarray  # global class indices, the whole slice
+    affine: np.ndarray
+    present: list[str] = field(default_factory=list)  # the kinds it contains
+    kind: str = ""  # the kind it keeps
+
+
 def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int, *, val: int, test: int,
                   spacing: tuple[float, float], size: tuple[int, int], keep: str, kinds: Sequence[str],
                   seed: int, progress: bool) -> tuple[dict[str, list[dict[str, Any]]], int, int]:
@@ -419,7 +407,7 @@ def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int,
     subjects = list(dict.fromkeys(v.subject for v in volumes))
     split_of = _split_subjects(subjects, val, test, np.random.default_rng([seed, index, 0]), source)
     entries: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
-    held: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []  # training slices whose label waits for its kind
+    held: list[_Held] = []  # training slices whose label waits for its kind
     skipped = 0
     for d in ("images", "labels"):
         (tmp / d).mkdir(parents=True)
@@ -450,44 +438,47 @@ def _build_source(layout: str, folder: Path, source: str, tmp: Path, index: int,
                 _save(tmp / "images" / f"{name}.nii.gz", img2d.astype(np.float32), affine)
                 split = split_of[subject]
                 if split == "training" and keep in ("one", "subject"):
-                    held.append((entry, lab2d, affine))
+                    held.append(_Held(entry, lab2d, affine))
                 else:
                     _save(tmp / "labels" / f"{name}.nii.gz", lab2d, affine)
                 entries[split].append(entry)
     without_kind = 0
     if held:
-        present = [[k for k in kinds if k == WHOLEHEART or (lab == CLASSES.index(k)).any()] for _, lab, _ in held]
+        for h in held:
+            h.present = [k for k in kinds if k == WHOLEHEART or (h.label == CLASSES.index(k)).any()]
         if keep == "subject":  # one kind per subject, among those present in some of its slices
-            held_subjects = list(dict.fromkeys(entry["subject"] for entry, _, _ in held))
-            union = [[k for k in kinds if any(k in p for (e, _, _), p in zip(held, present) if e["subject"] == subj)] for subj in held_subjects]
-            kind_of = dict(zip(held_subjects, assign_kinds(union, kinds, np.random.default_rng([seed, index, 1]))))
-            chosen = [kind_of[entry["subject"]] for entry, _, _ in held]
-            lacking = [i for i, (kind, p) in enumerate(zip(chosen, present)) if kind not in p]
-            for i in reversed(lacking):  # these slices do not contain their subject's kind: left out
-                entry = held[i][0]
-                entries["training"].remove(entry)
-                (tmp / "images" / Path(entry["image"]).name).unlink()
-                del held[i], chosen[i], present[i]
+            subjects_held = list(dict.fromkeys(h.entry["subject"] for h in held))
+            union = [[k for k in kinds if any(k in h.present for h in held if h.entry["subject"] == s)] for s in subjects_held]
+            kind_of = dict(zip(subjects_held, assign_kinds(union, kinds, np.random.default_rng([seed, index, 1]))))
+            for h in held:
+                h.kind = kind_of[h.entry["subject"]]
+            lacking = [h for h in held if h.kind not in h.present]
+            for h in lacking:  # these slices do not contain their subject's kind: left out
+                entries["training"].remove(h.entry)
+                (tmp / "images" / Path(h.entry["image"]).name).unlink()
+            held = [h for h in held if h.kind in h.present]
             without_kind = len(lacking)
         else:
-            chosen = assign_kinds(present, kinds, np.random.default_rng([seed, index, 1]))
+            for h, kind in zip(held, assign_kinds([h.present for h in held], kinds, np.random.default_rng([seed, index, 1]))):
+                h.kind = kind
+        chosen = {h.kind for h in held}
         missing = [k for k in kinds if k not in chosen]
         if missing:
-            found = "; ".join(f"{k} in {sum(k in p for p in present)} of {len(held)}" for k in missing)
-            hint = (f" ({len(set(e['subject'] for e, _, _ in held))} training subjects for {len(kinds)} kinds: use --keep one,"
+            found = "; ".join(f"{k} in {sum(k in h.present for h in held)} of {len(held)}" for k in missing)
+            hint = (f" ({len(set(h.entry['subject'] for h in held))} training subjects for {len(kinds)} kinds: use --keep one,"
                     " fewer --val / --test subjects, or --no-wholeheart)") if keep == "subject" else ""
             raise ValueError(
                 f"source {source!r}: no training slice keeps {missing} ({found} training slices){hint}; "
                 "the DCL sampler needs training slices annotating every class"
             )
-        for (entry, lab, affine), kind in zip(held, chosen):
-            if kind == WHOLEHEART:
-                kept = (lab > 0).astype(np.uint8)
+        for h in held:
+            if h.kind == WHOLEHEART:
+                kept = (h.label > 0).astype(np.uint8)
             else:
-                k = CLASSES.index(kind)
-                kept = np.where(lab == k, k, 0).astype(np.uint8)
-            entry["annotated"] = [kind]
-            _save(tmp / "labels" / Path(entry["label"]).name, kept, affine)
+                k = CLASSES.index(h.kind)
+                kept = np.where(h.label == k, k, 0).astype(np.uint8)
+            h.entry["annotated"] = [h.kind]
+            _save(tmp / "labels" / Path(h.entry["label"]).name, kept, h.affine)
     return entries, skipped, without_kind
 
 
@@ -536,16 +527,13 @@ def build_slices(
         >>> build_slices([("acdc", "/nonexistent")], "/tmp/x/dataset.json", keep="some")
         Traceback (most recent call last):
         ...
-        ValueError: keep must be one of ('one', 'subject', 'all'), got 'some'
+        ValueError: keep must be one of 'one', 'subject', 'all'; got 'some'.
     """
     out = check_out(out)
-    if keep not in KEEP:
-        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    keep = check_option(keep, KEEP, "keep")
     if classes is not None and list(classes) != list(CLASSES):
         raise ValueError(f"the cardiac layouts write classes {list(CLASSES)}; got --classes {list(classes)}")
-    for what, n in (("val", val), ("test", test), ("seed", seed)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"{what} must be an integer >= 0, got {n!r}")
+    val, test, seed = (check_int(n, what, minimum=0) for what, n in (("val", val), ("test", test), ("seed", seed)))
     spacing_mm = _pair(spacing, "spacing", float)
     shape = _pair(size, "size", int)
     kinds = [*STRUCTURES, WHOLEHEART] if wholeheart else list(STRUCTURES)

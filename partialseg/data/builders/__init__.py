@@ -1,0 +1,254 @@
+"""``partialseg build-datalist``: one partialseg ``dataset.json`` from public datasets as downloaded.
+
+Each ``--source LAYOUT=DIR`` names a folder in one of the layouts below; the command finds its
+image/label pairs, writes the source's label map (its own label values -> global class names)
+and annotated classes, and joins every source into one dataset over ``--classes``. Nothing is
+copied or converted: the entries point at the original files. Run ``partialseg check`` on the
+result before training.
+
+The builders live one module per anatomy (:mod:`~partialseg.data.builders.abdomen`,
+:mod:`~partialseg.data.builders.cardiac`; shared machinery in ``_common``) and are found
+through one registry, :data:`LAYOUTS` (layout name -> :class:`Layout`: its anatomy, its
+builder and its description).
+
+The cardiac layouts (``acdc``, ``mscmrseg``, ``mscmrseg_c0``, ``mscmrseg_t2``; the DCL paper's
+setting, :mod:`partialseg.data.builders.cardiac`) are different: they **write** a 2D dataset of
+resampled, cropped short-axis slices next to the ``dataset.json``, keep one random structure per
+training slice, and take the options ``--spacing``, ``--size``, ``--keep``, ``--seed``,
+``--test`` and ``--no-wholeheart``; they cannot be mixed with the abdominal layouts.
+
+Abdominal layouts (the marginal-loss paper's union; :data:`partialseg.data.builders.abdomen.LAYOUTS`):
+
+==============  ==============================================  =====================================
+layout          folder                                          label values -> classes
+==============  ==============================================  =====================================
+``btcv``        ``[RawData/]Training/img/img*.nii.gz`` +        1 spleen, 2 kidney_right, 3 kidney_left,
+                ``label/label*.nii.gz`` (fully labelled)        6 liver, 7 stomach, 11 pancreas; the
+                                                                other 7 organs -> background
+``msd_liver``   MSD ``Task03_Liver`` (its ``dataset.json``)     1 liver, 2 tumour -> liver
+``msd_spleen``  MSD ``Task09_Spleen``                           1 spleen
+``msd_pancreas`` MSD ``Task07_Pancreas``                        1 pancreas, 2 tumour -> pancreas
+``kits19``      ``case_*/imaging.nii.gz`` +                     1 kidney, 2 tumour -> left / right
+                ``segmentation.nii.gz``                         kidney by side (world coordinates)
+==============  ==============================================  =====================================
+
+KiTS19 as downloaded has no ``segmentation.nii.gz`` in its test cases (``case_00210`` to
+``case_00299``): those images become unlabelled entries of a ``test`` split (no ``label``, no
+``annotated``), counted in the command's output; a KiTS folder without any labelled case is an
+error. In every other layout a missing file is an error naming it.
+
+A class that a layout labels but ``--classes`` lacks is mapped to background only where the
+source is fully labelled (BTCV's other organs); in a single-organ source, it makes the source
+useless and is an error.
+
+Cardiac layouts (2D slices written under ``<out folder>/slices/<source>/``; a build whose
+``--out`` is another JSON file referencing those slices in the same folder is refused):
+
+==================  ====================================================  =====================================
+layout              folder                                                label values -> classes
+==================  ====================================================  =====================================
+``acdc``            ACDC ``training/`` (or ``testing/``):                 1 RV, 2 MYO, 3 LV; ED / ES frames from
+                    ``patientNNN/patientNNN_frameMM[_gt].nii.gz``         ``Info.cfg``, kept as ``"phase"``
+``mscmrseg``        ``patient<N>_LGE[_manual].nii.gz`` below the folder   200 MYO, 500 LV, 600 RV
+``mscmrseg_c0``     ``patient<N>_C0[_manual].nii.gz`` (bSSFP)             as ``mscmrseg``
+``mscmrseg_t2``     ``patient<N>_T2[_manual].nii.gz``                     as ``mscmrseg``
+==================  ====================================================  =====================================
+
+Examples:
+    partialseg build-datalist --out data/union/dataset.json \\
+        --source btcv=/data/BTCV --source msd_liver=/data/Task03_Liver \\
+        --source msd_spleen=/data/Task09_Spleen --source msd_pancreas=/data/Task07_Pancreas \\
+        --source kits19=/data/kits19/data --val 4
+
+    partialseg build-datalist --out /data/acdc2d/dataset.json --source acdc=/data/ACDC/training \\
+        --val 20 --test 20 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partialseg.data.builders import abdomen, cardiac
+from partialseg.data.builders._common import check_out, write_json
+from partialseg.data.builders.abdomen import DEFAULT_CLASSES
+from partialseg.data.builders.cardiac import SLICE_LAYOUTS, build_slices
+
+__all__ = ["LAYOUTS", "Layout", "SLICE_LAYOUTS", "build_datalist", "add_arguments", "run"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One entry of the registry.
+
+    Attributes:
+        anatomy: the module that builds it (``"abdomen"``, ``"cardiac"``); sources of one build
+            share it.
+        build: ``build(sources, out, classes=, val=, name=, **options)`` -> the ``dataset.json``
+            content, for every source of the build.
+        spec: the anatomy's description of the layout (an ``abdomen.FileLayout`` or a
+            ``cardiac.SliceLayout``).
+        options: the extra keyword options its builder takes (none for the abdominal layouts).
+    """
+
+    anatomy: str
+    build: Callable[..., dict[str, Any]]
+    spec: Any
+    options: frozenset = frozenset()
+
+
+_CARDIAC_OPTIONS = frozenset({"test", "spacing", "size", "keep", "wholeheart", "seed", "progress"})
+
+#: layout name -> :class:`Layout`; an anatomy module adds its ``LAYOUTS`` here
+LAYOUTS: dict[str, Layout] = {
+    **{name: Layout("abdomen", abdomen.build_union, spec) for name, spec in abdomen.LAYOUTS.items()},
+    **{name: Layout("cardiac", cardiac.build_slices, spec, _CARDIAC_OPTIONS) for name, spec in cardiac.LAYOUTS.items()},
+}
+
+
+def build_datalist(
+    sources: Sequence[tuple[str, str | os.PathLike]],
+    out: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    val: int = 0,
+    name: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Write one ``dataset.json`` from datasets in known layouts; return its content.
+
+    The layouts' registry entries choose the builder: the abdominal layouts join their sources
+    into one union pointing at the original files (:func:`~partialseg.data.builders.abdomen.build_union`),
+    the cardiac ones write 2D slices beside ``out`` (:func:`~partialseg.data.builders.cardiac.build_slices`).
+
+    Args:
+        sources: ``(layout, folder)`` pairs, layouts of :data:`LAYOUTS`, all of one anatomy; the
+            source name is the layout (numbered when repeated).
+        out: output ``dataset.json`` path, a ``.json`` file (paths inside are relative to its folder).
+        classes: global classes, ``background`` first (default: the anatomy's; for the cardiac
+            layouts ``background, LV, MYO, RV``, the only choice).
+        val: cases held out as a fully labelled ``validation`` split (abdomen: the last fully
+            labelled cases of the first fully labelled source; cardiac: random subjects of each source).
+        name: dataset name (default ``union``; cardiac: ``acdc2d``, ...).
+        **options: the builder's own options (cardiac: ``test``, ``spacing``, ``size``, ``keep``,
+            ``wholeheart``, ``seed``, ``progress``).
+
+    Returns:
+        the ``dataset.json`` content.
+
+    Raises:
+        ValueError: ``out`` not a ``.json`` file (or a folder), no source, an unknown layout,
+            layouts of two anatomies mixed, an option the builder does not take, or what the
+            builder refuses (a missing file, a bad ``val`` ... each named).
+        TypeError: ``val`` (or an integer option) not an int.
+        FileNotFoundError: a folder that is not in its layout.
+
+    Example:
+        >>> build_datalist([("btcv", "/data/BTCV"), ("acdc", "/data/ACDC")], "/tmp/x/dataset.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: the cardiac layouts ['acdc'] write 2D slices and cannot be mixed with ['btcv']
+    """
+    out = check_out(out)
+    if not sources:
+        raise ValueError("no sources given")
+    unknown = [layout for layout, _ in sources if layout not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"unknown layout {unknown[0]!r}; choose one of {sorted(LAYOUTS)}")
+    kinds = {LAYOUTS[layout].anatomy for layout, _ in sources}
+    if len(kinds) > 1:
+        slicing = sorted({layout for layout, _ in sources if LAYOUTS[layout].anatomy == "cardiac"})
+        others = sorted({layout for layout, _ in sources if LAYOUTS[layout].anatomy != "cardiac"})
+        raise ValueError(f"the cardiac layouts {slicing} write 2D slices and cannot be mixed with {others}")
+    layout = LAYOUTS[sources[0][0]]
+    extra = sorted(set(options) - layout.options)
+    if extra:
+        takers = sorted(name for name, entry in LAYOUTS.items() if set(extra) <= entry.options)
+        raise ValueError(f"{', '.join(extra)}: only for the {'cardiac ' if takers else ''}layouts {takers}")
+    return layout.build(sources, out, classes=classes, val=val, name=name, **options)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "").rstrip(".") + ". " + (
+        f"Layouts: {', '.join(sorted(abdomen.LAYOUTS))} (entries point at the original files); cardiac: "
+        f"{', '.join(cardiac.LAYOUTS)} (2D slices written under <out folder>/slices/). See docs/data_format.md."
+    )
+    parser.add_argument("--source", action="append", required=True, metavar="LAYOUT=DIR",
+                        help="a dataset folder in a known layout; repeat for each source")
+    parser.add_argument("--out", required=True, help="output dataset.json (a .json file; its folder is created)")
+    parser.add_argument("--classes", nargs="+", help=f"global classes (default: {' '.join(DEFAULT_CLASSES)}; "
+                        f"cardiac: {' '.join(cardiac.CLASSES)})")
+    parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split "
+                        "(cardiac: random subjects of each source)")
+    parser.add_argument("--name", help="dataset name (default: union; cardiac: acdc2d, mscmrseg2d, ...)")
+    group = parser.add_argument_group("cardiac layouts only (acdc, mscmrseg*)")
+    group.add_argument("--test", type=int, help="random subjects of each source held out, fully labelled, as the test split (default 0)")
+    group.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                         help=f"in-plane pixel size after resampling, one value or one per axis (default {cardiac.DEFAULT_SPACING})")
+    group.add_argument("--size", type=int, nargs="+", metavar="N",
+                         help=f"slice size after centred crop or pad, one value or one per axis (default {cardiac.DEFAULT_SIZE})")
+    group.add_argument("--keep", choices=cardiac.KEEP,
+                         help="training slices keep 'one' random structure each, balanced (default); 'subject': one "
+                         "structure per training subject on all its slices (the paper's single-label subjects); or "
+                         "'all'; validation and test are always fully labelled")
+    group.add_argument("--no-wholeheart", dest="wholeheart", action="store_false", default=None,
+                         help="with --keep one / subject, draw among LV, MYO, RV only (no whole-heart labels; train the "
+                         "dcl_cardiac bundle with --missing any)")
+    group.add_argument("--seed", type=int, help="seed of the split and of the kept structures; same seed = identical files (default 0)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    sources = []
+    for item in args.source:
+        layout, sep, folder = item.partition("=")
+        if not sep or not folder:
+            print(f"error: --source must be LAYOUT=DIR, got {item!r}", file=sys.stderr)
+            return 2
+        sources.append((layout, folder))
+    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed") if getattr(args, k) is not None}
+    if any(layout in cardiac.LAYOUTS for layout, _ in sources):
+        options["progress"] = not args.quiet
+    try:
+        desc = build_datalist(sources, args.out, classes=args.classes, val=args.val, name=args.name, **options)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "empty_slices_skipped" in desc:
+        _print_slices(desc)
+    else:
+        per_source: dict[str, int] = {}
+        for c in desc["training"]:
+            per_source[c["source"]] = per_source.get(c["source"], 0) + 1
+        unlabelled: dict[str, int] = {}
+        for c in desc.get("test", []):
+            unlabelled[c["source"]] = unlabelled.get(c["source"], 0) + 1
+        for source, n in per_source.items():
+            extra = (f"; {unlabelled[source]} images without a label file kept as unlabelled test cases"
+                     if source in unlabelled else "")
+            print(f"  {source:<16}{n:>5} training cases{extra}")
+        if "validation" in desc:
+            print(f"  {'(validation)':<16}{len(desc['validation']):>5} cases")
+    out = Path(args.out)
+    print(f"wrote {out}; next: partialseg check {out.parent if out.name == 'dataset.json' else out}")
+    return 0
+
+
+def _print_slices(desc: dict[str, Any]) -> None:
+    """Per source: slices per split, kept structures of the training slices, empty slices skipped."""
+    for source, skipped in desc["empty_slices_skipped"].items():
+        kept: dict[str, int] = {}
+        for c in desc["training"]:
+            if c["source"] == source:
+                key = "all" if c["annotated"] == "all" else c["annotated"][0].replace("background", "whole heart")
+                kept[key] = kept.get(key, 0) + 1
+        counts = {split: sum(c["source"] == source for c in desc.get(split, [])) for split in ("training", "validation", "test")}
+        order = ["LV", "MYO", "RV", "whole heart", "all"]
+        detail = ", ".join(f"{k} {kept[k]}" for k in order if k in kept)
+        print(f"  {source:<16}{counts['training']:>6} training slices ({detail}), {counts['validation']} validation, "
+              f"{counts['test']} test; {skipped} empty slices skipped")
