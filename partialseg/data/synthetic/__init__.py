@@ -155,7 +155,7 @@ def make_dataset(family: str, out_dir: str | os.PathLike, seed: int = 0,
             At most :data:`MAX_VOXELS` voxels per image.
         overwrite: replace a non-empty ``out_dir`` as a whole (see :func:`check_out_dir`).
         **options: family options: ``num_train``, ``num_test``, ``progress`` (all families);
-            ``variant`` (cardiac2d); ``modality``, ``num_full`` (abdomen3d); ``strong_fraction``,
+            ``variant``, ``levels`` (cardiac2d); ``modality``, ``num_full`` (abdomen3d); ``strong_fraction``,
             ``missing_fraction`` (polyp2d); ``labelled_fraction`` (atrium3d).
 
     Returns:

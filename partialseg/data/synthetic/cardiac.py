@@ -13,6 +13,17 @@ Training labels follow the DCL paper's partial annotation: ``variant="single"`` 
 one structure per case (LV, MYO or RV, balanced); ``variant="wholeheart"`` adds whole-heart cases
 (``"annotated": ["background"]``, the heart carrying value 1 = "one of LV/MYO/RV") as a fourth
 annotation type. Test cases are fully labelled.
+
+``levels=N`` (``N >= 1``) turns each subject into a short-axis *stack*: ``N`` slice levels from
+base to apex per phase (``2N`` cases per subject). Towards the apex the LV cavity and the RV
+shrink, and the heart moves along its tilted long axis; the RV ends at a subject-specific level
+(about two thirds of the way down) and the LV cavity just before the apex, so apical slices hold
+no RV (and the last ones no LV blood pool). Subjects also vary more in heart position
+(+-15 mm), heart size (x0.8-1.2) and contrast (a gamma of 0.7-1.4 on the tissue intensities,
+stronger bias and noise). A training case keeps its assigned structure even where the structure
+is absent from its slice: the label is then empty (``"present": false`` in the entry), as a real
+annotator's "no RV in this apical slice". ``levels=0`` (the default) writes exactly the files
+of earlier versions.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ DEFAULT_SIZE = (96, 96)
 SPACING = (1.37, 1.37)
 PHASES = ("ED", "ES")
 VARIANTS = ("single", "wholeheart")
+#: stack mode: the fraction of an RV (or LV cavity) size below which the structure is absent
+_VANISH = 0.3
 
 # tissue codes of the intensity map (not labels)
 (_T_OTHER, _T_LUNG, _T_LIVER, _T_MUSCLE, _T_FAT, _T_AORTA,
@@ -79,8 +92,59 @@ def sample_subject(rng: np.random.Generator, shape: Sequence[int]) -> dict[str, 
     }
 
 
+def stack_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of a subject's stack draws (its own stream: the default draws are untouched)."""
+    split_id = {"training": 1, "test": 2, "validation": 3}[split]
+    return np.random.default_rng([int(seed), C.FAMILY_IDS["cardiac2d"], split_id, int(index), 101])
+
+
+def sample_stack(params: dict[str, Any], rng: np.random.Generator, levels: int) -> tuple[dict[str, Any], list[float]]:
+    """Add stack mode's between-subject variation to ``params`` and draw the slice levels.
+
+    Args:
+        params: output of :func:`sample_subject` (not modified).
+        rng: :func:`stack_rng` of the subject.
+        levels: slices per phase, ``>= 1``.
+
+    Returns:
+        ``(params, positions)``: a copy of ``params`` with the heart moved and scaled, the
+        contrast and noise changed and a ``"stack"`` entry (read by :func:`render_case`), and
+        ``levels`` positions in ``[0, 1]`` (0 = base, 1 = apex), one per stratum, increasing.
+
+    Example:
+        >>> p = sample_subject(np.random.default_rng(0), (64, 64))
+        >>> q, pos = sample_stack(p, np.random.default_rng(1), 3)
+        >>> len(pos), all(a < b for a, b in zip(pos, pos[1:])), 0.0 <= pos[0] and pos[-1] <= 1.0
+        (3, True, True)
+    """
+    s = params["scale"]
+    out = dict(params)
+    size = rng.uniform(0.8, 1.2)
+    out["r_endo_ed"] = params["r_endo_ed"] * size
+    out["thick_ed"] = params["thick_ed"] * size
+    out["centre"] = np.asarray(params["centre"]) + rng.uniform(-15.0, 15.0, size=2) * s
+    gamma = rng.uniform(0.7, 1.4)
+    out["intensity"] = {t: float(v) ** gamma for t, v in params["intensity"].items()}
+    out["noise"] = rng.uniform(0.03, 0.08)
+    out["bias"] = rng.uniform(0.2, 0.45)
+    tilt = rng.uniform(0, 2 * math.pi)
+    out["stack"] = {
+        "tilt": np.array([math.cos(tilt), math.sin(tilt)]) * rng.uniform(6.0, 12.0) * s,  # base -> apex shift, mm
+        "rv_end": rng.uniform(0.6, 0.8),  # level where the RV ends
+        "lv_end": rng.uniform(0.88, 1.0),  # level where the LV cavity ends
+        "taper": rng.uniform(0.25, 0.4),  # epicardial radius lost from base to apex (fraction)
+    }
+    positions = [(k + rng.uniform(0.1, 0.9)) / levels for k in range(levels)]
+    return out, positions
+
+
+def _level_factor(level: float, end: float) -> float:
+    """Relative size of a structure at ``level`` that ends at ``end`` (an ellipsoid's section)."""
+    return math.sqrt(max(0.0, 1.0 - (level / end) ** 2))
+
+
 def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
-                shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                shape: Sequence[int], level: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Render one phase of a subject.
 
     Args:
@@ -88,6 +152,9 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
         phase: ``"ED"`` or ``"ES"``.
         rng: random generator of this case (phase-specific deformation, noise).
         shape: slice shape ``(H, W)``.
+        level: stack mode (``params`` from :func:`sample_stack`): the slice position in
+            ``[0, 1]``, 0 = base, 1 = apex. None (the default) renders the mid-ventricular slice
+            exactly as earlier versions.
 
     Returns:
         ``(image, ground_truth, masks)``: float32 image ``(H, W)``; uint8 ground truth ``(H, W)``
@@ -108,6 +175,13 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
 
     # heart frame: a along the long in-plane axis, b towards the RV (negative b)
     cu, cv = params["centre"]
+    stack = params.get("stack") if level is not None else None
+    if level is not None and stack is None:
+        raise ValueError("level needs the parameters of sample_stack (params['stack'] is missing)")
+    if stack is not None:
+        if not 0.0 <= float(level) <= 1.0:
+            raise ValueError(f"level must lie in [0, 1] (0 = base, 1 = apex), got {level!r}")
+        cu, cv = cu + level * stack["tilt"][0], cv + level * stack["tilt"][1]
     rot = params["rotation"]
     a = math.cos(rot) * (u - cu) + math.sin(rot) * (v - cv)
     b = -math.sin(rot) * (u - cu) + math.cos(rot) * (v - cv)
@@ -126,17 +200,29 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
         r_epi = math.sqrt(r_endo**2 + myo_area)
         rv_scale = rv_scale * params["rv_es_fraction"]
     thick = r_epi - r_endo
+    lv_present = True
+    if stack is not None:  # towards the apex: the cavity closes, the wall tapers, the RV ends
+        f_lv = _level_factor(level, stack["lv_end"])
+        lv_present = f_lv >= _VANISH
+        r_epi = r_epi * (1.0 - stack["taper"] * level)
+        r_endo = r_endo * f_lv if lv_present else 0.0
+        thick = r_epi - r_endo
+        rv_scale = rv_scale * _level_factor(level, stack["rv_end"])
     endo_r = r_endo * m_endo
     epi_r = endo_r + thick * m_thick
-    lv = rad <= endo_r
+    lv = rad <= endo_r if lv_present else np.zeros(shape, dtype=bool)
     epi = rad <= epi_r
     myo = epi & ~lv
     # RV crescent: an ellipse centred on the septal side, minus the LV epicardium
     re = r_endo + thick
-    rv_ell = C.ellipsoid((a, b), (0.0, -0.42 * re - 0.35 * re * rv_scale),
-                         (1.2 * re * (0.6 + 0.4 * rv_scale), 0.95 * re * rv_scale))
-    rv = C.largest_component((rv_ell <= 1.0) & ~epi)
-    rv_wall = (rv_ell <= 1.0 + 2.6 * s / (0.95 * re * rv_scale)) & ~(rv_ell <= 1.0) & ~epi
+    if stack is None or rv_scale >= _VANISH * params["rv_scale"]:
+        rv_ell = C.ellipsoid((a, b), (0.0, -0.42 * re - 0.35 * re * rv_scale),
+                             (1.2 * re * (0.6 + 0.4 * rv_scale), 0.95 * re * rv_scale))
+        rv = C.largest_component((rv_ell <= 1.0) & ~epi)
+        rv_wall = (rv_ell <= 1.0 + 2.6 * s / (0.95 * re * rv_scale)) & ~(rv_ell <= 1.0) & ~epi
+    else:  # below the RV's end: no RV, no RV wall
+        rv = np.zeros(shape, dtype=bool)
+        rv_wall = np.zeros(shape, dtype=bool)
     # papillary muscles: dark dots inside the LV cavity, labelled LV (ACDC convention)
     pap = np.zeros(shape, dtype=bool)
     pr = params["pap_radius"] * (1.2 if phase == "ES" else 1.0)
@@ -184,7 +270,7 @@ def render_case(params: dict[str, Any], phase: str, rng: np.random.Generator,
 
 def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | None = None,
              num_train: int | None = None, num_test: int | None = None, variant: str = "single",
-             progress: bool = False, num_val: int = 0) -> Path:
+             progress: bool = False, num_val: int = 0, levels: int = 0) -> Path:
     """Write the ``cardiac2d`` benchmark.
 
     Args:
@@ -200,6 +286,11 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
             ``"validation"`` split, files ``imagesTr/valNNN_ED``); default 0 (no validation
             split). The other cases do not depend on it: ``num_val=0`` writes exactly what
             earlier versions wrote.
+        levels: 0 (default): one mid-ventricular slice per phase, as earlier versions.
+            ``N >= 1``: stack mode (see the module docstring), ``N`` slice levels from base to
+            apex per phase, so ``2N`` cases per subject, named ``subNNN_L<k>_<phase>``; each
+            entry has ``"level"`` (slice position, 0 = base, 1 = apex), ``"slice"`` (``k``) and,
+            for training cases, ``"present"`` (whether the annotated structure is in the slice).
 
     Returns:
         Path of the written ``dataset.json``.
@@ -211,11 +302,15 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
     if isinstance(num_val, bool) or int(num_val) != num_val or num_val < 0:
         raise ValueError(f"num_val must be an integer >= 0, got {num_val!r}")
     n_val = int(num_val)
+    if isinstance(levels, bool) or int(levels) != levels or levels < 0:
+        raise ValueError(f"levels must be an integer >= 0, got {levels!r}")
+    levels = int(levels)
+    per_subject = 2 * max(levels, 1)
     affine = C.affine_from_spacing(SPACING, shape)
     writer = C.DatasetWriter(Path(out_dir), ".nii.gz")
     kinds = ["LV", "MYO", "RV"] + (["wholeheart"] if variant == "wholeheart" else [])
     plan = C.case_rng(seed, "cardiac2d", "plan", 0)
-    assignment = plan.permutation(np.arange(2 * n_train) % len(kinds))
+    assignment = plan.permutation(np.arange(per_subject * n_train) % len(kinds))
 
     panels: list[tuple[np.ndarray, np.ndarray | None, str]] = []
     jobs = [("training", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]
@@ -224,31 +319,41 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         rng = C.case_rng(seed, "cardiac2d", split, i)
         params = sample_subject(rng, shape)
         subject = {"training": f"sub{i:03d}", "validation": f"val{i:03d}", "test": f"test{i:03d}"}[split]
-        for p, phase in enumerate(PHASES):
-            image, gt, _ = render_case(params, phase, rng, shape)
-            name = f"{subject}_{phase}"
-            img_abs, img_rel = writer.path("imagesTs" if split == "test" else "imagesTr", name)
-            lab_abs, lab_rel = writer.path("labelsTs" if split == "test" else "labelsTr", name)
-            C.write_nifti(img_abs, C.to_int16(image, 1000.0), affine)  # MR magnitude, int16
-            entry: dict[str, Any] = {"image": img_rel, "label": lab_rel}
-            if split == "training":
-                kind = kinds[int(assignment[2 * i + p])]
-                if kind == "wholeheart":
-                    label = (gt > 0).astype(np.uint8)
-                    entry.update(annotated=["background"], source="wholeheart")
+        if levels:
+            params, positions = sample_stack(params, stack_rng(seed, split, i), levels)
+            slices: list[tuple[int, float | None]] = list(enumerate(positions))
+        else:
+            slices = [(0, None)]
+        for k, level in slices:
+            for p, phase in enumerate(PHASES):
+                image, gt, _ = render_case(params, phase, rng, shape, level=level)
+                name = f"{subject}_{phase}" if level is None else f"{subject}_L{k}_{phase}"
+                img_abs, img_rel = writer.path("imagesTs" if split == "test" else "imagesTr", name)
+                lab_abs, lab_rel = writer.path("labelsTs" if split == "test" else "labelsTr", name)
+                C.write_nifti(img_abs, C.to_int16(image, 1000.0), affine)  # MR magnitude, int16
+                entry: dict[str, Any] = {"image": img_rel, "label": lab_rel}
+                if split == "training":
+                    kind = kinds[int(assignment[per_subject * i + 2 * k + p])]
+                    if kind == "wholeheart":
+                        label = (gt > 0).astype(np.uint8)
+                        entry.update(annotated=["background"], source="wholeheart")
+                    else:
+                        c = CLASSES.index(kind)
+                        label = np.where(gt == c, c, 0).astype(np.uint8)
+                        entry.update(annotated=[kind], source=f"{kind}_only")
+                    if level is not None:
+                        entry["present"] = bool(label.any())
                 else:
-                    k = CLASSES.index(kind)
-                    label = np.where(gt == k, k, 0).astype(np.uint8)
-                    entry.update(annotated=[kind], source=f"{kind}_only")
-            else:
-                label = gt
-                entry.update(annotated="all", source="full")
-            entry.update(modality="MR", subject=subject, phase=phase)
-            C.write_nifti(lab_abs, label, affine)
-            writer.add(split, entry)
-            if len(panels) < 6 and split == "training" or (split == "test" and len(panels) < 8):
-                caption = f"{name} {entry['source']} ann={entry['annotated']}"
-                panels.append((image, label, caption))
+                    label = gt
+                    entry.update(annotated="all", source="full")
+                entry.update(modality="MR", subject=subject, phase=phase)
+                if level is not None:
+                    entry.update(level=round(float(level), 4), slice=k)
+                C.write_nifti(lab_abs, label, affine)
+                writer.add(split, entry)
+                if len(panels) < 6 and split == "training" or (split == "test" and len(panels) < 8):
+                    caption = f"{name} {entry['source']} ann={entry['annotated']}"
+                    panels.append((image, label, caption))
 
     header = {
         "name": "cardiac2d",
@@ -266,7 +371,10 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         "seed": int(seed),
         "variant": variant,
     }
+    if levels:
+        header["levels"] = levels
+        header["description"] += f" Stack mode: {levels} slice levels base to apex per phase ('level': 0 base, 1 apex)."
     path = writer.finish(header)
-    C.write_preview(writer.root / "preview.png", panels, len(CLASSES), f"cardiac2d ({variant}), seed {seed}")
+    C.write_preview(writer.root / "preview.png", panels, len(CLASSES), f"cardiac2d ({variant}{f', {levels} levels' if levels else ''}), seed {seed}")
     return path
 

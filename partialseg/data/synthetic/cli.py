@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("family options")
     group.add_argument("--variant", choices=("single", "wholeheart"), default=None,
                        help="cardiac2d: one structure per training case, or also whole-heart cases (default single)")
+    group.add_argument("--levels", type=int, default=None, metavar="N",
+                       help="cardiac2d: stack mode, N slice levels base to apex per phase (structures shrink, move "
+                            "and vanish; RV absent in apical slices), with more position, size and contrast variation "
+                            "between subjects (default 0: one mid-ventricular slice, the original benchmark)")
     group.add_argument("--modality", choices=("CT", "MR", "CT+MR"), default=None,
                        help="abdomen3d: CT (HU), MR, or CT+MR (atlas setting: organ sets split by modality); "
                             "default CT")
@@ -50,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 #: option -> families that accept it
 _FAMILY_OPTIONS = {
     "variant": ("cardiac2d",),
+    "levels": ("cardiac2d",),
     "modality": ("abdomen3d",),
     "num_full": ("abdomen3d",),
     "strong_fraction": ("polyp2d",),
