@@ -26,6 +26,8 @@ to ``benchmarks/results/dcl_cpu.json``.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py [--repeats 15] [--backbones bundle small paper] [--sizes 96 216] [--paper-sizes 224]
+    # the stage-2 iteration alone, e.g. to compare two versions of the trainer (PYTHONPATH=<other checkout>):
+    OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py --parts training --backbones small bundle --sizes 96 --no-docs --out /tmp/dcl.json
 
 Three backbones: the bundle's UNet (32 base channels); a CPU-sized one (16 base channels, CompNet's
 default), where CompNet's wider first and last layers are a large share of the network; and a
@@ -82,7 +84,7 @@ def bench_inference(size: int, repeats: int, batch: int = 1, backbone: dict | No
     from monai.inferers import SimpleInferer
 
     from partialseg.data.dcl import SupportBank
-from partialseg.inferers import ConditionalInferer
+    from partialseg.inferers import ConditionalInferer
     from partialseg.networks import CompNet
 
     torch.manual_seed(0)
@@ -193,6 +195,8 @@ def main(argv=None) -> None:
     ap.add_argument("--paper-batch", type=int, default=2, help="training batch size (paper backbone; it is ~30x the compute)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dcl_cpu.json"))
     ap.add_argument("--no-docs", action="store_true", help="don't write the section of docs/results.md")
+    ap.add_argument("--parts", nargs="+", choices=["inference", "training"], default=["inference", "training"],
+                    help="measure only these (e.g. --parts training: the stage-2 iteration alone)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
@@ -200,14 +204,14 @@ def main(argv=None) -> None:
                "backbones": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in BACKBONES[name].items()} for name in args.backbones}}
     plan = [(name, args.paper_sizes if name == "paper" else args.sizes, args.paper_batch if name == "paper" else args.batch)
             for name in args.backbones]
-    for name, sizes, _ in plan:
+    for name, sizes, _ in plan if "inference" in args.parts else []:
         for size in sizes:
             r = {"backbone": name, **bench_inference(size, args.repeats, backbone=BACKBONES[name])}
             results["inference"].append(r)
             print(f"[{name}] inference {size}x{size}: CompNet K=1 {r['compnet_k1_s'] * 1e3:.1f} ms, its backbone "
                   f"{r['own_backbone_s'] * 1e3:.1f} ms ({r['ratio_own']:.3f}x), plain UNet {r['plain_unet_s'] * 1e3:.1f} ms "
                   f"({r['ratio_plain']:.3f}x); target <= 1.15", flush=True)
-    for name, sizes, batch in plan:
+    for name, sizes, batch in plan if "training" in args.parts else []:
         for size in sizes:
             r = {"backbone": name, **bench_training(size, args.repeats, batch, backbone=BACKBONES[name])}
             results["training"].append(r)

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointSaver
 
+from partialseg._checks import check_int, unwrap_network
 from partialseg._fileio import atomic_open, remove_stale_temporaries
 from partialseg.engines.distributed import get_rank
 
-__all__ = ["AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save"]
+__all__ = ["AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,47 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
-def _unwrap(obj: Any) -> Any:
-    return obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", hint: str = "", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with an error that names the file and what to do.
+
+    ``torch.load`` reports a truncated or corrupt file (a run killed while a non-atomic writer
+    saved it, a partial copy) as a bare ``EOFError`` / ``PytorchStreamReader failed reading zip
+    archive``, without the path; this raises a ``RuntimeError`` naming ``path``, the reader's
+    error and ``hint`` (what to do: which run recreates the file).
+
+    Args:
+        path: the checkpoint file.
+        map_location: ``torch.load``'s ``map_location``.
+        hint: what to do about an unreadable file (default: replace it or train again).
+        mmap: map the tensors instead of reading them (cheap check of a large file; torch's zip
+            format only, a legacy file is read in full).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (naming it).
+        RuntimeError: ``path`` cannot be read as a checkpoint (naming it).
+
+    Example:
+        >>> import tempfile, torch
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save({"w": torch.ones(2)}, d + "/ok.pt")
+        ...     read_checkpoint(d + "/ok.pt")["w"].tolist()
+        [1.0, 1.0]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (f": {hint}" if hint else ""))
+    if mmap:
+        import zipfile
+
+        mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - name the file whatever the reader's error
+        todo = hint or "replace it with a complete copy, or delete it and train again"
+        raise RuntimeError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}): the file is incomplete or corrupt"
+            f" (a run killed while saving it, or a partial copy); {todo}"
+        ) from e
 
 
 class ResumeCheckpoint:
@@ -62,6 +102,9 @@ class ResumeCheckpoint:
         path: the checkpoint file.
         save_dict: name -> object with ``state_dict`` / ``load_state_dict``; DDP / DataParallel
             wrappers are unwrapped, so a checkpoint from one process resumes under torchrun and back.
+            A :class:`~partialseg.engines.MultiNetworkTrainer` gives its networks, optimisers,
+            scalers, frozen copies and extra state as ``trainer.checkpoint_dict()`` (the DCL
+            bundle: ``dict(@train#trainer.checkpoint_dict(), best=BestMetricState(...))``).
         interval: save every this many iterations; the final state is saved on ``COMPLETED`` too.
             A save that falls on an epoch's last iteration waits for the end of that epoch's
             ``EPOCH_COMPLETED`` handlers, so the validation they run (and the best metric it
@@ -73,16 +116,17 @@ class ResumeCheckpoint:
         map_location: ``torch.load``'s ``map_location`` (default: CPU, then ``load_state_dict`` moves).
 
     Raises:
+        TypeError: ``interval`` is not an int.
         ValueError: ``interval`` < 1; at start, the checkpoint's epoch exceeds the trainer's
             ``max_epochs`` (it belongs to a longer run).
-        RuntimeError: at start, ``path`` exists but cannot be read (the message names it).
+        RuntimeError: at start, ``path`` exists but cannot be read (the message names it and
+            says to delete it or pass ``--resume false``: :func:`read_checkpoint`).
     """
 
     def __init__(
         self, path: str | os.PathLike, save_dict: dict[str, Any], interval: int = 20, enabled: bool = True, map_location: Any = "cpu"
     ) -> None:
-        if int(interval) < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
+        interval = check_int(interval, "interval", minimum=1)
         if not save_dict:
             raise ValueError("save_dict must name at least one object to save")
         self.path = Path(path)
@@ -131,7 +175,7 @@ class ResumeCheckpoint:
         (engine.logger if hasattr(engine, "logger") else logger).info(msg)
 
     def _objects(self, engine) -> dict[str, Any]:
-        return {"trainer": engine, **{k: _unwrap(v) for k, v in self.save_dict.items()}}
+        return {"trainer": engine, **{k: unwrap_network(v) for k, v in self.save_dict.items()}}
 
     def save(self, engine) -> None:
         if get_rank() != 0:
@@ -143,10 +187,9 @@ class ResumeCheckpoint:
             remove_stale_temporaries(self.path)
         if not self.path.is_file():
             return
-        try:
-            checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - name the file whatever the reader's error
-            raise RuntimeError(f"cannot resume from {self.path} ({type(e).__name__}: {e}); delete it to start afresh") from e
+        checkpoint = read_checkpoint(
+            self.path, self.map_location, hint="cannot resume from it: delete it (or rerun with --resume false) to start afresh"
+        )
         max_epochs = engine.state.max_epochs
         for name, obj in self._objects(engine).items():
             if name not in checkpoint:

@@ -15,25 +15,25 @@ Hyperparameters (``lambda_dual``, the loss and its bases, the optimiser and its 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents
-from monai.inferers import Inferer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.inferers import Inferer, SimpleInferer
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 from torch import Tensor, nn
 
+from partialseg._checks import check_float, check_int, unwrap_network
+from partialseg.engines.multi_network import MultiNetworkTrainer
 from partialseg.networks.dcl import compnet_segment, pack_conditional_input
 from partialseg.transforms.dcl.array import conditional_supervision, label_view
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["DCLTrainer", "DualNetworkUpdater", "DualState", "argmax_is", "dual_swap"]
+__all__ = ["DCLBatch", "DCLTrainer", "DualNetworkUpdater", "argmax_is", "dual_swap"]
 
 
 def argmax_is(probs: Tensor, s: int) -> Tensor:
@@ -114,12 +114,38 @@ def dual_swap(
     }
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else net
+class DCLBatch:
+    """``prepare_batch`` of :class:`DCLTrainer`: the four tensors of a conditional batch on the device.
+
+    Args:
+        keys: the batch keys of the target image, its ``<0,p,1>`` map, the conditional images
+            and the conditional labels (as :class:`~partialseg.data.dcl.ConditionalDataset` names them).
+
+    Example:
+        >>> import torch
+        >>> prepare = DCLBatch(("image", "label", "cond_image", "cond_label"))
+        >>> batch = {k: torch.zeros(1) for k in ("image", "label", "cond_image", "cond_label", "cond_index")}
+        >>> len(prepare(batch, "cpu"))
+        4
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = tuple(keys)
+
+    def __call__(self, batchdata: dict, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> tuple[Tensor, ...]:
+        missing = [k for k in self.keys if k not in batchdata]
+        if missing:
+            raise KeyError(f"DCLTrainer: the batch lacks {missing} (keys {sorted(batchdata)}); use ConditionalDataset.")
+        return tuple(torch.as_tensor(batchdata[k]).to(device, non_blocking=non_blocking, **kwargs) for k in self.keys)
 
 
-class DCLTrainer(SupervisedTrainer):
-    """MONAI ``SupervisedTrainer`` running DCL's Algorithm 1 (stage 1 or stage 2).
+class DCLTrainer(MultiNetworkTrainer):
+    """DCL's Algorithm 1 (stage 1 or stage 2) on :class:`~partialseg.engines.MultiNetworkTrainer`.
+
+    PrimNet is the trainer's network ``"network"`` with its optimiser ``"optimizer"``; DualNet is
+    its frozen copy ``"dual"`` (:class:`~partialseg.engines.FrozenCopy`), so the trainer's
+    :meth:`~partialseg.engines.MultiNetworkTrainer.checkpoint_dict` holds ``network``,
+    ``optimizer`` and ``dual`` (DualNet's weights and refresh history) for a resumable checkpoint.
 
     Each batch is a dictionary with the target image (``image_key``, ``(B, C, *spatial)``), its
     ``<0,p,1>`` map (``label_key``, ``(B, m, *spatial)``) and one conditional pair per class
@@ -127,7 +153,7 @@ class DCLTrainer(SupervisedTrainer):
     :class:`~partialseg.data.dcl.ConditionalDataset` gives. The iteration computes
     ``z = g(y_t, y_c)`` (Eq. 5), PrimNet's logits, ``L_prim = loss_function(logits, z, y_c)``
     and, when ``lambda_dual > 0``, the dual task (:func:`dual_swap`) through DualNet:
-    ``loss = (1 - lambda_dual) L_prim + lambda_dual L_dual`` (Eq. 10).
+    ``loss = (1 - lambda_dual) L_prim + lambda_dual L_dual`` (Eq. 10), one update of PrimNet.
 
     ``engine.state.output`` holds ``image``, ``label``, ``pred`` (PrimNet's ``m``-class
     probabilities ``z_cap + z_delta``), ``loss``, ``loss_prim``, ``loss_dual`` (0 in stage 1) and
@@ -144,11 +170,12 @@ class DCLTrainer(SupervisedTrainer):
     stale copies and is refused.
 
     Args:
-        device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
-        iteration_update, inferer, postprocessing, key_train_metric, additional_metrics,
-        metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate,
-        optim_set_to_none, amp_kwargs: as ``monai.engines.SupervisedTrainer``; ``network`` is
-            PrimNet (a CompNet, or any module mapping the packed input to ``2m`` logits).
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
+        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
+        event_names, event_to_attr, decollate, optim_set_to_none, amp_kwargs: as
+            :class:`~partialseg.engines.MultiNetworkTrainer` (MONAI's trainers).
+        network: PrimNet (a CompNet, or any module mapping the packed input to ``2m`` logits).
+        optimizer: PrimNet's optimiser.
         loss_function: ``loss(logits, z, cond_label)``, e.g.
             :class:`~partialseg.losses.ConditionalCompatibleLoss` (Eq. 8).
         lambda_dual: weight of the dual task in ``[0, 1)``; 0 = stage 1, 0.2 = the paper's stage 2.
@@ -159,9 +186,13 @@ class DCLTrainer(SupervisedTrainer):
         seed: seed of the selected class.
         p: value of unknown entries (the dual target's other channels).
         image_key, label_key, cond_image_key, cond_label_key: batch keys.
+        inferer: runs PrimNet on the packed input (default ``SimpleInferer``).
+        prepare_batch: MONAI-style ``prepare_batch`` returning ``(image, label, cond_image,
+            cond_label)`` on the device (default :class:`DCLBatch` of the four keys).
 
     Raises:
-        ValueError: ``lambda_dual`` outside ``[0, 1)``, empty or negative ``dual_classes``.
+        ValueError: ``lambda_dual`` outside ``[0, 1)``, empty or negative ``dual_classes``, a
+            ``dual_network`` that is PrimNet itself, a loader with ``persistent_workers``.
         TypeError: ``dual_network`` is not an ``nn.Module``.
     """
 
@@ -189,7 +220,7 @@ class DCLTrainer(SupervisedTrainer):
         postprocessing: Any = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
         train_handlers: Sequence | None = None,
         amp: bool = False,
         event_names: list | None = None,
@@ -197,36 +228,43 @@ class DCLTrainer(SupervisedTrainer):
         decollate: bool = True,
         optim_set_to_none: bool = False,
         amp_kwargs: dict | None = None,
+        prepare_batch: Callable | None = None,
     ) -> None:
-        if isinstance(lambda_dual, bool) or not isinstance(lambda_dual, (int, float)) or not 0.0 <= float(lambda_dual) < 1.0:
-            raise ValueError(f"lambda_dual must be a number in [0, 1), got {lambda_dual!r}.")
+        try:
+            lambda_dual = check_float(lambda_dual, "lambda_dual", minimum=0.0, maximum=1.0, include_maximum=False)
+        except TypeError as e:  # a bool or a string is a bad value of lambda_dual
+            raise ValueError(str(e)) from None
         if dual_network is not None and not isinstance(dual_network, nn.Module):
             raise TypeError(f"dual_network must be an nn.Module or None, got {type(dual_network).__name__}.")
         if dual_classes is not None:
-            dual_classes = [int(c) for c in dual_classes]
+            dual_classes = [check_int(c, "dual_classes entry") for c in dual_classes]
             if not dual_classes or min(dual_classes) < 0:
                 raise ValueError(f"dual_classes must be non-empty class indices, got {dual_classes!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        if not 0.0 < float(p) < 1.0:
-            raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}.")
-        kwargs: dict[str, Any] = {}
-        if metric_cmp_fn is not None:
-            kwargs["metric_cmp_fn"] = metric_cmp_fn
+        seed = check_int(seed, "seed", minimum=0)
+        p = check_float(p, "p", minimum=0.0, maximum=1.0, include_minimum=False, include_maximum=False)
+        if hasattr(getattr(train_data_loader, "dataset", None), "set_epoch") and getattr(train_data_loader, "persistent_workers", False):
+            raise ValueError(
+                "train_data_loader has persistent_workers=True: its workers would keep the conditional draws of the first"
+                " pass; use persistent_workers=False (workers are created once per pass over the data)."
+            )
+        if dual_network is not None and dual_network is unwrap_network(network):
+            raise ValueError("dual_network must be a separate copy of the network (it is frozen); pass None to copy PrimNet.")
+        keys = (image_key, label_key, cond_image_key, cond_label_key)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
-            network=network,
-            optimizer=optimizer,
-            loss_function=loss_function,
+            networks={"network": network},
+            optimizers={"optimizer": optimizer},
+            frozen={"dual": ("network", dual_network)},
             epoch_length=epoch_length,
             non_blocking=non_blocking,
+            prepare_batch=DCLBatch(keys) if prepare_batch is None else prepare_batch,
             iteration_update=iteration_update,
-            inferer=inferer,
             postprocessing=postprocessing,
             key_train_metric=key_train_metric,
             additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
             train_handlers=train_handlers,
             amp=amp,
             event_names=event_names,
@@ -234,32 +272,35 @@ class DCLTrainer(SupervisedTrainer):
             decollate=decollate,
             optim_set_to_none=optim_set_to_none,
             amp_kwargs=amp_kwargs,
-            **kwargs,
         )
-        self.lambda_dual = float(lambda_dual)
-        if dual_network is not None and dual_network is _unwrap(network):
-            raise ValueError("dual_network must be a separate copy of the network (it is frozen); pass None to copy PrimNet.")
-        self.dual_network = dual_network
-        if dual_network is not None:
-            self._freeze(dual_network)
-            dual_network.to(self.state.device)
+        self.loss_function = loss_function
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.lambda_dual = lambda_dual
         self.dual_classes = dual_classes
         self.seed = seed
-        self.p = float(p)
-        self.keys = (image_key, label_key, cond_image_key, cond_label_key)
-        self.dual_refreshes: list[int] = []  # trainer iterations at which DualNet was refreshed
-        loader = self.data_loader
-        if hasattr(getattr(loader, "dataset", None), "set_epoch") and getattr(loader, "persistent_workers", False):
-            raise ValueError(
-                "train_data_loader has persistent_workers=True: its workers would keep the conditional draws of the first"
-                " pass; use persistent_workers=False (workers are created once per pass over the data)."
-            )
+        self.p = p
+        self.keys = keys
         self._pass_key: tuple[int, int] | None = None  # (epoch, pass_index) of the last pass started
 
-    @staticmethod
-    def _freeze(net: nn.Module) -> None:
-        net.requires_grad_(False)
-        net.eval()
+    @property
+    def network(self) -> nn.Module:
+        """PrimNet (the trainer's network ``"network"``, DDP-wrapped under torchrun)."""
+        return self.state.networks["network"]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """PrimNet's optimiser."""
+        return self.state.optimizers["optimizer"]
+
+    @property
+    def dual_network(self) -> nn.Module | None:
+        """DualNet (None until the first stage-2 iteration or :meth:`refresh_dual`)."""
+        return self.state.frozen["dual"].network
+
+    @property
+    def dual_refreshes(self) -> list[int]:
+        """Trainer iterations at which DualNet was made or refreshed from PrimNet."""
+        return self.state.frozen["dual"].refreshes
 
     def _setup_dataloader_iter(self) -> None:
         # ignite creates the loader's iterator here, at the start of every pass over the data:
@@ -275,13 +316,7 @@ class DCLTrainer(SupervisedTrainer):
 
     def refresh_dual(self) -> None:
         """Copy PrimNet's current weights into DualNet (creating DualNet if needed)."""
-        prim = _unwrap(self.network)
-        if self.dual_network is None:
-            self.dual_network = copy.deepcopy(prim)
-        else:
-            self.dual_network.load_state_dict(prim.state_dict())
-        self._freeze(self.dual_network)
-        self.dual_refreshes.append(int(self.state.iteration))
+        self.refresh_frozen("dual")
 
     def select_class(self, iteration: int, m: int) -> int:
         """The dual class ``c_s`` of ``iteration``."""
@@ -290,57 +325,30 @@ class DCLTrainer(SupervisedTrainer):
             raise ValueError(f"dual_classes {choices} are outside [0, {m}).")
         return int(choices[int(np.random.default_rng([self.seed, iteration]).integers(len(choices)))])
 
-    def _iteration(self, engine: DCLTrainer, batchdata: dict[str, Tensor]) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        missing = [k for k in engine.keys if k not in batchdata]
-        if missing:
-            raise KeyError(f"DCLTrainer: the batch lacks {missing} (keys {sorted(batchdata)}); use ConditionalDataset.")
-        image, label, cond_image, cond_label = (
-            torch.as_tensor(batchdata[k]).to(engine.state.device, non_blocking=engine.non_blocking) for k in engine.keys
-        )
-        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
-        stage2 = engine.lambda_dual > 0
-        if stage2 and engine.dual_network is None:
-            engine.refresh_dual()
-        s = engine.select_class(engine.state.iteration, cond_label.shape[1]) if stage2 else -1
-
-        def _compute_pred_loss() -> None:
-            logits = engine.inferer(pack_conditional_input(image, cond_image, cond_label), engine.network)
-            pred = compnet_segment(logits.float())
-            engine.state.output[Keys.PRED] = pred
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            z = conditional_supervision(label, cond_label, channel_dim=1)
-            loss_prim = engine.loss_function(logits, z, cond_label).mean()
-            loss = loss_prim
-            loss_dual = torch.zeros((), device=loss_prim.device)
-            if stage2:
-                d = dual_swap(image, cond_image, cond_label, pred, s, engine.p)
-                dual_logits = engine.dual_network(pack_conditional_input(d["image"], d["cond_image"], d["cond_label"]))  # type: ignore[misc]
-                z_d = conditional_supervision(d["label"], d["cond_label_hard"], channel_dim=1)
-                loss_dual = engine.loss_function(dual_logits, z_d, d["cond_label_hard"]).mean()
-                loss = (1.0 - engine.lambda_dual) * loss_prim + engine.lambda_dual * loss_dual
-            engine.state.output.update({Keys.LOSS: loss, "loss_prim": loss_prim.detach(), "loss_dual": loss_dual.detach(), "dual_class": s})
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-
-        engine.network.train()
+    def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        """Eq. 10: PrimNet's conditional compatible loss, plus the dual task in stage 2; one update."""
+        image, label, cond_image, cond_label = batch
+        out = self.state.output
+        out.update({Keys.IMAGE: image, Keys.LABEL: label})
+        stage2 = self.lambda_dual > 0
+        dual = self.frozen_network("dual") if stage2 else None
+        s = self.select_class(self.state.iteration, cond_label.shape[1]) if stage2 else -1
+        logits = self.inferer(pack_conditional_input(image, cond_image, cond_label), self.network)
+        pred = compnet_segment(logits.float())
+        out[Keys.PRED] = pred
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        z = conditional_supervision(label, cond_label, channel_dim=1)
+        loss_prim = self.loss_function(logits, z, cond_label).mean()
+        loss = loss_prim
+        loss_dual = torch.zeros((), device=loss_prim.device)
         if stage2:
-            engine.dual_network.eval()  # type: ignore[union-attr]
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _compute_pred_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _compute_pred_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+            d = dual_swap(image, cond_image, cond_label, pred, s, self.p)
+            dual_logits = dual(pack_conditional_input(d["image"], d["cond_image"], d["cond_label"]))  # type: ignore[misc]
+            z_d = conditional_supervision(d["label"], d["cond_label_hard"], channel_dim=1)
+            loss_dual = self.loss_function(dual_logits, z_d, d["cond_label_hard"]).mean()
+            loss = (1.0 - self.lambda_dual) * loss_prim + self.lambda_dual * loss_dual
+        out.update({"loss_prim": loss_prim.detach(), "loss_dual": loss_dual.detach(), "dual_class": s})
+        self.update(loss, "optimizer")
 
 
 class DualNetworkUpdater:
@@ -385,35 +393,3 @@ class DualNetworkUpdater:
         self._seen = best
         if self.trainer.lambda_dual > 0:
             self.trainer.refresh_dual()
-
-
-class DualState:
-    """DualNet's weights and refresh history as a checkpointable object (``state_dict`` / ``load_state_dict``).
-
-    DualNet is created lazily (a frozen copy of PrimNet at the first stage-2 iteration) and refreshed
-    on validation improvements, so it is not a config object a checkpoint could name. Put
-    ``DualState(trainer)`` in a :class:`partialseg.engines.ResumeCheckpoint`'s ``save_dict``: a killed
-    stage 2 then resumes with the DualNet it had, not a fresh copy of the resumed PrimNet.
-
-    Args:
-        trainer: the :class:`DCLTrainer`.
-    """
-
-    def __init__(self, trainer: DCLTrainer) -> None:
-        if not isinstance(trainer, DCLTrainer):
-            raise TypeError(f"trainer must be a DCLTrainer, got {type(trainer).__name__}")
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        t = self.trainer
-        weights = t.dual_network.state_dict() if t.dual_network is not None else {}
-        return {"weights": weights, "refreshes": torch.tensor(t.dual_refreshes, dtype=torch.long)}
-
-    def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        if state.get("weights"):
-            if t.dual_network is None:
-                t.dual_network = copy.deepcopy(_unwrap(t.network))
-            t.dual_network.load_state_dict(state["weights"])
-            t._freeze(t.dual_network)
-        t.dual_refreshes = [int(i) for i in torch.as_tensor(state.get("refreshes", [])).tolist()]

@@ -36,13 +36,29 @@ def as_bool(value: Any) -> bool:
 
 
 def require_checkpoint(path: str | os.PathLike, hint: str = "") -> str:
-    """Return ``path`` if it is a file, else raise ``FileNotFoundError`` naming it (and ``hint``).
+    """Return ``path`` if it is a readable checkpoint, else raise an error naming it (and ``hint``).
 
-    Bundle configs call it where a checkpoint must exist (stage 2 starting from stage 1, inference),
-    because MONAI's ``CheckpointLoader`` disabled on a missing file silently loads nothing.
+    Bundle configs call it where a checkpoint must exist (stage 2 starting from stage 1,
+    inference), because MONAI's ``CheckpointLoader`` disabled on a missing file silently loads
+    nothing, and on a truncated or corrupt one fails with a bare ``EOFError`` /
+    ``PytorchStreamReader failed`` that does not name the file. The file is opened with
+    ``torch.load(weights_only=True, mmap=True)`` (tensors mapped, not read:
+    :func:`partialseg.engines.checkpoint.read_checkpoint`).
+
+    Args:
+        path: the checkpoint file.
+        hint: what to do about a missing or unreadable file (which run writes it).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        RuntimeError: ``path`` is not a readable checkpoint (truncated, corrupt, not a checkpoint).
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist" + (f": {hint}" if hint else ""))
+    from partialseg.engines.checkpoint import read_checkpoint
+
+    todo = "replace it with a complete copy, or recreate it" + (f" ({hint})" if hint else "")
+    read_checkpoint(path, hint=todo, mmap=True)
     return str(path)
 
 

@@ -23,8 +23,58 @@ def test_as_bool_rejects_other_words_and_require_checkpoint_names_the_file(tmp_p
         as_bool("maybe")
     with pytest.raises(FileNotFoundError, match="model.pt does not exist: train first"):
         require_checkpoint(tmp_path / "model.pt", "train first")
-    (tmp_path / "model.pt").write_bytes(b"x")
+    import torch
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
     assert require_checkpoint(tmp_path / "model.pt") == str(tmp_path / "model.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # not a zip: read in full
+    assert require_checkpoint(tmp_path / "legacy.pt") == str(tmp_path / "legacy.pt")
+    (tmp_path / "text.pt").write_bytes(b"x")  # not a checkpoint at all
+    with pytest.raises(RuntimeError, match="text.pt cannot be read"):
+        require_checkpoint(tmp_path / "text.pt")
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_the_file_and_what_to_do(tmp_path):
+    """Issue 13 item 6: a corrupt models/model.pt gave a bare EOFError / "PytorchStreamReader failed"
+    from MONAI's CheckpointLoader, without the path. Every load in partialseg names the file."""
+    import re
+
+    import torch
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from partialseg.engines import AtomicCheckpointSaver, ResumeCheckpoint
+    from partialseg.engines.checkpoint import read_checkpoint
+    from partialseg.networks import CompNet
+
+    # a real best-metric checkpoint, written as the bundles write model.pt, then cut short
+    net = CompNet(2, 1, 4, backbone_kwargs={"channels": (4, 8), "strides": (2,), "num_res_units": 0})
+    evaluator = Engine(lambda e, b: None)
+    saver = AtomicCheckpointSaver(str(tmp_path / "models"), {"model": net}, save_final=True, final_filename="model.pt")
+    saver.attach(evaluator)
+    evaluator.run([0])
+    model = tmp_path / "models" / "model.pt"
+    data = model.read_bytes()
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": net.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    hint = "train the bundle first (configs/train.json, stages 1 and 2)"
+    for path, size in ((model, len(data) // 2), (model, len(data) - 10), (legacy, legacy.stat().st_size // 2)):
+        path.write_bytes(path.read_bytes()[:size] if path == legacy else data[:size])
+        # what the bundles' inference.json and stage 2 do: CheckpointLoader(load_path=require_checkpoint(...))
+        with pytest.raises(RuntimeError) as info:
+            CheckpointLoader(load_path=require_checkpoint(path, hint), load_dict={"model": net})
+        msg = str(info.value)
+        assert f"checkpoint {path} cannot be read" in msg and "incomplete or corrupt" in msg, msg
+        assert msg.endswith(f"replace it with a complete copy, or recreate it ({hint})"), msg
+        with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {path} cannot be read")):
+            read_checkpoint(path)
+    # the resume checkpoint: names the file and the way out
+    resume = tmp_path / "runs" / "checkpoint.pt"
+    resume.parent.mkdir()
+    resume.write_bytes(data[: len(data) // 3])
+    with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {resume} cannot be read")) as info:
+        ResumeCheckpoint(resume, {"network": net}).load(Engine(lambda e, b: None))
+    assert "delete it (or rerun with --resume false) to start afresh" in str(info.value)
 
 
 def _run_recorder(path, iterations, first_iteration=1, epoch_length=4, max_epochs=None):
