@@ -9,6 +9,13 @@ and writes a checkpoint. The DCL bundle (``dcl_cardiac``, 2D synthetic cardiac s
 datastore, one structure labelled per slice) is trained through the app: stage 1 on the first
 request, stage 2 from the served model on the next, and the infer task then serves the new model
 and support bank.
+
+Security (issue 13; one server for the module): a train request whose override is a config
+expression is refused with a 400 JSON answer and the command it carries does not run; datastore
+names that leave the studies folder, a malformed ``params`` JSON and an unknown ``annotated`` class
+are 400 answers and write nothing; ``PUT /model`` is off; CORS answers only the server's own
+origin; unbounded and too-large ``run_sync`` requests are refused at once, and ``/info/`` answers
+while a training runs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -78,9 +86,11 @@ def server(tmp_path_factory):
     # the documented command; the script splits its arguments on spaces (`$*`): compact JSON
     exe = os.path.join(os.path.dirname(sys.executable), "monailabel")
     cmd = [exe, "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "bundles", str(REPO / "bundles"), "--conf", "bundle_overrides", json.dumps({BUNDLE: OVERRIDES, DCL: DCL_OVERRIDES}, separators=(",", ":"))]  # fmt: skip
+           "--conf", "bundles", str(REPO / "bundles"), "--conf", "bundle_overrides", json.dumps({BUNDLE: OVERRIDES, DCL: DCL_OVERRIDES}, separators=(",", ":")),
+           "--uvicorn_app", "partialseg.monailabel.server:app"]  # fmt: skip
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    # its own process group: the teardown also ends the trainings it started
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:
@@ -94,12 +104,12 @@ def server(tmp_path_factory):
             pytest.fail("server did not start:\n" + (tmp / "server.log").read_text()[-4000:])
         time.sleep(0.5)
     print(f"server answered /info/ after {time.monotonic() - t0:.1f} s")
-    yield {"url": url, "tmp": tmp, "data": data, "cardiac": cardiac, "studies": studies, "app": app}
-    proc.terminate()
+    yield {"url": url, "tmp": tmp, "data": data, "cardiac": cardiac, "studies": studies, "app": app, "port": port}
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     log.close()
 
 
@@ -238,12 +248,10 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
 
     # no case annotates the background: no conditional image for it, refused before training
     r = _train(url, DCL, **request)
-    assert r.status_code == 500
-    message = "dcl_cardiac: class(es) ['background'] are annotated in no labelled case"
-    t0 = time.monotonic()
-    while message not in (tmp / "server.log").read_text() and time.monotonic() - t0 < 20:
-        time.sleep(0.2)  # the traceback reaches the log after the response
-    assert message in (tmp / "server.log").read_text() and "missing option to 'any'" in (tmp / "server.log").read_text()
+    # the reason reaches the client as JSON (it was a bare 500, the reason only in the server log)
+    assert r.status_code == 422, r.text[:2000]
+    detail = r.json()["detail"]
+    assert "dcl_cardiac: class(es) ['background'] are annotated in no labelled case" in detail and "missing option to 'any'" in detail
     assert not (models / "model.pt").exists()
 
     # a whole-heart label annotates the background (value 1 = "one of LV / MYO / RV")
@@ -310,3 +318,112 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
     assert got.shape == ref.shape == (32, 32)
     np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(ref.dataobj))
     np.testing.assert_array_equal(got.affine, ref.affine)
+
+
+# ---- security (issue 13): every test below failed on the app before the fix ----
+
+
+def _escaped(server) -> list[Path]:
+    """Files a traversal below would have written: named ``*escape*``, anywhere under the test's base folder."""
+    return sorted(server["tmp"].parent.rglob("*escape*"))
+
+
+def test_an_override_expression_is_refused_and_runs_nothing(server):
+    url, tmp = server["url"], server["tmp"]
+    marker = tmp / "injected"
+    runs = server["app"] / "model" / BUNDLE / "runs"
+    before = sorted(runs.iterdir()) if runs.is_dir() else []
+    injection = f"$__import__('pathlib').Path({str(marker)!r}).touch() or 3e-4"
+    for params, field in [
+        ({"max_epochs": 1, "overrides": {"learning_rate": injection}}, "learning_rate"),
+        ({"max_epochs": 1, "overrides": {"sampling": f"@network_def#{injection}"}}, "sampling"),
+        ({"max_epochs": 1, "overrides": {"network_def#_target_": "os.system"}}, "network_def#_target_"),
+    ]:
+        for query in ({}, {"run_sync": "true"}):  # a background training too: refused before its process starts
+            r = requests.post(f"{url}/train/{BUNDLE}", params=query, json=params, timeout=30)
+            assert r.status_code == 400, (r.status_code, r.text[:500])
+            assert field in r.json()["detail"], r.json()
+    time.sleep(3)  # a background training would have started by now
+    assert not marker.exists()
+    assert (sorted(runs.iterdir()) if runs.is_dir() else []) == before  # no run folder either
+    assert requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404  # nothing running
+
+
+def test_datastore_names_stay_inside_the_studies_folder(server):
+    url, tmp, studies = server["url"], server["tmp"], server["studies"]
+    label = server["data"] / "labelsTs" / "test_000.nii.gz"
+    if not label.is_file():
+        label = server["data"] / "labelsTr" / "full_000.nii.gz"
+    for query in [{"image": "test_000", "tag": "../../escape"}, {"image": "test_000", "tag": str(tmp / "escape_abs")},
+                  {"image": "../escape_img", "tag": "final"}]:  # fmt: skip
+        with open(label, "rb") as f:
+            r = requests.put(f"{url}/datastore/label", params=query, data={"params": "{}"}, files={"label": ("x.nii.gz", f)}, timeout=60)
+        assert r.status_code == 400 and "is not a safe name" in r.json()["detail"], (query, r.status_code, r.text[:500])
+    with open(server["studies"] / "test_000.nii.gz", "rb") as f:
+        r = requests.put(f"{url}/datastore/image", params={"image": "../escape_image"}, files={"file": ("y.nii.gz", f)}, timeout=60)
+    assert r.status_code == 400, r.text[:500]
+    assert _escaped(server) == []
+    # a malformed params JSON and an unknown annotated class: 400 with the reason, nothing saved
+    for params, reason in [("{not json", "JSONDecodeError"), (json.dumps({"annotated": ["heart"]}), "'heart' is not a class")]:
+        with open(label, "rb") as f:
+            r = requests.put(f"{url}/datastore/label", params={"image": "test_001", "tag": "final"}, data={"params": params},
+                             files={"label": ("x.nii.gz", f)}, timeout=60)  # fmt: skip
+        assert r.status_code == 400 and reason in r.json()["detail"], (r.status_code, r.text[:500])
+    assert not (studies / "labels" / "final" / "test_001.nii.gz").exists()
+
+
+def test_model_upload_is_off_and_cors_answers_only_the_servers_origin(server):
+    url, port = server["url"], server["port"]
+    ckpt = server["app"] / "model" / BUNDLE / "models" / "model.pt"
+    weights = ckpt.read_bytes()
+    for method in ("put", "delete"):
+        kwargs = {"files": {"file": ("model.pt", b"not weights")}} if method == "put" else {}
+        r = getattr(requests, method)(f"{url}/model/{BUNDLE}", timeout=30, **kwargs)
+        assert r.status_code == 403 and "allow_model_upload" in r.json()["detail"], r.text[:500]
+    assert ckpt.read_bytes() == weights
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    evil = requests.options(f"{url}/train/{BUNDLE}", headers={"Origin": "http://evil.example", **preflight}, timeout=30)
+    assert evil.headers.get("access-control-allow-origin") is None
+    own = requests.options(f"{url}/train/{BUNDLE}", headers={"Origin": f"http://127.0.0.1:{port}", **preflight}, timeout=30)
+    assert own.status_code == 200 and own.headers["access-control-allow-origin"] == f"http://127.0.0.1:{port}"
+    r = requests.get(f"{url}/info/", headers={"Origin": "http://evil.example", "Cookie": "session=1"}, timeout=30)
+    assert r.status_code == 200 and r.headers.get("access-control-allow-origin") is None
+
+
+def test_unbounded_requests_are_refused_and_info_answers_during_a_training(server):
+    url, data = server["url"], server["data"]
+    runs = server["app"] / "model" / BUNDLE / "runs"
+    _save_label(url, "full_001", data / "labelsTr" / "full_001.nii.gz", {"annotated": "all"})
+    before = sorted(runs.iterdir()) if runs.is_dir() else []
+    for params, query, status, reason in [
+        ({"max_epochs": 1e300}, {"run_sync": "true"}, 400, "max_epochs must be at most 1000"),
+        ({"max_epochs": 1e300}, {}, 400, "max_epochs must be at most 1000"),
+        ({"learning_rate": "inf", "max_epochs": 1}, {"run_sync": "true"}, 400, "learning_rate must be at most 1"),
+        ({"max_epochs": 100, "iterations_per_epoch": 20}, {"run_sync": "true"}, 422, "run_sync training may run at most 50 iterations"),
+    ]:
+        t0 = time.monotonic()
+        r = requests.post(f"{url}/train/{BUNDLE}", params=query, json=params, timeout=30)
+        assert r.status_code == status and reason in r.json()["detail"], (params, r.status_code, r.text[:500])
+        assert time.monotonic() - t0 < 10
+    assert (sorted(runs.iterdir()) if runs.is_dir() else []) == before
+    # a label the marginal bundle cannot use (a DCL class): the run_sync answer says why, as JSON
+    _save_label(url, "test_001", data / "labelsTr" / "full_000.nii.gz", {"annotated": ["LV"]})
+    r = requests.post(f"{url}/train/{BUNDLE}", params={"run_sync": "true"}, json={"max_epochs": 1, "iterations_per_epoch": 1}, timeout=120)
+    assert r.status_code == 422 and "'LV' is not one of" in r.json()["detail"], (r.status_code, r.text[:500])
+    assert requests.delete(f"{url}/datastore/label", params={"id": "test_001", "tag": "final"}, timeout=30).status_code == 200
+
+    # a background training: /info/ keeps answering while it runs
+    r = requests.post(f"{url}/train/{BUNDLE}", json={"max_epochs": 1, "iterations_per_epoch": 2, "val_interval": 1}, timeout=30)
+    assert r.status_code == 200, r.text[:500]
+    task = r.json()["id"]
+    latencies, t0 = [], time.monotonic()
+    while (status := requests.get(f"{url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR", "STOPPED"):
+        assert status["id"] == task
+        t = time.perf_counter()
+        assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+        latencies.append(time.perf_counter() - t)
+        assert time.monotonic() - t0 < 300, "the training did not end"
+        time.sleep(0.5)
+    assert status["status"] == "DONE", json.dumps(status, indent=1)[-3000:]
+    assert len(latencies) >= 3 and max(latencies) < 5
+    print(f"/info/ during a background training: {len(latencies)} answers, max {max(latencies):.2f} s")
