@@ -46,7 +46,11 @@ enum {
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* softmax of one block: x points at x[b, 0, i0] (channel stride N); row k of the output is
-   P + k * pstride (BLK for a work buffer, N to write straight into a (B, K, N) tensor) */
+   P + k * pstride (BLK for a work buffer, N to write straight into a (B, K, N) tensor).
+   lse[v] = log sum_k exp x[k, v] is finite, or NaN when a logit of the voxel is NaN or +inf (or
+   all are -inf): the kernels add 0 * lse to each voxel's loss, so that non-finite logits give a
+   NaN loss for the price of one multiply-add per voxel (the clamps and masked selects below
+   would otherwise turn them into finite numbers while the gradient is NaN) */
 static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float *P, int64_t pstride, float *lse)
 {
     float mx[BLK], s[BLK];
@@ -422,7 +426,8 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
         for (int64_t v = 0; v < n; v++) gk[v] -= pk[v] * S[v];
     }
-    memcpy(loss, L, sizeof(float) * n);
+#pragma omp simd
+    for (int64_t v = 0; v < n; v++) loss[v] = L[v] + 0.f * lse[v]; /* NaN where a logit is NaN / +inf */
     for (int64_t v = 0; v < n; v++)
         if (flag[v]) compatible_exact_voxel(a, x + v, t + v, yc ? yc + v : NULL, unk, loss + v, grad + v);
 }
@@ -492,7 +497,8 @@ static double marginal_exact_voxel(const float *xf, const float *t, int64_t C, i
    out (accumulated, zero it first): marginal Dice (I, sum P, sum T), exclusion Dice
    (sum v p, sum M p, sum v), where v = [t == 0], w = 1 - v, M = [some v at the voxel],
    q = sum_c w p (1 on uninformative voxels), the marginal prediction is q on the candidate
-   channels and p elsewhere. */
+   channels and p elsewhere. A voxel with a NaN / +inf logit makes its mce and ece NaN and every
+   Dice sum of its sample NaN (z = 0 * lse), whatever its target. */
 int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, int64_t N, int want, float eps,
                         float *P, float *mce, float *ece, double *sums, int nthreads)
 {
@@ -511,7 +517,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             const int64_t b = j / nblk, i0 = (j % nblk) * BLK, n = min64(BLK, N - i0);
             const float *xb = x + b * C * N + i0, *tb = t + b * C * N + i0;
             float *Pb = P + b * C * N + i0;
-            float q[BLK], mk[BLK], L[BLK], lse[BLK];
+            float q[BLK], mk[BLK], L[BLK], lse[BLK], z[BLK];
             int nv[BLK];
             softmax_block(xb, N, C, n, Pb, N, lse); /* straight into P */
 #pragma omp simd
@@ -532,20 +538,29 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
                 }
             }
 #pragma omp simd
-            for (int64_t v = 0; v < n; v++) { mk[v] = nv[v] > 0 ? 1.f : 0.f; q[v] = nv[v] > 0 ? q[v] : 1.f; }
-            if (ece) memcpy(ece + b * N + i0, L, sizeof(float) * n);
+            for (int64_t v = 0; v < n; v++) {
+                z[v] = 0.f * lse[v]; /* 0, or NaN at a voxel with a non-finite logit */
+                mk[v] = nv[v] > 0 ? 1.f : 0.f;
+                q[v] = (nv[v] > 0 ? q[v] : 1.f) + z[v];
+            }
+            if (ece) {
+                float *eo = ece + b * N + i0;
+#pragma omp simd
+                for (int64_t v = 0; v < n; v++) eo[v] = L[v] + z[v];
+            }
             if (mce) {
                 float *mo = mce + b * N + i0;
+                /* q < TINY ? TINY : q keeps a NaN q, where MAXF(q, TINY) would turn it into TINY */
 #pragma omp simd
-                for (int64_t v = 0; v < n; v++) mo[v] = nv[v] < C ? -logf(MAXF(q[v], TINY)) : 0.f;
+                for (int64_t v = 0; v < n; v++) mo[v] = (nv[v] < C ? -logf(q[v] < TINY ? TINY : q[v]) : 0.f) + z[v];
                 for (int64_t v = 0; v < n; v++)
                     if (nv[v] > 0 && nv[v] < C && q[v] < TINY) mo[v] = (float)marginal_exact_voxel(xb + v, tb + v, C, N, NULL);
             }
             if (need_sums && acc) {
                 double *ab = acc;
-                float sm = 0.f, smq = 0.f;
-#pragma omp simd reduction(+ : sm, smq)
-                for (int64_t v = 0; v < n; v++) { sm += mk[v]; smq += mk[v] * q[v]; }
+                float sm = 0.f, smq = 0.f, zs = 0.f;
+#pragma omp simd reduction(+ : sm, smq, zs)
+                for (int64_t v = 0; v < n; v++) { sm += mk[v]; smq += mk[v] * q[v]; zs += z[v]; }
                 for (int64_t c = 0; c < C; c++) {
                     const float *tc = tb + c * N, *pc = Pb + c * N;
                     float svp = 0.f, sv = 0.f, svq = 0.f, smp = 0.f;
@@ -558,12 +573,12 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
                         smp += mk[v] * pc[v];
                     }
                     /* I = sum M w q = sum M q - sum v q (v = 1 implies M = 1); sum T = sum M - sum v */
-                    ab[0 * C + c] += (double)smq - svq;
-                    ab[1 * C + c] += (double)smq - svq + svp;
-                    ab[2 * C + c] += (double)sm - sv;
-                    ab[3 * C + c] += svp;
-                    ab[4 * C + c] += smp;
-                    ab[5 * C + c] += sv;
+                    ab[0 * C + c] += (double)smq - svq + zs; /* zs: NaN when a voxel of the block is */
+                    ab[1 * C + c] += (double)smq - svq + svp + zs;
+                    ab[2 * C + c] += (double)sm - sv + zs;
+                    ab[3 * C + c] += (double)svp + zs;
+                    ab[4 * C + c] += (double)smp + zs;
+                    ab[5 * C + c] += (double)sv + zs;
                 }
                 /* flush per sample so that blocks of different samples do not mix */
                 double *out = sums + b * 6 * C;

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
+from partialseg.losses._functional import check_not_empty
 from partialseg.losses.base import plain_tensor
 
 __all__ = ["MixedSupervisionLoss"]
@@ -53,6 +54,7 @@ class MixedSupervisionLoss(_Loss):
         input, target = plain_tensor(input), plain_tensor(target)
         if input.shape != target.shape:
             raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and {tuple(target.shape)}")
+        check_not_empty(input.shape, type(self).__name__)  # whatever the wrapped losses would do with it
         partial = ((target > 0) & (target < 1)).flatten(1).any(1)
         n_partial = int(partial.sum())
         batch = input.shape[0]

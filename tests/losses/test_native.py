@@ -21,6 +21,7 @@ from partialseg.losses import (
     MarginalCELoss,
     MarginalDiceLoss,
     MarginalExclusionLoss,
+    MixedSupervisionLoss,
     PriorLoss,
 )
 from partialseg.losses import _native as native_losses
@@ -232,3 +233,110 @@ def test_fresh_cache_builds_atomically(monkeypatch, tmp_path):
     assert path.parent == tmp_path and path.suffix == ".so"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file was renamed
     assert native.build() == path  # cached: same file, no rebuild
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite logits and empty inputs: defined, and the same on both paths (issue 13, item 4)
+# ----------------------------------------------------------------------------------------------
+
+# sample 0 is fully labelled, sample 1 voxel row 0 is unlabelled (see partial_batch)
+NONFINITE_AT = [(0, 2, 3), (1, 0, 2)]  # (sample, *voxel): a labelled voxel, an unlabelled voxel
+VOXELWISE = [  # (reduction) -> loss
+    lambda r="none": MarginalCELoss(reduction=r),
+    lambda r="none": ExclusionCELoss(reduction=r),
+    lambda r="none": CompatibleLoss("ce", None, reduction=r),
+    lambda r="none": CompatibleLoss("ce", "ce", reduction=r),
+    lambda r="none": CompatibleLoss(("ta_ce", "ta_dice"), ("ex_ce", "ex_dice"), reduction=r),
+    lambda r="none": CompatibleLoss("dice", "dice", reduction=r),
+]
+REGION = [
+    lambda: MarginalDiceLoss(),
+    lambda: ExclusionDiceLoss(reduction="none"),
+    lambda: MarginalDiceLoss(batch=True, include_background=False),
+    lambda: MarginalExclusionLoss(),
+    lambda: MarginalExclusionLoss(lambda_marginal=0.0),
+    lambda: MixedSupervisionLoss(MarginalExclusionLoss(lambda_exclusion=0.0), MarginalExclusionLoss()),
+]
+
+
+def _loss_id(make):
+    loss = make()
+    return type(loss).__name__ + "".join(f"-{b}" for b in getattr(loss, "positive", ()) + getattr(loss, "negative", ()))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("at", NONFINITE_AT, ids=["labelled", "unlabelled"])
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("make", VOXELWISE, ids=_loss_id)
+def test_nonfinite_logit_gives_nan_at_its_voxel(make, native_on, at, value, monkeypatch):
+    """A NaN / +inf logit: NaN loss at that voxel whatever its target, finite elsewhere (the kernel
+    once clamped it to a finite 69.08 or 16.64 while the gradient was NaN; the torch path returned
+    0 at an unlabelled voxel)."""
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    x, t = partial_batch()
+    x[at[0], 1, at[1], at[2]] = value
+    out = make()(x, t)
+    expected = torch.zeros_like(out, dtype=torch.bool)
+    expected[at] = True
+    assert torch.equal(~torch.isfinite(out), expected)
+    assert torch.isnan(out[at])
+    assert torch.isnan(make("mean")(x, t)) and torch.isnan(make("sum")(x, t))
+
+
+@pytest.mark.parametrize("at", NONFINITE_AT, ids=["labelled", "unlabelled"])
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("make", REGION, ids=_loss_id)
+def test_nonfinite_logit_gives_nan_region_loss(make, native_on, at, monkeypatch):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    x, t = partial_batch()
+    x[at[0], 3, at[1], at[2]] = float("nan")
+    assert not torch.isfinite(make()(x, t)).all()
+    x[at[0], 3, at[1], at[2]] = 0.0
+    assert torch.isfinite(make()(x, t)).all()
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("reading", ["sum", "maps"])
+def test_nonfinite_logit_conditional_and_prior(reading, native_on, monkeypatch):
+    """Prior and conditional losses: NaN at the voxel even where y^c and z say nothing (unknown)."""
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    m = 3
+    x = torch.randn(2, 2 * m, 5, 4, generator=torch.Generator().manual_seed(5))
+    z = torch.full((2, 2 * m, 5, 4), 0.5)
+    z[0, :, 0, 0] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    yc = torch.full((2, m, 5, 4), 0.5)
+    yc[0, :, 0, 0] = torch.tensor([1.0, 0, 0])
+    for at in [(0, 0, 0), (1, 2, 3)]:  # every entry known / every entry unknown
+        xs = x.clone()
+        xs[(at[0], 2, *at[1:])] = float("nan")
+        for out in (PriorLoss("ce", reduction="none")(xs, yc), ConditionalCompatibleLoss(reduction="none", reading=reading)(xs, z, yc)):
+            expected = torch.zeros_like(out, dtype=torch.bool)
+            expected[at] = True
+            assert torch.equal(torch.isnan(out), expected)
+
+
+EMPTY = [(0, 4, 3, 3), (2, 4, 0, 3), (2, 4, 3, 0)]
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("shape", EMPTY, ids=["batch0", "spatial0", "last0"])
+@pytest.mark.parametrize("make", VOXELWISE[:2] + REGION + [lambda: CompatibleLoss("ce", "ce")], ids=_loss_id)
+def test_empty_input_is_a_value_error_naming_the_shape(make, shape, native_on, monkeypatch):
+    """A batch of 0 or a zero-size spatial dim: ValueError naming the shape on both paths (it was a
+    NaN mean, a Dice of 0, or a RuntimeError inside a reshape)."""
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    x = torch.zeros(shape, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"no voxel.*|.*{shape[0]}, 4, {shape[2]}, {shape[3]}"):
+        make()(x, torch.full(shape, 0.5))
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)])
+def test_empty_conditional_input_is_a_value_error(shape, native_on, monkeypatch):
+    monkeypatch.setenv("PARTIALSEG_NATIVE", "1" if native_on else "0")
+    b, m, n = shape
+    x, z, yc = torch.zeros(b, 2 * m, n), torch.zeros(b, 2 * m, n), torch.zeros(b, m, n)
+    with pytest.raises(ValueError, match=r"\(%d, 6, %d\)" % (b, n)):
+        PriorLoss()(x, yc)
+    with pytest.raises(ValueError, match=r"\(%d, 6, %d\)" % (b, n)):
+        ConditionalCompatibleLoss()(x, z, yc)
