@@ -2,14 +2,16 @@
 
 Real ``python -m monai.bundle run`` inference of the marginal bundle (random weights: no training
 needed) in a subprocess that is killed with SIGKILL at a chosen file operation. The kill point is
-set with a Python audit hook installed before MONAI starts (``sys.addaudithook``): on the N-th
-``open`` for writing of a file whose name contains ``_seg.nii.gz`` (MONAI's ``nib.save`` opens the
-final name; ``SavePredictiond`` opens its temporary file) or on the N-th rename onto such a name,
-the process kills itself, as an out-of-memory killer or a cluster's time limit would.
+set with a Python audit hook installed before MONAI starts (``sys.addaudithook``): just before the
+N-th ``open`` for writing of a file whose name contains ``_seg.nii.gz`` (MONAI's ``nib.save`` opens
+the final name; ``SavePredictiond`` opens its temporary file), at the first write after it, or
+just before the N-th rename onto such a name, the process kills itself, as an out-of-memory killer
+or a cluster's time limit would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -36,12 +38,19 @@ FAMILY = "abdomen3d"
 GRID = {"pixdim": [18.0, 18.0, 16.0], "patch_size": [16, 16, 8]}
 NUM_TEST = 3
 
-#: installed in the inference process before monai.bundle runs; KILL_EVENT ("open" or "rename"), KILL_AT (N)
+#: installed in the inference process before monai.bundle runs. KILL_EVENT: "open" (just before the
+#: N-th open for writing of a prediction file: between two predictions), "write" (at the first write
+#: after that open: mid-file) or "rename" (just before the N-th rename onto a prediction name)
 KILLER = r"""
 import os, runpy, signal, sys
 event, at, seen = os.environ["KILL_EVENT"], int(os.environ["KILL_AT"]), [0]
+def kill(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+def kill_on_write(frame, what, arg):
+    if what == "c_call" and getattr(arg, "__name__", "") == "write":
+        kill()
 def hook(name, args):
-    if name == "open" and event == "open":
+    if name == "open" and event in ("open", "write"):
         path, flags = args[0], args[2]
         hit = isinstance(path, (str, bytes, os.PathLike)) and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
     elif name == "os.rename" and event == "rename":
@@ -51,7 +60,7 @@ def hook(name, args):
     if hit and "_seg.nii.gz" in os.path.basename(os.fsdecode(path)):
         seen[0] += 1
         if seen[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill() if event != "write" else sys.setprofile(kill_on_write)
 sys.addaudithook(hook)
 sys.argv = ["monai.bundle", *sys.argv[1:]]
 runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
@@ -111,24 +120,24 @@ def _use_model(root: Path, source: Path) -> None:
 
 def test_killed_inference_leaves_no_partial_prediction(bundle_root, tmp_path):
     root, out = bundle_root, tmp_path / "pred"
-    # killed as it starts writing its second prediction: the first is whole, the second absent
-    _killed(_infer(root, out, kill=("open", 2)))
+    # killed as it writes its second prediction: the first is whole, the second absent
+    _killed(_infer(root, out, kill=("write", 2)))
     written = sorted(out.glob("*_seg.nii.gz"))
-    assert len(written) == 1, [p.name for p in out.iterdir()]  # today: a 0-byte second file too
-    for path in written:
-        assert path.stat().st_size > 0 and _complete(path).ndim == 3
+    for path in written:  # MONAI's SaveImaged left the second one with 0 bytes
+        assert path.stat().st_size > 0 and _complete(path).ndim == 3, f"{path.name}: {path.stat().st_size} bytes"
+    assert len(written) == 1, [p.name for p in out.iterdir()]
     # killed between writing its second prediction and renaming it: still nothing partial under
-    # a final name; the complete temporary file is hidden (".<name>.*.tmp"), which evaluate ignores
+    # a final name; the temporary files of both kills are hidden (".<name>.*.tmp"), evaluate ignores them
     _killed(_infer(root, out, kill=("rename", 2)))
     assert len(sorted(out.glob("*_seg.nii.gz"))) == 1
-    assert len(list(out.glob(".*_seg.nii.gz.*.tmp"))) == 1
-    # the rerun completes: every prediction whole and from that one run, and evaluate accepts it
+    assert len(list(out.glob(".*_seg.nii.gz.*.tmp"))) == 2
+    # the rerun completes: every prediction whole and from that one run, no temporary file left,
+    # and evaluate accepts it
     _ok(_infer(root, out))
+    assert not list(out.glob("*.tmp"))
     cases = load_dataset(root / "data" / FAMILY).datalist("test")
     records = [read_run_record(out / f"{c['case']}_seg.nii.gz") for c in cases]
     assert len({r["partialseg_run"] for r in records}) == 1
-    import hashlib
-
     assert records[0]["model_sha256"] == hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
     summary = evaluate_folder(out, root / "data" / FAMILY, out_dir=tmp_path / "eval", progress=False)
     assert summary["num_cases"] == NUM_TEST and summary["prediction_run"] == records[0]
@@ -136,23 +145,17 @@ def test_killed_inference_leaves_no_partial_prediction(bundle_root, tmp_path):
 
 def test_evaluate_refuses_a_folder_mixing_two_runs(bundle_root, tmp_path):
     root, out = bundle_root, tmp_path / "pred"
-    original = root / "models" / "model.pt"
     first_model = tmp_path / "first_model.pt"
-    first_model.write_bytes(original.read_bytes())
+    first_model.write_bytes((root / "models" / "model.pt").read_bytes())
     _ok(_infer(root, out))  # run 1: every case
     first = {p.name: read_run_record(p) for p in out.glob("*_seg.nii.gz")}
     assert len(first) == NUM_TEST
-    # run 2, another model, stopped as it starts its third prediction: 2 new files beside 1 old one
+    # run 2, another model, stopped between its second and third predictions: 2 new files beside 1 old one
     _use_model(root, root / "other_model.pt")
     try:
         _killed(_infer(root, out, kill=("open", 3)))
     finally:
         _use_model(root, first_model)
-    records = {p.name: read_run_record(p) for p in sorted(out.glob("*_seg.nii.gz"))}
-    assert len(records) == NUM_TEST and all(r is not None for r in records.values())
-    runs = {r["partialseg_run"] for r in records.values()}
-    assert len(runs) == 2 and len({r["model_sha256"] for r in records.values()}) == 2  # two models
-
     # partialseg evaluate: exit 2, one line naming the folder, a file of each run, and the fix
     cli = subprocess.run(
         [sys.executable, "-m", "partialseg", "evaluate", "--pred", str(out), "--dataset", str(root / "data" / FAMILY),
@@ -162,6 +165,10 @@ def test_evaluate_refuses_a_folder_mixing_two_runs(bundle_root, tmp_path):
     assert cli.returncode == 2, cli.stdout + cli.stderr
     err = cli.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "mixes the outputs of 2 inference runs" in err
+    records = {p.name: read_run_record(p) for p in sorted(out.glob("*_seg.nii.gz"))}
+    assert len(records) == NUM_TEST and all(r is not None for r in records.values())
+    runs = {r["partialseg_run"] for r in records.values()}
+    assert len(runs) == 2 and len({r["model_sha256"] for r in records.values()}) == 2  # two models
     named = [name for name in records if name in err]
     assert len(named) == 2 and {records[n]["partialseg_run"] for n in named} == runs
     assert "fresh" in err and "output folder" in err

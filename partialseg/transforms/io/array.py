@@ -5,7 +5,8 @@ final name), so a process killed mid-write leaves a 0-byte or truncated file tha
 prediction. :class:`SavePrediction` is ``SaveImage`` with a writer that builds the whole file in
 memory, writes it to a temporary file in the same folder (``.<name>.<random>.tmp``), flushes it
 to disk and renames it over the final name (:mod:`partialseg._fileio`): a reader, or a kill at
-any moment, sees the old file or the new one, never part of one. Each file carries the run
+any moment, sees the old file or the new one, never part of one. A kill can leave the hidden
+temporary file, which the next successful write of that name removes. Each file carries the run
 record of :mod:`partialseg.transforms.io.record` (run id, the model's SHA-256).
 """
 
@@ -21,7 +22,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import SaveImage
 from monai.utils import convert_data_type
 
-from partialseg._fileio import atomic_open
+from partialseg._fileio import atomic_open, remove_stale_temporaries
 from partialseg.transforms.io.record import PredictionRun
 
 __all__ = ["AtomicNiftiWriter", "SavePrediction", "NIFTI_EXTENSIONS"]
@@ -37,7 +38,8 @@ class AtomicNiftiWriter(NibabelWriter):
 
     The image is serialised exactly as ``NibabelWriter`` does (sform and qform from the affine,
     code 1; gzip for ``.nii.gz``, with mtime 0 so equal data give equal bytes), then written
-    through :func:`partialseg._fileio.atomic_open`. ``run`` comes from ``SaveImage``'s
+    through :func:`partialseg._fileio.atomic_open`; the temporary files that killed writes of the
+    same name left (``.<name>.*.tmp``) are removed once it is in place. ``run`` comes from ``SaveImage``'s
     ``init_kwargs`` (``SavePrediction`` sets it); without one no record is written.
     """
 
@@ -62,6 +64,7 @@ class AtomicNiftiWriter(NibabelWriter):
             data = gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
         with atomic_open(filename, "wb") as f:
             f.write(data)
+        remove_stale_temporaries(filename)  # what earlier killed writes of this name left
         self.data_obj = img
 
 
