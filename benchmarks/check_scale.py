@@ -13,7 +13,9 @@ worker). ``--before PATH`` runs the same command on another checkout (``git work
 Runs (one thread per process, as the rest of the benchmarks):
 - ``after, cold``: ``--workers`` processes, no cache file yet;
 - ``after, cached``: the same again, every case answered by the cache;
-- ``before``: the checkout before the change (serial, no cache).
+- ``before``: the checkout before the change (serial, no cache), on ``--before-entries`` cases
+  (then extrapolated linearly to ``--entries``, and ``after_cold_same_entries`` repeats the
+  cold run after the change on that same smaller dataset).
 
 Usage:
     python benchmarks/check_scale.py --entries 100000 --workers 2 --before /tmp/check_before \\
@@ -109,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["extrapolated_wall_s"] = r["wall_s"] * args.entries / n
             result["runs"]["before"] = r
             print("before", json.dumps(r), flush=True)
+            if n != args.entries:  # the same smaller dataset after the change: a like-for-like ratio and memory
+                same = run_check(ROOT, ds, ["--workers", str(args.workers), "--no-cache"])
+                same.update(entries=n, ms_per_case=1000 * same["wall_s"] / n)
+                result["runs"]["after_cold_same_entries"] = same
+                print("after_cold_same_entries", json.dumps(same), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.out is not None:
