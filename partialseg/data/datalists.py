@@ -85,6 +85,7 @@ def bundle_datalist(
     unknown_as_background: bool = False,
     validate: bool = True,
     limit: int | None = None,
+    channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """The cases of a dataset split as a MONAI datalist for a bundle's pipeline.
 
@@ -102,6 +103,8 @@ def bundle_datalist(
             :class:`partialseg.data.DatasetError` listing every problem (each naming its case);
             the whole split is checked, before any filtering.
         limit: keep at most this many cases (after filtering), for smoke runs.
+        channels: with ``validate``, the channels every image must have (a bundle passes its
+            network's ``in_channels``; None: any, as ``partialseg check --channels`` is not told).
 
     Raises:
         FileNotFoundError: no ``dataset.json`` in ``dataset_dir``.
@@ -126,7 +129,7 @@ def bundle_datalist(
     if not cases:
         raise ValueError(f"split {split!r} of {path} has no case (sources={sources}, exclude_sources={exclude_sources})")
     if validate:
-        report = validate_dataset(ds, splits=[split])
+        report = validate_dataset(ds, splits=[split], channels=channels)
         report.raise_if_invalid()
     out = []
     for case in cases:

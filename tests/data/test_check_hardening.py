@@ -144,3 +144,13 @@ def test_parallel_check_agrees_and_the_cache_skips_unchanged_cases(tiny_dataset)
     again = validate_dataset(root, workers=2, cache=True).problems
     assert any("case 'unl'" in p and "NaN" in p for p in again)
     assert validate_dataset(root, cache=False).problems == again  # the cache gives what reading gives
+
+
+def test_bundle_datalist_checks_channels_only_when_told(tiny_dataset):
+    from partialseg.data import bundle_datalist
+
+    root = tiny_dataset()
+    save_nifti(root / "imagesTr/full.nii.gz", np.zeros((6, 5, 4, 3), np.float32))  # an RGB-like 3-channel volume
+    assert len(bundle_datalist(root, "training")) == 3  # a bundle that does not say its in_channels
+    with pytest.raises(DatasetError, match="3 channels, expected 1"):
+        bundle_datalist(root, "training", channels=1)
