@@ -37,16 +37,20 @@ from fastapi import HTTPException
 
 __all__ = ["LIMITS", "RequestError", "check_override", "check_setting", "config_default", "inside", "safe_name"]
 
-#: (type, maximum) of the train settings a request may set, directly or through ``overrides``;
-#: every one must also be positive (``learning_rate`` finite). ``epochs_stage1`` / ``epochs_stage2``
-#: are set from ``max_epochs``.
-LIMITS: dict[str, tuple[type, float]] = {
-    "max_epochs": (int, 1000),
-    "iterations_per_epoch": (int, 10000),
-    "val_interval": (int, 1000),
-    "batch_size": (int, 512),
-    "learning_rate": (float, 1.0),
-    "checkpoint_interval": (int, 100000),
+#: (type, minimum, maximum) of the train settings a request may set, directly or through
+#: ``overrides`` (also as the last part of a nested id, ``validate#dataloader#batch_size``); an int
+#: is at least its minimum, a float above it (``learning_rate`` > 0, finite). ``epochs_stage1`` /
+#: ``epochs_stage2`` are set from ``max_epochs``.
+LIMITS: dict[str, tuple[type, float, float]] = {
+    "max_epochs": (int, 1, 1000),
+    "iterations_per_epoch": (int, 1, 10000),
+    "val_interval": (int, 1, 1000),
+    "batch_size": (int, 1, 512),
+    "sw_batch_size": (int, 1, 512),
+    "num_samples": (int, 1, 64),
+    "num_workers": (int, 0, 64),
+    "checkpoint_interval": (int, 1, 100000),
+    "learning_rate": (float, 0.0, 1.0),
 }
 #: other numbers in ``overrides`` must be finite and at most this in absolute value
 MAX_ABS = 1e9
@@ -112,7 +116,7 @@ def check_setting(key: str, raw: Any, field: str | None = None) -> int | float:
         ...
         partialseg.monailabel.request_checks.RequestError: max_epochs must be at most 1000, got 1e+300
     """
-    kind, maximum = LIMITS[key]
+    kind, minimum, maximum = LIMITS[key]
     field = field or key
     what = "an integer" if kind is int else "a number"
     value: float | None = None
@@ -123,8 +127,9 @@ def check_setting(key: str, raw: Any, field: str | None = None) -> int | float:
             value = None
     if value is None or math.isnan(value) or (kind is int and math.isfinite(value) and not value.is_integer()):
         raise RequestError(f"{field} must be {what}, got {raw!r}")
-    if not value > 0:
-        raise RequestError(f"{field} must be positive, got {raw!r}")
+    if value < minimum or (kind is float and value == minimum):
+        bound = "positive" if (kind is float and minimum == 0) or (kind is int and minimum == 1) else f">= {minimum:g}"
+        raise RequestError(f"{field} must be {bound}, got {raw!r}")
     if not value <= maximum:  # inf too
         raise RequestError(f"{field} must be at most {maximum:g}, got {raw!r}")
     return int(value) if kind is int else value
@@ -153,7 +158,8 @@ def check_override(key: str, value: Any, default: Any) -> Any:
     Accepted: a JSON number, boolean or string of the default's type (an int for an int default,
     a number for a float one, a bool for a bool, a plain string for a string), or a list of those,
     element by element, where the default is a list of plain values of the same length. Keys in
-    :data:`LIMITS` take their type and bounds from there (their defaults may be expressions).
+    :data:`LIMITS` (by the id's last part) take their type and bounds from there (their defaults may
+    be expressions).
 
     Raises:
         RequestError: naming ``overrides[key]``: the value is a config expression (a string that
@@ -162,10 +168,11 @@ def check_override(key: str, value: Any, default: Any) -> Any:
             plain value (an expression, an object, null), which a request cannot replace.
     """
     field = f"overrides[{key!r}]"
-    if key in LIMITS:
+    name = _SEP.split(key)[-1]
+    if name in LIMITS:
         if isinstance(value, str) and _expression(value):
             raise RequestError(f"{field}: {value[:16] + '...' if len(value) > 16 else value!r} is a config expression; send a plain number")
-        return check_setting(key, value, field)
+        return check_setting(name, value, field)
     if isinstance(value, str) and _expression(value):
         shown = repr(value[:16] + "..." if len(value) > 16 else value)
         raise RequestError(f"{field}: {shown} is a config expression (a string starting with '$', '@' or '%', or holding '#' or '::'); send plain JSON values only")

@@ -287,7 +287,7 @@ class PartialLabelTrainTask(TrainTask):
         for key in self.REQUEST_KEYS:
             raw = request.get(key, defaults.get(key))
             if raw is not None:
-                values[key] = self._checked(lambda: check_setting(key, raw))
+                values[key] = self._named(check_setting, key, raw)
         extra = request.get("overrides") or {}
         if not isinstance(extra, dict):
             raise RequestError(f"{self.name}: overrides must be an object of config keys and values, got {type(extra).__name__} {extra!r}.")
@@ -305,7 +305,7 @@ class PartialLabelTrainTask(TrainTask):
             found, default = config_default(self.train_config, str(key))
             if not found:
                 raise RequestError(f"{self.name}: overrides[{key!r}]: configs/train.json has no such id")
-            checked[key] = self._checked(lambda: check_override(str(key), value, default))
+            checked[key] = self._named(check_override, str(key), value, default)
         if unknown:
             import difflib
 
@@ -315,17 +315,18 @@ class PartialLabelTrainTask(TrainTask):
         values["overrides"] = checked
         return values
 
-    def _checked(self, check: Any) -> Any:
+    def _named(self, check: Any, *args: Any) -> Any:
+        """``check(*args)``, its ``RequestError`` prefixed with the bundle's name."""
         try:
-            return check()
+            return check(*args)
         except RequestError as e:
             raise RequestError(f"{self.name}: {e.detail}", e.status_code) from None
 
     def iterations(self, values: dict[str, Any]) -> int:
         """Training iterations of a request with checked ``values`` (:meth:`request_values`):
         epochs x iterations per epoch (the run_sync bound of the app)."""
-        per_epoch = values["overrides"].get("iterations_per_epoch", values.get("iterations_per_epoch", self.train_config.get("iterations_per_epoch")))
-        return int(values["max_epochs"]) * int(per_epoch if isinstance(per_epoch, int) else 1)
+        per_epoch = values["overrides"].get("iterations_per_epoch", values.get("iterations_per_epoch", 1))
+        return int(values["max_epochs"]) * int(per_epoch)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         values = self.request_values(request)  # bad values are refused before any folder is made

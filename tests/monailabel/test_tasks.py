@@ -265,7 +265,7 @@ def test_request_values_are_checked_before_any_run_folder(tmp_path):
     assert task.request_values({"max_epochs": 2}) == {"max_epochs": 2, "iterations_per_epoch": 20, "val_interval": 1, "overrides": {}}
     got = task.request_values({"max_epochs": "3", "val_interval": "1", "learning_rate": "1e-4", "overrides": {"train#trainer#amp": False}})
     assert got["max_epochs"] == 3 and got["val_interval"] == 1 and got["learning_rate"] == 1e-4
-    plain = {"pixdim": [9, 9.0, 8], "sampling": "source", "num_workers": 1, "learning_rate": 1e-3, "train::trainer::amp": True}
+    plain = {"pixdim": [9, 9.0, 8], "sampling": "source", "num_workers": 0, "validate#dataloader#batch_size": 2, "learning_rate": 1e-3, "train::trainer::amp": True}
     assert task.request_values({"overrides": plain})["overrides"] == plain
     for request, match in [
         ({"max_epochs": 0}, "max_epochs must be positive"),
@@ -295,6 +295,9 @@ def test_request_values_are_checked_before_any_run_folder(tmp_path):
         ({"overrides": {"pixdim": [1, 2]}}, "must be a list of 3 plain values"),
         ({"overrides": {"pixdim": {"_target_": "os.system"}}}, "must be a list of 3"),
         ({"overrides": {"learning_rate": 5.0}}, "learning_rate'\\] must be at most 1"),
+        ({"overrides": {"validate#dataloader#batch_size": 10**6}}, "batch_size'\\] must be at most 512"),
+        ({"overrides": {"num_workers": 10**6}}, "num_workers'\\] must be at most 64"),
+        ({"overrides": {"num_workers": -1}}, "num_workers'\\] must be >= 0"),
         ({"overrides": {"ckpt_dir": "/tmp"}}, "sets 'ckpt_dir' itself"),
         ({"overrides": {"output_dir": "/tmp"}}, "sets 'output_dir' itself"),
         ({"overrides": {"network_def#_target_": "os.system"}}, "component keys \\(_target_\\)"),
