@@ -108,11 +108,11 @@ def build(force: bool = False) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.ps_compatible.argtypes = [p, p, p, p, i64, i64, i64, i64, i32, f32, f32, f32, f32, f32, f32, p, p, i32]
+    lib.ps_compatible.argtypes = [p, p, i32, p, p, i64, i64, i64, i64, i32, f32, f32, f32, f32, f32, f32, p, p, i32]
     lib.ps_compatible.restype = i32
-    lib.ps_marginal_forward.argtypes = [p, p, i64, i64, i64, i32, f32, p, p, p, p, i32]
+    lib.ps_marginal_forward.argtypes = [p, p, i32, i64, i64, i64, i32, f32, p, p, p, p, i32]
     lib.ps_marginal_forward.restype = i32
-    lib.ps_marginal_backward.argtypes = [p, p, i64, i64, i64, f32, p, p, p, p, i32]
+    lib.ps_marginal_backward.argtypes = [p, p, i32, i64, i64, i64, f32, p, p, p, p, i32]
     lib.ps_marginal_backward.restype = i32
     lib.ps_unknown_classes.argtypes = [p, i64, i64, i64, p]
     lib.ps_unknown_classes.restype = None

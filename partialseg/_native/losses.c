@@ -76,6 +76,18 @@ static void softmax_block(const float *x, int64_t N, int64_t K, int64_t n, float
     }
 }
 
+/* the block's target from a channels-last (B, N, C) tensor (a one-hot built with movedim, the
+   layout of a (B, *spatial, C) label): t points at t[b, i0, 0]; T[c * BLK + v] = t[v * C + c].
+   Read in memory order and transposed in cache, where a copy of the whole tensor to (B, C, N)
+   (torch's .contiguous()) costs a pass and an allocation that grow with C */
+static void pack_channels_last(const float *t, int64_t C, int64_t n, float *T)
+{
+    for (int64_t v = 0; v < n; v++) {
+        const float *tv = t + v * C;
+        for (int64_t c = 0; c < C; c++) T[c * BLK + v] = tv[c];
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* exact (double, log-space) helpers for single voxels                                       */
 /* ---------------------------------------------------------------------------------------- */
@@ -102,7 +114,7 @@ typedef struct {
 
 /* the whole compatible (+ prior) loss of one voxel in double precision, exact in log space.
    x, t, yc point at the voxel (channel stride N); writes loss and the gradient (stride N). */
-static void compatible_exact_voxel(const compat_args *a, const float *xf, const float *t, const float *yc,
+static void compatible_exact_voxel(const compat_args *a, const float *xf, const float *t, int64_t ts, const float *yc,
                                    const uint8_t *unk, float *loss, float *grad)
 {
     const int64_t K = a->K, M = a->M, N = a->N;
@@ -121,37 +133,37 @@ static void compatible_exact_voxel(const compat_args *a, const float *xf, const 
 #define GROUP(c, val) do { memset(in, 0, K); in[c] = (val); if (a->grouped) in[(c) + M] = (val); } while (0)
     const double ap = a->a_pos, an = a->a_neg, eps = a->eps;
     int has1 = 0, ncand = 0;
-    for (int64_t c = 0; c < M; c++) { has1 |= t[c * N] == 1.f; ncand += t[c * N] != 0.f; }
+    for (int64_t c = 0; c < M; c++) { has1 |= t[c * ts] == 1.f; ncand += t[c * ts] != 0.f; }
     const int informative = ncand > 0 && ncand < M;
     if (a->flags & POS_CE)
         for (int64_t c = 0; c < M; c++)
-            if (t[c * N] == 1.f) { GROUP(c, 1); L += neglog_set(x, in, K, lse, ap, ph); }
+            if (t[c * ts] == 1.f) { GROUP(c, 1); L += neglog_set(x, in, K, lse, ap, ph); }
     if (a->flags & POS_DICE)
         for (int64_t c = 0; c < M; c++)
-            if (t[c * N] == 1.f) { double d = 1.0 + y[c]; L += ap * (1.0 - y[c]) / d; D[c] -= 2.0 * ap / (d * d); }
+            if (t[c * ts] == 1.f) { double d = 1.0 + y[c]; L += ap * (1.0 - y[c]) / d; D[c] -= 2.0 * ap / (d * d); }
     if ((a->flags & (POS_TACE | POS_TADICE)) && informative) {
         memset(in, 0, K);
         double q = 0.0;
         for (int64_t c = 0; c < M; c++)
-            if (t[c * N] != 0.f) { in[c] = 1; if (a->grouped) in[c + M] = 1; q += y[c]; }
+            if (t[c * ts] != 0.f) { in[c] = 1; if (a->grouped) in[c + M] = 1; q += y[c]; }
         if (a->flags & POS_TACE) L += neglog_set(x, in, K, lse, ap, ph);
         if (a->flags & POS_TADICE) {
             double d = 1.0 + q;
             L += ap * (1.0 - q) / d;
-            for (int64_t c = 0; c < M; c++) if (t[c * N] != 0.f) D[c] -= 2.0 * ap / (d * d);
+            for (int64_t c = 0; c < M; c++) if (t[c * ts] != 0.f) D[c] -= 2.0 * ap / (d * d);
         }
     }
     if (a->flags & NEG_CE)
         for (int64_t c = 0; c < M; c++)
-            if (t[c * N] == 0.f) { GROUP(c, 1); for (int64_t k = 0; k < K; k++) in[k] = !in[k]; L += neglog_set(x, in, K, lse, an, ph); }
+            if (t[c * ts] == 0.f) { GROUP(c, 1); for (int64_t k = 0; k < K; k++) in[k] = !in[k]; L += neglog_set(x, in, K, lse, an, ph); }
     if (a->flags & NEG_DICE)
         for (int64_t c = 0; c < M; c++)
-            if (t[c * N] == 0.f) { double d = 1.0 + y[c]; L += an * 2.0 * y[c] / d; D[c] += 2.0 * an / (d * d); }
+            if (t[c * ts] == 0.f) { double d = 1.0 + y[c]; L += an * 2.0 * y[c] / d; D[c] += 2.0 * an / (d * d); }
     if (a->flags & (NEG_EXCE | NEG_EXDICE)) {
         double sx = 0.0;
-        for (int64_t c = 0; c < M; c++) if (unk[c] && t[c * N] == 0.f) sx += y[c];
+        for (int64_t c = 0; c < M; c++) if (unk[c] && t[c * ts] == 0.f) sx += y[c];
         for (int64_t c = 0; c < M; c++) {
-            int k0 = t[c * N] == 0.f, ex = has1 && unk[c] && k0;
+            int k0 = t[c * ts] == 0.f, ex = has1 && unk[c] && k0;
             if (a->flags & NEG_EXCE) {
                 if (k0) { L += an * log(y[c] + eps); D[c] += an / (y[c] + eps); }
                 if (ex) D[c] += an / (sx + eps);
@@ -190,7 +202,7 @@ static void compatible_exact_voxel(const compat_args *a, const float *xf, const 
 /* compatible loss (DCL Eq. 2-4, 11-18) and conditional compatible loss (Eq. 6-8)             */
 /* ---------------------------------------------------------------------------------------- */
 
-static void compatible_block(const compat_args *a, const float *x, const float *t, const float *yc, const uint8_t *unk,
+static void compatible_block(const compat_args *a, const float *x, const float *t, int64_t ts, const float *yc, const uint8_t *unk,
                              int64_t n, float *loss, float *grad, float *work)
 {
     const int64_t K = a->K, M = a->M, N = a->N;
@@ -214,13 +226,13 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 
     if (a->flags & (POS_CE | POS_DICE | NEG_EXCE | NEG_EXDICE))
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N;
+            const float *tc = t + c * ts;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) has1[v] |= tc[v] == 1.f;
         }
     if (a->flags & POS_CE)
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *xc = x + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *xc = x + c * N, *yv = Y + c * BLK;
             float *dc = D + c * BLK, *gc = grad + c * N;
             if (!a->grouped) { /* -log p_c = lse - x_c exactly; p_c h_c = -1 */
 #pragma omp simd
@@ -242,7 +254,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
         }
     if (a->flags & POS_DICE)
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *yv = Y + c * BLK;
             float *dc = D + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
@@ -256,7 +268,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
         int nc[BLK];
         for (int64_t v = 0; v < n; v++) { q[v] = 0.f; nc[v] = 0; }
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *yv = Y + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) { int w = tc[v] != 0.f; q[v] += w ? yv[v] : 0.f; nc[v] += w; }
         }
@@ -269,7 +281,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
                 flag[v] |= inform[v] & (q[v] < TINY);
             }
             for (int64_t c = 0; c < M; c++) {
-                const float *tc = t + c * N;
+                const float *tc = t + c * ts;
                 float *dc = D + c * BLK;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) dc[v] -= (inform[v] & (tc[v] != 0.f)) ? ap / MAXF(q[v], TINY) : 0.f;
@@ -279,7 +291,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) L[v] += inform[v] ? ap * (1.f - q[v]) / (1.f + q[v]) : 0.f;
             for (int64_t c = 0; c < M; c++) {
-                const float *tc = t + c * N;
+                const float *tc = t + c * ts;
                 float *dc = D + c * BLK;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
@@ -291,7 +303,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
     }
     if (a->flags & NEG_CE)
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *yv = Y + c * BLK;
             float *dc = D + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
@@ -304,7 +316,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
         }
     if (a->flags & NEG_DICE)
         for (int64_t c = 0; c < M; c++) {
-            const float *tc = t + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *yv = Y + c * BLK;
             float *dc = D + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) {
@@ -320,7 +332,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
         for (int64_t v = 0; v < n; v++) { sx[v] = 0.f; gs[v] = 0.f; }
         for (int64_t c = 0; c < M; c++) {
             if (!unk[c]) continue;
-            const float *tc = t + c * N, *yv = Y + c * BLK;
+            const float *tc = t + c * ts, *yv = Y + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) sx[v] += tc[v] == 0.f ? yv[v] : 0.f;
         }
@@ -331,7 +343,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
                 gs[v] += has1[v] ? an / (sx[v] + eps) : 0.f;
             }
             for (int64_t c = 0; c < M; c++) {
-                const float *tc = t + c * N, *yv = Y + c * BLK;
+                const float *tc = t + c * ts, *yv = Y + c * BLK;
                 float *dc = D + c * BLK;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
@@ -349,7 +361,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
                 gs[v] += has1[v] ? 2.f * an / (s1 * s1) : 0.f;
             }
             for (int64_t c = 0; c < M; c++) {
-                const float *tc = t + c * N, *yv = Y + c * BLK;
+                const float *tc = t + c * ts, *yv = Y + c * BLK;
                 float *dc = D + c * BLK;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
@@ -362,7 +374,7 @@ static void compatible_block(const compat_args *a, const float *x, const float *
         }
         for (int64_t c = 0; c < M; c++) {
             if (!unk[c]) continue;
-            const float *tc = t + c * N;
+            const float *tc = t + c * ts;
             float *dc = D + c * BLK;
 #pragma omp simd
             for (int64_t v = 0; v < n; v++) dc[v] += tc[v] == 0.f ? gs[v] : 0.f;
@@ -429,16 +441,17 @@ static void compatible_block(const compat_args *a, const float *x, const float *
 #pragma omp simd
     for (int64_t v = 0; v < n; v++) loss[v] = L[v] + 0.f * lse[v]; /* NaN where a logit is NaN / +inf */
     for (int64_t v = 0; v < n; v++)
-        if (flag[v]) compatible_exact_voxel(a, x + v, t + v, yc ? yc + v : NULL, unk, loss + v, grad + v);
+        if (flag[v]) compatible_exact_voxel(a, x + v, t + v, ts, yc ? yc + v : NULL, unk, loss + v, grad + v);
 }
 
 /* Per-voxel compatible loss and its gradient with respect to the logits (for an upstream
    gradient of 1 per voxel).
    x: (B, K, N) logits; t: (B, M, N) <0,p,1> target of the classes; yc: (B, M, N) conditional
    labels or NULL (then no prior term); unknown: (B, M) 1 where the class is unknown somewhere in
-   the sample (for the exclusive bases), may be NULL when they are off.
+   the sample (for the exclusive bases), may be NULL when they are off. t_cl: t is channels-last
+   (B, N, M) instead.
    loss: (B, N) out; grad: (B, K, N) out. Returns 0, or -1 when out of memory. */
-int ps_compatible(const float *x, const float *t, const float *yc, const uint8_t *unknown,
+int ps_compatible(const float *x, const float *t, int t_cl, const float *yc, const uint8_t *unknown,
                   int64_t B, int64_t K, int64_t M, int64_t N, int flags,
                   float a_pos, float a_neg, float eps, float prior_ce, float prior_exce, float prior_dice,
                   float *loss, float *grad, int nthreads)
@@ -450,7 +463,7 @@ int ps_compatible(const float *x, const float *t, const float *yc, const uint8_t
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && total > 1)
     {
-        float *work = malloc(sizeof(float) * work_floats);
+        float *work = malloc(sizeof(float) * (work_floats + (t_cl ? (size_t)M * BLK : 0)));
         if (!work) {
 #pragma omp atomic write
             failed = 1;
@@ -458,7 +471,10 @@ int ps_compatible(const float *x, const float *t, const float *yc, const uint8_t
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < total; j++) {
                 const int64_t b = j / nblk, i0 = (j % nblk) * BLK, n = min64(BLK, N - i0);
-                compatible_block(&a, x + b * K * N + i0, t + b * M * N + i0, yc ? yc + b * M * N + i0 : NULL,
+                const float *tb = t + b * M * N + i0;
+                int64_t ts = N;
+                if (t_cl) { pack_channels_last(t + b * M * N + i0 * M, M, n, work + work_floats); tb = work + work_floats; ts = BLK; }
+                compatible_block(&a, x + b * K * N + i0, tb, ts, yc ? yc + b * M * N + i0 : NULL,
                                  unknown ? unknown + b * M : none, n, loss + b * N + i0, grad + b * K * N + i0, work);
             }
             free(work);
@@ -475,21 +491,21 @@ enum { M_CE = 1, E_CE = 2, M_DICE = 4, E_DICE = 8 };
 
 /* exact -log q (q = probability of the candidates w = [t != 0]) of one voxel; with r != NULL
    also the candidate softmax r (stride 1) */
-static double marginal_exact_voxel(const float *xf, const float *t, int64_t C, int64_t N, double *r)
+static double marginal_exact_voxel(const float *xf, const float *t, int64_t ts, int64_t C, int64_t N, double *r)
 {
     double mx = -INFINITY, mc = -INFINITY, s = 0.0, sc = 0.0;
     for (int64_t c = 0; c < C; c++) {
         double xv = xf[c * N];
         if (xv > mx) mx = xv;
-        if (t[c * N] != 0.f && xv > mc) mc = xv;
+        if (t[c * ts] != 0.f && xv > mc) mc = xv;
     }
     for (int64_t c = 0; c < C; c++) {
         double xv = xf[c * N];
         s += exp(xv - mx);
-        if (t[c * N] != 0.f) sc += exp(xv - mc);
+        if (t[c * ts] != 0.f) sc += exp(xv - mc);
     }
     double lse = mx + log(s), lse_c = mc + log(sc);
-    if (r) for (int64_t c = 0; c < C; c++) r[c] = t[c * N] != 0.f ? exp(xf[c * N] - lse_c) : 0.0;
+    if (r) for (int64_t c = 0; c < C; c++) r[c] = t[c * ts] != 0.f ? exp(xf[c * N] - lse_c) : 0.0;
     return lse - lse_c;
 }
 
@@ -499,7 +515,7 @@ static double marginal_exact_voxel(const float *xf, const float *t, int64_t C, i
    q = sum_c w p (1 on uninformative voxels), the marginal prediction is q on the candidate
    channels and p elsewhere. A voxel with a NaN / +inf logit makes its mce and ece NaN and every
    Dice sum of its sample NaN (z = 0 * lse), whatever its target. */
-int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, int64_t N, int want, float eps,
+int ps_marginal_forward(const float *x, const float *t, int t_cl, int64_t B, int64_t C, int64_t N, int want, float eps,
                         float *P, float *mce, float *ece, double *sums, int nthreads)
 {
     const int64_t nblk = (N + BLK - 1) / BLK, total = B * nblk;
@@ -508,7 +524,8 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && total > 1)
     {
         double *acc = calloc((size_t)6 * C, sizeof(double));
-        if (!acc) {
+        float *T = t_cl ? malloc(sizeof(float) * C * BLK) : NULL;
+        if (!acc || (t_cl && !T)) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -516,6 +533,8 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
         for (int64_t j = 0; j < total; j++) {
             const int64_t b = j / nblk, i0 = (j % nblk) * BLK, n = min64(BLK, N - i0);
             const float *xb = x + b * C * N + i0, *tb = t + b * C * N + i0;
+            int64_t ts = N;
+            if (T) { pack_channels_last(t + b * C * N + i0 * C, C, n, T); tb = T; ts = BLK; }
             float *Pb = P + b * C * N + i0;
             float q[BLK], mk[BLK], L[BLK], lse[BLK], z[BLK];
             int nv[BLK];
@@ -524,7 +543,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             for (int64_t v = 0; v < n; v++) { q[v] = 0.f; nv[v] = 0; L[v] = 0.f; }
             for (int64_t c = 0; c < C; c++) {
                 float *pc = Pb + c * N;
-                const float *tc = tb + c * N;
+                const float *tc = tb + c * ts;
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) {
                     float p = pc[v];
@@ -554,7 +573,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) mo[v] = (nv[v] < C ? -logf(q[v] < TINY ? TINY : q[v]) : 0.f) + z[v];
                 for (int64_t v = 0; v < n; v++)
-                    if (nv[v] > 0 && nv[v] < C && q[v] < TINY) mo[v] = (float)marginal_exact_voxel(xb + v, tb + v, C, N, NULL);
+                    if (nv[v] > 0 && nv[v] < C && q[v] < TINY) mo[v] = (float)marginal_exact_voxel(xb + v, tb + v, ts, C, N, NULL);
             }
             if (need_sums && acc) {
                 double *ab = acc;
@@ -562,7 +581,7 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
 #pragma omp simd reduction(+ : sm, smq, zs)
                 for (int64_t v = 0; v < n; v++) { sm += mk[v]; smq += mk[v] * q[v]; zs += z[v]; }
                 for (int64_t c = 0; c < C; c++) {
-                    const float *tc = tb + c * N, *pc = Pb + c * N;
+                    const float *tc = tb + c * ts, *pc = Pb + c * N;
                     float svp = 0.f, sv = 0.f, svq = 0.f, smp = 0.f;
 #pragma omp simd reduction(+ : svp, sv, svq, smp)
                     for (int64_t v = 0; v < n; v++) {
@@ -590,13 +609,14 @@ int ps_marginal_forward(const float *x, const float *t, int64_t B, int64_t C, in
             }
         }
         free(acc);
+        free(T);
     }
     return failed ? -1 : 0;
 }
 
 /* Backward: P (B, C, N) holds the softmax and is overwritten with dL/dx. g_mce / g_ece (B, N) or
    NULL; g_sums (B, 6, C) or NULL, the upstream gradients of the six sums above. */
-int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, int64_t N, float eps,
+int ps_marginal_backward(const float *x, const float *t, int t_cl, int64_t B, int64_t C, int64_t N, float eps,
                          float *P, const float *g_mce, const float *g_ece, const float *g_sums, int nthreads)
 {
     const int64_t nblk = (N + BLK - 1) / BLK, total = B * nblk;
@@ -605,7 +625,8 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
     {
         float *G = malloc(sizeof(float) * C * BLK);
         double *r = malloc(sizeof(double) * C);
-        if (!G || !r) {
+        float *T = t_cl ? malloc(sizeof(float) * C * BLK) : NULL;
+        if (!G || !r || (t_cl && !T)) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -613,6 +634,8 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
             for (int64_t j = 0; j < total; j++) {
                 const int64_t b = j / nblk, i0 = (j % nblk) * BLK, n = min64(BLK, N - i0);
                 const float *tb = t + b * C * N + i0;
+                int64_t ts = N;
+                if (T) { pack_channels_last(t + b * C * N + i0 * C, C, n, T); tb = T; ts = BLK; }
                 float *Pb = P + b * C * N + i0;
                 const float *gs = g_sums ? g_sums + b * 6 * C : NULL;
                 float q[BLK], mk[BLK], iq[BLK], gq[BLK], S[BLK];
@@ -621,7 +644,7 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
 #pragma omp simd
                 for (int64_t v = 0; v < n; v++) { q[v] = 0.f; nv[v] = 0; gq[v] = 0.f; S[v] = 0.f; }
                 for (int64_t c = 0; c < C; c++) {
-                    const float *tc = tb + c * N, *pc = Pb + c * N;
+                    const float *tc = tb + c * ts, *pc = Pb + c * N;
                     const float hc = gs ? gs[0 * C + c] + gs[1 * C + c] : 0.f;
 #pragma omp simd
                     for (int64_t v = 0; v < n; v++) {
@@ -646,7 +669,7 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
                 /* G_c = p_c h_c: mce -w p g / q; ece v g p / (p + eps); mdice M (v gSP + w g_q);
                    edice gE1 v + gE2 M */
                 for (int64_t c = 0; c < C; c++) {
-                    const float *tc = tb + c * N, *pc = Pb + c * N;
+                    const float *tc = tb + c * ts, *pc = Pb + c * N;
                     float *Gc = G + c * BLK;
                     const float gsp = gs ? gs[1 * C + c] : 0.f, ge1 = gs ? gs[3 * C + c] : 0.f, ge2 = gs ? gs[4 * C + c] : 0.f;
 #pragma omp simd
@@ -665,7 +688,7 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
                 }
                 for (int64_t v = 0; v < n; v++)
                     if (gm && low[v]) { /* exact: the mce part of G is -g r (candidate softmax) */
-                        marginal_exact_voxel(x + b * C * N + i0 + v, tb + v, C, N, r);
+                        marginal_exact_voxel(x + b * C * N + i0 + v, tb + v, ts, C, N, r);
                         for (int64_t c = 0; c < C; c++) { float d = (float)(-gm[v] * r[c]); G[c * BLK + v] += d; S[v] += d; }
                     }
                 for (int64_t c = 0; c < C; c++) {
@@ -678,6 +701,7 @@ int ps_marginal_backward(const float *x, const float *t, int64_t B, int64_t C, i
         }
         free(G);
         free(r);
+        free(T);
     }
     return failed ? -1 : 0;
 }

@@ -133,13 +133,16 @@ def safe_log(x: Tensor) -> Tensor:
     return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def flat(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``x`` as a contiguous (B, C, N) tensor in ``dtype`` (default: the compute dtype of ``x``); no copy when already so.
+def flat(x: Tensor, dtype: torch.dtype | None = None, contiguous: bool = True) -> Tensor:
+    """``x`` as a (B, C, N) tensor in ``dtype`` (default: the compute dtype of ``x``); no copy when already so.
 
-    Contiguity matters: element-wise kernels on mixed layouts (a target built with ``movedim``,
-    a channels-last network output) are several times slower than on matching layouts.
+    Contiguous unless ``contiguous=False`` (then a view where the layout allows one: the compiled
+    kernels read a channels-last target as it is). Contiguity matters to torch: element-wise
+    kernels on mixed layouts (a target built with ``movedim``, a channels-last network output)
+    are several times slower than on matching layouts.
     """
-    return x.to(dtype or compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1).contiguous()
+    out = x.to(dtype or compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
+    return out.contiguous() if contiguous else out
 
 
 def float_mask(t: Tensor, value: float, like: Tensor, equal: bool = True) -> Tensor:

@@ -139,7 +139,7 @@ def dcl_per_voxel(
         0.4055
     """
     x = flat(input)
-    t = flat(target, x.dtype) if target is not None else None
+    t = flat(target, x.dtype, contiguous=False) if target is not None else None  # the kernel reads channels-last
     summed = t is not None and t.shape[1] != x.shape[1]
     yc = flat(cond_label, x.dtype) if (cond_label is not None and prior_weight > 0) else None
     if t is None and yc is None:
@@ -154,6 +154,7 @@ def dcl_per_voxel(
         out = _native.compatible(x, t, positive, negative, alpha_pos, alpha_neg, eps)
         return out if yc is None else out + _native.compatible(x, yc, (), (), 1.0, 1.0, eps, yc, prior)
     marker = nonfinite_marker(x)  # (B, N): 0, NaN at a voxel with a NaN / +inf logit
+    t = t.contiguous() if t is not None else None
     if summed:  # probability-domain reference, plain autograd
         probs = torch.softmax(x, 1)
         m = t.shape[1]

@@ -88,10 +88,11 @@ def marginal_softmax_stats(
         >>> [round(v, 4) for v in mce[0].tolist()]  # -log(1/3), -log(2/3)
         [1.0986, 0.4055]
     """
-    xb, tb = flat(x), flat(target, compute_dtype(x))
+    xb = flat(x)
     want = (bool(mce), bool(ece), bool(mdice), bool(edice))
-    if _native.usable(xb):  # compiled CPU kernel: same numbers, one pass each way
-        return _native.marginal(xb, tb, want, eps)
+    if _native.usable(xb):  # compiled CPU kernel: same numbers, one pass each way (reads a channels-last target as it is)
+        return _native.marginal(xb, flat(target, xb.dtype, contiguous=False), want, eps)
+    tb = flat(target, xb.dtype)
     empty = xb.new_empty(0)
     if want == (True, False, False, False):
         out = (_MarginalCEFunction.apply(xb, tb), empty, empty, empty)

@@ -340,3 +340,27 @@ def test_empty_conditional_input_is_a_value_error(shape, native_on, monkeypatch)
         PriorLoss()(x, yc)
     with pytest.raises(ValueError, match=r"\(%d, 6, %d\)" % (b, n)):
         ConditionalCompatibleLoss()(x, z, yc)
+
+
+CHANNELS_LAST = [
+    lambda: MarginalCELoss(reduction="none"), lambda: ExclusionCELoss(), lambda: MarginalDiceLoss(), lambda: ExclusionDiceLoss(),
+    lambda: MarginalExclusionLoss(), lambda: CompatibleLoss("ce", "ce", reduction="none"),
+    lambda: CompatibleLoss(("ta_ce", "ta_dice"), ("ex_ce", "ex_dice")), lambda: CompatibleLoss("dice", "dice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make", CHANNELS_LAST, ids=_loss_id)
+def test_channels_last_target_reads_as_contiguous(make, monkeypatch):
+    """A target built as ``one_hot(...).movedim(-1, 1)`` (channels-last) is read in place by the
+    kernels (transposed per block, not copied whole): same values and gradients as contiguous,
+    and as the torch path; 300 voxels span three blocks, the last one partial."""
+    x, t = partial_batch(shape=(3, 5, 12, 25))
+    t_cl = t.movedim(1, -1).contiguous().movedim(-1, 1)
+    assert not t_cl.is_contiguous() and torch.equal(t_cl, t)
+    v_cl, g_cl = run(make(), x, t_cl, native_on=True, monkeypatch=monkeypatch)
+    v_c, g_c = run(make(), x, t, native_on=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(v_cl, v_c, atol=0, rtol=0)
+    torch.testing.assert_close(g_cl, g_c, atol=0, rtol=0)
+    v_t, g_t = run(make(), x, t_cl, native_on=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(v_cl, v_t, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g_cl, g_t, atol=2e-5, rtol=1e-4)
