@@ -668,3 +668,78 @@ def test_find_prediction_upper_case_extension(tmp_path):
     _save(preds / "case_001.nii.gz", ref1)
     with pytest.raises(ValueError, match="several prediction files"):
         find_prediction(preds, "imagesTs/case_001.nii.gz")
+
+
+# --------------------------------------------------------------------------------------------
+# run records: predictions of one inference run only
+# --------------------------------------------------------------------------------------------
+
+
+def _save_from_run(path, arr, run_id, sha="ab" * 32):
+    """A prediction as SavePredictiond writes it: the run record in a NIfTI comment extension."""
+    from partialseg.transforms.io.record import PredictionRun
+
+    run = PredictionRun(run_id=run_id)
+    run._record = {"partialseg_run": run_id, "model_sha256": sha, "model": "model.pt"}  # a model's hash, as if read
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(arr.astype(np.uint8), np.diag([*SPACING, 1.0]))
+    run.stamp(img.header)
+    nib.save(img, str(path))
+
+
+def test_predictions_of_one_run_are_scored_and_their_run_recorded(tmp_path, capsys):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save_from_run(preds / "case_001_seg.nii.gz", ref1, "run-A")
+    _save_from_run(preds / "case_002_seg.nii.gz", ref2, "run-A")
+    _save_from_run(preds / "case_003_seg.nii.gz", ref2, "run-B", sha="cd" * 32)  # not scored (no label): ignored
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--no-progress"]) == 0
+    assert "predictions of inference run run-A, model sha256:abababababab" in capsys.readouterr().out
+    s = json.loads((preds / "evaluation" / "summary.json").read_text())
+    assert s["prediction_run"] == {"model": "model.pt", "model_sha256": "ab" * 32, "partialseg_run": "run-A"}
+    assert s["per_class"]["a"]["dice"]["mean"] == 1.0
+    # files of other tools carry no record: accepted, prediction_run null
+    assert evaluate_folder(_perfect_preds(tmp_path / "plain", ref1, ref2), ds, progress=False)["prediction_run"] is None
+
+
+MIXES = [
+    # (second file's run, words naming it in the error)
+    ("run-B", "(run run-B, model model.pt sha256:cdcdcdcdcdcd)"),
+    (None, "(no partialseg run record"),
+]
+
+
+@pytest.mark.parametrize("other,named", MIXES)
+def test_a_folder_mixing_runs_is_refused_naming_two_files(tmp_path, capsys, other, named):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = tmp_path / "preds"
+    _save_from_run(preds / "case_001_seg.nii.gz", ref1, "run-A")
+    if other is None:
+        _save(preds / "case_002_seg.nii.gz", ref2)  # written by another tool
+    else:
+        _save_from_run(preds / "case_002_seg.nii.gz", ref2, other, sha="cd" * 32)
+    assert _cli(["--pred", str(preds), "--dataset", str(ds), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: the prediction folder {preds} mixes the outputs of 2 inference runs")
+    assert f"{preds / 'case_001_seg.nii.gz'} (run run-A, model model.pt sha256:abababababab)" in err
+    assert f"{preds / 'case_002_seg.nii.gz'} {named}" in err
+    assert "fresh (empty) output folder" in err
+    assert not (preds / "evaluation").exists()  # refused before any case was scored
+    with pytest.raises(ValueError, match="mixes the outputs of 2 inference runs"):
+        evaluate_folder(preds, ds, progress=False)
+    # allow_missing does not hide it: the predictions that exist are still two runs
+    with pytest.raises(ValueError, match="mixes"):
+        evaluate_folder(preds, ds, allow_missing=True, progress=False)
+
+
+def test_check_one_run_counts_the_runs(tmp_path):
+    from partialseg.evaluation import check_one_run
+
+    arr = np.zeros(SHAPE)
+    for run in ("r1", "r2", "r3"):
+        _save_from_run(tmp_path / f"{run}_seg.nii.gz", arr, run)
+    _save(tmp_path / "plain.nii.gz", arr)
+    assert check_one_run(tmp_path, [tmp_path / "r1_seg.nii.gz"])["partialseg_run"] == "r1"
+    assert check_one_run(tmp_path, [tmp_path / "plain.nii.gz"]) is None
+    with pytest.raises(ValueError, match=r"mixes the outputs of 4 inference runs \(and 2 more\)"):
+        check_one_run(tmp_path, sorted(tmp_path.iterdir()))

@@ -57,13 +57,11 @@ class AtomicNiftiWriter(NibabelWriter):
         affine = to_affine_nd(r=3, affine=convert_data_type(self.affine, np.ndarray)[0])
         img.set_sform(affine, code=1)
         img.set_qform(affine, code=1)
-        if self.run is not None:
-            self.run.stamp(img.header)
-        data = img.to_bytes()
-        if name.lower().endswith(".gz"):
-            data = gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
-        with atomic_open(filename, "wb") as f:
-            f.write(data)
+        with atomic_open(filename, "wb") as f:  # any failure below removes the temporary file
+            if self.run is not None:
+                self.run.stamp(img.header)
+            data = img.to_bytes()
+            f.write(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if name.lower().endswith(".gz") else data)
         remove_stale_temporaries(filename)  # what earlier killed writes of this name left
         self.data_obj = img
 
@@ -110,3 +108,7 @@ class SavePrediction(SaveImage):
         _check_nifti(self.output_ext, type(self).__name__)
         self.run = PredictionRun(model_file, run_id)
         self.set_options(init_kwargs={"run": self.run})
+
+    def __call__(self, img: Any, meta_data: dict | None = None, filename: Any = None) -> Any:
+        self.run.record  # noqa: B018 - hash the model now: a missing file raises as itself, not inside MONAI's writer loop
+        return super().__call__(img, meta_data, filename)

@@ -190,5 +190,9 @@ class SavePredictiond(SaveImaged):
         self.run = PredictionRun(model_file, run_id)
         self.saver.set_options(init_kwargs={"run": self.run})
 
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.run.record  # noqa: B018 - hash the model now: a missing file raises as itself, not inside MONAI's writer loop
+        return super().__call__(data)
+
 
 SavePredictionD = SavePredictionDict = SavePredictiond
