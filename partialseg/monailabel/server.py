@@ -50,12 +50,12 @@ logger = logging.getLogger(__name__)
 NAME_FIELDS = ("image", "tag", "id", "label")
 #: largest train request body read by the guard
 MAX_TRAIN_BODY = 1 << 20
-_TRUE = ("1", "true", "yes", "on")
+_TRUE = ("1", "true", "t", "yes", "y", "on")  # what FastAPI reads as a true bool
 
 
 def _flag(conf: dict[str, Any], key: str) -> bool:
     value = str(conf.get(key, "false")).strip().lower()
-    if value not in _TRUE + ("0", "false", "no", "off", ""):
+    if value not in _TRUE + ("0", "false", "f", "no", "n", "off", ""):
         raise ValueError(f"--conf {key} must be true or false, got {conf.get(key)!r}")
     return value in _TRUE
 
