@@ -12,8 +12,8 @@ from partialseg.engines.multi_network import FrozenCopy, MultiNetworkEvents, Mul
 from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, dual_swap
 from partialseg.engines.distributed import get_rank, quiet_non_zero_ranks, rank_zero_only, training_sampler
 from partialseg.engines.tracking import ConfigSaver
-from partialseg.engines.handlers import MetricsRecorder, as_bool, require_checkpoint
+from partialseg.engines.handlers import MetricsRecorder, as_bool, positive_int, require_checkpoint
 from partialseg.engines.launch import bundle_command, run_bundle
 
-__all__ = ["MultiNetworkTrainer", "MultiNetworkEvents", "FrozenCopy", "freeze", "frozen_copy", "DCLTrainer", "DualNetworkUpdater", "dual_swap", "MetricsRecorder", "as_bool", "require_checkpoint", "bundle_command", "run_bundle", "get_rank", "rank_zero_only", "quiet_non_zero_ranks", "training_sampler",
+__all__ = ["MultiNetworkTrainer", "MultiNetworkEvents", "FrozenCopy", "freeze", "frozen_copy", "DCLTrainer", "DualNetworkUpdater", "dual_swap", "MetricsRecorder", "as_bool", "positive_int", "require_checkpoint", "bundle_command", "run_bundle", "get_rank", "rank_zero_only", "quiet_non_zero_ranks", "training_sampler",
            "AtomicCheckpointSaver", "BestMetricState", "ResumeCheckpoint", "atomic_save", "ConfigSaver"]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from partialseg._checks import check_int
 from partialseg._fileio import atomic_write_text
 
 __all__ = ["MetricsRecorder", "as_bool", "require_checkpoint"]
@@ -33,6 +34,23 @@ def as_bool(value: Any) -> bool:
             return False
         raise ValueError(f"expected a boolean flag (true/false, 1/0, yes/no, on/off), got {value!r}")
     return bool(value)
+
+
+def positive_int(value: Any, name: str) -> int:
+    """A bundle setting that must be a positive integer (``iterations_per_epoch``, epochs), checked.
+
+    ``--iterations_per_epoch 0`` would let ignite run epochs of no iteration and exit 0 with
+    nothing trained; bundle configs pass their schedule through this function so that such a run
+    is refused before it starts, naming the key.
+
+    Example:
+        >>> positive_int(20, "iterations_per_epoch")
+        20
+
+    Raises:
+        ValueError: ``value`` is not an integer >= 1 (a bool, a float, 0 or negative), naming ``name``.
+    """
+    return check_int(value, name, minimum=1)
 
 
 def require_checkpoint(path: str | os.PathLike, hint: str = "") -> str:

@@ -68,3 +68,13 @@ def test_sampling_option_picks_the_training_sampler(tmp_path):
         parsed("train#sampler", sampling="organ")
     message = str(err.value.__cause__)
     assert "sampling must be one of" in message and "'case'" in message and "'source'" in message
+
+
+@pytest.mark.parametrize("key", ["iterations_per_epoch", "epochs_stage1"])
+def test_an_empty_schedule_is_refused_naming_the_key(key, tmp_path):
+    # `--iterations_per_epoch 0` ran epochs of no iteration and exited 0 with nothing trained
+    MARGINAL.make_data(tmp_path)
+    r = MARGINAL.run(tmp_path, stage=1, **{**MARGINAL.small, key: 0})
+    assert r.returncode != 0
+    assert f"{key} must be >= 1, got 0" in r.stdout + r.stderr
+    assert not (tmp_path / "models" / "model_stage1.pt").exists()
