@@ -169,7 +169,9 @@ def _describe(path: Path, record: Mapping | None) -> str:
     return f"{path} (run {record['partialseg_run']}{model})"
 
 
-def check_one_run(pred_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> dict | None:
+def check_one_run(
+    pred_dir: str | os.PathLike, paths: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+) -> dict | None:
     """The run record shared by every prediction in ``paths``; refuses predictions of several runs.
 
     A run record (run id, SHA-256 of the model file) is what :class:`partialseg.transforms.SavePredictiond`
@@ -181,7 +183,8 @@ def check_one_run(pred_dir: str | os.PathLike, paths: Sequence[str | os.PathLike
 
     Args:
         pred_dir: the prediction folder (for the message).
-        paths: the prediction files that will be scored.
+        paths: the prediction files that will be scored, or case name -> file (errors then
+            name the case).
 
     Returns:
         The common record (``partialseg_run``, ``model_sha256``, ``model``), or ``None`` when no
@@ -198,9 +201,13 @@ def check_one_run(pred_dir: str | os.PathLike, paths: Sequence[str | os.PathLike
     """
     from partialseg.transforms.io.record import read_run_record
 
+    items = paths.items() if isinstance(paths, Mapping) else [(None, p) for p in paths]
     groups: dict[str | None, tuple[Path, dict | None]] = {}  # run id -> (first file, record)
-    for path in paths:
-        record = read_run_record(path)
+    for case, path in items:
+        try:
+            record = read_run_record(path)
+        except ValueError as e:
+            raise ValueError(f"case {case!r}: the prediction {e}" if case is not None else str(e)) from e
         run = None if record is None else record["partialseg_run"]
         groups.setdefault(run, (Path(path), record))
     if len(groups) <= 1:

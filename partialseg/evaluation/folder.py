@@ -146,7 +146,7 @@ def evaluate_folder(
             missing.append(case)
         pairs.append((entry, case, pred_path))
     # predictions of one inference run only (a rerun stopped part way leaves older files beside new ones)
-    run = check_one_run(pred_dir, [p for _, _, p in pairs if p is not None])
+    run = check_one_run(pred_dir, {case: p for _, case, p in pairs if p is not None})
 
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     rows: list[dict] = []

@@ -743,3 +743,11 @@ def test_check_one_run_counts_the_runs(tmp_path):
     assert check_one_run(tmp_path, [tmp_path / "plain.nii.gz"]) is None
     with pytest.raises(ValueError, match=r"mixes the outputs of 4 inference runs \(and 2 more\)"):
         check_one_run(tmp_path, sorted(tmp_path.iterdir()))
+
+
+def test_an_unreadable_prediction_header_names_the_case(tmp_path):
+    ds, ref1, ref2 = _make_dataset(tmp_path)
+    preds = _perfect_preds(tmp_path, ref1, ref2)
+    (preds / "case_002.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    with pytest.raises(ValueError, match=re.escape(f"case 'case_002': the prediction {preds / 'case_002.nii.gz'}: cannot read")):
+        evaluate_folder(preds, ds, progress=False)
