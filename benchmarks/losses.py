@@ -2,6 +2,7 @@
 
     python benchmarks/losses.py            # (2, 8, 64, 64, 64) logits, writes benchmarks/results/losses_cpu.json
     python benchmarks/losses.py --quick    # (2, 4, 16, 16, 16), a smoke test
+    python benchmarks/losses.py --sweep    # C = 4 ... 128 at (1, C, 48, 48, 48), writes benchmarks/results/losses_sweep.json
 
 Time: forward + backward from logits, repetitions of baseline and candidate interleaved in one
 process (``baseline, candidate, baseline, candidate, ...``) so that load from other processes
@@ -18,6 +19,17 @@ statistics, and tracemalloc does not see torch's allocations.)
 
 Backend: the compiled CPU kernels of ``partialseg._native`` when they build here (the default),
 else the torch implementation; ``PARTIALSEG_NATIVE=0`` measures the torch path on purpose.
+
+Class-count sweep (``--sweep``, issue 18): the same forward + backward at a fixed number of
+voxels, ``(1, C, 48, 48, 48)`` for C = 4, 8, 16, 32, 64, 128 (unions of partial datasets reach
+100+ classes), one partially labelled sample (class 1 annotated, the rest unknown). At every C
+each loss and each baseline run interleaved in one round-robin per repetition; every loss gets
+its ratio to ``torch.nn.functional.cross_entropy`` and, for the Dice-type losses, to its own
+baseline (``DiceLoss`` / ``DiceCELoss``). Targets: ``MarginalCELoss`` <= 1.6x cross-entropy at
+every C; the Dice-type and ``MarginalExclusionLoss`` ratios must not regress. ``--target movedim``
+passes the target as ``one_hot(label, C).movedim(-1, 1)`` builds it (channels-last memory, not
+made contiguous), the way a target made outside a collate function arrives; the default is a
+contiguous ``(B, C, ...)`` target as a collated batch holds.
 
 Targets (issue 3): CE-type losses <= 1.6x ``torch.nn.functional.cross_entropy`` (class-index
 target), Dice-type losses <= 1.3x ``monai.losses.DiceLoss(softmax=True)``,
@@ -45,6 +57,18 @@ if str(ROOT) not in sys.path:
 FULL_SHAPE = (2, 8, 64, 64, 64)
 QUICK_SHAPE = (2, 4, 16, 16, 16)
 RESULT = ROOT / "benchmarks" / "results" / "losses_cpu.json"
+SWEEP_RESULT = ROOT / "benchmarks" / "results" / "losses_sweep.json"
+SWEEP_CLASSES = (4, 8, 16, 32, 64, 128)
+SWEEP_SPATIAL = (48, 48, 48)
+SWEEP_CASES = (
+    "MarginalCELoss",
+    "ExclusionCELoss",
+    "CompatibleLoss(ce, ce)",
+    "MarginalDiceLoss",
+    "ExclusionDiceLoss",
+    "MarginalExclusionLoss",
+    "CompatibleLoss(MMEE)",
+)
 
 # name -> (constructor source, baseline key, time target, memory target)
 CASES = {
@@ -67,17 +91,18 @@ BASELINES = {
 
 
 def make_inputs(shape: tuple[int, ...], seed: int = 0):
-    """Logits, a partial ``<0,p,1>`` target (sample 0 fully labelled, sample 1 annotates class 1 only),
-    the class-index labels and the one-hot map."""
+    """Logits, a partial ``<0,p,1>`` target (sample 0 fully labelled, sample 1 annotates class 1 only;
+    a batch of one is that partial sample), the class-index labels and the one-hot map."""
     g = torch.Generator().manual_seed(seed)
     b, c = shape[:2]
     x = torch.randn(shape, generator=g)
     lab = torch.randint(0, c, (b, *shape[2:]), generator=g)
     oh = torch.nn.functional.one_hot(lab, c).movedim(-1, 1).float().contiguous()  # as a collated batch
     t = oh.clone()
-    annotated = lab[1] == 1
+    part = 1 if b > 1 else 0
+    annotated = lab[part] == 1
     cls = torch.arange(c).view(c, *([1] * (len(shape) - 2)))
-    t[1] = torch.where(annotated, oh[1], torch.where(cls == 1, 0.0, 0.5))
+    t[part] = torch.where(annotated, oh[part], torch.where(cls == 1, 0.0, 0.5))
     return x, t, lab, oh
 
 
@@ -154,6 +179,58 @@ def peak_memory(src: str, baseline: bool, shape) -> int | None:
         return None
 
 
+def sweep(reps: int, classes=SWEEP_CLASSES, spatial=SWEEP_SPATIAL, names=SWEEP_CASES, target: str = "contiguous") -> list[dict]:
+    """Ratios of each loss to cross-entropy (and to its own baseline) at each class count.
+
+    Per class count, every repetition runs each baseline and each loss once, in a fixed order
+    (baselines first); ratios are of minimums over repetitions.
+    """
+    ns = _namespace()
+    rows = []
+    for c in classes:
+        x0, t, lab, oh = make_inputs((1, c, *spatial))
+        if target == "movedim":  # the same values in channels-last memory
+            t, oh = (v.movedim(1, -1).contiguous().movedim(-1, 1) for v in (t, oh))
+        fns = {key: _loss_fn(BASELINES[key], ns, True) for key in BASELINES}
+        fns.update({name: _loss_fn(CASES[name][0], ns, False) for name in names})
+        times: dict[str, list[float]] = {key: [] for key in fns}
+        for fn in fns.values():  # warm-up (first-touch allocations, kernel build)
+            _one(fn, x0, t, lab, oh)
+        for _ in range(reps):
+            for key, fn in fns.items():
+                times[key].append(_one(fn, x0, t, lab, oh))
+        best = {key: min(v) for key, v in times.items()}
+        for name in names:
+            base = CASES[name][1]
+            row = {
+                "C": c,
+                "loss": name,
+                "time_ms": best[name] * 1e3,
+                "cross_entropy_ms": best["cross_entropy"] * 1e3,
+                "ratio_ce": best[name] / best["cross_entropy"],
+            }
+            if base != "cross_entropy":
+                row.update({"baseline": base, "baseline_ms": best[base] * 1e3, "ratio_baseline": best[name] / best[base]})
+            rows.append(row)
+        del x0, t, lab, oh
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """One line per loss: ratio to cross-entropy (and to its own baseline) at each class count."""
+    classes = sorted({r["C"] for r in rows})
+    print(f"{'loss':30s} " + " ".join(f"{'C=' + str(c):>12s}" for c in classes) + "   (ratio to CE [to own baseline])")
+    for name in dict.fromkeys(r["loss"] for r in rows):
+        cells = []
+        for c in classes:
+            r = next(r for r in rows if r["loss"] == name and r["C"] == c)
+            cell = f"{r['ratio_ce']:.2f}" + (f" [{r['ratio_baseline']:.2f}]" if "ratio_baseline" in r else "")
+            cells.append(f"{cell:>12s}")
+        print(f"{name:30s} " + " ".join(cells))
+    ce = {r["C"]: r["cross_entropy_ms"] for r in rows}
+    print(f"{'cross_entropy (ms)':30s} " + " ".join(f"{ce[c]:12.1f}" for c in classes))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"small shape {QUICK_SHAPE}, few repetitions, no memory")
@@ -161,6 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {RESULT.relative_to(ROOT)}; none with --quick)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of loss names")
+    parser.add_argument(
+        "--sweep", action="store_true", help=f"class-count sweep C = {SWEEP_CLASSES} at (1, C, {SWEEP_SPATIAL}) instead (default 5 reps)"
+    )
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="class counts of the sweep")
+    parser.add_argument(
+        "--target", choices=("contiguous", "movedim"), default="contiguous", help="sweep target layout (movedim: channels-last memory)"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: on a shared machine one busy core then disturbs less)"
     )
@@ -173,7 +257,45 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
 
 
+def _backend() -> str:
+    from partialseg import _native
+
+    return "native" if _native.library() is not None else "torch"  # PARTIALSEG_NATIVE=0 measures the torch path
+
+
+def _meta() -> dict:
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "backend": _backend(),
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _run_sweep(args: argparse.Namespace) -> dict:
+    reps = args.reps or 5
+    classes = tuple(args.classes) if args.classes else SWEEP_CLASSES
+    spatial = (8, 8, 8) if args.quick else SWEEP_SPATIAL
+    names = tuple(args.only) if args.only else SWEEP_CASES
+    rows = sweep(reps, classes, spatial, names, args.target)
+    meta = _meta()
+    print(
+        f"class sweep at (1, C, {', '.join(map(str, spatial))}), {args.target} target, {reps} interleaved repetitions,"
+        f" {meta['threads']} threads, {meta['backend']} kernels"
+    )
+    print_sweep(rows)
+    result = {"spatial": list(spatial), "classes": list(classes), "target": args.target, "reps": reps, **meta, "rows": rows}
+    out = args.out if args.out is not None else (None if args.quick else SWEEP_RESULT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def _run(args: argparse.Namespace) -> dict:
+    if args.sweep:
+        return _run_sweep(args)
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     reps = args.reps or (2 if args.quick else 15)
     names = args.only or list(CASES)
@@ -205,9 +327,7 @@ def _run(args: argparse.Namespace) -> dict:
             if mc is not None and mb:
                 row.update({"memory_ratio": mc / mb, "memory_target": m_target, "memory_pass": mc / mb <= m_target})
         rows.append(row)
-    from partialseg import _native
-
-    backend = "native" if _native.library() is not None else "torch"  # PARTIALSEG_NATIVE=0 measures the torch path
+    backend = _backend()
     print(f"shape {shape}, {reps} interleaved repetitions, {torch.get_num_threads()} threads, torch {torch.__version__}, {backend} kernels")
     header = f"{'loss':32s} {'baseline':14s} {'time ms':>8s} {'base ms':>8s} {'ratio':>6s} {'target':>6s} {'':4s} {'mem':>5s} {'':4s}"
     print(header)

@@ -20,3 +20,16 @@ def test_quick_run_prints_a_row_per_loss(tmp_path, capsys):
     assert out.exists()
     printed = capsys.readouterr().out
     assert "MarginalExclusionLoss" in printed and "DiceCELoss" in printed
+
+
+def test_quick_class_sweep_gives_ratios_per_class_count(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_losses", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "sweep.json"
+    argv = ["--sweep", "--quick", "--reps", "1", "--classes", "3", "5", "--target", "movedim", "--out", str(out)]
+    result = module.main([*argv, "--only", "MarginalCELoss", "MarginalDiceLoss"])
+    assert [(r["C"], r["loss"]) for r in result["rows"]] == [(3, "MarginalCELoss"), (3, "MarginalDiceLoss"), (5, "MarginalCELoss"), (5, "MarginalDiceLoss")]
+    assert all(r["ratio_ce"] > 0 for r in result["rows"])
+    assert "ratio_baseline" in result["rows"][1] and "ratio_baseline" not in result["rows"][0]
+    assert out.exists() and "C=5" in capsys.readouterr().out

@@ -364,3 +364,14 @@ def test_channels_last_target_reads_as_contiguous(make, monkeypatch):
     v_t, g_t = run(make(), x, t_cl, native_on=False, monkeypatch=monkeypatch)
     torch.testing.assert_close(v_cl, v_t, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(g_cl, g_t, atol=2e-5, rtol=1e-4)
+
+
+def test_changed_source_gets_a_new_library(monkeypatch, tmp_path):
+    """The cache key hashes the C source: an edited losses.c never loads a stale library."""
+    cc = native._compiler()
+    before = native._library_path(cc)
+    source = tmp_path / "losses.c"
+    source.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    assert native._library_path(cc) != before
+    assert native._library_path(cc).parent == before.parent
