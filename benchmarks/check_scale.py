@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="check_scale_"))
     result: dict = {"entries": args.entries, "distinct_files": args.distinct, "workers": args.workers, "cpus": os.cpu_count(),
                     "python": platform.python_version(), "runs": {}}
+    def commit(path: Path) -> str | None:
+        r = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return r.stdout.strip() or None
+
+    result["after_commit"] = commit(ROOT)
+    if args.before is not None:
+        result["before_commit"] = commit(args.before)
     try:
         result["generation_s"] = round(make_dataset(tmp / "ds", args.entries, args.distinct), 1)
         print(f"generated {args.entries} entries in {result['generation_s']} s", flush=True)
