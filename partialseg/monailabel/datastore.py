@@ -11,8 +11,8 @@ answer in the server).
 
 Example:
     >>> import tempfile
-    >>> store = SafeDatastore(tempfile.mkdtemp())
-    >>> store.save_label("case", "/tmp/x.nii.gz", "../../escape", {})
+    >>> with tempfile.TemporaryDirectory() as studies:
+    ...     SafeDatastore(studies).save_label("case", "/tmp/x.nii.gz", "../../escape", {})
     Traceback (most recent call last):
     ...
     partialseg.monailabel.request_checks.RequestError: tag '../../escape' is not a safe name...
