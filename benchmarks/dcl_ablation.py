@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## dcl: ablation on cardiac2d"
+STACK_SECTION = "## dcl: ablation on cardiac2d stacks (base to apex)"
 CLASSES = ["background", "LV", "MYO", "RV"]
 ARMS = ["1_ce", "2_pos_ce", "3_comp", "4_cond", "5_prior", "6_dual", "full_all", "full_quarter", "dcl_cedice", "dcl_mmee",
         "5m_prior_maps", "6m_dual_maps"]
@@ -98,9 +99,21 @@ def parse_args(argv=None):
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--k-test", type=int, default=3)
     ap.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--levels", type=int, default=0,
+                    help="cardiac2d stack mode (make-data --levels): N slice levels base to apex per phase; the "
+                         "default 0 is the original mid-ventricular benchmark. With N > 0 the results go to "
+                         "benchmarks/results/dcl_stack_* and the '## dcl: ablation on cardiac2d stacks' section")
+    ap.add_argument("--pools", choices=("present", "annotated"), default=None,
+                    help="ConditionalDataset / SupportBank pools (default: the library's)")
+    ap.add_argument("--select", choices=("random", "similar"), default=None,
+                    help="condition selection in training and at inference (default: the library's)")
+    ap.add_argument("--support-per-class", type=int, default=None, help="SupportBank entries per class (default 4; 0 = all)")
+    ap.add_argument("--tag", default="", help="a label stored with the runs (an investigation setting)")
     ap.add_argument("--data-dir", default="/tmp/partialseg_dcl_ablation")
-    ap.add_argument("--out", default=str(RESULTS / "dcl_ablation_runs.jsonl"))
-    ap.add_argument("--report", default=str(RESULTS / "dcl_ablation.md"), help="the table (Markdown) written after every run")
+    ap.add_argument("--out", default=None, help="JSONL of the runs (default benchmarks/results/dcl_ablation_runs.jsonl, "
+                                                "dcl_stack_runs.jsonl with --levels)")
+    ap.add_argument("--report", default=None, help="the table (Markdown) written after every run (default "
+                                                   "benchmarks/results/dcl_ablation.md, dcl_stack.md with --levels)")
     ap.add_argument("--verdict", default=None,
                     help="Markdown appended under the table (default: benchmarks/results/dcl_ablation_verdict.md for the main study's report)")
     ap.add_argument("--resume", action="store_true")
@@ -108,6 +121,9 @@ def parse_args(argv=None):
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-docs", action="store_true", help="don't touch docs/results.md (a study with its own --report never does)")
     args = ap.parse_args(argv)
+    stem = "dcl_stack" if args.levels else "dcl_ablation"
+    args.out = args.out or str(RESULTS / f"{stem}_runs.jsonl")
+    args.report = args.report or str(RESULTS / f"{stem}.md")
     if args.quick:
         args.size, args.num_train, args.num_val, args.num_test = 32, 4, 1, 1
         args.iters1, args.iters2, args.val_every, args.seeds = 20, 10, 10, [0]
@@ -123,7 +139,12 @@ def parse_args(argv=None):
 def config_of(args) -> dict:
     keys = ("size", "num_train", "num_val", "num_test", "data_seed", "iters1", "iters2", "lr1", "lr2", "lambda_dual",
             "batch", "val_every", "k_test", "channels")
-    return {k: getattr(args, k) for k in keys}
+    cfg = {k: getattr(args, k) for k in keys}
+    # keys added later are stored only when set, so the runs of earlier versions keep matching
+    for k in ("levels", "pools", "select", "support_per_class", "tag"):
+        if getattr(args, k):
+            cfg[k] = getattr(args, k)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -138,9 +159,10 @@ def load_data(args):
     from partialseg.data.synthetic import cardiac
     from partialseg.transforms import PartialLabelToVector
 
-    root = Path(args.data_dir) / f"cardiac2d_s{args.size}_n{args.num_train}_v{args.num_val}_t{args.num_test}_seed{args.data_seed}"
+    levels = f"_L{args.levels}" if args.levels else ""
+    root = Path(args.data_dir) / f"cardiac2d_s{args.size}_n{args.num_train}_v{args.num_val}_t{args.num_test}_seed{args.data_seed}{levels}"
     ensure_dataset(root, "cardiac2d", seed=args.data_seed, size=args.size, num_train=args.num_train, num_val=args.num_val,
-                   num_test=args.num_test, variant="wholeheart")
+                   num_test=args.num_test, variant="wholeheart", **({"levels": args.levels} if args.levels else {}))
     ds = load_dataset(root)
     to_vec = PartialLabelToVector(len(CLASSES))
 
@@ -151,23 +173,36 @@ def load_data(args):
         return torch.from_numpy((img - img.mean()) / (img.std() + 1e-6))[None].float()
 
     shape = (args.size, args.size)
+    full = {}
+    if args.levels:  # stack mode: every level and phase of a subject from one stream, as make-data renders them
+        for subj in range(args.num_train):
+            rng = C.case_rng(args.data_seed, "cardiac2d", "training", subj)
+            params, positions = cardiac.sample_stack(cardiac.sample_subject(rng, shape),
+                                                     cardiac.stack_rng(args.data_seed, "training", subj), args.levels)
+            for k, level in enumerate(positions):
+                for phase in cardiac.PHASES:
+                    image, gt, _ = cardiac.render_case(params, phase, rng, shape, level=level)
+                    full[f"sub{subj:03d}_L{k}_{phase}"] = (image, gt)
     splits = {}
     for split in ("training", "validation", "test"):
         cases = []
         for i, c in enumerate(ds.datalist(split)):
             raw = read(c["image"])
             lab = read(c["label"]).astype(np.int64)
-            case = {"image": norm(raw), "name": c["case"], "phase": c.get("phase"), "annotated": c["annotated"]}
+            case = {"image": norm(raw), "name": c["case"], "phase": c.get("phase"), "annotated": c["annotated"], "level": c.get("level")}
             case["label"] = torch.as_tensor(to_vec(lab[None], c["annotated"]))  # <0,p,1> map (4, H, W)
             if split == "training":
                 # full ground truth of the training slice, regenerated by the generator's own code
-                subj, p = divmod(i, 2)
-                rng = C.case_rng(args.data_seed, "cardiac2d", "training", subj)
-                params = cardiac.sample_subject(rng, shape)
-                for phase in cardiac.PHASES:  # the generator renders ED then ES from one stream
-                    image, gt, _ = cardiac.render_case(params, phase, rng, shape)
-                    if phase == c["phase"]:
-                        break
+                if args.levels:
+                    image, gt = full[Path(c["image"]).name.split(".")[0]]
+                else:
+                    subj, p = divmod(i, 2)
+                    rng = C.case_rng(args.data_seed, "cardiac2d", "training", subj)
+                    params = cardiac.sample_subject(rng, shape)
+                    for phase in cardiac.PHASES:  # the generator renders ED then ES from one stream
+                        image, gt, _ = cardiac.render_case(params, phase, rng, shape)
+                        if phase == c["phase"]:
+                            break
                 if not np.array_equal(C.to_int16(image, 1000.0), raw.astype(np.int16)):
                     raise RuntimeError(f"regenerated training image {c['case']} differs from the stored one")
                 case["full"] = torch.as_tensor(to_vec(gt[None].astype(np.int64), "all"))
@@ -245,7 +280,7 @@ def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
     from partialseg.data.dcl import ConditionalDataset
     from partialseg.engines import DCLTrainer, DualNetworkUpdater
     from partialseg.data.dcl import SupportBank
-from partialseg.inferers import ConditionalInferer
+    from partialseg.inferers import ConditionalInferer
 
     m = len(CLASSES)
     cond = arm in CONDITIONAL
@@ -254,9 +289,13 @@ from partialseg.inferers import ConditionalInferer
     np.random.seed(seed)
     net, loss = build(arm, args)
     if cond:
-        dataset = ConditionalDataset(cases, m, annotated=annotated, seed=seed)
-        bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=4, seed=seed)
-        val_inferer = ConditionalInferer(bank, num_samples=1, seed=seed)
+        lib = {k: getattr(args, k) for k in ("pools", "select") if getattr(args, k)}
+        dataset = ConditionalDataset(cases, m, annotated=annotated, seed=seed, **lib)
+        per_class = args.support_per_class if args.support_per_class is not None else (0 if args.select == "similar" else 4)
+        bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=per_class, seed=seed,
+                                        **({"pools": args.pools} if args.pools else {}))
+        infer_select = {"select": args.select} if args.select else {}
+        val_inferer = ConditionalInferer(bank, num_samples=1, seed=seed, **infer_select)
     else:
         dataset, bank, val_inferer = cases, None, SimpleInferer()
     val_data = [{"image": c["image"], "label": torch.nn.functional.one_hot(c["gt"], m).permute(2, 0, 1).float()} for c in splits["validation"]]
@@ -335,16 +374,59 @@ from partialseg.inferers import ConditionalInferer
     # test with the best-validation weights
     net.load_state_dict(best["state"])
     net.eval()
-    inferer = ConditionalInferer(bank, num_samples=args.k_test, seed=seed) if cond else SimpleInferer()
+    inferer = ConditionalInferer(bank, num_samples=args.k_test, seed=seed, **infer_select) if cond else SimpleInferer()
     per_case = []
     with torch.no_grad():
         for c in splits["test"]:
             out = inferer(c["image"][None], net)
             pred = out.argmax(1)[0]
-            per_case.append({"case": c["name"], "phase": c["phase"], "dice": dice_per_class(pred, c["gt"], m)})
-    return {"arm": arm, "seed": seed, "per_case": per_case, "val_best": best["metric"], "loss1": loss1[:: max(1, len(loss1) // 50)],
+            per_case.append({"case": c["name"], "phase": c["phase"], "level": c.get("level"), "dice": dice_per_class(pred, c["gt"], m)})
+    extra = inference_variants(net, cases, annotated, splits, seed, args) if cond and args.levels else {}
+    return {"arm": arm, "seed": seed, "per_case": per_case, "extra": extra, "val_best": best["metric"], "loss1": loss1[:: max(1, len(loss1) // 50)],
             "loss2": loss2[:: max(1, len(loss2) // 25)], "time_phase1_s": t1, "time_phase2_s": t2, "dual_refreshes": refreshes,
             "val_curve": val_curve}
+
+
+def inference_variants(net, cases, annotated, splits, seed, args) -> dict:
+    """Mean test Dice of a trained CompNet under other inference settings (the stack study's diagnostics).
+
+    ``K{k}_{pools}_{select}``: K sets from a bank of that pool / selection (``random``: 4 entries
+    per class; ``similar``: every case); ``own_label``: the target's own image and ground truth
+    as its only condition (an upper bound: how well the network copies a matching condition);
+    ``train_full``: the training slices, scored on their full labels (K = 3, the arm's bank).
+    """
+    from partialseg.data.dcl import SupportBank
+    from partialseg.inferers import ConditionalInferer
+
+    m = len(CLASSES)
+
+    def score(inferer, items, key):
+        vals = []
+        with torch.no_grad():
+            for c in items:
+                gt = c[key] if key == "gt" else c[key].argmax(0)
+                vals.append(float(np.mean(dice_per_class(inferer(c["image"][None], net).argmax(1)[0], gt, m))))
+        return float(np.mean(vals))
+
+    out = {}
+    for pools in ("annotated", "present"):
+        for select, per_class in (("random", 4), ("similar", 0)):
+            bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=per_class, seed=seed, pools=pools)
+            for k in ((1, 3, 9) if select == "random" and pools == "present" else (3,)):
+                out[f"K{k}_{pools}_{select}"] = score(ConditionalInferer(bank, num_samples=k, seed=seed, select=select), splits["test"], "gt")
+    own = []
+    with torch.no_grad():
+        for c in splits["test"]:
+            onehot = torch.nn.functional.one_hot(c["gt"], m).permute(2, 0, 1).float()
+            bank = SupportBank(c["image"][None].expand(m, -1, -1, -1), onehot, torch.arange(m), m)
+            pred = ConditionalInferer(bank)(c["image"][None], net).argmax(1)[0]
+            own.append(float(np.mean(dice_per_class(pred, c["gt"], m))))
+    out["own_label"] = float(np.mean(own))
+    bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=4, seed=seed,
+                                    **({"pools": args.pools} if args.pools else {}))
+    train = [{"image": c["image"], "full": c["full"]} for c in splits["training"]]
+    out["train_full"] = score(ConditionalInferer(bank, num_samples=3, seed=seed), train, "full")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -389,12 +471,16 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     done = {(r["arm"], r["seed"]) for r in runs}
     expected = {(a, s) for a in args.arms for s in args.seeds}
     status = "complete" if expected <= done else f"PARTIAL: {len(done & expected)} of {len(expected)} (arm, seed) runs finished"
+    per = 2 * max(1, args.levels)
+    stack = (f" in stack mode (`levels={args.levels}`: {args.levels} slice levels base to apex per phase; apical slices "
+             f"lack the RV, and an LV or RV case there has an empty label)") if args.levels else ""
+    lib = "".join(f", {k} = {cfg[k]}" for k in ("pools", "select", "support_per_class", "tag") if k in cfg)
     text = (
-        f"{SECTION}\n\n"
+        f"{STACK_SECTION if args.levels else SECTION}\n\n"
         f"Command (one CPU thread): `{command}`\n\n"
-        f"Synthetic `cardiac2d` (`variant=\"wholeheart\"`, data seed {cfg['data_seed']}), {cfg['size']} x {cfg['size']} px, "
-        f"{2 * cfg['num_train']} training slices (one structure each: LV, MYO, RV or whole heart, a quarter each), "
-        f"{2 * cfg['num_val']} fully labelled validation and {2 * cfg['num_test']} test slices (ED + ES). "
+        f"Synthetic `cardiac2d` (`variant=\"wholeheart\"`, data seed {cfg['data_seed']}){stack}, {cfg['size']} x {cfg['size']} px, "
+        f"{per * cfg['num_train']} training slices (one structure each: LV, MYO, RV or whole heart, a quarter each), "
+        f"{per * cfg['num_val']} fully labelled validation and {per * cfg['num_test']} test slices (ED + ES){lib}. "
         f"Same UNet backbone (channels {cfg['channels']}, instance norm) and budget for every arm: "
         f"{cfg['iters1']} iterations Adam lr {cfg['lr1']:g}, then {cfg['iters2']} iterations Adam lr {cfg['lr2']:g} "
         f"from the best-validation weights, batch {cfg['batch']}, validation every {cfg['val_every']} iterations, "
@@ -410,6 +496,8 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
         Path(args.report).write_text(text)
     if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dcl_ablation.md").resolve():  # only the main study
         update_results_md(text)
+    if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dcl_stack.md").resolve():  # the stack study
+        update_results_md(text, header=STACK_SECTION)
     return text
 
 
@@ -443,8 +531,9 @@ def main(argv=None) -> None:
     if out.is_file():
         runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
         runs = [r for r in runs if r.get("config") == cfg]
-    main_report = Path(args.report).resolve() == (RESULTS / "dcl_ablation.md").resolve()
-    verdict_path = Path(args.verdict) if args.verdict else (RESULTS / "dcl_ablation_verdict.md" if main_report else None)
+    main_report = Path(args.report).resolve() in ((RESULTS / "dcl_ablation.md").resolve(), (RESULTS / "dcl_stack.md").resolve())
+    stem = "dcl_stack" if args.levels else "dcl_ablation"
+    verdict_path = Path(args.verdict) if args.verdict else (RESULTS / f"{stem}_verdict.md" if main_report else None)
     verdict = verdict_path.read_text() if verdict_path is not None and verdict_path.is_file() and not args.quick else None
     if args.report_only:
         # the table's command: the run that made the rows, i.e. these arguments without --report-only

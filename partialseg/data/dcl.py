@@ -6,6 +6,17 @@ target, draws one conditional case per class among the cases that annotate that 
 conditional label of class ``j`` is known everywhere (1 inside class ``j``, 0 outside).
 :class:`SupportBank` keeps such cases (one binary label each) beside a trained model, so that
 inference (:class:`partialseg.inferers.ConditionalInferer`) can draw conditional sets.
+
+Two departures from the paper, both on by default and both switchable back (see docs/dcl.md):
+
+- ``pools="present"``: a case conditions class ``j`` only if its label *holds* ``j``. A case
+  may annotate a class that is absent from it (an apical slice annotated "RV" with no RV); as a
+  condition it would show the network an all-zero label for a class the target has. The
+  paper's pools (``pools="annotated"``) take every case annotating ``j``.
+- ``select="similar"`` (opt-in): the condition of a target is drawn among the ``neighbours``
+  cases of the pool whose images are most like the target's (:func:`image_distances`), so a
+  condition comes from a similar slice level, position and size; ``"random"`` (the default) is
+  the paper's uniform draw.
 """
 
 from __future__ import annotations
@@ -16,20 +27,92 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from partialseg._checks import check_int, check_option
 from partialseg.transforms.dcl.array import label_view
 from partialseg.transforms.partial.array import annotated_mask
 
-__all__ = ["ConditionalDataset", "SupportBank", "annotated_classes", "class_pools", "conditional_pools"]
+__all__ = [
+    "ConditionalDataset", "SupportBank", "annotated_classes", "class_pools", "conditional_pools", "image_distances",
+    "present_classes",
+]
 
 MISSING = ("error", "any")
+#: which cases can condition a class: those whose label holds it (default), or every case annotating it (the paper)
+POOLS = ("present", "annotated")
+#: how a target's conditions are chosen from a pool: uniformly (the paper), or among the most similar images
+SELECT = ("random", "similar")
 
 
-def annotated_classes(annotated: Any, num_classes: int) -> list[int]:
-    """Sorted annotated class indices of one case (indices, ``"all"``, a mask or None)."""
+def _class_index(name: Any, num_classes: int, class_names: Sequence[str] | None) -> int:
+    if isinstance(name, str):
+        if class_names is None:
+            raise ValueError(f"annotated class {name!r} is a name: pass class_names (e.g. the dataset.json 'classes') or use indices.")
+        if name not in class_names:
+            raise ValueError(f"annotated class {name!r} is not one of the class names {list(class_names)}.")
+        return list(class_names).index(name)
+    return int(name)
+
+
+def annotated_classes(annotated: Any, num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:
+    """Sorted annotated class indices of one case: indices, names (with ``class_names``), ``"all"``, a mask or None.
+
+    Example:
+        >>> annotated_classes(["background", "RV"], 4, class_names=["background", "LV", "MYO", "RV"])
+        [0, 3]
+    """
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes: {list(class_names)}.")
+    if isinstance(annotated, str) and annotated != "all":
+        annotated = [annotated]
+    if isinstance(annotated, (list, tuple)) and any(isinstance(a, str) for a in annotated):
+        annotated = [_class_index(a, num_classes, class_names) for a in annotated]
     return annotated_mask(annotated, num_classes).nonzero().flatten().tolist()
+
+
+def present_classes(label: Tensor, classes: Sequence[int]) -> list[int]:
+    """Those of ``classes`` that a ``<0,p,1>`` map ``(m, *spatial)`` holds (a 1 somewhere in their channel).
+
+    Example:
+        >>> import torch
+        >>> label = torch.zeros(3, 2, 2); label[0] = 1.0  # annotates classes 0 and 2, holds only 0
+        >>> present_classes(label, [0, 2])
+        [0]
+    """
+    label = torch.as_tensor(label)
+    return [j for j in classes if bool((label[j] == 1).any())]
+
+
+def image_distances(a: Tensor, b: Tensor, size: int = 16) -> Tensor:
+    """Dissimilarity of images ``a`` ``(A, C, *spatial)`` to ``b`` ``(N, C, *spatial)``: ``(A, N)``.
+
+    Each image is average-pooled to at most ``size`` per axis and standardised (zero mean, unit
+    std), and the distance is the mean squared difference, ``2 (1 - r)`` with ``r`` the
+    correlation of the pooled images: insensitive to gain and offset, sensitive to where and
+    how large the bright and dark structures are. Images of other grids than ``a``'s are
+    compared after pooling to the same small grid.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(3, 1, 8, 8); x[0, 0, :4] = 1; x[1, 0, :5] = 1; x[2, 0, 4:] = 1
+        >>> image_distances(x[:1], x).argsort(1).tolist()
+        [[0, 1, 2]]
+    """
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    if a.ndim < 3 or b.ndim != a.ndim or a.shape[1] != b.shape[1]:
+        raise ValueError(f"images (A, C, *spatial) and (N, C, *spatial) expected, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    grid = tuple(min(size, n) for n in a.shape[2:])
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[a.ndim - 2]
+
+    def feat(x: Tensor) -> Tensor:
+        f = pool(x, grid).flatten(1)
+        f = f - f.mean(1, keepdim=True)
+        return f / f.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6)
+
+    fa, fb = feat(a), feat(b)
+    return (fa.pow(2).mean(1)[:, None] + fb.pow(2).mean(1)[None] - 2.0 * fa @ fb.T / fa.shape[1]).clamp_min(0.0)
 
 
 def class_pools(annotated: Sequence[Sequence[int]], num_classes: int) -> list[list[int]]:
@@ -46,27 +129,66 @@ def class_pools(annotated: Sequence[Sequence[int]], num_classes: int) -> list[li
     return pools
 
 
-def conditional_pools(annotated: Sequence[Sequence[int]], num_classes: int, missing: str = "error", what: str = "conditional image") -> tuple[list[list[int]], list[int]]:
-    """Per class, the cases that can give its conditional image; and the classes no case annotates.
+def conditional_pools(
+    annotated: Sequence[Sequence[int]],
+    num_classes: int,
+    missing: str = "error",
+    what: str = "conditional image",
+    present: Sequence[Sequence[int]] | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """Per class, the cases that can give its conditional image; and the classes no case can give.
 
-    A class annotated by no case is an error (``missing="error"``, naming ``what`` the class
-    lacks) or draws from every case (``missing="any"``, the classes returned second).
+    With ``present`` (per case, the annotated classes its label holds) a case conditions only
+    the classes it holds (``pools="present"``); without it every annotated class
+    (``pools="annotated"``, the paper). A class with no such case is an error
+    (``missing="error"``, naming ``what`` the class lacks) or draws from every case
+    (``missing="any"``, the classes returned second).
 
     Example:
         >>> conditional_pools([[1], [1, 2]], 3, missing="any")
         ([[0, 1], [0, 1], [1]], [0])
+        >>> conditional_pools([[1], [1, 2]], 3, missing="any", present=[[1], [2]])
+        ([[0, 1], [0], [1]], [0])
     """
     check_option(missing, MISSING, "missing")
-    pools = class_pools(annotated, num_classes)
+    if present is not None and len(present) != len(annotated):
+        raise ValueError(f"present has {len(present)} entries for {len(annotated)} cases.")
+    pools = class_pools(annotated if present is None else present, num_classes)
     empty = [j for j, pool in enumerate(pools) if not pool]
     if empty and missing == "error":
+        absent = [] if present is None else [j for j in empty if any(j in a for a in annotated)]
+        note = f" (class(es) {absent} are annotated but absent from every annotating case's label)" if absent else ""
         raise ValueError(
-            f"class(es) {empty} are annotated in no case, so they have no {what};"
+            f"class(es) {empty} are {'annotated' if present is None else 'held'} in no case, so they have no {what}{note};"
             " add cases annotating them (e.g. whole-heart cases for background) or use missing='any'."
         )
     for j in empty:
         pools[j] = list(range(len(annotated)))
     return pools, empty
+
+
+def _scan(
+    dataset: Sequence[dict], annotated: Sequence[Sequence[int]], num_classes: int, image_key: str, label_key: str, want_images: bool
+) -> tuple[list[list[int]], Tensor | None]:
+    """Per case, the annotated classes its label holds; and (``want_images``) every image, stacked."""
+    present, images = [], []
+    for i, classes in enumerate(annotated):
+        if not classes and not want_images:
+            present.append([])
+            continue
+        item = dataset[i]
+        label = torch.as_tensor(item[label_key])
+        if classes and (label.ndim < 2 or label.shape[0] != num_classes):
+            raise ValueError(f"case {i}: {label_key!r} must be the <0,p,1> map with {num_classes} channels, got shape {tuple(label.shape)}.")
+        present.append(present_classes(label, classes) if classes else [])
+        if want_images:
+            images.append(torch.as_tensor(item[image_key]).float())
+    if not want_images:
+        return present, None
+    try:
+        return present, torch.stack(images)
+    except RuntimeError as e:
+        raise ValueError(f"cases differ in size ({e}); crop or pad every case to one size.") from None
 
 
 class ConditionalDataset(torch.utils.data.Dataset):
@@ -95,8 +217,9 @@ class ConditionalDataset(torch.utils.data.Dataset):
         dataset: a sequence of transformed cases (e.g. ``monai.data.CacheDataset``); every case
             must have the same spatial shape (crop or pad in its transform).
         num_classes: number of classes ``m``.
-        annotated: per case, its annotated classes (indices, ``"all"`` or a mask); None reads
-            ``dataset.data[i]["annotated"]`` (the datalist of a MONAI dataset).
+        annotated: per case, its annotated classes (indices, names with ``class_names``,
+            ``"all"`` or a mask); None reads ``dataset.data[i]["annotated"]`` (the datalist of a
+            MONAI dataset).
         seed: seed of the draws.
         split_annotated: full-annotation mode (see above); False keeps each case as one target.
         missing: a class that no case annotates: ``"error"`` raises ``ValueError``;
@@ -108,9 +231,21 @@ class ConditionalDataset(torch.utils.data.Dataset):
         p: value of unknown entries (for the single-label views).
         image_key, label_key: keys of the image and the ``<0,p,1>`` map in the cases.
         cond_image_key, cond_label_key: output keys.
+        pools: ``"present"`` (default): a case conditions an annotated class only if its label
+            holds the class (a 1 in its channel), so no condition has an empty label;
+            ``"annotated"``: every annotating case (the paper; an annotated-but-absent case
+            then gives an all-zero conditional label). ``"present"`` reads every annotating
+            case once here.
+        select: ``"random"`` (default, the paper): a condition is drawn uniformly from the
+            class's pool; ``"similar"``: from the ``neighbours`` pool cases whose images are
+            closest to the target's (:func:`image_distances`, computed once here from every
+            case's image), so conditions come from similar slices.
+        neighbours: pool size of ``select="similar"`` (fewer when the pool is smaller).
+        class_names: the class names, when ``annotated`` holds names (e.g. ``["background"]``).
 
     Raises:
-        ValueError: bad arguments, or (``missing="error"``) a class without an annotated case.
+        ValueError: bad arguments, or (``missing="error"``) a class without an annotated case
+            (with ``pools="present"``: without a case holding it).
         TypeError: ``dataset`` is not a sized, indexable collection.
 
     Example:
@@ -136,11 +271,18 @@ class ConditionalDataset(torch.utils.data.Dataset):
         label_key: str = "label",
         cond_image_key: str = "cond_image",
         cond_label_key: str = "cond_label",
+        pools: str = "present",
+        select: str = "random",
+        neighbours: int = 4,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sized, indexable collection of cases, got {type(dataset).__name__}.")
         check_int(num_classes, "num_classes", minimum=2)
         check_option(missing, MISSING, "missing")
+        check_option(pools, POOLS, "pools")
+        check_option(select, SELECT, "select")
+        check_int(neighbours, "neighbours", minimum=1)
         check_int(seed, "seed", minimum=0)
         if not 0.0 < float(p) < 1.0:
             raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}.")
@@ -153,8 +295,16 @@ class ConditionalDataset(torch.utils.data.Dataset):
             annotated = [case.get("annotated") for case in data]
         if len(annotated) != len(dataset):
             raise ValueError(f"annotated has {len(annotated)} entries for {len(dataset)} cases.")
-        self.annotated = [annotated_classes(a, num_classes) for a in annotated]
-        self.pools, self.missing_classes = conditional_pools(self.annotated, num_classes, missing)
+        self.annotated = [annotated_classes(a, num_classes, class_names) for a in annotated]
+        self.pools_mode, self.select, self.neighbours = pools, select, int(neighbours)
+        present, images = None, None
+        if pools == "present" or select == "similar":
+            present, images = _scan(dataset, self.annotated, num_classes, image_key, label_key, select == "similar")
+        #: per case, the annotated classes its label holds (None with pools="annotated")
+        self.present = present if pools == "present" else None
+        self.pools, self.missing_classes = conditional_pools(self.annotated, num_classes, missing, present=self.present)
+        #: (N, N) image distances between the cases (select="similar"), else None
+        self.distances = image_distances(images, images) if images is not None else None
         # target views: (case index, annotated classes of the view)
         self.views: list[tuple[int, tuple[int, ...] | None]] = []
         for i, classes in enumerate(self.annotated):
@@ -195,6 +345,9 @@ class ConditionalDataset(torch.utils.data.Dataset):
         for pool in self.pools:
             if self.exclude_self and len(pool) > 1 and case in pool:
                 pool = [c for c in pool if c != case]
+            if self.distances is not None and len(pool) > self.neighbours:
+                d = self.distances[case, pool]
+                pool = [pool[i] for i in sorted(d.argsort(dim=0, stable=True)[: self.neighbours].tolist())]
             out.append(int(pool[rng.integers(len(pool))]))
         return out
 
@@ -243,8 +396,9 @@ class SupportBank(nn.Module):
     Args:
         images: ``(N, C, *spatial)``.
         labels: ``(N, *spatial)`` values in ``[0, 1]``.
-        classes: ``(N,)`` class index of each entry.
+        classes: ``(N,)`` class index of each entry (or a list of names, with ``class_names``).
         num_classes: ``m``.
+        class_names: the class names, when ``classes`` holds names.
 
     Raises:
         ValueError: shapes disagree, a label lies outside ``[0, 1]``, a class is outside ``[0, m)`` or has
@@ -259,9 +413,12 @@ class SupportBank(nn.Module):
         ((2, 4, 4), (2, 4, 4))
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Tensor, num_classes: int) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, classes: Tensor | Sequence[int | str], num_classes: int,
+                 class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         check_int(num_classes, "num_classes", minimum=2)
+        if not isinstance(classes, Tensor) and any(isinstance(c, str) for c in classes):
+            classes = [_class_index(c, num_classes, class_names) for c in classes]
         images, labels, classes = torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(classes).long().reshape(-1)
         if images.ndim < 3 or labels.shape != (images.shape[0], *images.shape[2:]) or classes.shape != (images.shape[0],):
             raise ValueError(
@@ -301,20 +458,29 @@ class SupportBank(nn.Module):
         missing: str = "error",
         image_key: str = "image",
         label_key: str = "label",
+        pools: str = "present",
+        class_names: Sequence[str] | None = None,
     ) -> SupportBank:
-        """Pick up to ``per_class`` cases annotating each class (reproducibly from ``seed``).
+        """Pick up to ``per_class`` cases for each class (reproducibly from ``seed``).
 
         Args:
             dataset: transformed cases (``image`` ``(C, *spatial)``, ``label`` the ``<0,p,1>`` map).
             num_classes: ``m``.
-            annotated: per case, its annotated classes; None reads ``dataset.data[i]["annotated"]``.
-            per_class: entries per class (fewer when fewer cases annotate the class).
+            annotated: per case, its annotated classes (indices, or names with ``class_names``);
+                None reads ``dataset.data[i]["annotated"]``.
+            per_class: entries per class (fewer when fewer cases can give one); 0 keeps every
+                case (for ``ConditionalInferer(select="similar")``, which picks per target).
             seed: seed of the choice.
-            missing: a class no case annotates: ``"error"`` raises ``ValueError``, ``"any"``
+            missing: a class no case can give: ``"error"`` raises ``ValueError``, ``"any"``
                 draws its entries from every case (as ``ConditionalDataset(missing="any")``).
+            pools: ``"present"`` (default): only cases whose label holds the class (no empty
+                entry); ``"annotated"``: every case annotating it (the paper; reads only the
+                chosen cases).
+            class_names: the class names, when ``annotated`` holds names.
         """
-        check_int(per_class, "per_class", minimum=1)
+        check_int(per_class, "per_class", minimum=0)
         check_option(missing, MISSING, "missing")
+        check_option(pools, POOLS, "pools")
         if annotated is None:
             data = getattr(dataset, "data", None)
             if data is None:
@@ -322,12 +488,15 @@ class SupportBank(nn.Module):
             annotated = [case.get("annotated") for case in data]
         if len(annotated) != len(dataset):
             raise ValueError(f"annotated has {len(annotated)} entries for {len(dataset)} cases.")
-        pools, _ = conditional_pools([annotated_classes(a, num_classes) for a in annotated], num_classes, missing, "support bank entry")
+        annotated = [annotated_classes(a, num_classes, class_names) for a in annotated]
+        present = _scan(dataset, annotated, num_classes, image_key, label_key, False)[0] if pools == "present" else None
+        class_pools_, _ = conditional_pools(annotated, num_classes, missing, "support bank entry", present=present)
         rng = np.random.default_rng(seed)
         images, labels, classes = [], [], []
         cache: dict[int, dict] = {}
-        for j, pool in enumerate(pools):
-            for i in sorted(rng.choice(len(pool), size=min(per_class, len(pool)), replace=False).tolist()):
+        for j, pool in enumerate(class_pools_):
+            n = len(pool) if per_class == 0 else min(per_class, len(pool))
+            for i in sorted(rng.choice(len(pool), size=n, replace=False).tolist()):
                 case = pool[i]
                 if case not in cache:  # each case loaded (and transformed) once
                     cache[case] = dataset[case]

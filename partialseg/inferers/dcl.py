@@ -5,7 +5,9 @@ binary label of one class each), saved beside the model so a bundle is self-cont
 conditional sets (one bank entry per class) from it, runs CompNet on the target with each set
 (through any MONAI inferer, e.g. ``SlidingWindowInferer``: the target and its conditions are
 concatenated along channels first, so every window crops them at the same positions) and
-averages the ``m``-class probabilities ``z_cap + z_delta``.
+averages the ``m``-class probabilities ``z_cap + z_delta``. ``select="similar"`` gives each
+target its own sets instead: for every class, the bank entries whose images are most like the
+target's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from monai.transforms import ResizeWithPadOrCrop
 from torch import Tensor, nn
 
 from partialseg._checks import check_int, check_option
-from partialseg.data.dcl import SupportBank
+from partialseg.data.dcl import SELECT, SupportBank, image_distances
 from partialseg.networks.dcl import compnet_segment, pack_conditional_input
 
 __all__ = ["ConditionalInferer", "SupportBank"]  # SupportBank re-exported from partialseg.data.dcl
@@ -49,6 +51,13 @@ class ConditionalInferer(Inferer):
     The ``K`` sets, drawn and matched, are kept for the last grid, device and dtype seen (a bank
     is not meant to change; make a new inferer if it does).
 
+    ``select="similar"``: set ``k`` of a target holds, for every class, the bank entry of that
+    class whose image is the ``k``-th most like the target's (:func:`~partialseg.data.dcl.image_distances`
+    on the whole input, before any sliding window; cycling when a class has fewer than ``K``
+    entries), so conditions come from similar slices. Build the bank with more entries per
+    class (``SupportBank.from_dataset(..., per_class=0)`` keeps every case). Deterministic, no
+    ``seed``.
+
     Args:
         support: a :class:`SupportBank` (or the path of one saved with :meth:`SupportBank.save`).
         num_samples: ``K``, the number of conditional sets.
@@ -56,6 +65,7 @@ class ConditionalInferer(Inferer):
         inferer: the MONAI inferer run on the packed input (default ``SimpleInferer``); a
             ``SlidingWindowInferer`` crops target and conditions at the same positions.
         match: ``"pad"``, ``"resize"`` or ``"error"`` (see above).
+        select: ``"random"`` (default; the same sets for every target) or ``"similar"`` (see above).
 
     Returns (when called):
         ``(B, m, *spatial)`` averaged class probabilities.
@@ -69,7 +79,15 @@ class ConditionalInferer(Inferer):
         torch.Size([2, 3, 16, 16])
     """
 
-    def __init__(self, support: SupportBank | str | os.PathLike, num_samples: int = 1, seed: int = 0, inferer: Inferer | None = None, match: str = "pad") -> None:
+    def __init__(
+        self,
+        support: SupportBank | str | os.PathLike,
+        num_samples: int = 1,
+        seed: int = 0,
+        inferer: Inferer | None = None,
+        match: str = "pad",
+        select: str = "random",
+    ) -> None:
         super().__init__()
         if isinstance(support, (str, os.PathLike)):
             support = SupportBank.load(support)
@@ -78,9 +96,10 @@ class ConditionalInferer(Inferer):
         check_int(num_samples, "num_samples", minimum=1)
         check_int(seed, "seed", minimum=0)
         check_option(match, MATCH, "match")
+        check_option(select, SELECT, "select")
         if inferer is not None and not callable(inferer):
             raise TypeError(f"inferer must be a MONAI inferer, got {type(inferer).__name__}.")
-        self.support, self.num_samples, self.seed, self.match = support, num_samples, seed, match
+        self.support, self.num_samples, self.seed, self.match, self.select = support, num_samples, seed, match, select
         self.inferer = inferer if inferer is not None else SimpleInferer()
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -95,8 +114,30 @@ class ConditionalInferer(Inferer):
         b = like.shape[0]
         return cond_image.expand(b, *cond_image.shape), cond_label.expand(b, *cond_label.shape)
 
-    def _draw(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        cond_image, cond_label = self.support.draw(np.random.default_rng([self.seed, k]))
+    def similar_conditions(self, k: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Set ``k`` of ``select="similar"``: per target and class, the ``k``-th most similar bank entry.
+
+        Returns ``(B, m * C, *spatial)`` images and ``(B, m, *spatial)`` labels on ``inputs``' grid.
+        """
+        key = ("all", tuple(inputs.shape[2:]), inputs.device, inputs.dtype)
+        if key not in self._cache:
+            if any(old[1:] != key[1:] for old in self._cache):
+                self._cache.clear()
+            bank = self.support
+            images, labels = self._match(bank.images.flatten(0, 1), bank.labels, inputs)
+            self._cache[key] = (images.reshape(bank.images.shape[0], bank.images.shape[1], *images.shape[1:]), labels)
+        images, labels = self._cache[key]
+        dist = image_distances(inputs.detach().float(), images.float())  # (B, N)
+        picks = []
+        for pool in self.support.pools:
+            idx = torch.as_tensor(pool, device=dist.device)
+            order = dist[:, idx].argsort(dim=1, stable=True)  # (B, n_j)
+            picks.append(idx[order[:, k % len(pool)]])
+        sel = torch.stack(picks, 1)  # (B, m) entry indices
+        return images[sel].flatten(1, 2), labels[sel]
+
+    def _match(self, cond_image: Tensor, cond_label: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Bring ``(n, *bank spatial)`` images and labels to ``like``'s grid, device and dtype."""
         cond_image = cond_image.to(like.device, like.dtype)
         cond_label = cond_label.to(like.device, like.dtype)
         spatial, bank = tuple(like.shape[2:]), tuple(cond_image.shape[1:])
@@ -114,6 +155,9 @@ class ConditionalInferer(Inferer):
                 cond_label = F.interpolate(cond_label[None], size=spatial, mode="nearest-exact")[0]
             cond_image, cond_label = torch.as_tensor(cond_image), torch.as_tensor(cond_label)
         return cond_image, cond_label
+
+    def _draw(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self._match(*self.support.draw(np.random.default_rng([self.seed, k])), like)
 
     def __call__(self, inputs: Tensor, network: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """
@@ -135,7 +179,7 @@ class ConditionalInferer(Inferer):
 
         total = None
         for k in range(self.num_samples):
-            cond_image, cond_label = self.conditions(k, inputs)
+            cond_image, cond_label = self.similar_conditions(k, inputs) if self.select == "similar" else self.conditions(k, inputs)
             x = pack_conditional_input(inputs, cond_image, cond_label)
             out = self.inferer(x, segment, *args, **kwargs)
             if out.shape[1] != m:

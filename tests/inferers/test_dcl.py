@@ -172,8 +172,11 @@ def test_from_dataset_takes_annotated_cases():
             Counting.calls += 1
             return list.__getitem__(self, i)
 
-    SupportBank.from_dataset(Counting(cases), M, annotated=annotated, per_class=4, seed=1)
+    SupportBank.from_dataset(Counting(cases), M, annotated=annotated, per_class=4, seed=1, pools="annotated")
     assert Counting.calls == 5  # each case picked is loaded once (5 cases annotate something), not once per class
+    Counting.calls = 0
+    SupportBank.from_dataset(Counting(cases), M, annotated=annotated, per_class=4, seed=1)
+    assert Counting.calls == 10  # pools="present": every annotating case read once for its classes, then the picked ones
     with pytest.raises(ValueError, match=r"case \d: 'label' must be the <0,p,1> map with 3 channels"):
         SupportBank.from_dataset([{"image": c["image"], "label": torch.zeros(1, 8, 8)} for c in cases], M, annotated=annotated)
 
@@ -206,3 +209,32 @@ def test_bad_inputs():
 
 def test_doctests():
     assert doctest.testmod(inferer_module).failed == 0
+
+
+def test_similar_selection_gives_each_target_its_nearest_entries():
+    # bank: class c has entries n = c, c + 3, c + 6 with images of distinct random patterns
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(9, C, 8, 8, generator=g)
+    bank = SupportBank(images, (torch.rand(9, 8, 8, generator=g) > 0.5).float(), torch.arange(9) % M, M)
+    inf = ConditionalInferer(bank, num_samples=3, select="similar")
+    targets = images[[4, 6]] * 2.0 + 1.0  # entries 4 (class 1) and 6 (class 0) up to gain and offset
+    for k in range(3):
+        cond_image, cond_label = inf.similar_conditions(k, targets)
+        assert cond_image.shape == (2, M * C, 8, 8) and cond_label.shape == (2, M, 8, 8)
+        for b, t in enumerate((4, 6)):
+            d = ((images - images[t]) ** 2).mean((1, 2, 3))  # same order as image_distances for these patterns
+            for j in range(M):
+                pool = [n for n in range(9) if n % M == j]
+                want = sorted(pool, key=lambda n: (float(inferer_module.image_distances(targets[b : b + 1], images[n : n + 1])), n))[k]
+                torch.testing.assert_close(cond_image[b, j * C : (j + 1) * C], images[want])
+                torch.testing.assert_close(cond_label[b, j], bank.labels[want])
+            assert int(torch.argmin(d)) == t
+    first, _ = inf.similar_conditions(0, targets)
+    torch.testing.assert_close(first[0, 1 * C : 2 * C], images[4])  # the target's own entry is the nearest of its class
+    torch.testing.assert_close(first[1, 0:C], images[6])
+    net = CompNet(2, C, M, backbone_kwargs={"channels": (4, 8), "strides": (2,)}).eval()
+    out = inf(targets, net)
+    manual = sum(compnet_segment(net(pack_conditional_input(targets, *inf.similar_conditions(k, targets)))) for k in range(3)) / 3
+    torch.testing.assert_close(out, manual)
+    with pytest.raises(ValueError, match="select"):
+        ConditionalInferer(bank, select="nearest")

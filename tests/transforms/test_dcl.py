@@ -173,7 +173,9 @@ def test_doctests(module):
 def test_sampler_names_a_conditional_case_without_the_class_map():
     cases = _cases([[0], [1]], m=2)
     cases[1] = {**cases[1], "label": torch.zeros(1, 6, 6)}  # an index map, not the <0,p,1> map
-    ds = ConditionalDataset(cases, 2, annotated=[[0], [1]])
+    with pytest.raises(ValueError, match=r"case 1: 'label' must be the <0,p,1> map with 2 channels"):
+        ConditionalDataset(cases, 2, annotated=[[0], [1]])  # pools="present" reads every case at once
+    ds = ConditionalDataset(cases, 2, annotated=[[0], [1]], pools="annotated")  # the paper's pools: found when drawn
     with pytest.raises(ValueError, match=r"conditional case 1 \(class 1\): 'label' must be the <0,p,1> map with 2 channels"):
         ds[0]
     # a second pass within one epoch draws anew; pass 0 keeps the epoch's draws
