@@ -1,0 +1,801 @@
+"""``partialseg plan DATASET``: fingerprint a dataset and plan a bundle's settings from it, as nnU-Net does.
+
+Two steps, both explained in ``docs/planning.md``:
+
+1. :func:`fingerprint_dataset` reads every training case once (worker processes, a progress bar
+   on stderr) and reduces it to a few vectorised statistics: per modality the voxel spacings,
+   the image shapes before and after an Otsu body crop (:class:`partialseg.transforms.OtsuForeground`,
+   the atlas method's crop), the 0.5 / 99.5 percentiles, mean and standard deviation of the
+   foreground (labelled, non-background) intensities; per class its size (voxels, mm^3) and the
+   sources that annotate it; which sources are fully labelled. The result is cached beside
+   ``dataset.json`` (``.partialseg_fingerprint.json``) under a hash of ``dataset.json`` and of
+   each file's size and modification time, so a second run reads nothing.
+2. :func:`make_plan` turns the fingerprint into a bundle's settings (target spacing with
+   nnU-Net's anisotropy rule, patch and batch size from a memory budget, network depth and width,
+   normalisation per modality, classes, ``full_sources``, DCL's ``missing``, the validation
+   split), each with the reason it was chosen. :func:`plan_dataset` runs both and writes
+   ``plan.json`` beside ``dataset.json``; :func:`format_plan` prints it as a table.
+
+Example:
+    >>> import tempfile
+    >>> from partialseg.data.synthetic import make_dataset
+    >>> root = tempfile.mkdtemp()
+    >>> _ = make_dataset("cardiac2d", root, size=32, num_train=4, num_test=1)
+    >>> plan = plan_dataset(root, bundle="dcl_cardiac", progress=False)
+    >>> plan["plans"]["dcl_cardiac"]["settings"]["num_classes"]
+    4
+    >>> plan_value(root, "num_classes", 7, bundle="dcl_cardiac")
+    4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUNDLES",
+    "FINGERPRINT_NAME",
+    "body_mask",
+    "PLAN_NAME",
+    "case_statistics",
+    "dataset_hash",
+    "estimate_memory",
+    "fingerprint_dataset",
+    "format_plan",
+    "make_plan",
+    "plan_dataset",
+    "plan_value",
+    "target_spacing",
+]
+
+PLAN_NAME = "plan.json"
+FINGERPRINT_NAME = ".partialseg_fingerprint.json"
+_VERSION = 1
+#: foreground intensities kept per case for the percentiles (nnU-Net keeps 10^7 in all)
+_SAMPLES_TOTAL = 10_000_000
+_SAMPLES_MIN = 10_000
+#: anisotropy: the coarsest axis is "low resolution" when its spacing exceeds this times the finest
+ANISOTROPY = 3.0
+#: smallest feature map edge at the network's bottleneck (nnU-Net: 4)
+MIN_FEATURE = 4
+#: float32 activations kept per voxel and channel of a UNet level during training (forward
+#: convolution, norm and activation outputs of two blocks, encoder and decoder, and their gradients)
+ACTIVATION_FACTOR = 24
+#: default memory budget (GB) for a training batch: CPU sized for a 2-core machine (an iteration of
+#: a few seconds), CUDA for an 8 GB card as nnU-Net's default
+DEFAULT_MEMORY = {"cpu": 0.5, "cuda": 8.0}
+
+#: what the planner needs to know of each bundle: its grid (3D patches or whole 2D slices), the
+#: config key of its patch, its network's width, and extra memory (DCL: conditional inputs, two nets)
+BUNDLES: dict[str, dict[str, Any]] = {
+    "marginal_exclusion_abdomen": {
+        "spatial_dims": 3, "mode": "patch", "patch_key": "patch_size", "base_channels": 16, "max_channels": 320,
+        "channels_key": "network_def#channels", "strides_key": "network_def#strides", "memory_factor": 1.0,
+    },
+    "dcl_cardiac": {
+        "spatial_dims": 2, "mode": "slice", "patch_key": "spatial_size", "base_channels": 32, "max_channels": 512,
+        "channels_key": "network_def#backbone_kwargs#channels", "strides_key": "network_def#backbone_kwargs#strides",
+        "memory_factor": 2.0,  # PrimNet trains while a frozen DualNet runs forward (stage 2)
+    },
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def _spacing(affine: Any, ndim: int) -> list[float]:
+    import numpy as np
+
+    a = np.asarray(affine, dtype=np.float64)
+    return [float(v) for v in np.sqrt((a[:-1, :-1] ** 2).sum(axis=0))[:ndim]]
+
+
+def body_mask(image: Any, nbins: int = 256) -> Any:
+    """:class:`partialseg.transforms.OtsuForeground`'s body mask (default settings) in NumPy/SciPy,
+    without torch: channels averaged, Otsu's threshold, the largest connected component (full
+    connectivity, as MONAI's ``get_largest_connected_component_mask``); all True when nothing
+    lies above the threshold.
+
+    Args:
+        image: ``(C, *spatial)`` array.
+
+    Returns:
+        ``(*spatial)`` bool array.
+
+    Example:
+        >>> import numpy as np
+        >>> img = np.zeros((1, 8, 8)); img[0, 2:6, 3:7] = 5.0; img[0, 0, 0] = 4.0
+        >>> np.argwhere(body_mask(img)).min(0).tolist()
+        [2, 3]
+    """
+    import numpy as np
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    x = np.asarray(image, dtype=np.float32).mean(axis=0)
+    if not x.size or x.min() == x.max():
+        return np.ones(x.shape, dtype=bool)
+    mask = x > threshold_otsu(x, nbins=nbins)
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(x.ndim, x.ndim))
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    return mask if mask.any() else np.ones(x.shape, dtype=bool)
+
+
+def case_statistics(
+    image: str,
+    label: str | None = None,
+    annotated: Sequence[int] = (),
+    num_classes: int = 2,
+    label_map: Mapping[int, Any] | None = None,
+    max_samples: int = _SAMPLES_MIN,
+) -> dict[str, Any]:
+    """One case's contribution to the fingerprint (vectorised NumPy; no per-voxel Python).
+
+    Args:
+        image: image file; spatial axes first, channels (if any) after them.
+        label: label file, or None for an unlabelled case.
+        annotated: global class indices the label annotates.
+        num_classes: number of global classes.
+        label_map: source value -> class index (or ``[left, right]``), as in a datalist entry.
+        max_samples: foreground intensities kept for the percentiles (evenly spaced in C order).
+
+    Returns:
+        ``spacing`` (mm per spatial axis), ``shape`` and ``cropped_shape`` (the Otsu body box)
+        in voxels, ``channels``, foreground ``count`` / ``sum`` / ``sumsq`` (float64, all
+        foreground voxels), ``samples`` (float64 array), and ``class_voxels`` (per class: voxels
+        of that class if annotated, else None).
+
+    Raises:
+        ValueError: a file cannot be read, or the label's grid differs from the image's.
+    """
+    import numpy as np
+
+    from partialseg.data.validation import read_image, spatial_shape
+
+    img, affine = read_image(image, verify=False)
+    lab = None
+    if label is not None:
+        lab_raw, lab_affine = read_image(label, verify=False)
+        lab_shape = spatial_shape(lab_raw.shape, label, lab_raw.ndim)
+        lab = np.asarray(lab_raw).reshape(lab_shape)
+    spatial = spatial_shape(img.shape, image, None if lab is None else lab.ndim)
+    if lab is not None and tuple(lab.shape) != tuple(spatial):
+        raise ValueError(f"label {label} has spatial shape {tuple(lab.shape)} but image {image} has {tuple(spatial)}")
+    img = np.asarray(img, dtype=np.float32).reshape(*spatial, -1)
+    img = np.moveaxis(img, -1, 0)  # (C, *spatial)
+    mask = body_mask(img)
+    if mask.all():
+        cropped = list(spatial)
+    else:
+        cropped = []
+        for axis in range(mask.ndim):
+            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+            cropped.append(int(hit[-1] - hit[0] + 1))
+    out: dict[str, Any] = {
+        "spacing": _spacing(affine, len(spatial)),
+        "shape": [int(s) for s in spatial],
+        "cropped_shape": cropped,
+        "channels": int(img.shape[0]),
+        "count": 0, "sum": 0.0, "sumsq": 0.0, "samples": np.zeros(0),
+        "class_voxels": [None] * num_classes,
+    }  # fmt: skip
+    if lab is None:
+        return out
+    if label_map:
+        from partialseg.transforms import RemapLabels  # torch: only for sources with a label map
+
+        lab = np.asarray(RemapLabels(label_map)(lab[None], lab_affine))[0]
+    else:
+        lab = np.rint(lab).astype(np.int64) if lab.dtype.kind == "f" else lab.astype(np.int64, copy=False)
+    counts = np.bincount(lab.ravel(), minlength=num_classes) if lab.size and lab.min() >= 0 else np.zeros(num_classes, np.int64)
+    for c in annotated:
+        out["class_voxels"][c] = int(counts[c]) if c < counts.size else 0
+    # foreground: voxels of an annotated non-background class (a partial case's other values are
+    # "some unannotated class", unknown, and stay out)
+    fg_classes = [c for c in annotated if c != 0]
+    if fg_classes:
+        fg_mask = np.isin(lab, fg_classes)
+        values = img.mean(axis=0)[fg_mask].astype(np.float64)  # channels averaged, as the Otsu mask is
+        out["count"] = int(values.size)
+        out["sum"] = float(values.sum())
+        out["sumsq"] = float(np.square(values).sum())
+        if values.size > max_samples:
+            values = values[np.linspace(0, values.size - 1, max_samples).astype(np.int64)]
+        out["samples"] = values
+    return out
+
+
+def _stats_job(job: tuple) -> dict[str, Any]:
+    return case_statistics(*job)
+
+
+def dataset_hash(ds: Any, dataset_json: str | os.PathLike | None) -> str:
+    """A hash of ``dataset.json`` and of each training file's path, size and modification time."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"partialseg-fingerprint-v{_VERSION}".encode())
+    if dataset_json is not None and os.path.isfile(dataset_json):
+        h.update(Path(dataset_json).read_bytes())
+    else:
+        h.update(json.dumps(ds.to_json(), sort_keys=True, default=str).encode())
+    for case in ds.splits.get("training", []):
+        for path in (case["image"], case.get("label")):
+            if path is None:
+                continue
+            try:
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:
+                h.update(f"{path}\0missing\0".encode())
+    return h.hexdigest()
+
+
+def _median(values: Sequence[Sequence[float]]) -> list[float]:
+    import numpy as np
+
+    return [float(v) for v in np.median(np.asarray(values, dtype=np.float64), axis=0)]
+
+
+def _aggregate(ds: Any, cases: list[dict[str, Any]], stats: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    dims = {len(s["shape"]) for s in stats}
+    if len(dims) > 1:
+        by_dim = {d: next(c["case"] for c, s in zip(cases, stats) if len(s["shape"]) == d) for d in sorted(dims)}
+        raise ValueError(f"training cases mix spatial dimensions {sorted(dims)} (e.g. {by_dim}); one dataset holds 2D slices or 3D volumes")
+    ndim = dims.pop()
+    modalities: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(str(c.get("modality") or "unknown") for c in cases):
+        idx = [i for i, c in enumerate(cases) if str(c.get("modality") or "unknown") == name]
+        spacing = np.asarray([stats[i]["spacing"] for i in idx])
+        cropped_mm = np.asarray([np.asarray(stats[i]["cropped_shape"]) * np.asarray(stats[i]["spacing"]) for i in idx])
+        count = sum(stats[i]["count"] for i in idx)
+        fg: dict[str, Any] = {"voxels": int(count)}
+        if count:
+            total, total_sq = sum(stats[i]["sum"] for i in idx), sum(stats[i]["sumsq"] for i in idx)
+            mean = total / count
+            samples = np.concatenate([stats[i]["samples"] for i in idx])
+            p_lo, p_hi = np.percentile(samples, [0.5, 99.5])
+            fg.update(mean=float(mean), std=float(math.sqrt(max(total_sq / count - mean * mean, 0.0))),
+                      percentile_00_5=float(p_lo), percentile_99_5=float(p_hi))  # fmt: skip
+        modalities[name] = {
+            "cases": len(idx),
+            "channels": sorted({stats[i]["channels"] for i in idx}),
+            "spacing_median": _median(spacing),
+            "spacing_min": [float(v) for v in spacing.min(0)],
+            "spacing_max": [float(v) for v in spacing.max(0)],
+            "shape_median": _median([stats[i]["shape"] for i in idx]),
+            "cropped_shape_median": _median([stats[i]["cropped_shape"] for i in idx]),
+            "cropped_mm_median": _median(cropped_mm),
+            "foreground": fg,
+        }
+    classes: dict[str, dict[str, Any]] = {}
+    for c, cname in enumerate(ds.classes):
+        annotating = [i for i, case in enumerate(cases) if c in case["annotated"]]
+        present = [i for i in annotating if (stats[i]["class_voxels"][c] or 0) > 0]
+        voxels = np.asarray([stats[i]["class_voxels"][c] for i in present], dtype=np.float64)
+        mm3 = np.asarray([stats[i]["class_voxels"][c] * float(np.prod(stats[i]["spacing"])) for i in present])
+        classes[cname] = {
+            "index": c,
+            "cases_annotated": len(annotating),
+            "cases_present": len(present),
+            "sources": sorted({cases[i]["source"] for i in annotating}),
+            "voxels_median": float(np.median(voxels)) if present else 0.0,
+            "voxels_min": float(voxels.min()) if present else 0.0,
+            "mm3_median": float(np.median(mm3)) if present else 0.0,
+        }
+    sources: dict[str, dict[str, Any]] = {}
+    everything = set(range(len(ds.classes)))
+    for name in dict.fromkeys(c["source"] for c in cases):
+        own = [c for c in cases if c["source"] == name]
+        labelled = [c for c in own if c.get("label") is not None]
+        sources[name] = {
+            "cases": len(own),
+            "labelled": len(labelled),
+            "fully_labelled": bool(labelled) and all(set(c["annotated"]) == everything for c in labelled),
+            "annotates": [ds.classes[i] for i in sorted(set().union(*[set(c["annotated"]) for c in labelled]))] if labelled else [],
+        }
+    return {
+        "version": _VERSION,
+        "dataset": ds.name,
+        "classes": list(ds.classes),
+        "spatial_dims": ndim,
+        "cases": len(cases),
+        "labelled_cases": sum(1 for c in cases if c.get("label") is not None),
+        "validation_cases": [c["case"] for c in ds.splits.get("validation", [])],
+        "training_cases": [c["case"] for c in cases],
+        "fully_labelled_cases": [c["case"] for c in cases if c.get("label") is not None and set(c["annotated"]) == everything],
+        "voxels_total": float(sum(float(np.prod(s["shape"])) for s in stats)),
+        "modalities": modalities,
+        "class_stats": classes,
+        "sources": sources,
+        "full_sources": [n for n, s in sources.items() if s["fully_labelled"]],
+        "spacings": [s["spacing"] for s in stats],
+    }
+
+
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def fingerprint_dataset(
+    dataset: str | os.PathLike | Any, workers: int | None = None, progress: bool = False, cache: bool = True
+) -> dict[str, Any]:
+    """The fingerprint of a dataset's training split (see the module docstring).
+
+    Args:
+        dataset: a dataset folder (or its ``dataset.json``), or a :class:`PartialDataset`.
+        workers: processes reading cases (default: every CPU; 1 reads in this process).
+        progress: a tqdm progress bar over cases on stderr.
+        cache: reuse / write ``.partialseg_fingerprint.json`` beside ``dataset.json`` (skipped
+            when that folder is read-only or the dataset is in memory).
+
+    Returns:
+        a JSON-able dict: ``modalities`` (per modality: ``spacing_median``, ``cropped_shape_median``,
+        ``foreground`` mean / std / percentiles, ...), ``class_stats`` (per class: ``sources``,
+        sizes), ``sources`` (``fully_labelled``), ``full_sources``, ``spacings`` (per case),
+        ``hash``.
+
+    Raises:
+        ValueError: a case cannot be read (the message names the case; ``partialseg check``
+            lists every problem), or the training split is empty.
+    """
+    from partialseg._checks import check_int
+    from partialseg.data.spec import PartialDataset, load_dataset
+
+    if isinstance(dataset, PartialDataset):
+        ds = dataset
+        json_path = None if dataset.root is None else dataset.root / "dataset.json"
+    else:
+        p = Path(dataset)
+        json_path = p / "dataset.json" if p.is_dir() else p
+        ds = load_dataset(json_path)
+    workers = _default_workers() if workers is None else check_int(workers, "workers", minimum=1)
+    cases = ds.datalist("training")
+    if not cases:
+        raise ValueError(f"dataset {ds.name!r} has no training case to fingerprint")
+    digest = dataset_hash(ds, json_path)
+    cache_file = Path(json_path).parent / FINGERPRINT_NAME if (cache and json_path is not None) else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            stored = json.loads(cache_file.read_text())
+            if stored.get("hash") == digest and stored.get("version") == _VERSION:
+                return stored["fingerprint"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # an unreadable cache is rebuilt
+    per_case = max(_SAMPLES_MIN, _SAMPLES_TOTAL // len(cases))
+    jobs = [(c["image"], c.get("label"), c["annotated"], ds.num_classes, c.get("label_map"), per_case) for c in cases]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
+    stats: list[dict[str, Any]] = []
+    try:
+        if workers == 1 or len(jobs) < 2 * workers:
+            for job, case in zip(jobs, cases):
+                stats.append(_read_case(job, case))
+                bar.update(1)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            if any(c.get("label_map") for c in cases):
+                import partialseg.transforms  # noqa: F401 - imported once here, not in every forked worker
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for k, result in enumerate(pool.map(_safe_job, jobs, chunksize=max(1, len(jobs) // (workers * 8)))):
+                    if isinstance(result, str):
+                        raise ValueError(f"case {cases[k]['case']!r}: {result} (run `partialseg check` for every problem)")
+                    stats.append(result)
+                    bar.update(1)
+    finally:
+        bar.close()
+    fp = _aggregate(ds, cases, stats)
+    fp["hash"] = digest
+    if cache_file is not None:
+        try:
+            tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": _VERSION, "hash": digest, "fingerprint": fp}))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only dataset folder: only the cache is lost
+    return fp
+
+
+def _read_case(job: tuple, case: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return _stats_job(job)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"case {case['case']!r}: {e} (run `partialseg check` for every problem)") from None
+
+
+def _safe_job(job: tuple) -> dict[str, Any] | str:
+    try:
+        return _stats_job(job)
+    except (OSError, ValueError) as e:
+        return str(e)
+
+
+# ----------------------------------------------------------------------------------------------
+# planning rules
+
+
+def target_spacing(spacings: Sequence[Sequence[float]], anisotropy: float = ANISOTROPY) -> tuple[list[float], str]:
+    """nnU-Net's target spacing: the median per axis; when the coarsest median axis is more than
+    ``anisotropy`` times the finest, that axis takes its 10th percentile instead (not finer than the
+    other axes), so thin-slice cases are not thrown away by resampling to the typical thick slice.
+
+    Args:
+        spacings: one spacing per case, ``(N, D)``.
+
+    Returns:
+        the spacing and the reason.
+
+    Example:
+        >>> target_spacing([[1, 1, 5], [1, 1, 3], [1, 1, 2.5], [1, 1, 5]])[0]
+        [1.0, 1.0, 2.65]
+        >>> target_spacing([[0.8, 0.8], [0.8, 0.8]])[0]
+        [0.8, 0.8]
+    """
+    import numpy as np
+
+    s = np.asarray(spacings, dtype=np.float64)
+    median = np.median(s, axis=0)
+    coarse = int(np.argmax(median))
+    ratio = float(median[coarse] / median.min())
+    if s.shape[1] > 1 and ratio > anisotropy:
+        others = np.delete(median, coarse)
+        value = max(float(np.percentile(s[:, coarse], 10)), float(others.max()))
+        out = [float(round(v, 4)) for v in median]
+        out[coarse] = float(round(value, 4))
+        return out, (f"median spacing per axis; axis {coarse} is {ratio:.1f}x coarser than the finest (> {anisotropy:g}):"
+                     f" it takes its 10th percentile {value:.3g} mm (nnU-Net's anisotropy rule)")  # fmt: skip
+    return [float(round(v, 4)) for v in median], f"median spacing per axis over {len(s)} cases (max/min ratio {ratio:.2f} <= {anisotropy:g})"
+
+
+def _topology(patch: Sequence[int], spacing: Sequence[float], max_levels: int = 5) -> list[list[int]]:
+    """Per-level strides (nnU-Net's rule): an axis is halved while its feature map stays at least
+    ``2 * MIN_FEATURE`` voxels and its spacing is at most twice the finest current spacing."""
+    size, sp, strides = list(patch), list(spacing), []
+    for _ in range(max_levels):
+        finest = min(sp)
+        step = [2 if size[a] >= 2 * MIN_FEATURE and sp[a] <= 2 * finest else 1 for a in range(len(size))]
+        if not any(s == 2 for s in step):
+            break
+        strides.append(step)
+        size = [z // s for z, s in zip(size, step)]
+        sp = [v * s for v, s in zip(sp, step)]
+    return strides
+
+
+def _divisor(strides: Sequence[Sequence[int]], ndim: int) -> list[int]:
+    return [int(math.prod(s[a] for s in strides)) for a in range(ndim)]
+
+
+def estimate_memory(patch: Sequence[int], batch: int, channels: Sequence[int], strides: Sequence[Sequence[int]],
+                    in_channels: int = 1, out_channels: int = 2, factor: float = 1.0) -> float:
+    """Training memory of a UNet batch, in bytes (a coarse model, as nnU-Net's VRAM estimate).
+
+    ``4 * batch * ACTIVATION_FACTOR * sum_l channels[l] * voxels_l`` plus the input and output
+    maps, ``voxels_l`` being the patch's voxels at level ``l`` (after the strides so far).
+
+    Example:
+        >>> round(estimate_memory([64, 64], 1, [32, 64], [[2, 2]]) / 2**20, 2)
+        18.09
+    """
+    voxels = float(math.prod(patch))
+    total, scale = 0.0, 1.0
+    for level, ch in enumerate(channels):
+        total += ch * voxels / scale
+        if level < len(strides):
+            scale *= math.prod(strides[level])
+    return 4.0 * batch * factor * (ACTIVATION_FACTOR * total + 2 * (in_channels + out_channels) * voxels)
+
+
+def _fit_patch(start: Sequence[float], spacing: Sequence[float], budget: float, profile: Mapping[str, Any],
+               num_classes: int) -> tuple[list[int], list[list[int]], list[int], int, float]:
+    """The largest patch, shrunk from ``start`` (voxels) along its relatively largest axis, whose
+    batch of 2 fits ``budget`` bytes; its strides, channels and the batch that fills the budget."""
+    ndim = len(start)
+    target = [max(1.0, float(v)) for v in start]
+    in_ch, out_ch = (1 + 2 * num_classes, 2 * num_classes) if profile["mode"] == "slice" else (1, num_classes)
+
+    def shape_for(patch):
+        strides = _topology(patch, spacing)
+        div = _divisor(strides, ndim)
+        patch = [max(d, int(math.ceil(p / d)) * d) for p, d in zip(patch, div)]
+        strides = _topology(patch, spacing)
+        channels = [min(profile["base_channels"] * 2**level, profile["max_channels"]) for level in range(len(strides) + 1)]
+        return patch, strides, channels
+
+    patch = [max(1, int(round(v))) for v in target]
+    while True:
+        patch, strides, channels = shape_for(patch)
+        need = estimate_memory(patch, 2, channels, strides, in_ch, out_ch, profile["memory_factor"])
+        if need <= budget or all(p <= 2 * MIN_FEATURE for p in patch):
+            break
+        # nnU-Net: shrink the axis that is largest relative to the median shape, by its divisor
+        axis = max(range(ndim), key=lambda a: (patch[a] / target[a], patch[a]))
+        div = _divisor(strides, ndim)[axis]
+        patch[axis] = max(2 * MIN_FEATURE, patch[axis] - max(div, 1))
+        patch[axis] = max(1, patch[axis])
+    one = estimate_memory(patch, 1, channels, strides, in_ch, out_ch, profile["memory_factor"])
+    return patch, strides, channels, max(1, int(budget // one)), one
+
+
+def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device: str = "cpu",
+              memory: float | None = None) -> dict[str, Any]:
+    """A bundle's settings from a fingerprint, each with the reason it was chosen.
+
+    Args:
+        fingerprint: from :func:`fingerprint_dataset`.
+        bundle: a name of :data:`BUNDLES` (default: ``dcl_cardiac`` for 2D data,
+            ``marginal_exclusion_abdomen`` for 3D).
+        device: ``"cpu"`` or ``"cuda"``: the default memory budget.
+        memory: memory budget in GB for a training batch (default :data:`DEFAULT_MEMORY`).
+
+    Returns:
+        ``{"bundle", "device", "memory_gb", "settings": {config key: value}, "reasons": {key:
+        text}, "warnings": [...]}``; ``settings`` also holds ``classes``, ``normalization`` (per
+        modality) and ``validation`` (not bundle keys, read by the docs and tables).
+
+    Raises:
+        ValueError: an unknown bundle or device, a bad memory budget, or a bundle whose grid
+            (2D / 3D) does not fit the dataset's.
+    """
+    import numpy as np
+
+    from partialseg._checks import check_float, check_option
+
+    ndim = int(fingerprint["spatial_dims"])
+    if bundle is None:
+        bundle = "dcl_cardiac" if ndim == 2 else "marginal_exclusion_abdomen"
+    bundle = check_option(bundle, BUNDLES, "bundle")
+    device = check_option(device, tuple(DEFAULT_MEMORY), "device")
+    memory = DEFAULT_MEMORY[device] if memory is None else check_float(memory, "memory", minimum=0.0, include_minimum=False)
+    profile = BUNDLES[bundle]
+    if profile["spatial_dims"] != ndim:
+        raise ValueError(f"bundle {bundle!r} trains on {profile['spatial_dims']}D data but dataset {fingerprint['dataset']!r} "
+                         f"holds {ndim}D cases: plan it for another bundle (--bundle)")  # fmt: skip
+    settings: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+    classes = list(fingerprint["classes"])
+
+    spacing, why = target_spacing(fingerprint["spacings"])
+    settings["pixdim"], reasons["pixdim"] = spacing, why
+
+    # the median extent in mm (body crop for patches; the whole field of view for slices, which the
+    # DCL bundle centre-crops) divided by the target spacing
+    mods = fingerprint["modalities"]
+    weights = {m: v["cases"] for m, v in mods.items()}
+    if profile["mode"] == "patch":
+        mm = np.average([v["cropped_mm_median"] for v in mods.values()], axis=0, weights=list(weights.values()))
+        what = "median body-cropped (Otsu) extent"
+    else:
+        mm = np.average([np.asarray(v["shape_median"]) * np.asarray(v["spacing_median"]) for v in mods.values()], axis=0,
+                        weights=list(weights.values()))  # fmt: skip
+        what = "median field of view"
+    start = [float(round(m / s, 2)) for m, s in zip(mm, spacing)]
+    budget = memory * 2**30
+    patch, strides, channels, batch, per_patch = _fit_patch(start, spacing, budget, profile, len(classes))
+    median_voxels = [int(round(v)) for v in start]
+    shrunk = any(p < round(v) for p, v in zip(patch, start))
+    key = profile["patch_key"]
+    settings[key] = patch
+    reasons[key] = (f"{what} {[round(float(v)) for v in mm]} mm = {median_voxels} voxels at the target spacing, rounded up to a"
+                    f" multiple of the network's total stride {_divisor(strides, ndim)}"
+                    + (f", shrunk along its relatively largest axis to fit {memory:g} GB ({device})" if shrunk else ""))  # fmt: skip
+    # nnU-Net: a batch covers at most 5% of the dataset's voxels; at least 2
+    cap = max(2, int(0.05 * fingerprint["voxels_total"] / math.prod(patch)))
+    settings["batch_size"] = int(min(max(batch, 2), cap))
+    reasons["batch_size"] = (f"{batch} patch(es) of {patch} fit {memory:g} GB ({device}; estimate {per_patch / 2**20:.0f} MiB"
+                             f" per patch); at least 2, at most {cap} (5% of the dataset's voxels, nnU-Net)")  # fmt: skip
+    settings[profile["channels_key"]] = channels
+    settings[profile["strides_key"]] = [s[0] if len(set(s)) == 1 else s for s in strides]
+    reasons[profile["channels_key"]] = (f"{len(strides)} downsamplings: each axis halved while its map stays >= {2 * MIN_FEATURE} voxels and"
+                                        f" its spacing <= 2x the finest; width {profile['base_channels']} doubling, at most {profile['max_channels']}")  # fmt: skip
+    reasons[profile["strides_key"]] = "per-level strides of that rule (an axis with stride 1 keeps its resolution)"
+
+    normalization: dict[str, Any] = {}
+    for name, m in mods.items():
+        fg = m["foreground"]
+        if name.upper().startswith("CT") and fg.get("voxels"):
+            normalization[name] = {"scheme": "ct", "clip": [fg["percentile_00_5"], fg["percentile_99_5"]], "mean": fg["mean"], "std": fg["std"]}
+        else:
+            normalization[name] = {"scheme": "zscore"}
+    settings["normalization"] = normalization
+    reasons["normalization"] = ("CT: clip to the foreground's 0.5 / 99.5 percentiles, then z-score with the foreground's mean and std"
+                                " (HU are comparable across scans); other modalities: z-score per case (arbitrary units)")  # fmt: skip
+    first = next(iter(mods.values()))["foreground"]
+    if first.get("voxels"):
+        settings["intensity_range"] = [round(first["percentile_00_5"], 4), round(first["percentile_99_5"], 4)]
+        reasons["intensity_range"] = f"foreground 0.5 / 99.5 percentiles of {next(iter(mods))} (the bundles' ScaleIntensityRanged window)"
+    else:
+        warnings.append("no labelled foreground voxel: intensity_range keeps the bundle's default")
+
+    settings["classes"] = classes
+    settings["num_classes"] = len(classes)
+    reasons["num_classes"] = f"dataset.json lists {len(classes)} classes: {', '.join(classes)}"
+    settings["full_sources"] = list(fingerprint["full_sources"])
+    if fingerprint["full_sources"]:
+        reasons["full_sources"] = "sources whose every labelled case annotates all classes (stage 1 trains on them)"
+    else:
+        reasons["full_sources"] = "no source labels every class"
+        if bundle == "marginal_exclusion_abdomen":
+            warnings.append("no fully labelled source: stage 1 has no data; train stage 2 directly (--stage 2 --init_from_stage1 false)")
+    if bundle == "dcl_cardiac":
+        never = [c for c, s in fingerprint["class_stats"].items() if s["cases_annotated"] == 0]
+        settings["missing"] = "any" if never else "error"
+        if never:
+            reasons["missing"] = f"no case annotates {', '.join(never)}: its conditional image is drawn from any slice"
+            warnings.append(f"no case annotates {', '.join(never)}: with missing='any' the conditional pair of that class carries no"
+                            " label, so the model learns nothing that tells it apart and may predict another structure there;"
+                            " annotate it in some cases (a fully labelled slice annotates background too)")  # fmt: skip
+        else:
+            reasons["missing"] = "every class, background included, is annotated by some case"
+    val = fingerprint["validation_cases"]
+    if val:
+        settings["validation"] = {"split": "validation", "cases": len(val)}
+        reasons["validation"] = f"the dataset's own validation list ({len(val)} cases)"
+    else:
+        pool = fingerprint["fully_labelled_cases"] or fingerprint["training_cases"]
+        proposed = sorted(pool)[::5] or sorted(pool)[:1]
+        settings["validation"] = {"split": None, "proposed": proposed}
+        reasons["validation"] = (f"dataset.json has no 'validation' list, which the bundles need: move these {len(proposed)} case(s)"
+                                 " (every 5th fully labelled case by name) there")  # fmt: skip
+        warnings.append(f"no 'validation' split: the bundles validate on it; proposed: {proposed}")
+    for name, m in mods.items():
+        if len(m["channels"]) > 1 or m["channels"][0] != 1:
+            warnings.append(f"modality {name}: images have {m['channels']} channel(s); the bundles' networks take in_channels=1")
+    return {"bundle": bundle, "device": device, "memory_gb": memory, "settings": settings, "reasons": reasons, "warnings": warnings}
+
+
+# ----------------------------------------------------------------------------------------------
+# plan.json
+
+
+def plan_dataset(dataset_dir: str | os.PathLike, bundle: str | None = None, device: str = "cpu", memory: float | None = None,
+                 workers: int | None = None, progress: bool = False, cache: bool = True, write: bool = True) -> dict[str, Any]:
+    """Fingerprint ``dataset_dir``, plan ``bundle`` and write ``plan.json`` beside ``dataset.json``.
+
+    ``plan.json`` holds ``fingerprint`` and ``plans`` (bundle name -> :func:`make_plan`'s
+    result); planning another bundle adds its entry and keeps the others.
+
+    Returns:
+        the whole ``plan.json`` dict.
+    """
+    p = Path(dataset_dir)
+    root = p if p.is_dir() else p.parent
+    fp = fingerprint_dataset(p, workers=workers, progress=progress, cache=cache)
+    plan = make_plan(fp, bundle=bundle, device=device, memory=memory)
+    out: dict[str, Any] = {"version": _VERSION, "dataset_hash": fp["hash"], "plans": {}}
+    path = root / PLAN_NAME
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("dataset_hash") == fp["hash"]:
+                out["plans"].update(old.get("plans", {}))
+        except (OSError, ValueError, AttributeError):
+            pass
+    out["plans"][plan["bundle"]] = plan
+    out["fingerprint"] = {k: v for k, v in fp.items() if k not in ("spacings", "training_cases", "fully_labelled_cases")}
+    if write:
+        tmp = path.with_name(f".{PLAN_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, path)
+    return out
+
+
+def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: str | None = None) -> Any:
+    """A setting planned for ``dataset_dir`` (its ``plan.json``), or ``default`` when there is none.
+
+    Args:
+        dataset_dir: the dataset folder.
+        key: a bundle config key (``pixdim``, ``patch_size``, ``num_classes``, ...).
+        default: returned when the folder holds no ``plan.json`` or the plan lacks the key.
+        bundle: the bundle whose plan to read (default: the only one planned).
+    """
+    path = Path(dataset_dir) / PLAN_NAME
+    if not path.is_file():
+        return default
+    try:
+        plans = json.loads(path.read_text())["plans"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: is not a plan written by `partialseg plan` ({e}); delete it or plan again") from None
+    if bundle is None:
+        if len(plans) != 1:
+            return default
+        bundle = next(iter(plans))
+    return plans.get(bundle, {}).get("settings", {}).get(key, default)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *[line(r) for r in cells]]
+
+
+def format_plan(plan: Mapping[str, Any], bundle: str | None = None) -> str:
+    """``plan.json`` (from :func:`plan_dataset`) as readable tables: fingerprint, then each setting
+    with its reason, then warnings."""
+    fp = plan["fingerprint"]
+    lines = [f"dataset {fp['dataset']!r}: {fp['cases']} training cases ({fp['labelled_cases']} labelled), {fp['spatial_dims']}D", ""]
+    rows = []
+    for name, m in fp["modalities"].items():
+        fg = m["foreground"]
+        rows.append([name, m["cases"], m["spacing_median"], m["shape_median"], m["cropped_shape_median"],
+                     [fg.get("percentile_00_5", "-"), fg.get("percentile_99_5", "-")], fg.get("mean", "-"), fg.get("std", "-")])  # fmt: skip
+    lines += _table(["modality", "cases", "spacing (median)", "shape (median)", "body crop (median)", "fg p0.5/p99.5", "fg mean", "fg std"], rows)
+    lines.append("")
+    rows = [[c, s["cases_annotated"], s["cases_present"], s["voxels_median"], s["mm3_median"], ", ".join(s["sources"]) or "NONE"]
+            for c, s in fp["class_stats"].items()]  # fmt: skip
+    lines += _table(["class", "annotated in", "present in", "voxels (median)", "mm^3 (median)", "sources annotating"], rows)
+    lines.append("")
+    rows = [[n, s["cases"], s["labelled"], "yes" if s["fully_labelled"] else "no", ", ".join(s["annotates"])] for n, s in fp["sources"].items()]
+    lines += _table(["source", "cases", "labelled", "fully labelled", "annotates"], rows)
+    for name, p in plan["plans"].items():
+        if bundle is not None and name != bundle:
+            continue
+        lines += ["", f"plan for {name} ({p['device']}, {p['memory_gb']:g} GB):"]
+        rows = [[k, v, p["reasons"].get(k, "")] for k, v in p["settings"].items() if k != "classes"]
+        lines += _table(["setting", "value", "reason"], rows)
+        for w in p["warnings"]:
+            lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="dataset folder holding dataset.json (or the JSON file)")
+    parser.add_argument("--bundle", default=None, choices=sorted(BUNDLES),
+                        help="bundle to plan for (default: dcl_cardiac for 2D data, marginal_exclusion_abdomen for 3D)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", choices=sorted(DEFAULT_MEMORY), help="device the bundle will train on (default cpu)")
+    parser.add_argument("--memory", type=float, default=None,
+                        help=f"memory budget in GB for a training batch (default: {DEFAULT_MEMORY['cpu']:g} on cpu, {DEFAULT_MEMORY['cuda']:g} on cuda)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=None, help="processes reading the files (default: the number of CPUs)")
+    parser.add_argument("--no-cache", action="store_true", help="read every file again instead of reusing the cached fingerprint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from partialseg.data.spec import DatasetError
+
+    try:
+        plan = plan_dataset(args.dataset, bundle=args.bundle, device=args.device, memory=args.memory, workers=args.workers,
+                            progress=not args.quiet, cache=not args.no_cache)  # fmt: skip
+    except (FileNotFoundError, DatasetError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write the plan: {e}", file=sys.stderr)
+        return 2
+    planned = args.bundle or ("dcl_cardiac" if plan["fingerprint"]["spatial_dims"] == 2 else "marginal_exclusion_abdomen")
+    print(format_plan(plan, bundle=planned))
+    root = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
+    print(f"\nwritten: {root / PLAN_NAME}")
+    return 0
