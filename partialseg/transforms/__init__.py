@@ -7,7 +7,8 @@ Groups, each an ``array.py`` + ``dictionary.py`` pair as in MONAI:
 - ``spatial``: AtlasCrop (atlas method), invertible;
 - ``mix``: ForegroundPaste (hybrid method);
 - ``conditional``: ConditionalSupervision, SingleLabelView (DCL's CompNet);
-- ``io``: LoadImageNamedd (MONAI's LoadImaged with errors naming the file; dictionary only).
+- ``io``: LoadImageNamedd (MONAI's LoadImaged with errors naming the file), CaseNameToMetad,
+  SavePrediction(d) (MONAI's SaveImage writing whole NIfTI files atomically, stamped with their run).
 """
 
 from partialseg.transforms.distance import *  # noqa: F401,F403
