@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from partialseg._checks import check_int, check_option
-from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset
+from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset, real_path
 
 __all__ = ["ValidationReport", "read_image", "read_gzip_verified", "validate_dataset"]
 
@@ -387,16 +387,6 @@ def _label_values(ds: PartialDataset, case: dict[str, Any], values: list[int], w
     return mapped
 
 
-def _realpath(path: str, folders: dict[str, str]) -> str:
-    """``os.path.realpath(path)``, resolving each folder once (``folders`` caches them)."""
-    folder, name = os.path.split(path)
-    real_folder = folders.get(folder)
-    if real_folder is None:
-        real_folder = folders[folder] = os.path.realpath(folder or ".")
-    full = os.path.join(real_folder, name)
-    return os.path.realpath(full) if os.path.islink(full) else full
-
-
 def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int], dict[str, Any]], content_hash: bool) -> list[str]:
     """Images listed twice or shared between splits, by resolved real path and (optionally) content."""
     problems: list[str] = []
@@ -405,7 +395,7 @@ def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int
     folders: dict[str, str] = {}  # folder as written -> its real path: one lstat per file, not per component
     for split in splits:
         for i, case in enumerate(ds.splits.get(split, [])):
-            real = _realpath(case["image"], folders)
+            real = real_path(case["image"], folders)
             first = by_path.setdefault(real, (split, case["case"], case["image"]))
             if first[1:] != (case["case"], case["image"]) or first[0] != split:
                 kind = "listed twice" if first[0] == split else f"a {first[0]}/{split} leak"
