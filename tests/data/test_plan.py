@@ -1,0 +1,297 @@
+"""``partialseg plan``: the fingerprint against a brute-force computation, and the plan's rules on
+three datasets shaped like real ones (built here, small)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from partialseg.cli import main
+from partialseg.data import load_dataset
+from partialseg.data import plan as P
+
+
+def _save(path, array, spacing):
+    affine = np.diag([*spacing, 1.0]) if len(spacing) == 3 else np.diag([*spacing, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+
+
+def _body_case(rng, shape, box, organs, background, body, noise):
+    """An image with a body box on a dark (or -1000 HU) background and organ boxes inside it."""
+    img = np.full(shape, float(background)) + rng.normal(0, noise, shape)
+    lab = np.zeros(shape, np.uint8)
+    img[box] = body + rng.normal(0, noise, img[box].shape)
+    for value, (sl, intensity) in organs.items():
+        img[sl] = intensity + rng.normal(0, noise, img[sl].shape)
+        lab[sl] = value
+    return img, lab
+
+
+def _write_dataset(root, classes, cases, spacing, modality, validation=()):
+    """cases: list of (name, image, label, annotated, source[, label_map source])."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    for name, img, lab, annotated, source in cases:
+        sp = spacing(name) if callable(spacing) else spacing
+        _save(root / "imagesTr" / f"{name}.nii.gz", img.astype(np.int16 if modality == "CT" else np.float32), sp)
+        _save(root / "labelsTr" / f"{name}.nii.gz", lab, sp)
+        entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz", "annotated": annotated,
+                        "source": source, "modality": modality})  # fmt: skip
+    desc = {"name": root.name, "classes": classes, "training": [e for e in entries if e["image"].split("/")[1][:-7] not in validation],
+            "validation": [e for e in entries if e["image"].split("/")[1][:-7] in validation]}  # fmt: skip
+    return desc
+
+
+# ---------------------------------------------------------------------------------------------
+# the fingerprint equals plain NumPy on the loaded arrays
+
+
+@pytest.fixture(scope="module")
+def small_union(tmp_path_factory):
+    """4 CT-like cases: 2 of a fully labelled source, 2 of a liver-only source whose label holds
+    1 (liver) and 2 (tumour, mapped to liver); one of them at another spacing."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("union")
+    cases = []
+    for k in range(2):
+        img, lab = _body_case(rng, (20, 18, 12), np.s_[3:17, 2:15, 1:11],
+                              {1: (np.s_[5:10, 4:9, 3:7], 120.0), 2: (np.s_[11:15, 10:13, 5:9], 200.0)}, -1000, 40, 8)  # fmt: skip
+        cases.append((f"full{k}", img, lab, "all", "ctorg"))
+    for k in range(2):
+        img, lab = _body_case(rng, (20, 18, 12), np.s_[2:18, 3:16, 2:11],
+                              {1: (np.s_[4:11, 5:10, 3:8], 110.0), 2: (np.s_[6:8, 6:8, 4:6], 90.0)}, -1000, 30, 8)  # fmt: skip
+        cases.append((f"liver{k}", img, lab, ["liver"], "msd_liver"))
+    desc = _write_dataset(root, ["background", "liver", "kidney"], cases,
+                          lambda n: (2.0, 2.0, 4.0) if n == "liver1" else (1.5, 1.5, 3.0), "CT")  # fmt: skip
+    desc["label_maps"] = {"msd_liver": {"1": "liver", "2": "liver"}}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    return root
+
+
+def test_body_mask_is_otsu_foreground():
+    from partialseg.transforms import OtsuForeground
+
+    rng = np.random.default_rng(1)
+    for shape in [(1, 30, 25), (2, 16, 14, 10)]:
+        img = rng.normal(0, 1, shape)
+        img[(slice(None), *[slice(3, s - 4) for s in shape[1:]])] += 6
+        img[(slice(None), *[slice(0, 2) for _ in shape[1:]])] += 9  # a separate bright blob: not the largest component
+        np.testing.assert_array_equal(P.body_mask(img), OtsuForeground()(img)[0].numpy())
+    assert P.body_mask(np.ones((1, 4, 4))).all()
+
+
+def test_fingerprint_equals_brute_force(small_union):
+    from partialseg.transforms import OtsuForeground
+
+    fp = P.fingerprint_dataset(small_union, workers=1, cache=False)
+    ds = load_dataset(small_union)
+    fg, spacings, shapes, crops, class_voxels, class_mm3 = [], [], [], [], {1: [], 2: []}, {1: [], 2: []}
+    for case in ds.datalist("training"):
+        img_nii, lab = nib.load(case["image"]), np.asarray(nib.load(case["label"]).dataobj).astype(int)
+        img = np.asarray(img_nii.dataobj, dtype=np.float64)
+        if "label_map" in case:
+            lab = np.vectorize(lambda v: case["label_map"].get(v, 0) if v else 0)(lab)
+        spacing = [float(z) for z in img_nii.header.get_zooms()[:3]]
+        spacings.append(spacing)
+        shapes.append(img.shape)
+        mask = OtsuForeground()(img[None].astype(np.float32))[0].numpy()
+        idx = np.argwhere(mask)
+        crops.append(idx.max(0) - idx.min(0) + 1)
+        keep = [c for c in case["annotated"] if c]
+        fg.append(img[np.isin(lab, keep)])
+        for c in keep:
+            if (lab == c).sum():
+                class_voxels[c].append((lab == c).sum())
+                class_mm3[c].append((lab == c).sum() * np.prod(spacing))
+    fg = np.concatenate(fg)
+    ct = fp["modalities"]["CT"]
+    assert ct["cases"] == 4 and ct["channels"] == [1]
+    np.testing.assert_allclose(ct["spacing_median"], np.median(spacings, 0))
+    np.testing.assert_allclose(fp["spacings"], spacings)
+    np.testing.assert_allclose(ct["shape_median"], np.median(shapes, 0))
+    np.testing.assert_allclose(ct["cropped_shape_median"], np.median(crops, 0))
+    f = ct["foreground"]
+    assert f["voxels"] == fg.size
+    np.testing.assert_allclose([f["percentile_00_5"], f["percentile_99_5"]], np.percentile(fg, [0.5, 99.5]), rtol=1e-12)
+    np.testing.assert_allclose([f["mean"], f["std"]], [fg.mean(), fg.std()], rtol=1e-9)
+    liver, kidney = fp["class_stats"]["liver"], fp["class_stats"]["kidney"]
+    assert (liver["cases_annotated"], liver["sources"]) == (4, ["ctorg", "msd_liver"])
+    assert (kidney["cases_annotated"], kidney["sources"]) == (2, ["ctorg"])
+    assert fp["class_stats"]["background"]["sources"] == ["ctorg"]
+    np.testing.assert_allclose([liver["voxels_median"], liver["mm3_median"]], [np.median(class_voxels[1]), np.median(class_mm3[1])])
+    np.testing.assert_allclose([kidney["voxels_median"], kidney["mm3_median"]], [np.median(class_voxels[2]), np.median(class_mm3[2])])
+    assert fp["full_sources"] == ["ctorg"]
+    assert fp["sources"]["msd_liver"] == {"cases": 2, "labelled": 2, "fully_labelled": False, "annotates": ["liver"]}
+
+
+def test_fingerprint_cache_is_keyed_by_the_files(small_union, monkeypatch):
+    first = P.fingerprint_dataset(small_union, workers=1)
+    assert (small_union / P.FINGERPRINT_NAME).is_file()
+
+    def no_read(job):
+        raise AssertionError("read a file although nothing changed")
+
+    monkeypatch.setattr(P, "_stats_job", no_read)
+    assert P.fingerprint_dataset(small_union, workers=1) == first  # nothing read
+    path = small_union / "imagesTr" / "full0.nii.gz"
+    st = path.stat()
+    import os
+
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a touched file is read again
+    with pytest.raises(AssertionError, match="nothing changed"):
+        P.fingerprint_dataset(small_union, workers=1)
+
+
+def test_worker_processes_give_the_same_fingerprint(small_union):
+    assert P.fingerprint_dataset(small_union, workers=2, cache=False) == P.fingerprint_dataset(small_union, workers=1, cache=False)
+
+
+def test_unreadable_case_is_named(tmp_path, small_union):
+    desc = json.loads((small_union / "dataset.json").read_text())
+    desc["training"][1]["image"] = str(tmp_path / "gone.nii.gz")
+    for e in desc["training"]:
+        for k in ("image", "label"):
+            e[k] = e[k] if e[k].startswith("/") else str(small_union / e[k])
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    with pytest.raises(ValueError, match="case 'gone'.*partialseg check"):
+        P.fingerprint_dataset(tmp_path, workers=1, cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules
+
+
+def test_target_spacing_anisotropy_rule():
+    iso, why = P.target_spacing([[1.0, 1.0, 2.9], [1.0, 1.0, 3.0], [1.2, 1.2, 2.5]])
+    assert iso == [1.0, 1.0, 2.9] and "median" in why
+    # z median 5 is > 3 x 0.7: it takes its 10th percentile (np.percentile([1, 5, 5, 5, 6], 10) = 2.6)
+    aniso, why = P.target_spacing([[0.7, 0.7, 5.0], [0.7, 0.7, 5.0], [0.7, 0.7, 1.0], [0.7, 0.7, 6.0], [0.7, 0.7, 5.0]])
+    assert aniso == [0.7, 0.7, 2.6] and "10th percentile" in why
+    # never finer than the other axes
+    assert P.target_spacing([[1, 4, 4], [1, 4, 4], [1, 4, 4], [1, 4, 0.1]])[0] == [1.0, 4.0, 4.0]
+
+
+def test_patch_shrinks_to_the_memory_budget(small_union):
+    fp = P.fingerprint_dataset(small_union, workers=1, cache=False)
+    fp = dict(fp, modalities={"CT": dict(fp["modalities"]["CT"], cropped_mm_median=[600.0, 500.0, 400.0])})
+    big = P.make_plan(fp, device="cuda")["settings"]
+    small = P.make_plan(fp, device="cpu", memory=0.05)["settings"]
+    assert math.prod(small["patch_size"]) < math.prod(big["patch_size"])
+    for s in (big, small):
+        div = [math.prod(st if isinstance(st, int) else st[a] for st in s["network_def#strides"]) for a in range(3)]
+        assert all(p % d == 0 for p, d in zip(s["patch_size"], div))
+        assert len(s["network_def#channels"]) == len(s["network_def#strides"]) + 1
+    with pytest.raises(ValueError, match="3D data.*2D"):
+        P.make_plan(dict(fp, spatial_dims=2), bundle="marginal_exclusion_abdomen")
+    with pytest.raises(ValueError, match="device"):
+        P.make_plan(fp, device="tpu")
+    with pytest.raises(ValueError, match="memory"):
+        P.make_plan(fp, memory=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# three real-world-shaped datasets: the planned values are the ones the fingerprint implies
+
+
+def _mr_slices(root):
+    """2D short-axis-like MR slices at 0.8 x 0.8 mm (8 mm apart), 3 classes, one structure per slice."""
+    rng = np.random.default_rng(2)
+    cases = []
+    for k in range(6):
+        img, lab = _body_case(rng, (80, 72), np.s_[10:70, 8:64],
+                              {1: (np.s_[30:45, 25:40], 900.0), 2: (np.s_[48:58, 40:52], 300.0)}, 5, 500, 20)  # fmt: skip
+        which = "ring" if k % 2 else "core"
+        lab[lab != (1 if which == "core" else 2)] = 0
+        cases.append((f"s{k}", img[..., None], lab[..., None], [which], which))
+    desc = _write_dataset(root, ["background", "core", "ring"], cases, (0.8, 0.8, 8.0), "MR", validation=("s5",))
+    (root / "dataset.json").write_text(json.dumps(desc))
+
+
+def _ct_union(root):
+    """A CT union at 3 mm of two sources, neither named 'full': 'ctorg' labels every class, 'kits' kidneys only."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for k in range(3):
+        img, lab = _body_case(rng, (32, 32, 24), np.s_[4:28, 6:26, 2:22],
+                              {1: (np.s_[8:16, 8:16, 6:14], 140.0), 2: (np.s_[18:24, 10:16, 8:16], 200.0)}, -1000, 40, 10)  # fmt: skip
+        cases.append((f"ctorg{k}", img, lab, "all", "ctorg"))
+        img, lab = _body_case(rng, (32, 32, 24), np.s_[4:28, 6:26, 2:22], {2: (np.s_[18:24, 10:16, 8:16], 210.0)}, -1000, 45, 10)
+        cases.append((f"kits{k}", img, lab, ["kidney"], "kits"))
+    desc = _write_dataset(root, ["background", "liver", "kidney"], cases, (3.0, 3.0, 3.0), "CT", validation=("ctorg2",))
+    (root / "dataset.json").write_text(json.dumps(desc))
+
+
+def _mr_volumes(root):
+    """A 4-class 3D MR at 1.5 mm with 12-bit intensities (0-4095)."""
+    rng = np.random.default_rng(4)
+    cases = []
+    for k in range(4):
+        img, lab = _body_case(rng, (40, 36, 28), np.s_[4:36, 4:32, 2:26],
+                              {1: (np.s_[8:16, 8:16, 6:12], 3600.0), 2: (np.s_[20:28, 8:14, 6:12], 2400.0),
+                               3: (np.s_[10:20, 20:28, 14:22], 3000.0)}, 40, 1500, 60)  # fmt: skip
+        cases.append((f"mr{k}", np.clip(img, 0, 4095), lab, "all", "mine"))
+    desc = _write_dataset(root, ["background", "a", "b", "c"], cases, (1.5, 1.5, 1.5), "MR", validation=("mr3",))
+    (root / "dataset.json").write_text(json.dumps(desc))
+
+
+def test_plan_2d_mr_slices(tmp_path, capsys):
+    _mr_slices(tmp_path)
+    assert main(["plan", str(tmp_path), "--quiet", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for dcl_cardiac" in out and "reason" in out and "no case annotates background" in out
+    plan = json.loads((tmp_path / P.PLAN_NAME).read_text())
+    s, fp = plan["plans"]["dcl_cardiac"]["settings"], plan["fingerprint"]
+    assert fp["spatial_dims"] == 2  # (H, W, 1) slices are 2D; their 8 mm thickness is not an axis
+    assert s["pixdim"] == [0.8, 0.8]
+    # whole 80 x 72 slices; 4 halvings keep maps >= 8 (80, 72 -> 10, 9), so a multiple of 16: 80 x 80
+    assert s["spatial_size"] == [80, 80]
+    assert s["network_def#backbone_kwargs#strides"] == [2, 2, 2, 2]
+    assert (s["num_classes"], s["classes"], s["full_sources"], s["missing"]) == (3, ["background", "core", "ring"], [], "any")
+    assert s["normalization"] == {"MR": {"scheme": "zscore"}}
+    assert s["validation"] == {"split": "validation", "cases": 1}
+    assert P.plan_value(tmp_path, "spatial_size", [96, 96]) == [80, 80]
+    assert P.plan_value(tmp_path, "pixdim", [1.0, 1.0], bundle="dcl_cardiac") == [0.8, 0.8]
+    assert P.plan_value(tmp_path, "not_a_key", "default") == "default"
+
+
+def test_plan_ct_union(tmp_path):
+    _ct_union(tmp_path)
+    plan = P.plan_dataset(tmp_path, workers=1)
+    s, fp = plan["plans"]["marginal_exclusion_abdomen"]["settings"], plan["fingerprint"]
+    assert s["pixdim"] == [3.0, 3.0, 3.0]
+    # the body box is 24 x 20 x 20 voxels at 3 mm; two halvings keep maps >= 8 (-> 6, 5, 5): a multiple of 4 already
+    assert fp["modalities"]["CT"]["cropped_shape_median"] == [24, 20, 20]
+    assert s["patch_size"] == [24, 20, 20]
+    assert (s["network_def#strides"], s["network_def#channels"]) == ([2, 2], [16, 32, 64])
+    assert s["num_classes"] == 3 and s["full_sources"] == ["ctorg"]
+    f = fp["modalities"]["CT"]["foreground"]
+    assert s["normalization"]["CT"] == {"scheme": "ct", "clip": [f["percentile_00_5"], f["percentile_99_5"]], "mean": f["mean"], "std": f["std"]}
+    assert 100 < f["percentile_00_5"] < f["percentile_99_5"] < 250  # liver 140 and kidney ~205 HU, noise 10
+    assert s["intensity_range"] == [round(f["percentile_00_5"], 4), round(f["percentile_99_5"], 4)]
+    assert s["batch_size"] == 2  # the 5% rule caps a 5-case dataset at the minimum
+    assert P.plan_value(tmp_path, "full_sources", ["full"]) == ["ctorg"]
+
+
+def test_plan_4class_mr_volumes(tmp_path):
+    _mr_volumes(tmp_path)
+    plan = P.plan_dataset(tmp_path, workers=1)
+    s, fp = plan["plans"]["marginal_exclusion_abdomen"]["settings"], plan["fingerprint"]
+    assert s["pixdim"] == [1.5, 1.5, 1.5]
+    crop = fp["modalities"]["MR"]["cropped_shape_median"]
+    assert crop == [32, 28, 24]
+    # level 1: (32, 28, 24) -> (16, 14, 12); level 2 -> (8, 7, 6); level 3: only axis 0 (8 >= 8) -> stride (2, 1, 1)
+    assert s["network_def#strides"] == [2, 2, [2, 1, 1]]
+    assert s["patch_size"] == [32, 28, 24]
+    assert s["num_classes"] == 4 and s["full_sources"] == ["mine"]
+    assert s["normalization"] == {"MR": {"scheme": "zscore"}}
+    f = fp["modalities"]["MR"]["foreground"]
+    assert 2000 < f["percentile_00_5"] < f["percentile_99_5"] <= 4095
+    # planning the other bundle keeps this one; the 2D bundle does not fit 3D data
+    with pytest.raises(ValueError, match="3D"):
+        P.plan_dataset(tmp_path, bundle="dcl_cardiac", workers=1)
+    assert main(["plan", str(tmp_path), "--bundle", "dcl_cardiac", "--quiet"]) == 2
