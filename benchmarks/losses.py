@@ -183,7 +183,9 @@ def sweep(reps: int, classes=SWEEP_CLASSES, spatial=SWEEP_SPATIAL, names=SWEEP_C
     """Ratios of each loss to cross-entropy (and to its own baseline) at each class count.
 
     Per class count, every repetition runs each baseline and each loss once, in a fixed order
-    (baselines first); ratios are of minimums over repetitions.
+    (baselines first). ``ratio_*`` are ratios of minimums over repetitions (as the main table);
+    ``ratio_*_median`` are medians of the per-repetition ratios (a loss against the baseline run
+    just before it), steadier when other jobs load the machine unevenly.
     """
     ns = _namespace()
     rows = []
@@ -200,6 +202,10 @@ def sweep(reps: int, classes=SWEEP_CLASSES, spatial=SWEEP_SPATIAL, names=SWEEP_C
             for key, fn in fns.items():
                 times[key].append(_one(fn, x0, t, lab, oh))
         best = {key: min(v) for key, v in times.items()}
+
+        def median_ratio(name: str, base: str) -> float:
+            return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
         for name in names:
             base = CASES[name][1]
             row = {
@@ -208,23 +214,33 @@ def sweep(reps: int, classes=SWEEP_CLASSES, spatial=SWEEP_SPATIAL, names=SWEEP_C
                 "time_ms": best[name] * 1e3,
                 "cross_entropy_ms": best["cross_entropy"] * 1e3,
                 "ratio_ce": best[name] / best["cross_entropy"],
+                "ratio_ce_median": median_ratio(name, "cross_entropy"),
             }
             if base != "cross_entropy":
-                row.update({"baseline": base, "baseline_ms": best[base] * 1e3, "ratio_baseline": best[name] / best[base]})
+                row.update(
+                    {
+                        "baseline": base,
+                        "baseline_ms": best[base] * 1e3,
+                        "ratio_baseline": best[name] / best[base],
+                        "ratio_baseline_median": median_ratio(name, base),
+                    }
+                )
             rows.append(row)
         del x0, t, lab, oh
     return rows
 
 
-def print_sweep(rows: list[dict]) -> None:
-    """One line per loss: ratio to cross-entropy (and to its own baseline) at each class count."""
+def print_sweep(rows: list[dict], suffix: str = "") -> None:
+    """One line per loss: ratio to cross-entropy (and to its own baseline) at each class count
+    (``suffix="_median"``: the medians of per-repetition ratios)."""
     classes = sorted({r["C"] for r in rows})
-    print(f"{'loss':30s} " + " ".join(f"{'C=' + str(c):>12s}" for c in classes) + "   (ratio to CE [to own baseline])")
+    what = "median per-repetition ratio" if suffix else "ratio of minimums"
+    print(f"{'loss':30s} " + " ".join(f"{'C=' + str(c):>12s}" for c in classes) + f"   ({what} to CE [to own baseline])")
     for name in dict.fromkeys(r["loss"] for r in rows):
         cells = []
         for c in classes:
             r = next(r for r in rows if r["loss"] == name and r["C"] == c)
-            cell = f"{r['ratio_ce']:.2f}" + (f" [{r['ratio_baseline']:.2f}]" if "ratio_baseline" in r else "")
+            cell = f"{r['ratio_ce' + suffix]:.2f}" + (f" [{r['ratio_baseline' + suffix]:.2f}]" if "ratio_baseline" in r else "")
             cells.append(f"{cell:>12s}")
         print(f"{name:30s} " + " ".join(cells))
     ce = {r["C"]: r["cross_entropy_ms"] for r in rows}
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {RESULT.relative_to(ROOT)}; none with --quick)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of loss names")
     parser.add_argument(
-        "--sweep", action="store_true", help=f"class-count sweep C = {SWEEP_CLASSES} at (1, C, {SWEEP_SPATIAL}) instead (default 5 reps)"
+        "--sweep", action="store_true", help=f"class-count sweep C = {SWEEP_CLASSES} at (1, C, {SWEEP_SPATIAL}) instead (default 9 reps)"
     )
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="class counts of the sweep")
     parser.add_argument(
@@ -274,7 +290,7 @@ def _meta() -> dict:
 
 
 def _run_sweep(args: argparse.Namespace) -> dict:
-    reps = args.reps or 5
+    reps = args.reps or 9
     classes = tuple(args.classes) if args.classes else SWEEP_CLASSES
     spatial = (8, 8, 8) if args.quick else SWEEP_SPATIAL
     names = tuple(args.only) if args.only else SWEEP_CASES
@@ -285,6 +301,7 @@ def _run_sweep(args: argparse.Namespace) -> dict:
         f" {meta['threads']} threads, {meta['backend']} kernels"
     )
     print_sweep(rows)
+    print_sweep(rows, "_median")
     result = {"spatial": list(spatial), "classes": list(classes), "target": args.target, "reps": reps, **meta, "rows": rows}
     out = args.out if args.out is not None else (None if args.quick else SWEEP_RESULT)
     if out is not None:

@@ -116,6 +116,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ps_marginal_backward.restype = i32
     lib.ps_unknown_classes.argtypes = [p, i64, i64, i64, p]
     lib.ps_unknown_classes.restype = None
+    lib.ps_unknown_classes_cl.argtypes = [p, i64, i64, i64, p]
+    lib.ps_unknown_classes_cl.restype = None
     return lib
 
 

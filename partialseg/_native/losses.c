@@ -722,3 +722,26 @@ void ps_unknown_classes(const float *t, int64_t B, int64_t C, int64_t N, uint8_t
         unknown[r] = (uint8_t)hit;
     }
 }
+
+/* ps_unknown_classes for a channels-last (B, N, C) target: voxels outside, classes inside (the
+   class loop vectorises), stopping once every class of the sample is found unknown */
+void ps_unknown_classes_cl(const float *t, int64_t B, int64_t C, int64_t N, uint8_t *unknown)
+{
+    const int64_t chunk = 1024;
+    for (int64_t b = 0; b < B; b++) {
+        uint8_t *u = unknown + b * C;
+        const float *tb = t + b * N * C;
+        memset(u, 0, (size_t)C);
+        for (int64_t i0 = 0; i0 < N; i0 += chunk) {
+            const int64_t n = min64(chunk, N - i0);
+            for (int64_t v = i0; v < i0 + n; v++) {
+                const float *tv = tb + v * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) u[c] |= (uint8_t)((tv[c] > 0.f) & (tv[c] < 1.f));
+            }
+            int all = 1;
+            for (int64_t c = 0; c < C; c++) all &= u[c];
+            if (all) break;
+        }
+    }
+}

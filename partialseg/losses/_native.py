@@ -137,11 +137,10 @@ def compatible(
     t, t_cl = kernel_target(t)
     unknown = None
     if {"ex_ce", "ex_dice"} & set(negative):  # the sample's unlabelled classes (Eq. 17, 18)
-        if t_cl:
-            unknown = ((t > 0) & (t < 1)).any(1).to(torch.uint8)
-        else:
-            unknown = torch.empty(t.shape[:2], dtype=torch.uint8)
-            _native.library().ps_unknown_classes(_ptr(t), t.shape[0], t.shape[1], t.shape[2], _ptr(unknown))
+        b, n, m = (t.shape[0], t.shape[1], t.shape[2]) if t_cl else (t.shape[0], t.shape[2], t.shape[1])
+        unknown = torch.empty(b, m, dtype=torch.uint8)
+        scan = _native.library().ps_unknown_classes_cl if t_cl else _native.library().ps_unknown_classes
+        scan(_ptr(t), b, m, n, _ptr(unknown))
     if cond_label is not None:
         cond_label = cond_label.contiguous()
     scalars = (float(alpha_pos), float(alpha_neg), float(eps), *map(float, prior))
