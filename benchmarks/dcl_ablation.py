@@ -412,7 +412,7 @@ def inference_variants(net, cases, annotated, splits, seed, args) -> dict:
     for pools in ("annotated", "present"):
         for select, per_class in (("random", 4), ("similar", 0)):
             bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=per_class, seed=seed, pools=pools)
-            for k in ((1, 3, 9) if select == "random" and pools == "present" else (3,)):
+            for k in ((1, 3, 9) if pools == "present" else (3,)):
                 out[f"K{k}_{pools}_{select}"] = score(ConditionalInferer(bank, num_samples=k, seed=seed, select=select), splits["test"], "gt")
     own = []
     with torch.no_grad():

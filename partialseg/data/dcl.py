@@ -242,6 +242,9 @@ class ConditionalDataset(torch.utils.data.Dataset):
             case's image), so conditions come from similar slices.
         neighbours: pool size of ``select="similar"`` (fewer when the pool is smaller).
         class_names: the class names, when ``annotated`` holds names (e.g. ``["background"]``).
+        reference: the same cases, in the same order, without random transforms (e.g. the
+            bundle's support dataset), read instead of ``dataset`` for the presence and the image
+            distances; None reads ``dataset`` (a random flip there would then blur ``"similar"``).
 
     Raises:
         ValueError: bad arguments, or (``missing="error"``) a class without an annotated case
@@ -275,6 +278,7 @@ class ConditionalDataset(torch.utils.data.Dataset):
         select: str = "random",
         neighbours: int = 4,
         class_names: Sequence[str] | None = None,
+        reference: Sequence[dict] | None = None,
     ) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sized, indexable collection of cases, got {type(dataset).__name__}.")
@@ -298,8 +302,11 @@ class ConditionalDataset(torch.utils.data.Dataset):
         self.annotated = [annotated_classes(a, num_classes, class_names) for a in annotated]
         self.pools_mode, self.select, self.neighbours = pools, select, int(neighbours)
         present, images = None, None
+        if reference is not None and (not hasattr(reference, "__len__") or len(reference) != len(dataset)):
+            raise ValueError(f"reference must hold the same {len(dataset)} cases as dataset, got {type(reference).__name__}"
+                             f" of length {len(reference) if hasattr(reference, '__len__') else '?'}.")
         if pools == "present" or select == "similar":
-            present, images = _scan(dataset, self.annotated, num_classes, image_key, label_key, select == "similar")
+            present, images = _scan(dataset if reference is None else reference, self.annotated, num_classes, image_key, label_key, select == "similar")
         #: per case, the annotated classes its label holds (None with pools="annotated")
         self.present = present if pools == "present" else None
         self.pools, self.missing_classes = conditional_pools(self.annotated, num_classes, missing, present=self.present)

@@ -166,3 +166,14 @@ def test_bad_arguments():
         SupportBank.from_dataset(CASES, M, annotated=ANNOTATED, per_class=-1)
     with pytest.raises(ValueError, match="case 1: 'label' must be the <0,p,1> map"):
         ConditionalDataset([CASES[0], {"image": CASES[1]["image"], "label": torch.zeros(1, S, S)}], M, annotated=[[3], [3]])
+
+
+def test_reference_is_read_instead_of_the_augmented_dataset():
+    cases, annotated = _shifted_cases()
+    flipped = [dict(c, image=c["image"].flip(-1)) if i % 2 else c for i, c in enumerate(cases)]  # a random flip of some cases
+    ds = ConditionalDataset(flipped, 2, annotated=annotated, select="similar", neighbours=2, reference=cases)
+    torch.testing.assert_close(ds.distances, ConditionalDataset(cases, 2, annotated=annotated, select="similar", neighbours=2).distances)
+    assert not torch.allclose(ds.distances, ConditionalDataset(flipped, 2, annotated=annotated, select="similar").distances)
+    assert torch.equal(ds[0]["image"], flipped[0]["image"])  # items still come from the dataset
+    with pytest.raises(ValueError, match="same 7 cases"):
+        ConditionalDataset(cases, 2, annotated=annotated, reference=cases[:3])
