@@ -120,16 +120,31 @@ def body_mask(image: Any, nbins: int = 256) -> Any:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    x = np.asarray(image, dtype=np.float32).mean(axis=0)
-    if not x.size or x.min() == x.max():
-        return np.ones(x.shape, dtype=bool)
-    mask = x > threshold_otsu(x, nbins=nbins)
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(x.ndim, x.ndim))
+    image = np.asarray(image)
+    if image.shape[0] == 1 and image.dtype.kind in "iu" and image.dtype.itemsize <= 2 and image.size:
+        # 8/16-bit integer voxels (CT, 12-bit MR), exact in float32: the same histogram from the
+        # distinct values alone (np.histogram bins a value by its value only), one bincount
+        flat = image.ravel(order="K")
+        low, high = int(flat.min()), int(flat.max())
+        if low == high:
+            return np.ones(image.shape[1:], dtype=bool)
+        counts = np.bincount(flat.astype(np.intp) - low)
+        present = np.flatnonzero(counts)
+        values = (present + low).astype(np.float32)
+        hist, edges = np.histogram(values, bins=nbins, range=(np.float32(low), np.float32(high)), weights=counts[present])
+        threshold = threshold_otsu(hist=(hist, (edges[:-1] + edges[1:]) / 2.0))
+        mask = image[0] > threshold
+    else:
+        x = np.asarray(image, dtype=np.float32).mean(axis=0)
+        if not x.size or x.min() == x.max():
+            return np.ones(x.shape, dtype=bool)
+        mask = x > threshold_otsu(x, nbins=nbins)
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = labels == int(np.argmax(sizes))
-    return mask if mask.any() else np.ones(x.shape, dtype=bool)
+    return mask if mask.any() else np.ones(mask.shape, dtype=bool)
 
 
 def case_statistics(
@@ -148,7 +163,7 @@ def case_statistics(
         annotated: global class indices the label annotates.
         num_classes: number of global classes.
         label_map: source value -> class index (or ``[left, right]``), as in a datalist entry.
-        max_samples: foreground intensities kept for the percentiles (evenly spaced in C order).
+        max_samples: foreground intensities kept for the percentiles (evenly spaced, in memory order).
 
     Returns:
         ``spacing`` (mm per spatial axis), ``shape`` and ``cropped_shape`` (the Otsu body box)
@@ -172,16 +187,12 @@ def case_statistics(
     spatial = spatial_shape(img.shape, image, None if lab is None else lab.ndim)
     if lab is not None and tuple(lab.shape) != tuple(spatial):
         raise ValueError(f"label {label} has spatial shape {tuple(lab.shape)} but image {image} has {tuple(spatial)}")
-    img = np.asarray(img, dtype=np.float32).reshape(*spatial, -1)
-    img = np.moveaxis(img, -1, 0)  # (C, *spatial)
+    img = np.moveaxis(np.asarray(img).reshape(*spatial, -1), -1, 0)  # (C, *spatial), the stored dtype
     mask = body_mask(img)
-    if mask.all():
-        cropped = list(spatial)
-    else:
-        cropped = []
-        for axis in range(mask.ndim):
-            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-            cropped.append(int(hit[-1] - hit[0] + 1))
+    cropped = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        cropped.append(int(hit[-1] - hit[0] + 1))
     out: dict[str, Any] = {
         "spacing": _spacing(affine, len(spatial)),
         "shape": [int(s) for s in spatial],
@@ -196,17 +207,23 @@ def case_statistics(
         from partialseg.transforms import RemapLabels  # torch: only for sources with a label map
 
         lab = np.asarray(RemapLabels(label_map)(lab[None], lab_affine))[0]
-    else:
-        lab = np.rint(lab).astype(np.int64) if lab.dtype.kind == "f" else lab.astype(np.int64, copy=False)
-    counts = np.bincount(lab.ravel(), minlength=num_classes) if lab.size and lab.min() >= 0 else np.zeros(num_classes, np.int64)
+    elif lab.dtype.kind == "f":
+        lab = np.rint(lab).astype(np.int64)
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"label {label} holds negative values (label values are 0, 1, ...)")
+    flat = lab.ravel(order="K")
+    counts = np.bincount(flat, minlength=num_classes) if flat.size else np.zeros(num_classes, np.int64)
     for c in annotated:
         out["class_voxels"][c] = int(counts[c]) if c < counts.size else 0
     # foreground: voxels of an annotated non-background class (a partial case's other values are
     # "some unannotated class", unknown, and stay out)
-    fg_classes = [c for c in annotated if c != 0]
+    fg_classes = [c for c in annotated if c != 0 and c < counts.size]
     if fg_classes:
-        fg_mask = np.isin(lab, fg_classes)
-        values = img.mean(axis=0)[fg_mask].astype(np.float64)  # channels averaged, as the Otsu mask is
+        lut = np.zeros(counts.size, dtype=bool)
+        lut[fg_classes] = True
+        fg_mask = lut[lab]
+        gray = img[0] if img.shape[0] == 1 else img.astype(np.float32).mean(axis=0)  # channels averaged, as for Otsu
+        values = gray[fg_mask].astype(np.float64)
         out["count"] = int(values.size)
         out["sum"] = float(values.sum())
         out["sumsq"] = float(np.square(values).sum())
@@ -321,6 +338,7 @@ def _aggregate(ds: Any, cases: list[dict[str, Any]], stats: list[dict[str, Any]]
         "sources": sources,
         "full_sources": [n for n, s in sources.items() if s["fully_labelled"]],
         "spacings": [s["spacing"] for s in stats],
+        "cropped_shapes": [s["cropped_shape"] for s in stats],
     }
 
 
@@ -428,13 +446,17 @@ def _safe_job(job: tuple) -> dict[str, Any] | str:
 # planning rules
 
 
-def target_spacing(spacings: Sequence[Sequence[float]], anisotropy: float = ANISOTROPY) -> tuple[list[float], str]:
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[float]] | None = None,
+                   anisotropy: float = ANISOTROPY) -> tuple[list[float], str]:
     """nnU-Net's target spacing: the median per axis; when the coarsest median axis is more than
-    ``anisotropy`` times the finest, that axis takes its 10th percentile instead (not finer than the
-    other axes), so thin-slice cases are not thrown away by resampling to the typical thick slice.
+    ``anisotropy`` times the others (and, given ``shapes``, also has ``anisotropy`` times fewer
+    voxels than the others, nnU-Net's second condition), that axis takes its 10th percentile
+    instead (not finer than the other axes), so thin-slice cases are not thrown away by
+    resampling to the typical thick slice.
 
     Args:
         spacings: one spacing per case, ``(N, D)``.
+        shapes: one shape (voxels; nnU-Net: after the body crop) per case, ``(N, D)``, or None.
 
     Returns:
         the spacing and the reason.
@@ -442,6 +464,8 @@ def target_spacing(spacings: Sequence[Sequence[float]], anisotropy: float = ANIS
     Example:
         >>> target_spacing([[1, 1, 5], [1, 1, 3], [1, 1, 2.5], [1, 1, 5]])[0]
         [1.0, 1.0, 2.65]
+        >>> target_spacing([[1, 1, 5], [1, 1, 3], [1, 1, 2.5], [1, 1, 5]], shapes=[[200, 200, 100]] * 4)[0]  # 100 * 3 > 200
+        [1.0, 1.0, 4.0]
         >>> target_spacing([[0.8, 0.8], [0.8, 0.8]])[0]
         [0.8, 0.8]
     """
@@ -449,16 +473,26 @@ def target_spacing(spacings: Sequence[Sequence[float]], anisotropy: float = ANIS
 
     s = np.asarray(spacings, dtype=np.float64)
     median = np.median(s, axis=0)
+    out = [float(round(v, 4)) for v in median]
+    if s.shape[1] < 2:
+        return out, f"median spacing over {len(s)} cases"
     coarse = int(np.argmax(median))
-    ratio = float(median[coarse] / median.min())
-    if s.shape[1] > 1 and ratio > anisotropy:
-        others = np.delete(median, coarse)
+    others = np.delete(median, coarse)
+    ratio = float(median[coarse] / others.max())
+    aniso_voxels = True
+    if shapes is not None:
+        size = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
+        aniso_voxels = bool(size[coarse] * anisotropy < np.delete(size, coarse).min())
+    if ratio > anisotropy and aniso_voxels:
         value = max(float(np.percentile(s[:, coarse], 10)), float(others.max()))
-        out = [float(round(v, 4)) for v in median]
         out[coarse] = float(round(value, 4))
-        return out, (f"median spacing per axis; axis {coarse} is {ratio:.1f}x coarser than the finest (> {anisotropy:g}):"
-                     f" it takes its 10th percentile {value:.3g} mm (nnU-Net's anisotropy rule)")  # fmt: skip
-    return [float(round(v, 4)) for v in median], f"median spacing per axis over {len(s)} cases (max/min ratio {ratio:.2f} <= {anisotropy:g})"
+        return out, (f"median spacing per axis; axis {coarse} is {ratio:.1f}x coarser than the others (> {anisotropy:g})"
+                     + (" with that many times fewer voxels" if shapes is not None else "")
+                     + f": it takes its 10th percentile {value:.3g} mm (nnU-Net's anisotropy rule)")  # fmt: skip
+    if ratio > anisotropy:
+        return out, (f"median spacing per axis over {len(s)} cases (axis {coarse} is {ratio:.1f}x coarser but not {anisotropy:g}x"
+                     " shorter in voxels: nnU-Net keeps its median)")  # fmt: skip
+    return out, f"median spacing per axis over {len(s)} cases (coarsest / others {ratio:.2f} <= {anisotropy:g})"
 
 
 def _topology(patch: Sequence[int], spacing: Sequence[float], max_levels: int = 5) -> list[list[int]]:
@@ -570,7 +604,7 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     warnings: list[str] = []
     classes = list(fingerprint["classes"])
 
-    spacing, why = target_spacing(fingerprint["spacings"])
+    spacing, why = target_spacing(fingerprint["spacings"], fingerprint.get("cropped_shapes"))
     settings["pixdim"], reasons["pixdim"] = spacing, why
 
     # the median extent in mm (body crop for patches; the whole field of view for slices, which the
@@ -687,7 +721,7 @@ def plan_dataset(dataset_dir: str | os.PathLike, bundle: str | None = None, devi
         except (OSError, ValueError, AttributeError):
             pass
     out["plans"][plan["bundle"]] = plan
-    out["fingerprint"] = {k: v for k, v in fp.items() if k not in ("spacings", "training_cases", "fully_labelled_cases")}
+    out["fingerprint"] = {k: v for k, v in fp.items() if k not in ("spacings", "cropped_shapes", "training_cases", "fully_labelled_cases")}
     if write:
         tmp = path.with_name(f".{PLAN_NAME}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(out, indent=2))

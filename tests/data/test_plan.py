@@ -172,6 +172,11 @@ def test_target_spacing_anisotropy_rule():
     # z median 5 is > 3 x 0.7: it takes its 10th percentile (np.percentile([1, 5, 5, 5, 6], 10) = 2.6)
     aniso, why = P.target_spacing([[0.7, 0.7, 5.0], [0.7, 0.7, 5.0], [0.7, 0.7, 1.0], [0.7, 0.7, 6.0], [0.7, 0.7, 5.0]])
     assert aniso == [0.7, 0.7, 2.6] and "10th percentile" in why
+    # nnU-Net's second condition: the coarse axis must also hold 3x fewer voxels than the others
+    spacings = [[0.7, 0.7, 5.0], [0.7, 0.7, 5.0], [0.7, 0.7, 1.0], [0.7, 0.7, 6.0], [0.7, 0.7, 5.0]]
+    assert P.target_spacing(spacings, shapes=[[512, 512, 100]] * 5)[0] == [0.7, 0.7, 2.6]
+    kept, why = P.target_spacing(spacings, shapes=[[512, 512, 200]] * 5)
+    assert kept == [0.7, 0.7, 5.0] and "keeps its median" in why
     # never finer than the other axes
     assert P.target_spacing([[1, 4, 4], [1, 4, 4], [1, 4, 4], [1, 4, 0.1]])[0] == [1.0, 4.0, 4.0]
 
@@ -295,3 +300,14 @@ def test_plan_4class_mr_volumes(tmp_path):
     with pytest.raises(ValueError, match="3D"):
         P.plan_dataset(tmp_path, bundle="dcl_cardiac", workers=1)
     assert main(["plan", str(tmp_path), "--bundle", "dcl_cardiac", "--quiet"]) == 2
+
+
+def test_body_mask_integer_path_is_otsu_foreground():
+    """16-bit images take a bincount histogram: the same mask as OtsuForeground on the floats."""
+    from partialseg.transforms import OtsuForeground
+
+    rng = np.random.default_rng(5)
+    for dtype, low, high in [(np.int16, -1024, 3071), (np.uint16, 0, 4095), (np.uint8, 0, 255)]:
+        img = rng.integers(low, (low + high) // 2, (1, 24, 20, 12)).astype(dtype)
+        img[0, 4:20, 3:17, 2:10] = rng.integers((low + high) // 2, high, (16, 14, 8))
+        np.testing.assert_array_equal(P.body_mask(img), OtsuForeground()(img.astype(np.float32))[0].numpy())
