@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-_SUBMODULES = ("builders", "check", "datalists", "dcl", "sampling", "spec", "synthetic", "validation")
+_SUBMODULES = ("builders", "check", "datalists", "dcl", "plan", "sampling", "spec", "synthetic", "validation")
 
 
 def __getattr__(name: str):

@@ -49,6 +49,7 @@ __all__ = [
     "estimate_memory",
     "fingerprint_dataset",
     "format_plan",
+    "load_plan",
     "make_plan",
     "plan_dataset",
     "plan_value",
@@ -729,6 +730,43 @@ def plan_dataset(dataset_dir: str | os.PathLike, bundle: str | None = None, devi
     return out
 
 
+def load_plan(dataset_dir: str | os.PathLike, bundle: str) -> dict[str, Any]:
+    """The settings planned for ``bundle`` in ``dataset_dir/plan.json``; ``{}`` when there is none.
+
+    What bundle configs call (``"dataset_plan": "$partialseg.data.plan.load_plan(@dataset_dir,
+    '<bundle>')"``, then ``"pixdim": "$@dataset_plan.get('pixdim', [default])"``), so that a
+    dataset with a plan needs no override and a command-line override of a key still wins. A plan
+    made before the dataset last changed (files added, replaced or touched) is used with a warning
+    on stderr.
+
+    Raises:
+        ValueError: ``plan.json`` is not a plan written by ``partialseg plan``.
+    """
+    import sys
+
+    path = Path(dataset_dir) / PLAN_NAME
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text())
+        settings = plan["plans"].get(bundle, {}).get("settings", {})
+        if not isinstance(settings, dict):
+            raise TypeError(f"plans.{bundle}.settings is a {type(settings).__name__}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: is not a plan written by `partialseg plan` ({e}); delete it or plan again") from None
+    if settings:
+        try:
+            from partialseg.data.spec import load_dataset
+
+            current = dataset_hash(load_dataset(Path(dataset_dir)), Path(dataset_dir) / "dataset.json")
+        except (OSError, ValueError):
+            current = None
+        if current != plan.get("dataset_hash"):
+            print(f"partialseg: warning: {path} was planned for an earlier state of the dataset (files added, replaced or"
+                  f" touched since); run `partialseg plan {dataset_dir} --bundle {bundle}` again", file=sys.stderr)  # fmt: skip
+    return dict(settings)
+
+
 def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: str | None = None) -> Any:
     """A setting planned for ``dataset_dir`` (its ``plan.json``), or ``default`` when there is none.
 
@@ -736,20 +774,21 @@ def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: s
         dataset_dir: the dataset folder.
         key: a bundle config key (``pixdim``, ``patch_size``, ``num_classes``, ...).
         default: returned when the folder holds no ``plan.json`` or the plan lacks the key.
-        bundle: the bundle whose plan to read (default: the only one planned).
+        bundle: the bundle whose plan to read (default: the only one planned; ``default`` when
+            several are).
     """
-    path = Path(dataset_dir) / PLAN_NAME
-    if not path.is_file():
-        return default
-    try:
-        plans = json.loads(path.read_text())["plans"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: is not a plan written by `partialseg plan` ({e}); delete it or plan again") from None
     if bundle is None:
+        path = Path(dataset_dir) / PLAN_NAME
+        if not path.is_file():
+            return default
+        try:
+            plans = json.loads(path.read_text())["plans"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: is not a plan written by `partialseg plan` ({e}); delete it or plan again") from None
         if len(plans) != 1:
             return default
         bundle = next(iter(plans))
-    return plans.get(bundle, {}).get("settings", {}).get(key, default)
+    return load_plan(dataset_dir, bundle).get(key, default)
 
 
 def _fmt(v: Any) -> str:

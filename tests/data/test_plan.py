@@ -311,3 +311,24 @@ def test_body_mask_integer_path_is_otsu_foreground():
         img = rng.integers(low, (low + high) // 2, (1, 24, 20, 12)).astype(dtype)
         img[0, 4:20, 3:17, 2:10] = rng.integers((low + high) // 2, high, (16, 14, 8))
         np.testing.assert_array_equal(P.body_mask(img), OtsuForeground()(img.astype(np.float32))[0].numpy())
+
+
+def test_load_plan_for_a_bundle_config(tmp_path, capsys):
+    """What a bundle config would call: the bundle's settings, {} without a plan, a warning when stale."""
+    assert P.load_plan(tmp_path, "dcl_cardiac") == {}
+    _mr_slices(tmp_path)
+    assert P.load_plan(tmp_path, "dcl_cardiac") == {}
+    P.plan_dataset(tmp_path, workers=1)
+    settings = P.load_plan(tmp_path, "dcl_cardiac")
+    assert settings["spatial_size"] == [80, 80] and settings["num_classes"] == 3
+    assert P.load_plan(tmp_path, "marginal_exclusion_abdomen") == {}  # planned for the other bundle only
+    assert "warning" not in capsys.readouterr().err
+    import os
+
+    image = tmp_path / "imagesTr" / "s0.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert P.load_plan(tmp_path, "dcl_cardiac") == settings
+    assert "planned for an earlier state of the dataset" in capsys.readouterr().err
+    (tmp_path / P.PLAN_NAME).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a plan written by `partialseg plan`"):
+        P.load_plan(tmp_path, "dcl_cardiac")
