@@ -94,6 +94,14 @@ def _bases(name: str, value: str | Sequence[str] | None, allowed: tuple[str, ...
     return items
 
 
+def _compatible_args(positive, negative, alpha_pos, alpha_neg, eps) -> tuple[tuple[str, ...], tuple[str, ...], float, float, float]:
+    """The compatible loss's checked arguments, shared by :class:`CompatibleLoss` and :class:`ConditionalCompatibleLoss`."""
+    positive, negative = _bases("positive", positive, POSITIVE_BASES), _bases("negative", negative, NEGATIVE_BASES)
+    if not positive and not negative:
+        raise ValueError("CompatibleLoss needs at least one positive or negative base, got none.")
+    return positive, negative, check_positive("alpha_pos", alpha_pos), check_positive("alpha_neg", alpha_neg), check_positive("eps", eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # the family's one entry point: compiled kernel or torch
 # ----------------------------------------------------------------------------------------------
@@ -495,13 +503,7 @@ class CompatibleLoss(PartialLabelLoss):
         eps: float = 1.0,
     ) -> None:
         super().__init__(reduction=reduction)
-        self.positive = _bases("positive", positive, POSITIVE_BASES)
-        self.negative = _bases("negative", negative, NEGATIVE_BASES)
-        if not self.positive and not self.negative:
-            raise ValueError("CompatibleLoss needs at least one positive or negative base, got none.")
-        self.alpha_pos = check_positive("alpha_pos", alpha_pos)
-        self.alpha_neg = check_positive("alpha_neg", alpha_neg)
-        self.eps = check_positive("eps", eps)
+        self.positive, self.negative, self.alpha_pos, self.alpha_neg, self.eps = _compatible_args(positive, negative, alpha_pos, alpha_neg, eps)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Compute the loss from logits ``input`` and the ``<0,p,1>`` ``target`` (same shape)."""
@@ -660,7 +662,7 @@ class ConditionalCompatibleLoss(PartialLabelLoss):
         reading: str = "sum",
     ) -> None:
         super().__init__(reduction=reduction)
-        self.compatible = CompatibleLoss(positive, negative, alpha_pos, alpha_neg, reduction, eps)
+        self.positive, self.negative, self.alpha_pos, self.alpha_neg, self.eps = _compatible_args(positive, negative, alpha_pos, alpha_neg, eps)
         self.prior_weight = check_nonnegative("prior_weight", prior_weight)
         self.reading = check_option(reading, ("sum", "maps"), "reading")
 
@@ -669,11 +671,19 @@ class ConditionalCompatibleLoss(PartialLabelLoss):
         _check_conditional(input, cond_label, type(self).__name__)
         if target.shape != input.shape:
             raise ValueError(f"{type(self).__name__}: target must match input {tuple(input.shape)}, got {tuple(target.shape)}.")
-        c = self.compatible
         if self.reading == "sum":  # Eq. 6 as written: the compatible loss of the summed maps, per class
             m = cond_label.shape[1]
             target = (target[:, :m] + target[:, m:]).clamp(0, 1)
         per_voxel = dcl_per_voxel(
-            input, target, c.positive, c.negative, c.alpha_pos, c.alpha_neg, c.eps, cond_label, c.negative or ("ce",), self.prior_weight
+            input,
+            target,
+            self.positive,
+            self.negative,
+            self.alpha_pos,
+            self.alpha_neg,
+            self.eps,
+            cond_label,
+            self.negative or ("ce",),
+            self.prior_weight,
         )
         return reduce_voxelwise(per_voxel, self.reduction, input.shape[2:])
