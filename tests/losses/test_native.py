@@ -375,3 +375,17 @@ def test_changed_source_gets_a_new_library(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "SOURCE", source)
     assert native._library_path(cc) != before
     assert native._library_path(cc).parent == before.parent
+
+
+@pytest.mark.parametrize("make", VOXELWISE + REGION[:4], ids=_loss_id)
+def test_minus_inf_logit_is_a_zero_probability_on_both_paths(make, monkeypatch):
+    """-inf on a class known absent is p = 0, as in F.cross_entropy: finite loss and gradient, alike on both paths."""
+    x, t = partial_batch()
+    x[0, 1, 2, 3] = float("-inf") if t[0, 1, 2, 3] == 0 else x[0, 1, 2, 3]
+    x[0, 4, 2, 3] = float("-inf") if t[0, 4, 2, 3] == 0 else x[0, 4, 2, 3]
+    assert bool(torch.isinf(x).any())
+    v_n, g_n = run(make(), x, t, native_on=True, monkeypatch=monkeypatch)
+    v_t, g_t = run(make(), x, t, native_on=False, monkeypatch=monkeypatch)
+    assert torch.isfinite(v_n).all() and torch.isfinite(g_n).all()
+    torch.testing.assert_close(v_n, v_t, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g_n, g_t, atol=2e-5, rtol=1e-4)
