@@ -326,8 +326,17 @@ class DCLTrainer(MultiNetworkTrainer):
         return int(choices[int(np.random.default_rng([self.seed, iteration]).integers(len(choices)))])
 
     def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
-        """Eq. 10: PrimNet's conditional compatible loss, plus the dual task in stage 2; one update."""
-        image, label, cond_image, cond_label = batch
+        """Eq. 10 (:meth:`compute_loss`), then one update of PrimNet."""
+        # the loss is computed in its own method so that its intermediate tensors (logits, the
+        # dual swap, z) are released before the backward pass, not held through it
+        self.update(self.compute_loss(*batch), "optimizer")
+
+    def compute_loss(self, image: Tensor, label: Tensor, cond_image: Tensor, cond_label: Tensor) -> Tensor:
+        """PrimNet's conditional compatible loss, plus the dual task in stage 2 (Eq. 10).
+
+        Fills ``state.output`` (``image``, ``label``, ``pred``, ``loss_prim``, ``loss_dual``,
+        ``dual_class``) and fires ``FORWARD_COMPLETED``; returns the loss to minimise.
+        """
         out = self.state.output
         out.update({Keys.IMAGE: image, Keys.LABEL: label})
         stage2 = self.lambda_dual > 0
@@ -348,7 +357,7 @@ class DCLTrainer(MultiNetworkTrainer):
             loss_dual = self.loss_function(dual_logits, z_d, d["cond_label_hard"]).mean()
             loss = (1.0 - self.lambda_dual) * loss_prim + self.lambda_dual * loss_dual
         out.update({"loss_prim": loss_prim.detach(), "loss_dual": loss_dual.detach(), "dual_class": s})
-        self.update(loss, "optimizer")
+        return loss
 
 
 class DualNetworkUpdater:

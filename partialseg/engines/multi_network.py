@@ -477,6 +477,11 @@ class MultiNetworkTrainer(Trainer):
         inputs; the loss is written by :meth:`update`), fires ``FORWARD_COMPLETED`` after its
         forward pass if handlers want it, and calls :meth:`update` for each optimiser group. A
         dict it returns is merged into ``state.output``.
+
+        Compute each loss in a function of its own (``self.update(self.compute_loss(...))``):
+        intermediate tensors still referenced by ``train_step``'s locals (logits, targets built
+        on the fly) would stay alive through the backward pass, raising the peak memory; for
+        DCL's stage 2 on CPU that cost 5-9% of the iteration.
         """
         if self._train_step is None:
             raise NotImplementedError(f"{type(self).__name__}: pass train_step= or override train_step().")
