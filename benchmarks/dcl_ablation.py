@@ -109,6 +109,8 @@ def parse_args(argv=None):
                     help="condition selection in training and at inference (default: the library's)")
     ap.add_argument("--support-per-class", type=int, default=None, help="SupportBank entries per class (default 4; 0 = all)")
     ap.add_argument("--tag", default="", help="a label stored with the runs (an investigation setting)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="CompNet arms: also score other inference settings (K, pools, selection; always on with --levels)")
     ap.add_argument("--data-dir", default="/tmp/partialseg_dcl_ablation")
     ap.add_argument("--out", default=None, help="JSONL of the runs (default benchmarks/results/dcl_ablation_runs.jsonl, "
                                                 "dcl_stack_runs.jsonl with --levels)")
@@ -381,7 +383,7 @@ def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
             out = inferer(c["image"][None], net)
             pred = out.argmax(1)[0]
             per_case.append({"case": c["name"], "phase": c["phase"], "level": c.get("level"), "dice": dice_per_class(pred, c["gt"], m)})
-    extra = inference_variants(net, cases, annotated, splits, seed, args) if cond and args.levels else {}
+    extra = inference_variants(net, cases, annotated, splits, seed, args) if cond and (args.levels or args.diagnostics) else {}
     return {"arm": arm, "seed": seed, "per_case": per_case, "extra": extra, "val_best": best["metric"], "loss1": loss1[:: max(1, len(loss1) // 50)],
             "loss2": loss2[:: max(1, len(loss2) // 25)], "time_phase1_s": t1, "time_phase2_s": t2, "dual_refreshes": refreshes,
             "val_curve": val_curve}
