@@ -48,6 +48,8 @@ __all__ = [
     "dataset_hash",
     "estimate_memory",
     "fingerprint_dataset",
+    "bundle_overrides",
+    "format_command",
     "format_plan",
     "load_plan",
     "make_plan",
@@ -79,11 +81,15 @@ BUNDLES: dict[str, dict[str, Any]] = {
     "marginal_exclusion_abdomen": {
         "spatial_dims": 3, "mode": "patch", "patch_key": "patch_size", "base_channels": 16, "max_channels": 320,
         "channels_key": "network_def#channels", "strides_key": "network_def#strides", "memory_factor": 1.0,
+        "config_keys": ("pixdim", "patch_size", "batch_size", "network_def#channels", "network_def#strides", "intensity_range",
+                        "num_classes", "full_sources"),
     },
     "dcl_cardiac": {
         "spatial_dims": 2, "mode": "slice", "patch_key": "spatial_size", "base_channels": 32, "max_channels": 512,
         "channels_key": "network_def#backbone_kwargs#channels", "strides_key": "network_def#backbone_kwargs#strides",
         "memory_factor": 2.0,  # PrimNet trains while a frozen DualNet runs forward (stage 2)
+        "config_keys": ("pixdim", "spatial_size", "batch_size", "network_def#backbone_kwargs#channels",
+                        "network_def#backbone_kwargs#strides", "num_classes", "missing"),
     },
 }  # fmt: skip
 
@@ -730,6 +736,41 @@ def plan_dataset(dataset_dir: str | os.PathLike, bundle: str | None = None, devi
     return out
 
 
+#: planned settings that are not bundle config keys (read by people and the docs)
+NOT_CONFIG_KEYS = ("classes", "normalization", "validation")
+
+
+def bundle_overrides(settings: Mapping[str, Any], bundle: str | None = None) -> dict[str, Any]:
+    """The planned settings that are config keys of ``bundle`` (``pixdim``, ``network_def#channels``,
+    ...; None: of any bundle), as ``monai.bundle run`` overrides.
+
+    Example:
+        >>> bundle_overrides({"pixdim": [1.5, 1.5], "classes": ["background", "a"], "num_classes": 2, "missing": "any"},
+        ...                  "marginal_exclusion_abdomen")
+        {'pixdim': [1.5, 1.5], 'num_classes': 2}
+    """
+    keys = BUNDLES[bundle]["config_keys"] if bundle is not None else None
+    return {k: v for k, v in settings.items() if k not in NOT_CONFIG_KEYS and (keys is None or k in keys)}
+
+
+def format_command(dataset_dir: str | os.PathLike, bundle: str, settings: Mapping[str, Any]) -> str:
+    """A ``python -m monai.bundle run`` command line (run in the bundle's folder) that trains
+    ``bundle`` on ``dataset_dir`` with the planned settings as overrides.
+
+    Example:
+        >>> print(format_command("/data/mine", "dcl_cardiac", {"pixdim": [0.8, 0.8], "missing": "any"}))
+        python -m monai.bundle run --config_file configs/train.json --meta_file configs/metadata.json --bundle_root . \\
+            --dataset_dir /data/mine --pixdim '[0.8, 0.8]' --missing any
+    """
+    import shlex
+
+    parts = [f"--dataset_dir {shlex.quote(str(dataset_dir))}"]
+    for key, value in bundle_overrides(settings, bundle).items():
+        parts.append(f"--{key} {shlex.quote(repr(value))}" if not isinstance(value, str) else f"--{key} {shlex.quote(value)}")
+    return ("python -m monai.bundle run --config_file configs/train.json --meta_file configs/metadata.json --bundle_root . \\\n    "
+            + " ".join(parts))
+
+
 def load_plan(dataset_dir: str | os.PathLike, bundle: str) -> dict[str, Any]:
     """The settings planned for ``bundle`` in ``dataset_dir/plan.json``; ``{}`` when there is none.
 
@@ -871,4 +912,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_plan(plan, bundle=planned))
     root = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
     print(f"\nwritten: {root / PLAN_NAME}")
+    print(f"\ntrain with the plan (in bundles/{planned}/; add --stage 1 / 2 and your schedule):")
+    print(format_command(root.resolve(), planned, plan["plans"][planned]["settings"]))
     return 0

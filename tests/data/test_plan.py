@@ -332,3 +332,26 @@ def test_load_plan_for_a_bundle_config(tmp_path, capsys):
     (tmp_path / P.PLAN_NAME).write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a plan written by `partialseg plan`"):
         P.load_plan(tmp_path, "dcl_cardiac")
+
+
+@pytest.mark.slow
+def test_the_marginal_bundle_trains_on_the_planned_settings(tmp_path):
+    """Stage 1 of the marginal bundle on the CT union, told nothing but the dataset and the plan's
+    overrides (its sources are not named 'full'; 3 classes, not 7; a 2-level network)."""
+    import torch
+
+    from partialseg.engines import run_bundle
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _ct_union(data)
+    plan = P.plan_dataset(data, workers=1)
+    overrides = P.bundle_overrides(plan["plans"]["marginal_exclusion_abdomen"]["settings"], "marginal_exclusion_abdomen")
+    assert set(overrides) == set(P.BUNDLES["marginal_exclusion_abdomen"]["config_keys"])
+    bundle = P.Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
+    r = run_bundle(bundle, tmp_path, ("train.json",), threads=1, timeout=600, dataset_dir=str(data), stage=1,
+                   epochs_stage1=1, iterations_per_epoch=2, val_interval=1, **overrides)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    weights = torch.load(tmp_path / "models" / "model_stage1.pt", map_location="cpu")
+    last_bias = [v for k, v in weights.items() if k.endswith("conv.bias")][-1]
+    assert tuple(last_bias.shape) == (3,)  # the output layer has the dataset's 3 classes (the bundle's default: 7)
