@@ -440,3 +440,75 @@ def test_size_above_the_memory_limit_is_refused_before_any_work(tmp_path, capsys
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{MAX_VOXELS:,}" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _content_hash(root: Path) -> str:
+    """SHA-256 of dataset.json and every NIfTI's name, dtype and voxels (blind to gzip's bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update((root / "dataset.json").read_bytes())
+    for p in sorted(root.rglob("*.nii.gz")):
+        a = np.asarray(nib.load(str(p)).dataobj)
+        h.update(p.name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_cardiac_default_output_is_unchanged_by_stack_mode(tmp_path):
+    # computed before stack mode (levels=) existed: levels=0 must keep writing the same dataset
+    make_dataset("cardiac2d", tmp_path, seed=3, size=48, num_train=3, num_test=1)
+    assert _content_hash(tmp_path) == "5341ec1557cd1bcdd0212781355e1534457742528cceed8bc7e136f3b72b9d80"
+
+
+def test_cardiac_stack_anatomy_by_level():
+    shape = (64, 64)
+    for i in range(3):
+        params = cardiac.sample_subject(C.case_rng(4, "cardiac2d", "training", i), shape)
+        params, positions = cardiac.sample_stack(params, cardiac.stack_rng(4, "training", i), 4)
+        assert all((k / 4) <= t <= (k + 1) / 4 for k, t in enumerate(positions))  # one level per stratum
+        for phase in cardiac.PHASES:
+            areas, centres = [], []
+            for level in (0.05, 0.4, 0.7, 0.97):
+                _, gt, masks = cardiac.render_case(params, phase, np.random.default_rng(0), shape, level=level)
+                assert _disjoint(masks)
+                areas.append([int(masks[n].sum()) for n in ("LV", "MYO", "RV")])
+                centres.append(np.argwhere(masks["MYO"] | masks["LV"]).mean(0))
+            lv, myo, rv = np.array(areas).T
+            assert (np.diff(lv) < 0).all() or lv[-1] == 0, lv  # the cavity narrows towards the apex
+            assert (np.diff(rv) <= 0).all() and rv[0] > 20 and rv[-1] == 0, rv  # the RV ends above the apex
+            assert lv[0] > 20 and (myo > 10).all(), (lv, myo)
+            assert np.linalg.norm(centres[-1] - centres[0]) > 2.0  # the heart moves along its long axis (px)
+    with pytest.raises(ValueError, match="sample_stack"):
+        cardiac.render_case(cardiac.sample_subject(np.random.default_rng(0), shape), "ED", np.random.default_rng(0), shape, level=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        cardiac.render_case(params, "ED", np.random.default_rng(0), shape, level=1.5)
+
+
+def test_cardiac_stack_dataset(tmp_path):
+    make_dataset("cardiac2d", tmp_path, seed=1, size=48, num_train=4, num_test=1, num_val=1, levels=3, variant="wholeheart")
+    desc = _desc(tmp_path)
+    assert desc["levels"] == 3 and len(desc["training"]) == 24 and len(desc["test"]) == 6 and len(desc["validation"]) == 6
+    for c in desc["training"]:
+        label, _ = _read(tmp_path / c["label"])
+        assert c["present"] == bool(label.any())  # "present" says whether the annotated structure is in the slice
+        assert 0.0 <= c["level"] <= 1.0 and c["image"].endswith(f"_L{c['slice']}_{c['phase']}.nii.gz")
+    assert any(not c["present"] for c in desc["training"]), "no annotated-but-absent case at this seed"
+    for c in desc["test"]:
+        label, _ = _read(tmp_path / c["label"])
+        if c["level"] > 0.85:
+            assert not (label == 3).any()  # below every subject's RV end
+    with pytest.raises(ValueError, match="levels"):
+        make_dataset("cardiac2d", tmp_path / "bad", levels=-1)
+
+
+def test_cli_make_data_levels(tmp_path):
+    from partialseg.cli import main
+
+    out = tmp_path / "stack"
+    assert main(["make-data", "cardiac2d", "--out", str(out), "--size", "32", "--num-train", "1", "--num-test", "1",
+                 "--levels", "2", "--quiet"]) == 0
+    desc = _desc(out)
+    assert desc["levels"] == 2 and [c["slice"] for c in desc["training"]] == [0, 0, 1, 1]
+    assert main(["make-data", "polyp2d", "--out", str(tmp_path / "p"), "--levels", "2", "--quiet"]) == 2  # cardiac2d only
