@@ -17,20 +17,9 @@ resampled, cropped short-axis slices next to the ``dataset.json``, keep one rand
 training slice, and take the options ``--spacing``, ``--size``, ``--keep``, ``--seed``,
 ``--test`` and ``--no-wholeheart``; they cannot be mixed with the abdominal layouts.
 
-Abdominal layouts (the marginal-loss paper's union; :data:`partialseg.data.builders.abdomen.LAYOUTS`):
-
-==============  ==============================================  =====================================
-layout          folder                                          label values -> classes
-==============  ==============================================  =====================================
-``btcv``        ``[RawData/]Training/img/img*.nii.gz`` +        1 spleen, 2 kidney_right, 3 kidney_left,
-                ``label/label*.nii.gz`` (fully labelled)        6 liver, 7 stomach, 11 pancreas; the
-                                                                other 7 organs -> background
-``msd_liver``   MSD ``Task03_Liver`` (its ``dataset.json``)     1 liver, 2 tumour -> liver
-``msd_spleen``  MSD ``Task09_Spleen``                           1 spleen
-``msd_pancreas`` MSD ``Task07_Pancreas``                        1 pancreas, 2 tumour -> pancreas
-``kits19``      ``case_*/imaging.nii.gz`` +                     1 kidney, 2 tumour -> left / right
-                ``segmentation.nii.gz``                         kidney by side (world coordinates)
-==============  ==============================================  =====================================
+Abdominal layouts (the marginal-loss paper's union: ``btcv``, ``msd_liver``, ``msd_spleen``,
+``msd_pancreas``, ``kits19``; folders and label values in the table of
+:mod:`partialseg.data.builders.abdomen`).
 
 KiTS19 as downloaded has no ``segmentation.nii.gz`` in its test cases (``case_00210`` to
 ``case_00299``): those images become unlabelled entries of a ``test`` split (no ``label``, no
