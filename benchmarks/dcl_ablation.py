@@ -108,6 +108,7 @@ def parse_args(argv=None):
     ap.add_argument("--select", choices=("random", "similar"), default=None,
                     help="condition selection in training and at inference (default: the library's)")
     ap.add_argument("--support-per-class", type=int, default=None, help="SupportBank entries per class (default 4; 0 = all)")
+    ap.add_argument("--neighbours", type=int, default=None, help="ConditionalDataset neighbours of select='similar' (default: the library's)")
     ap.add_argument("--tag", default="", help="a label stored with the runs (an investigation setting)")
     ap.add_argument("--diagnostics", action="store_true",
                     help="CompNet arms: also score other inference settings (K, pools, selection; always on with --levels)")
@@ -143,7 +144,7 @@ def config_of(args) -> dict:
             "batch", "val_every", "k_test", "channels")
     cfg = {k: getattr(args, k) for k in keys}
     # keys added later are stored only when set, so the runs of earlier versions keep matching
-    for k in ("levels", "pools", "select", "support_per_class", "tag"):
+    for k in ("levels", "pools", "select", "support_per_class", "neighbours", "tag"):
         if getattr(args, k):
             cfg[k] = getattr(args, k)
     return cfg
@@ -291,7 +292,7 @@ def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
     np.random.seed(seed)
     net, loss = build(arm, args)
     if cond:
-        lib = {k: getattr(args, k) for k in ("pools", "select") if getattr(args, k)}
+        lib = {k: getattr(args, k) for k in ("pools", "select", "neighbours") if getattr(args, k)}
         dataset = ConditionalDataset(cases, m, annotated=annotated, seed=seed, **lib)
         per_class = args.support_per_class if args.support_per_class is not None else (0 if args.select == "similar" else 4)
         bank = SupportBank.from_dataset(cases, m, annotated=annotated, per_class=per_class, seed=seed,
@@ -476,7 +477,7 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     per = 2 * max(1, args.levels)
     stack = (f" in stack mode (`levels={args.levels}`: {args.levels} slice levels base to apex per phase; apical slices "
              f"lack the RV, and an LV or RV case there has an empty label)") if args.levels else ""
-    lib = "".join(f", {k} = {cfg[k]}" for k in ("pools", "select", "support_per_class", "tag") if k in cfg)
+    lib = "".join(f", {k} = {cfg[k]}" for k in ("pools", "select", "support_per_class", "neighbours", "tag") if k in cfg)
     text = (
         f"{STACK_SECTION if args.levels else SECTION}\n\n"
         f"Command (one CPU thread): `{command}`\n\n"

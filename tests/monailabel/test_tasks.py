@@ -360,7 +360,7 @@ def test_app_folder_keeps_edits_and_foreign_apps(tmp_path):
     dst = tmp_path / "app" / "model" / "dcl_cardiac"
     _install(BUNDLES / "dcl_cardiac", dst)
     edited = dst / "configs" / "inference.json"
-    edited.write_text(edited.read_text().replace('"num_samples": 3', '"num_samples": 1'))
+    edited.write_text(edited.read_text().replace('"num_samples": 9', '"num_samples": 1'))
     _install(BUNDLES / "dcl_cardiac", dst)  # a later start (or a training process) keeps the edit
     assert '"num_samples": 1' in edited.read_text()
     assert (init_app(tmp_path / "app") / "main.py").read_text() == MAIN_PY
