@@ -7,7 +7,7 @@ conditional label of class ``j`` is known everywhere (1 inside class ``j``, 0 ou
 :class:`SupportBank` keeps such cases (one binary label each) beside a trained model, so that
 inference (:class:`partialseg.inferers.ConditionalInferer`) can draw conditional sets.
 
-Two departures from the paper, both on by default and both switchable back (see docs/dcl.md):
+Two departures from the paper, the first on by default, both switchable (see docs/dcl.md):
 
 - ``pools="present"``: a case conditions class ``j`` only if its label *holds* ``j``. A case
   may annotate a class that is absent from it (an apical slice annotated "RV" with no RV); as a
