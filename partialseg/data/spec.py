@@ -33,6 +33,7 @@ SPLITS = ("training", "validation", "test")
 #: top-level keys of the format and of MSD's dataset.json (others are kept, but a near miss of
 #: one of these, such as "valdation", is an error)
 KNOWN_KEYS = frozenset({*SPLITS, "classes", "label_maps", "name", "modality", "labels", "description", "reference",
+                        "validation_reuses_training",
                         "licence", "license", "release", "tensorImageSize", "numTraining", "numTest", "numValidation"})
 
 #: a source value -> a global class index, or a (left, right) pair of indices for a lateral split
@@ -62,6 +63,10 @@ class PartialDataset:
         label_maps: per source, source label value -> global class index (or a ``(left, right)``
             pair of indices for a lateral split).
         splits: split name -> list of resolved cases (see :meth:`datalist`).
+        validation_reuses_training: the validation cases are training cases on purpose (key
+            ``validation_reuses_training: true`` in ``dataset.json``: an indicative metric where
+            nothing can be held out, as the MONAI Label train task does with few labels); the
+            training/validation leak check is then off, every other duplicate is still refused.
     """
 
     root: Path | None
@@ -69,6 +74,7 @@ class PartialDataset:
     classes: list[str]
     label_maps: dict[str, LabelMap] = field(default_factory=dict)
     splits: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    validation_reuses_training: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -328,12 +334,16 @@ def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDat
             continue
         cases = [_parse_case(c, i, split, root, classes, modality, problems) for i, c in enumerate(raw)]
         splits[split] = [c for c in cases if c is not None]
+    reuse = desc.get("validation_reuses_training", False)
+    if not isinstance(reuse, bool):
+        problems.append(f"{where}: 'validation_reuses_training' must be true or false, got {reuse!r}")
+        reuse = False
     seen: dict[str, tuple[str, str]] = {}  # by resolved real path: `a/../a/x` and a symlink to x are x
     folders: dict[str, str] = {}
     for split, cases in splits.items():
         for c in cases:
             key = real_path(c["image"], folders)
-            if key in seen:
+            if key in seen and not (reuse and {seen[key][0], split} == {"training", "validation"}):
                 first_split, first = seen[key]
                 also = f": {first} and {c['image']} are the same file, {key}" if first != c["image"] else ""
                 problems.append(f"case {c['case']!r}: image {c['image']} is listed twice ({first_split} and {split}{also})")
@@ -350,7 +360,8 @@ def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDat
             names.setdefault(c["case"], c["image"])
     if problems:
         raise DatasetError(problems, header=f"invalid dataset description {where}")
-    return PartialDataset(root=root, name=str(desc.get("name", root.name if root else "dataset")), classes=classes, label_maps=label_maps, splits=splits)
+    return PartialDataset(root=root, name=str(desc.get("name", root.name if root else "dataset")), classes=classes,
+                          label_maps=label_maps, splits=splits, validation_reuses_training=reuse)
 
 
 def load_dataset(path: str | os.PathLike | Mapping[str, Any], root: str | os.PathLike | None = None) -> PartialDataset:

@@ -393,11 +393,15 @@ def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int
     by_path: dict[str, tuple[str, str, str]] = {}
     by_hash: dict[str, tuple[str, str, str]] = {}
     folders: dict[str, str] = {}  # folder as written -> its real path: one lstat per file, not per component
+
+    def declared(first_split: str, split: str) -> bool:  # validation_reuses_training: on purpose
+        return ds.validation_reuses_training and {first_split, split} == {"training", "validation"}
+
     for split in splits:
         for i, case in enumerate(ds.splits.get(split, [])):
             real = real_path(case["image"], folders)
             first = by_path.setdefault(real, (split, case["case"], case["image"]))
-            if first[1:] != (case["case"], case["image"]) or first[0] != split:
+            if (first[1:] != (case["case"], case["image"]) or first[0] != split) and not declared(first[0], split):
                 kind = "listed twice" if first[0] == split else f"a {first[0]}/{split} leak"
                 problems.append(
                     f"case {case['case']!r} ({split}): image {case['image']} is the file of case {first[1]!r} ({first[0]}: "
@@ -407,7 +411,7 @@ def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int
             digest = found.get((split, i), {}).get("hashes", {}).get(case["image"]) if content_hash else None
             if digest is not None:
                 first = by_hash.setdefault(digest, (split, case["case"], case["image"]))
-                if first[1:] != (case["case"], case["image"]):
+                if first[1:] != (case["case"], case["image"]) and not declared(first[0], split):
                     kind = "a duplicate" if first[0] == split else f"a {first[0]}/{split} leak"
                     problems.append(
                         f"case {case['case']!r} ({split}): image {case['image']} has the same content as case {first[1]!r} "

@@ -109,3 +109,26 @@ def test_union_reindexes_by_name_and_drops_merged_background():
         union_datasets([full], classes=["background", "liver"])
     with pytest.raises(DatasetError, match="more than one dataset"):
         union_datasets([liver, liver])
+
+
+def test_validation_reuses_training_is_declared_not_hidden(tmp_path):
+    # the MONAI Label train task validates on its training cases when nothing can be held out; the
+    # dataset declares it, and only the training/validation overlap is let through
+    from partialseg.data import DatasetError, load_dataset
+
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "b.nii.gz").write_bytes(b"")
+    case = {"image": "a.nii.gz"}
+    desc = {"classes": ["background", "liver"], "training": [case], "validation": [case]}
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    with pytest.raises(DatasetError, match="listed twice"):
+        load_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({**desc, "validation_reuses_training": True}))
+    ds = load_dataset(tmp_path)
+    assert ds.validation_reuses_training and len(ds.datalist("validation")) == 1
+    (tmp_path / "dataset.json").write_text(json.dumps({**desc, "validation_reuses_training": True, "test": [case]}))
+    with pytest.raises(DatasetError, match="listed twice"):  # a test leak is still one
+        load_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({**desc, "validation_reuses_training": "yes"}))
+    with pytest.raises(DatasetError, match="must be true or false"):
+        load_dataset(tmp_path)

@@ -225,8 +225,11 @@ def test_dcl_dataset_and_conditional_class_check(tmp_path):
     full = disc + 2 * np.roll(disc, 3, axis=0) + 3 * np.roll(disc, 3, axis=1)
     cases["full"] = _case(tmp_path / "s", "full", full, {"annotated": "all"})
     content = task.dataset(FakeDatastore(cases), tmp_path / "d2")
-    assert [c["case"] for c in content["validation"]] == ["full", "lv", "myo", "rv"]  # the training cases (links)
-    assert Path(content["validation"][0]["image"]).is_symlink()
+    assert [c["case"] for c in content["validation"]] == ["full", "lv", "myo", "rv"]  # the training cases,
+    assert content["validation_reuses_training"] is True  # declared, so the dataset loads (no link to hide them)
+    from partialseg.data import load_dataset
+
+    assert load_dataset(tmp_path / "d2").validation_reuses_training
     task.check(content, overrides)
     cases["heart"] = _case(tmp_path / "s", "heart", (full > 0), {"annotated": ["background"]})
     content = task.dataset(FakeDatastore(cases), tmp_path / "d3")
