@@ -13,7 +13,6 @@ target's.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np

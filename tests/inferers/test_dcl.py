@@ -222,13 +222,11 @@ def test_similar_selection_gives_each_target_its_nearest_entries():
         cond_image, cond_label = inf.similar_conditions(k, targets)
         assert cond_image.shape == (2, M * C, 8, 8) and cond_label.shape == (2, M, 8, 8)
         for b, t in enumerate((4, 6)):
-            d = ((images - images[t]) ** 2).mean((1, 2, 3))  # same order as image_distances for these patterns
             for j in range(M):
                 pool = [n for n in range(9) if n % M == j]
                 want = sorted(pool, key=lambda n: (float(inferer_module.image_distances(targets[b : b + 1], images[n : n + 1])), n))[k]
                 torch.testing.assert_close(cond_image[b, j * C : (j + 1) * C], images[want])
                 torch.testing.assert_close(cond_label[b, j], bank.labels[want])
-            assert int(torch.argmin(d)) == t
     first, _ = inf.similar_conditions(0, targets)
     torch.testing.assert_close(first[0, 1 * C : 2 * C], images[4])  # the target's own entry is the nearest of its class
     torch.testing.assert_close(first[1, 0:C], images[6])
