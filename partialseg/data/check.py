@@ -4,6 +4,11 @@ Cases are read in parallel (``--workers``, default: every CPU) with a progress b
 each case's findings are cached by its files' resolved paths, sizes and modification times
 (``.partialseg_check_cache.json`` beside ``dataset.json``, or under ``~/.cache/partialseg/check/``
 when that folder is read-only; ``--no-cache`` to read everything again).
+
+Warnings (likely mistakes that do not stop training: an annotated class a source's labels never
+hold, a class no training case annotates) are printed in their own section and do not change the
+exit code: 0 without problems (with or without warnings), 1 with problems, 2 for a bad argument or
+an unreadable ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.format())
     if args.json:
-        text = json.dumps({"dataset": report.dataset.name, "classes": report.dataset.classes, "summary": report.summary, "problems": report.problems}, indent=2, default=list)
+        text = json.dumps({"dataset": report.dataset.name, "classes": report.dataset.classes, "summary": report.summary, "problems": report.problems, "warnings": report.warnings}, indent=2, default=list)
         try:
             with open(args.json, "w") as f:
                 f.write(text)

@@ -25,7 +25,7 @@ import numpy as np
 from partialseg._checks import check_int, check_option
 from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset, real_path
 
-__all__ = ["ValidationReport", "read_image", "read_gzip_verified", "validate_dataset"]
+__all__ = ["ValidationReport", "dataset_warnings", "read_image", "read_gzip_verified", "validate_dataset"]
 
 AFFINE_TOL = 1e-3
 _NIFTI = (".nii", ".nii.gz")
@@ -150,11 +150,14 @@ class ValidationReport:
         dataset: the dataset checked.
         problems: one line per problem, each naming its case and file.
         summary: split -> source -> counts, annotated classes, label values, spacings, shapes.
+        warnings: one line per likely mistake that does not stop training (see
+            :func:`dataset_warnings`); they never make the report invalid.
     """
 
     dataset: PartialDataset
     problems: list[str]
     summary: dict[str, dict[str, dict[str, Any]]]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -183,6 +186,9 @@ class ValidationReport:
                 sh = "x".join(str(v) for v in s["shapes"][0]) + (" ..." if len(s["shapes"]) > 1 else "") if s["shapes"] else "-"
                 modality = ",".join(s["modalities"]) or "-"
                 lines.append(f"  {src:<14}{s['cases']:>6}{s['labelled']:>9}  {modality:<11}{vals:<15}{sp:<18}{sh:<14}{ann}")
+        if self.warnings:
+            lines.append(f"\n{len(self.warnings)} warning(s):")
+            lines += [f"  - {w}" for w in self.warnings]
         if self.problems:
             lines.append(f"\n{len(self.problems)} problem(s):")
             lines += [f"  - {p}" for p in self.problems]
@@ -387,6 +393,109 @@ def _label_values(ds: PartialDataset, case: dict[str, Any], values: list[int], w
     return mapped
 
 
+#: a source's annotated class draws a warning when fewer than this share of the cases annotating it hold it
+HELD_SHARE = 0.5
+
+
+def _class_name(ds: PartialDataset, c: int) -> str:
+    return f"{ds.classes[c]} (class {c})"
+
+
+def dataset_warnings(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """Likely mistakes that do not stop training, from the cached per-case label values.
+
+    1. **An annotated class its labels do not hold** (a forgotten ``label_maps`` entry): per
+       source, over its labelled cases in ``splits``, a foreground class that fewer than
+       :data:`HELD_SHARE` (half) of the cases annotating it hold, after the source's label map.
+       One case lacking a class is normal (an apical slice without RV); most or all lacking it
+       means the source's values likely mean other classes.
+    2. **A class no training case annotates** (background included): no loss learns a
+       foreground class nobody annotates; DCL's conditional images need a case annotating each
+       class (the ``dcl_cardiac`` bundle refuses the dataset unless ``--missing any``).
+
+    Args:
+        ds: the dataset.
+        splits: the splits checked.
+        found: ``(split, index) -> inspect_case result`` (``values`` are the label's raw values).
+
+    Returns:
+        one line per warning, naming the source and classes by name.
+
+    Example:
+        >>> ds = load_dataset({"classes": ["background", "liver", "spleen"], "training": [
+        ...     {"image": "/a.nii.gz", "label": "/a_l.nii.gz", "annotated": ["spleen"], "source": "spl"}]})
+        >>> for w in dataset_warnings(ds, ["training"], {("training", 0): {"values": [0, 1]}}):
+        ...     print(w[:97].rstrip())
+        source 'spl': 1 case(s) annotate spleen (class 2) but none of their labels holds it; those labels
+        no training case annotates background (class 0): the DCL bundle (dcl_cardiac) draws each class's
+        no training case annotates liver (class 1): no loss ever sees it as annotated, so the model never
+    """
+    warnings: list[str] = []
+    annotating: dict[str, Counter] = defaultdict(Counter)
+    holding: dict[str, Counter] = defaultdict(Counter)
+    lacking_values: dict[tuple[str, int], set] = defaultdict(set)
+    for split in splits:
+        for i, case in enumerate(ds.splits.get(split, [])):
+            values = found.get((split, i), {}).get("values")
+            if case.get("label") is None or values is None:
+                continue
+            src = case["source"]
+            held = _label_values(ds, case, values, "", [])  # its problems are reported already
+            for c in case["annotated"]:
+                if c == 0:
+                    continue
+                annotating[src][c] += 1
+                if c in held:
+                    holding[src][c] += 1
+                else:
+                    lacking_values[(src, c)].update(values)
+    for src, counts in annotating.items():
+        label_map = ds.label_maps.get(src)
+        for c, n in sorted(counts.items()):
+            k = holding[src][c]
+            if k >= HELD_SHARE * n:
+                continue
+            name = ds.classes[c]
+            raw = sorted(lacking_values[(src, c)])
+            held_text = "none of their labels holds it" if k == 0 else f"only {k} of their labels hold it"
+            line = f"source {src!r}: {n} case(s) annotate {_class_name(ds, c)} but {held_text}; those labels hold values {{{', '.join(map(str, raw))}}}"
+            spare = [v for v in raw if v != 0 and (label_map is None or v not in label_map)]
+            if label_map is None:
+                read_as = [f"{v} is read as {ds.classes[v]}" for v in spare if v < ds.num_classes]
+                if read_as:
+                    line += f" (without a label map, value {'; '.join(read_as)})"
+            if spare or label_map is None:
+                value = str(spare[0]) if len(spare) == 1 else "<value>"
+                line += f": a label_maps entry such as {json.dumps({src: {value: name}})} is likely missing"
+            else:
+                line += f": the label map of source {src!r} ({ {v: ds.classes[t] if isinstance(t, int) else [ds.classes[x] for x in t] for v, t in sorted(label_map.items())} }) likely maps the wrong value to {name}"
+            if not [v for v in raw if v != 0]:
+                line += f" (or these labels are empty: check them, or drop {name!r} from their 'annotated')"
+            warnings.append(line)
+    if "training" in splits:
+        labelled = [case for case in ds.splits.get("training", []) if case.get("label") is not None]
+        counted = Counter(c for case in labelled for c in case["annotated"])
+        for c in range(ds.num_classes) if labelled else ():
+            if counted[c]:
+                continue
+            if c == 0:
+                warnings.append(
+                    f"no training case annotates {_class_name(ds, c)}: the DCL bundle (dcl_cardiac) draws each class's "
+                    "conditional image from a case annotating it, so it refuses this dataset unless run with --missing any, "
+                    "and then the background's conditional pair carries no label and the model may predict a structure "
+                    "everywhere; add cases annotating background (fully labelled cases, \"annotated\": \"all\", or "
+                    "whole-structure labels). Marginal and exclusion losses do not need it."
+                )
+            else:
+                warnings.append(
+                    f"no training case annotates {_class_name(ds, c)}: no loss ever sees it as annotated, so the model never "
+                    "learns it, and the DCL bundle (dcl_cardiac) refuses the dataset unless run with --missing any (then its "
+                    f"conditional image comes from any case and may teach a wrong structure); add cases annotating {ds.classes[c]}, "
+                    "or drop it from 'classes'."
+                )
+    return warnings
+
+
 def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int], dict[str, Any]], content_hash: bool) -> list[str]:
     """Images listed twice or shared between splits, by resolved real path and (optionally) content."""
     problems: list[str] = []
@@ -453,6 +562,8 @@ def validate_dataset(
 
     Returns:
         a :class:`ValidationReport`; call ``raise_if_invalid()`` to turn problems into an error.
+        Its ``warnings`` (:func:`dataset_warnings`: an annotated class a source's labels do not
+        hold, a class no training case annotates) never make it invalid.
 
     Example:
         >>> report = validate_dataset({"classes": ["background", "a"], "training": []})
@@ -542,4 +653,4 @@ def validate_dataset(
             for src, s in per_source.items()
         }
     problems.extend(_leaks(ds, splits, found, content_hash))
-    return ValidationReport(dataset=ds, problems=problems, summary=summary)
+    return ValidationReport(dataset=ds, problems=problems, summary=summary, warnings=dataset_warnings(ds, splits, found))
