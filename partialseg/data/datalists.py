@@ -86,6 +86,8 @@ def bundle_datalist(
     validate: bool = True,
     limit: int | None = None,
     channels: int | None = None,
+    num_classes: int | None = None,
+    full_sources: Sequence[str] | str | None = None,
 ) -> list[dict[str, Any]]:
     """The cases of a dataset split as a MONAI datalist for a bundle's pipeline.
 
@@ -105,19 +107,50 @@ def bundle_datalist(
         limit: keep at most this many cases (after filtering), for smoke runs.
         channels: with ``validate``, the channels every image must have (a bundle passes its
             network's ``in_channels``; None: any, as ``partialseg check --channels`` is not told).
+        num_classes: the bundle's ``num_classes`` (its network's output channels, background
+            included); when given it must equal the dataset's class count, else a ValueError names
+            both, the classes and the ``--num_classes`` flag (None: not checked).
+        full_sources: the bundle's ``full_sources`` (its fully labelled sources); when given,
+            each must have a case in ``split``, whatever ``sources`` is, else a ValueError names
+            it, the split's sources and the ``--full_sources`` flag (a string is one name).
 
     Raises:
         FileNotFoundError: no ``dataset.json`` in ``dataset_dir``.
-        ValueError: an unknown source was asked for, or the split is empty after filtering.
+        ValueError: an unknown source was asked for, ``num_classes`` or ``full_sources`` do not fit
+            the dataset, or the split is empty after filtering.
         DatasetError: validation failed.
     """
+    from partialseg._checks import check_int
     from partialseg.data import load_dataset, validate_dataset
 
     path = Path(dataset_dir) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"no dataset.json in {dataset_dir}")
     ds = load_dataset(path)
+    if num_classes is not None:
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
+        if num_classes != ds.num_classes:
+            raise ValueError(
+                f"num_classes {num_classes} does not fit {path}: it has {ds.num_classes} classes "
+                f"(background included) {ds.classes}; pass --num_classes {ds.num_classes}"
+            )
     known = set(ds.sources(split))
+    if isinstance(full_sources, str):
+        full_sources = [full_sources]
+    if isinstance(sources, str):
+        sources = [sources]
+    missing = [name for name in (full_sources or []) if name not in known]
+    if missing:
+        everything = set(range(ds.num_classes))
+        labelled = {n: [set(c.get("annotated") or []) for c in ds.datalist(split, sources=[n]) if c.get("label")]
+                    for n in ds.sources(split)}
+        full = [n for n, annotated in labelled.items() if annotated and all(a >= everything for a in annotated)]
+        hint = (f'pass --full_sources "{full!r}" (its fully labelled sources)' if full else
+                "no source of it labels every class: pass --full_sources with the sources to train stage 1 on")
+        raise ValueError(
+            f"full_sources {list(full_sources)}: no source {', '.join(map(repr, missing))} in split {split!r} "
+            f"of {path}; its sources are {ds.sources(split)}: {hint}"
+        )
     for name in list(sources or []) + list(exclude_sources or []):
         if name not in known:
             raise ValueError(f"source {name!r} has no case in split {split!r} of {path}; sources are {sorted(known)}")

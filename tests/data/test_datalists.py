@@ -70,6 +70,26 @@ def test_filters_and_unknown_as_background(tiny_dataset):
         bundle_datalist(root / "imagesTr", "training")
 
 
+def test_num_classes_and_full_sources_must_fit_the_dataset(tiny_dataset):
+    root = tiny_dataset()
+    path = str(root / "dataset.json")
+    assert len(bundle_datalist(root, "training", num_classes=3, full_sources=["full"])) == 3
+    with pytest.raises(ValueError) as err:
+        bundle_datalist(root, "training", num_classes=7)
+    message = str(err.value)  # the value, the dataset, its classes by name, the flag
+    assert "num_classes 7" in message and path in message and "'liver', 'spleen'" in message
+    assert "--num_classes 3" in message
+    with pytest.raises(TypeError, match="num_classes"):
+        bundle_datalist(root, "training", num_classes=3.0)
+    with pytest.raises(ValueError) as err:
+        bundle_datalist(root, "training", full_sources=["btcv", "full"])
+    message = str(err.value)  # only 'full' labels every class, so the hint names it alone
+    assert "full_sources ['btcv', 'full']" in message and "no source 'btcv'" in message and path in message
+    assert "'spl'" in message and """--full_sources "['full']\"""" in message
+    with pytest.raises(ValueError, match="no source 'f'"):  # a string is one name, not its letters
+        bundle_datalist(root, "training", full_sources="f")
+
+
 def test_invalid_case_is_named_before_training(tiny_dataset):
     bad = np.zeros((6, 5, 4), np.uint8)
     bad[0, 0, 0] = 7  # a value no class explains
