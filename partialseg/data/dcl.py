@@ -135,6 +135,7 @@ def conditional_pools(
     missing: str = "error",
     what: str = "conditional image",
     present: Sequence[Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Per class, the cases that can give its conditional image; and the classes no case can give.
 
@@ -142,7 +143,8 @@ def conditional_pools(
     the classes it holds (``pools="present"``); without it every annotated class
     (``pools="annotated"``, the paper). A class with no such case is an error
     (``missing="error"``, naming ``what`` the class lacks) or draws from every case
-    (``missing="any"``, the classes returned second).
+    (``missing="any"``, the classes returned second). Errors name classes by ``class_names``
+    (class 0 is "background" without them).
 
     Example:
         >>> conditional_pools([[1], [1, 2]], 3, missing="any")
@@ -156,11 +158,18 @@ def conditional_pools(
     pools = class_pools(annotated if present is None else present, num_classes)
     empty = [j for j, pool in enumerate(pools) if not pool]
     if empty and missing == "error":
+        def named(classes: Sequence[int]) -> str:
+            return ", ".join(
+                f"{class_names[j]} ({j})" if class_names is not None else ("background (0)" if j == 0 else f"class {j}")
+                for j in classes
+            )
+
         absent = [] if present is None else [j for j in empty if any(j in a for a in annotated)]
-        note = f" (class(es) {absent} are annotated but absent from every annotating case's label)" if absent else ""
+        note = f" ({named(absent)}: annotated, but absent from every annotating case's label)" if absent else ""
         raise ValueError(
-            f"class(es) {empty} are {'annotated' if present is None else 'held'} in no case, so they have no {what}{note};"
-            " add cases annotating them (e.g. whole-heart cases for background) or use missing='any'."
+            f"{named(empty)}: {'annotated' if present is None else 'held'} in no case, so no {what}{note};"
+            " add cases annotating them (e.g. whole-heart cases for background), or use missing='any' (the"
+            " bundle's --missing any), with which the model may predict such a class everywhere."
         )
     for j in empty:
         pools[j] = list(range(len(annotated)))
@@ -309,7 +318,9 @@ class ConditionalDataset(torch.utils.data.Dataset):
             present, images = _scan(dataset if reference is None else reference, self.annotated, num_classes, image_key, label_key, select == "similar")
         #: per case, the annotated classes its label holds (None with pools="annotated")
         self.present = present if pools == "present" else None
-        self.pools, self.missing_classes = conditional_pools(self.annotated, num_classes, missing, present=self.present)
+        self.pools, self.missing_classes = conditional_pools(
+            self.annotated, num_classes, missing, present=self.present, class_names=class_names
+        )
         #: (N, N) image distances between the cases (select="similar"), else None
         self.distances = image_distances(images, images) if images is not None else None
         # target views: (case index, annotated classes of the view)
@@ -497,7 +508,9 @@ class SupportBank(nn.Module):
             raise ValueError(f"annotated has {len(annotated)} entries for {len(dataset)} cases.")
         annotated = [annotated_classes(a, num_classes, class_names) for a in annotated]
         present = _scan(dataset, annotated, num_classes, image_key, label_key, False)[0] if pools == "present" else None
-        class_pools_, _ = conditional_pools(annotated, num_classes, missing, "support bank entry", present=present)
+        class_pools_, _ = conditional_pools(
+            annotated, num_classes, missing, "support bank entry", present=present, class_names=class_names
+        )
         rng = np.random.default_rng(seed)
         images, labels, classes = [], [], []
         cache: dict[int, dict] = {}

@@ -70,8 +70,13 @@ def test_support_bank_holds_no_empty_entry():
 def test_a_class_held_by_no_case():
     annotated = [[3], [3], [1], [2], [0]]
     cases = [_case(i, _gt(False), a) for i, a in enumerate(annotated)]
-    with pytest.raises(ValueError, match=r"class\(es\) \[3\] are held in no case.*annotated but absent"):
+    with pytest.raises(ValueError, match=r"^class 3: held in no case.*annotated, but absent.*--missing any"):
         ConditionalDataset(cases, M, annotated=annotated)
+    names = ["background", "LV", "MYO", "RV"]
+    with pytest.raises(ValueError, match=r"^RV \(3\): held in no case"):  # errors name classes by name
+        ConditionalDataset(cases, M, annotated=annotated, class_names=names)
+    with pytest.raises(ValueError, match=r"^background \(0\): annotated in no case"):
+        ConditionalDataset(cases[:4], M, annotated=annotated[:4], pools="annotated")
     with pytest.raises(ValueError, match="support bank entry"):
         SupportBank.from_dataset(cases, M, annotated=annotated)
     ds = ConditionalDataset(cases, M, annotated=annotated, missing="any")
