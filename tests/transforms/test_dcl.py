@@ -140,7 +140,7 @@ def test_sampler_is_reproducible_and_views_are_single_label():
 def test_sampler_missing_class():
     annotated = [[1], [2], [1]]
     cases = _cases(annotated, m=3)
-    with pytest.raises(ValueError, match=r"\[0\]"):
+    with pytest.raises(ValueError, match=r"^background \(0\): held in no case"):
         ConditionalDataset(cases, 3, annotated=annotated)
     ds = ConditionalDataset(cases, 3, annotated=annotated, missing="any")
     assert ds.missing_classes == [0] and ds[0]["cond_label"].shape == (3, 6, 6)
