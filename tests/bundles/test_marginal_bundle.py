@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from bundle_harness import (
     MARGINAL,
+    assert_ok,
     check_inference_and_evaluation,
     check_stage2_needs_stage1,
     check_stages_hand_over,
@@ -30,6 +31,23 @@ def test_inference_and_evaluation_land_on_the_input_grid(trained):
     root = trained[0]
     check_inference_and_evaluation(MARGINAL, root, num_cases=2)
     assert (root / "eval" / "boxplot.png").is_file()
+
+
+def test_inference_takes_the_stage1_model_or_any_checkpoint(trained):
+    # issue 14: evaluating the stage-1 model needed an override of a handler's load_path
+    from partialseg.transforms.io.record import read_run_record
+
+    root = trained[0]
+    out = root / "pred_stage1"
+    assert_ok(MARGINAL.run(root, configs=("inference.json",), stage=1, output_dir=str(out), **MARGINAL.grid))
+    records = {read_run_record(p)["model"] for p in out.glob("*_seg.nii.gz")}
+    assert records == {"model_stage1.pt"}
+    out = root / "pred_checkpoint"
+    model = str(root / "models" / "model_stage1.pt")
+    assert_ok(MARGINAL.run(root, configs=("inference.json",), checkpoint=model, output_dir=str(out), **MARGINAL.grid))
+    assert {read_run_record(p)["model"] for p in out.glob("*_seg.nii.gz")} == {"model_stage1.pt"}
+    r = MARGINAL.run(root, configs=("inference.json",), checkpoint=str(root / "nope.pt"), output_dir=str(out), **MARGINAL.grid)
+    assert r.returncode != 0 and "nope.pt does not exist" in r.stderr and "--checkpoint PATH" in r.stderr
 
 
 def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
