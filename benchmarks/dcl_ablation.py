@@ -272,6 +272,29 @@ def dice_per_class(pred: torch.Tensor, gt: torch.Tensor, m: int) -> list[float]:
     return out
 
 
+def training_loader(dataset, seed: int, phase: int, batch: int, val_every: int):
+    """The training loader of one phase: one pass over it is one validation epoch (``val_every`` batches).
+
+    Slices are drawn with replacement from ``torch.Generator().manual_seed(seed * 1000 + phase)``;
+    the generator carries over from pass to pass, so the phase sees the index sequence of one
+    long pass of ``iterations * batch`` draws (the loader before, same indices). A pass is where
+    ``DCLTrainer`` gives the ``ConditionalDataset`` new conditional draws (``set_epoch(epoch, 0)``
+    when the loader's iterator is created, since df0df31): with one pass for the whole phase every
+    slice kept its first draw for all 500 + 250 iterations (both phases, the same draws),
+    where the recorded table (e92d6f7) drew anew every epoch, as this loader does again.
+
+    Example:
+        >>> loader = training_loader(list(range(48)), seed=0, phase=1, batch=8, val_every=50)
+        >>> len(loader), len(list(loader.sampler))
+        (50, 400)
+    """
+    from monai.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed * 1000 + phase)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=val_every * batch, generator=g)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=0)
+
+
 def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
     from monai.data import DataLoader
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -321,18 +344,12 @@ def run_arm(arm, seed, splits, args, phase1_cache: dict) -> dict:
     )
     evaluator.add_event_handler(Events.EPOCH_COMPLETED, keep_best)
 
-    def loader(phase):
-        g = torch.Generator().manual_seed(seed * 1000 + phase)
-        n = (args.iters1 if phase == 1 else args.iters2) * args.batch
-        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=n, generator=g)
-        return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=0)
-
     def trainer(phase, lam):
         lr = args.lr1 if phase == 1 else args.lr2
         opt = torch.optim.Adam(net.parameters(), lr)
         iters = args.iters1 if phase == 1 else args.iters2
         common = dict(device="cpu", max_epochs=iters // args.val_every, epoch_length=args.val_every,
-                      train_data_loader=loader(phase), network=net, optimizer=opt, loss_function=loss,
+                      train_data_loader=training_loader(dataset, seed, phase, args.batch, args.val_every), network=net, optimizer=opt, loss_function=loss,
                       train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True)])
         if cond:
             t = DCLTrainer(lambda_dual=lam, seed=seed, **common)
