@@ -338,6 +338,7 @@ def training_sampler(
     batch_size: int | None = None,
     primary_per_batch: int | None = None,
     primary_key: str = "annotated",
+    num_batches: int | None = None,
 ) -> Any:
     """The training ``DataLoader``'s ``sampler`` for a bundle's ``sampling`` setting.
 
@@ -362,6 +363,10 @@ def training_sampler(
         batch_size: the loader's batch size (``"two_stream"`` only; required there).
         primary_per_batch: primary items per batch (``"two_stream"``; None: ``batch_size // 2``).
         primary_key: the entry that marks a primary item (``"two_stream"``).
+        num_batches: batches per epoch over all ranks (``"two_stream"``; None: one pass of the
+            primary stream). A trainer with a fixed ``epoch_length`` passes ``epoch_length x
+            world size``, so that each epoch draws fresh batches (else ignite restarts the
+            exhausted loader within the epoch, repeating its batches).
 
     Raises:
         ValueError: an unknown ``sampling``; for ``"two_stream"``, no ``batch_size``, a
@@ -386,7 +391,7 @@ def training_sampler(
             primary_per_batch = batch_size // 2
         primary_per_batch = check_int(primary_per_batch, "primary_per_batch", minimum=1, maximum=batch_size - 1)
         return TwoStreamBatchSampler.from_datalist(
-            datalist, primary_per_batch, batch_size - primary_per_batch, key=primary_key, seed=seed
+            datalist, primary_per_batch, batch_size - primary_per_batch, key=primary_key, seed=seed, num_batches=num_batches
         ).as_sampler()
     if not distributed:
         return None
