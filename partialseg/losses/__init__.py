@@ -5,6 +5,7 @@ absent classes, dtypes) and the measured speed.
 """
 
 from partialseg.losses.dcl import CompatibleLoss, ConditionalCompatibleLoss, PriorLoss, conditional_compatible_terms
+from partialseg.losses.dtml import DTMLLoss, consistency_ramp, masked_dice_loss, sdm_to_mask
 from partialseg.losses.marginal import (
     ExclusionCELoss,
     ExclusionDiceLoss,
@@ -25,4 +26,8 @@ __all__ = [
     "ExclusionDiceLoss",
     "MarginalExclusionLoss",
     "MixedSupervisionLoss",
+    "DTMLLoss",
+    "consistency_ramp",
+    "masked_dice_loss",
+    "sdm_to_mask",
 ]

@@ -1,5 +1,6 @@
-"""Networks: CompNet (DCL)."""
+"""Networks: CompNet (DCL), the DTML signed-distance network and predictor."""
 
 from partialseg.networks.dcl import CompNet, compnet_segment, pack_conditional_input
+from partialseg.networks.dtml import DTMLPredictor, SignedDistanceNet, probabilities_to_label
 
-__all__ = ["CompNet", "compnet_segment", "pack_conditional_input"]
+__all__ = ["CompNet", "compnet_segment", "pack_conditional_input", "DTMLPredictor", "SignedDistanceNet", "probabilities_to_label"]
