@@ -1,19 +1,20 @@
 """Evaluation of segmentation predictions against a dataset's reference labels.
 
 ``partialseg evaluate --pred DIR --dataset DIR`` pairs every labelled case of a dataset split
-with a prediction file, computes per case and class Dice, HD95 and ASSD with MONAI's metrics
-(HD95 and ASSD in mm, from the reference's voxel spacing), and writes ``metrics.csv``,
-``summary.json`` and ``boxplot.png``. When the split's entries carry a ``phase`` (ACDC's
+with a prediction file, computes per case and class Dice, Jaccard, HD95 and ASSD (mm, from the
+reference's voxel spacing), and the DTML paper's 95HD and one-directional ASD in voxels, with
+MONAI's metrics; summarises them per case, per subject (the slices of one volume pooled) and
+pooled over all voxels; and writes ``metrics.csv``, ``summary.json`` and ``boxplot.png``. When the split's entries carry a ``phase`` (ACDC's
 ``"ED"`` / ``"ES"``), the statistics are also given per phase (``summary["per_phase"]``).
 A folder whose predictions were written by several inference runs (their NIfTI run records
 differ) is refused. See ``docs/evaluation.md``.
 
 One module per concern:
 
-- ``metrics``: one case: :func:`evaluate_case` (Dice, HD95, ASSD, the empty-mask conventions);
+- ``metrics``: one case: :func:`evaluate_case` (the :data:`METRICS`, the empty-mask conventions);
 - ``discovery``: files: :func:`find_prediction`, reading labels, the grid check and
   :func:`check_one_run` (one inference run per folder);
-- ``report``: :func:`summarize`, :func:`format_table` and the output files;
+- ``report``: :func:`summarize` (the aggregates), :func:`format_table` and the output files;
 - ``folder``: :func:`evaluate_folder`, a folder against a dataset split;
 - ``cli``: the ``partialseg evaluate`` command (``add_arguments``, ``run``).
 
@@ -31,13 +32,14 @@ Example:
 from partialseg.evaluation.cli import add_arguments, run
 from partialseg.evaluation.discovery import AFFINE_ATOL, SAVE_POSTFIXES, check_one_run, find_prediction
 from partialseg.evaluation.folder import evaluate_folder, select_classes
-from partialseg.evaluation.metrics import METRICS, STATUSES, UNITS, evaluate_case, image_diagonal
-from partialseg.evaluation.report import NO_PHASE, format_table, phase_of, summarize
+from partialseg.evaluation.metrics import METRICS, STATUSES, UNITS, VOXEL_METRICS, evaluate_case, image_diagonal
+from partialseg.evaluation.report import NO_PHASE, format_table, phase_of, pooled_overlap, subject_of, summarize
 
 __all__ = [
     "METRICS",
     "STATUSES",
     "UNITS",
+    "VOXEL_METRICS",
     "NO_PHASE",
     "AFFINE_ATOL",
     "SAVE_POSTFIXES",
@@ -49,6 +51,8 @@ __all__ = [
     "evaluate_folder",
     "summarize",
     "phase_of",
+    "subject_of",
+    "pooled_overlap",
     "format_table",
     "add_arguments",
     "run",

@@ -57,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
         reason = e.strerror or str(e)
         print(f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}", file=sys.stderr)
         return 2
-    print(format_table(summary))
-    counts = summary["status_counts"]
-    print(f"{summary['num_cases']} cases; empty: {counts['both_empty']} both, {counts['pred_empty']} prediction only, "
-          f"{counts['ref_empty']} reference only; missing predictions: {len(summary['missing_predictions'])}")
+    print(format_table(summary))  # ends with the empty counts, as the bundles' evaluate.json prints it
     run = summary.get("prediction_run")
     if run:
         sha = f", model sha256:{run['model_sha256'][:12]}" if run.get("model_sha256") else ""

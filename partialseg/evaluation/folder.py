@@ -17,7 +17,7 @@ from partialseg._checks import check_int
 from partialseg.data.spec import case_name
 from partialseg.evaluation.discovery import check_one_run, check_same_grid, find_prediction, load_cases, load_label
 from partialseg.evaluation.metrics import UNITS, as_label_array, evaluate_case
-from partialseg.evaluation.report import check_outputs, phase_of, summarize, write_outputs
+from partialseg.evaluation.report import check_outputs, phase_of, subject_of, summarize, write_outputs
 
 __all__ = ["evaluate_folder", "select_classes"]
 
@@ -78,7 +78,8 @@ def evaluate_folder(
     Every case of ``split`` that has a ``label`` is paired with its prediction (see
     :func:`find_prediction` for the accepted names); cases without a label are skipped and
     listed in the summary. The prediction must lie on the reference's grid (same spatial shape,
-    affine within ``AFFINE_ATOL``). HD95 and ASSD use the reference's voxel spacing (mm). The
+    affine within ``AFFINE_ATOL``). HD95 and ASSD use the reference's voxel spacing (mm), 95HD
+    and ASD (one-directional) the voxel grid. The
     dataset is read with :func:`partialseg.data.load_dataset`; a reference whose source has a
     ``label_maps`` entry is remapped to global class indices first (``RemapLabels``), and a
     case that annotates only some classes is evaluated on those classes only.
@@ -100,9 +101,11 @@ def evaluate_folder(
         The summary written to ``summary.json``: ``per_class``, ``overall``, ``status_counts``
         and, when a scored case's dataset entry has a ``phase``, ``per_phase`` (see
         :func:`summarize`), plus ``num_cases``, ``cases``, ``missing_predictions``,
-        ``skipped_unlabelled``, ``prediction_run`` (the predictions' run record, ``None`` for
-        files written by other tools), ``classes``, ``units``, ``outputs`` and ``arguments``. The
-        phase also fills the CSV's ``phase`` column and splits the box plot.
+        ``skipped_unlabelled``, ``classes``, ``units``, ``outputs``, ``arguments``,
+        ``prediction_run`` (the predictions' run record, ``None`` for files written by other
+        tools), then the aggregates ``pooled`` and, when an entry has a ``subject``,
+        ``per_subject``. The phase also fills the CSV's ``phase`` column and splits the box
+        plot; the subject fills its ``subject`` column.
 
     Raises:
         ValueError: naming the case, for a missing prediction (unless ``allow_missing``),
@@ -160,6 +163,7 @@ def evaluate_folder(
         # load_dataset gives the annotated classes as sorted indices ("all" expanded)
         annotated = entry.get("annotated")
         phase = phase_of(entry)  # ACDC's "ED" / "ES"; None for datasets without phases
+        subject = subject_of(entry)  # the volume a 2D slice comes from (cardiac builders); None for 3D cases
         case_classes = selected if annotated is None else [i for i in selected if i in set(annotated)]
         if not case_classes:
             continue
@@ -172,6 +176,8 @@ def evaluate_folder(
             rows.append({"case": case, **row})
             if phase is not None:
                 rows[-1]["phase"] = phase
+            if subject is not None:
+                rows[-1]["subject"] = subject
 
     class_names = [names[i] for i in selected]
     summary = summarize(rows, class_names)
@@ -188,7 +194,10 @@ def evaluate_folder(
             "classes": list(classes) if classes is not None else None,
             "include_background": include_background, "allow_missing": allow_missing,
         },
-        prediction_run=run,  # last: the keys before it keep their order
+        prediction_run=run,  # the keys before it keep their order
     )
+    for key in ("pooled", "per_subject"):  # later additions after it, so that the earlier keys keep their order
+        if key in summary:
+            summary[key] = summary.pop(key)
     write_outputs(outputs, rows, class_names, summary)
     return summary

@@ -1,17 +1,28 @@
-"""Per case and class Dice, HD95 and ASSD of a predicted label map against its reference.
+"""Per case and class Dice, Jaccard and surface distances of a predicted label map against its reference.
+
+The metrics (:data:`METRICS`), all from MONAI:
+
+- ``dice``, ``jaccard``: region overlap (``compute_dice``, ``compute_iou`` = MONAI's ``MeanIoU``);
+- ``hd95``, ``assd``: 95th-percentile Hausdorff distance and average *symmetric* surface
+  distance, in mm (the reference's spacing);
+- ``hd95_vox``, ``asd_vox``: the DTML paper's "95HD [voxel]" and "ASD [voxel]": the same HD95
+  on the voxel grid (spacing 1), and the *one-directional* average surface distance from the
+  prediction's surface to the reference's (the mean over prediction edge voxels of the distance
+  to the nearest reference edge voxel, in voxels; MONAI ``symmetric=False``, medpy's ``asd``).
 
 Conventions when a class is empty (no NaN or inf ever reaches the outputs):
 
-============  ====  ======================  ======================  ==============
-prediction    ref   Dice                    HD95                    ASSD
-============  ====  ======================  ======================  ==============
-empty         empty 1.0                     0.0                     0.0  (``both_empty``)
-empty         some  0.0                     image diagonal (mm)     diagonal (``pred_empty``)
-some          empty 0.0                     image diagonal (mm)     diagonal (``ref_empty``)
-============  ====  ======================  ======================  ==============
+============  ====  ================  ===================================  ==============
+prediction    ref   Dice, Jaccard     HD95, ASSD / HD95, ASD in voxels     status
+============  ====  ================  ===================================  ==============
+empty         empty 1.0               0.0                                  ``both_empty``
+empty         some  0.0               image diagonal (mm / voxels)         ``pred_empty``
+some          empty 0.0               image diagonal (mm / voxels)         ``ref_empty``
+============  ====  ================  ===================================  ==============
 
 The image diagonal is the distance between the centres of two opposite corner voxels,
-``sqrt(sum(((n_i - 1) * s_i) ** 2))``, the largest distance possible on the grid.
+``sqrt(sum(((n_i - 1) * s_i) ** 2))``, the largest distance possible on the grid (with
+``s_i = 1`` for the voxel figures).
 
 numpy, torch and MONAI are imported inside the functions (``partialseg --help`` stays fast).
 """
@@ -26,14 +37,16 @@ from typing import Any
 
 from partialseg._checks import check_int
 
-__all__ = ["METRICS", "STATUSES", "UNITS", "image_diagonal", "as_label_array", "evaluate_case"]
+__all__ = ["METRICS", "STATUSES", "UNITS", "VOXEL_METRICS", "image_diagonal", "as_label_array", "evaluate_case"]
 
-#: metric names, in the order of the CSV columns and the box plot's panels
-METRICS = ("dice", "hd95", "assd")
+#: metric names, in the order of the rows' keys, the summary, the table and the box plot's panels
+METRICS = ("dice", "jaccard", "hd95", "assd", "hd95_vox", "asd_vox")
 #: per class status: both masks non-empty, both empty, only the prediction empty, only the reference empty
 STATUSES = ("ok", "both_empty", "pred_empty", "ref_empty")
-#: unit of each metric (distances in the reference's units: mm for NIfTI)
-UNITS = {"dice": "", "hd95": "mm", "assd": "mm"}
+#: unit of each metric (distances in the reference's units: mm for NIfTI; ``voxel``: on the voxel grid)
+UNITS = {"dice": "", "jaccard": "", "hd95": "mm", "assd": "mm", "hd95_vox": "voxel", "asd_vox": "voxel"}
+#: the distance metrics measured on the voxel grid (spacing 1), whatever the reference's spacing
+VOXEL_METRICS = ("hd95_vox", "asd_vox")
 
 
 def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
@@ -126,13 +139,17 @@ def evaluate_case(
     class_indices: Sequence[int] | None = None,
     case: str | None = None,
 ) -> list[dict]:
-    """Dice, HD95 and ASSD of one predicted label map against its reference, per class.
+    """Dice, Jaccard, HD95, ASSD (mm) and HD95, ASD (voxels) of one predicted label map, per class.
 
-    Distances use MONAI's ``compute_hausdorff_distance(percentile=95)`` and
-    ``compute_average_surface_distance(symmetric=True)`` on the masks' edges (the voxels that a
-    binary erosion removes), Euclidean, scaled by ``spacing``; Dice uses ``compute_dice``.
-    Empty classes get the values of the module's table (``both_empty``: 1, 0, 0; ``pred_empty``
-    and ``ref_empty``: 0 and the image diagonal), never NaN or inf.
+    Region metrics use MONAI's ``compute_dice`` and ``compute_iou`` (the functional form of
+    ``MeanIoU``). Distances use MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+    ``compute_average_surface_distance`` on the masks' edges (the voxels that a binary erosion
+    removes), Euclidean: ``hd95`` and ``assd`` (``symmetric=True``) scaled by ``spacing``;
+    ``hd95_vox`` (the same HD95) and ``asd_vox`` (``symmetric=False``: from the prediction's
+    edges to the reference's only) with spacing 1, the voxel figures of the DTML paper.
+    Empty classes get the values of the module's table (``both_empty``: 1, 1, 0, 0, 0, 0;
+    ``pred_empty`` and ``ref_empty``: 0, 0 and the image diagonal in mm or voxels), never NaN
+    or inf.
 
     Args:
         pred: predicted label map of class indices, shape ``(H, W)`` or ``(H, W, D)`` (numpy
@@ -148,8 +165,9 @@ def evaluate_case(
 
     Returns:
         One dict per evaluated class, in index order, with keys ``class`` (name), ``class_index``,
-        ``dice``, ``hd95``, ``assd`` (floats), ``pred_voxels``, ``ref_voxels`` (ints) and
-        ``status`` (one of ``STATUSES``).
+        the :data:`METRICS` ``dice``, ``jaccard``, ``hd95``, ``assd``, ``hd95_vox``, ``asd_vox``
+        (floats), ``pred_voxels``, ``ref_voxels``, ``overlap_voxels`` (ints: the class's voxels in
+        the prediction, in the reference, in both) and ``status`` (one of ``STATUSES``).
 
     Raises:
         ValueError: for shapes that differ or are not 2D/3D, values that are not class indices,
@@ -159,13 +177,20 @@ def evaluate_case(
         >>> import numpy as np
         >>> ref = np.zeros((8, 8), dtype=int); ref[2:6, 2:6] = 1
         >>> pred = np.zeros((8, 8), dtype=int); pred[2:6, 3:7] = 1
-        >>> row = evaluate_case(pred, ref, ["background", "square"])[0]
-        >>> row["class"], row["dice"], row["hd95"], row["assd"], row["status"]
-        ('square', 0.75, 1.0, 0.5, 'ok')
+        >>> row = evaluate_case(pred, ref, ["background", "square"], spacing=(1.0, 2.0))[0]
+        >>> row["class"], row["dice"], round(row["jaccard"], 6), row["status"]  # MONAI computes in float32
+        ('square', 0.75, 0.6, 'ok')
+        >>> row["hd95"], row["hd95_vox"], row["asd_vox"]
+        (2.0, 1.0, 0.5)
     """
     import numpy as np
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_iou,
+    )
 
     if isinstance(classes, numbers.Integral):  # a bool too: check_int refuses it
         names = [str(i) for i in range(check_int(classes, f"{_where(case)}the number of classes", minimum=1))]
@@ -198,15 +223,19 @@ def evaluate_case(
             indices = [i for i in indices if i != 0]
 
     diagonal = image_diagonal(pred.shape, spacing)
+    diagonal_vox = image_diagonal(pred.shape)
     rows: list[dict] = []
     both: list[int] = []  # classes non-empty in prediction and reference: the MONAI metrics' job
     for i in indices:
-        p_n, r_n = int(np.count_nonzero(pred == i)), int(np.count_nonzero(ref == i))
-        row = {"class": names[i], "class_index": i, "pred_voxels": p_n, "ref_voxels": r_n}
+        p_i, r_i = pred == i, ref == i
+        p_n, r_n = int(np.count_nonzero(p_i)), int(np.count_nonzero(r_i))
+        row = {"class": names[i], "class_index": i, "pred_voxels": p_n, "ref_voxels": r_n,
+               "overlap_voxels": int(np.count_nonzero(p_i & r_i))}
         if p_n == 0 and r_n == 0:
-            row.update(dice=1.0, hd95=0.0, assd=0.0, status="both_empty")
+            row.update(dice=1.0, jaccard=1.0, hd95=0.0, assd=0.0, hd95_vox=0.0, asd_vox=0.0, status="both_empty")
         elif p_n == 0 or r_n == 0:
-            row.update(dice=0.0, hd95=diagonal, assd=diagonal, status="pred_empty" if p_n == 0 else "ref_empty")
+            row.update(dice=0.0, jaccard=0.0, hd95=diagonal, assd=diagonal, hd95_vox=diagonal_vox,
+                       asd_vox=diagonal_vox, status="pred_empty" if p_n == 0 else "ref_empty")
         else:
             row["status"] = "ok"
             both.append(len(rows))
@@ -217,22 +246,32 @@ def evaluate_case(
         # one-hot (1, K, *spatial) over the classes that both masks contain
         p1h = torch.from_numpy(np.stack([pred == i for i in sel])[None]).float()
         r1h = torch.from_numpy(np.stack([ref == i for i in sel])[None]).float()
+        voxel_grid = spacing is None or all(s == 1.0 for s in spacing)
         with warnings.catch_warnings():
             # MONAI 1.6 calls its own deprecated get_mask_edges(always_return_as_numpy=...) internally
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-            dice = compute_dice(p1h, r1h, include_background=True, ignore_empty=False)[0]
-            hd95 = compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0]
-            assd = compute_average_surface_distance(
-                p1h, r1h, include_background=True, symmetric=True, spacing=spacing
+            values = {
+                "dice": compute_dice(p1h, r1h, include_background=True, ignore_empty=False)[0],
+                "jaccard": compute_iou(p1h, r1h, include_background=True, ignore_empty=False)[0],
+                "hd95": compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0],
+                "assd": compute_average_surface_distance(
+                    p1h, r1h, include_background=True, symmetric=True, spacing=spacing
+                )[0],
+                # directed: prediction edges -> nearest reference edge (MONAI: y_pred to y)
+                "asd_vox": compute_average_surface_distance(p1h, r1h, include_background=True, symmetric=False)[0],
+            }
+            # on a unit grid the voxel HD95 is the mm one: no second distance transform
+            values["hd95_vox"] = values["hd95"] if voxel_grid else compute_hausdorff_distance(
+                p1h, r1h, include_background=True, percentile=95
             )[0]
         for j, k in enumerate(both):
-            values = {"dice": float(dice[j]), "hd95": float(hd95[j]), "assd": float(assd[j])}
-            for key, v in values.items():
+            for key in METRICS:
+                v = float(values[key][j])
                 if not math.isfinite(v):
                     raise ValueError(
                         f"{_where(case)}MONAI returned {key}={v} for class {rows[k]['class']!r}, whose "
                         "prediction and reference are both non-empty."
                     )
-            rows[k].update(values)
-    order = ("class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "status")
+                rows[k][key] = v
+    order = ("class", "class_index", *METRICS, "pred_voxels", "ref_voxels", "overlap_voxels", "status")
     return [{key: row[key] for key in order} for row in rows]

@@ -132,6 +132,67 @@ def test_3d_cubes_anisotropic():
     assert row["hd95"] == pytest.approx(3.0)
 
 
+def test_cubes_offset_by_one_voxel_mm_and_voxels():
+    # 3 x 3 x 3 cubes, the prediction one voxel further along axis 2, spacing (1, 1, 3).
+    # Overlap 2 layers = 18 voxels: Dice = 2 * 18 / 54 = 2/3, Jaccard = 18 / 36 = 1/2.
+    # Edges: all voxels but the centre (26 each). Prediction edges -> reference edges: its z = 2
+    # layer (9 voxels) is 1 voxel = 3 mm from the reference's z = 3 face; (3, 3, 4), the
+    # reference's centre (not an edge), is 1 voxel = 1 mm from (2, 3, 4) along axis 0; the other
+    # 16 lie on reference edges (0). The reverse direction is the mirror image (same values).
+    #   mm:     sixteen 0s, one 1, nine 3s -> ASSD = 2 * 28 / 52 = 28/26; HD95 (position
+    #           0.95 * 25 = 23.75 among the sorted values) = 3
+    #   voxels: sixteen 0s, ten 1s -> ASD (one direction) = 10/26; 95HD = 1
+    ref = np.zeros((7, 7, 8), dtype=np.int64)
+    ref[2:5, 2:5, 3:6] = 1
+    pred = np.zeros_like(ref)
+    pred[2:5, 2:5, 2:5] = 1
+    (row,) = evaluate_case(pred, ref, ["background", "cube"], spacing=(1.0, 1.0, 3.0))
+    assert row["status"] == "ok" and row["overlap_voxels"] == 18
+    assert row["dice"] == pytest.approx(2 / 3) and row["jaccard"] == pytest.approx(0.5)
+    assert row["assd"] == pytest.approx(28 / 26) and row["hd95"] == pytest.approx(3.0)
+    assert row["asd_vox"] == pytest.approx(10 / 26) and row["hd95_vox"] == pytest.approx(1.0)
+    # isotropic 1 mm: the mm figures equal the voxel ones (ASSD is symmetric, ASD one-way, and
+    # here both directions agree)
+    (iso,) = evaluate_case(pred, ref, ["background", "cube"])
+    assert iso["assd"] == pytest.approx(10 / 26) and iso["hd95"] == iso["hd95_vox"] == pytest.approx(1.0)
+
+
+def test_asd_is_one_directional_from_the_prediction():
+    # reference: 5 x 5 square (rows / cols 1-5, edge = its 16-pixel ring); prediction: the
+    # 3 x 3 square inside it (rows / cols 2-4, edge = 8-pixel ring, the centre is not edge).
+    # Prediction ring -> reference ring: every pixel 1 away -> ASD (prediction -> reference) = 1.
+    # Reference ring -> prediction ring: 4 corners sqrt(2), 12 others 1 -> (12 + 4 sqrt 2) / 16.
+    # ASSD pools both: (8 + 12 + 4 sqrt 2) / 24. HD95: max(1, sqrt 2) (reverse: 95th percentile
+    # at position 14.25 of 16 sorted values, both sqrt 2). Dice 2 * 9 / 34, Jaccard 9 / 25.
+    ref = np.zeros((7, 7), dtype=np.int64)
+    ref[1:6, 1:6] = 1
+    pred = np.zeros_like(ref)
+    pred[2:5, 2:5] = 1
+    (row,) = evaluate_case(pred, ref, ["background", "square"])
+    assert row["asd_vox"] == pytest.approx(1.0)
+    assert row["assd"] == pytest.approx((20 + 4 * math.sqrt(2)) / 24)
+    assert row["hd95"] == row["hd95_vox"] == pytest.approx(math.sqrt(2))
+    assert row["dice"] == pytest.approx(18 / 34) and row["jaccard"] == pytest.approx(9 / 25)
+    # swapping prediction and reference gives the other direction: the metric is not symmetric
+    (swapped,) = evaluate_case(ref, pred, ["background", "square"])
+    assert swapped["asd_vox"] == pytest.approx((12 + 4 * math.sqrt(2)) / 16)
+    assert swapped["assd"] == pytest.approx(row["assd"]) and swapped["dice"] == pytest.approx(row["dice"])
+
+
+def test_voxel_metrics_ignore_spacing_and_jaccard_matches_dice():
+    # the squares of test_shifted_squares, spacing (1, 3): mm distances change, voxel ones do not
+    ref = np.zeros((8, 9), dtype=np.int64)
+    ref[2:6, 2:6] = 1
+    pred = np.zeros((8, 9), dtype=np.int64)
+    pred[2:6, 3:7] = 1
+    (unit,) = evaluate_case(pred, ref, 2)
+    (aniso,) = evaluate_case(pred, ref, 2, spacing=(1.0, 3.0))
+    assert (unit["hd95_vox"], unit["asd_vox"]) == (aniso["hd95_vox"], aniso["asd_vox"]) == (1.0, 0.5)
+    assert aniso["hd95"] == pytest.approx(3.0)
+    # Jaccard = |P n R| / |P u R| = 12 / 20 = Dice / (2 - Dice)
+    assert aniso["jaccard"] == pytest.approx(0.6) == aniso["dice"] / (2 - aniso["dice"])
+
+
 # grid 5 x 9, spacing (2, 0.5): diagonal = sqrt((4 * 2)^2 + (8 * 0.5)^2) = sqrt(80)
 DIAG = math.sqrt(80.0)
 EMPTY_CASES = [
@@ -151,7 +212,14 @@ def test_empty_conventions(in_pred, in_ref, dice, hd95, assd, status):
     assert row["dice"] == dice
     assert row["hd95"] == pytest.approx(hd95)
     assert row["assd"] == pytest.approx(assd)
-    assert all(math.isfinite(row[m]) for m in ("dice", "hd95", "assd"))
+    assert row["jaccard"] == dice  # 1 when both are empty, else 0
+    assert all(math.isfinite(row[m]) for m in evaluation.METRICS)
+    # the voxel distances take the diagonal in voxels: sqrt(4^2 + 8^2) on the 5 x 9 grid, which
+    # equals the mm one at (2, 0.5); at (2, 1) mm it is sqrt(8^2 + 8^2), the voxel one unchanged
+    (row,) = evaluate_case(pred, ref, ["background", "x"], spacing=(2.0, 1.0))
+    vox = 0.0 if status == "both_empty" else math.sqrt(80.0)
+    assert row["hd95_vox"] == pytest.approx(vox) and row["asd_vox"] == pytest.approx(vox)
+    assert row["hd95"] == pytest.approx(0.0 if status == "both_empty" else math.sqrt(128.0))
 
 
 def test_image_diagonal():
@@ -220,6 +288,56 @@ def test_summarize():
     # overall: mean over classes with rows (a: 0.5, b: 1.0)
     assert s["overall"]["dice"] == pytest.approx(0.75)
     assert s["overall"]["hd95"] == pytest.approx((5 / 3 + 0) / 2)
+
+
+def _slice_row(subject, pred_n, ref_n, overlap, dice):
+    status = "both_empty" if pred_n == ref_n == 0 else "pred_empty" if pred_n == 0 else "ok"
+    return {"class": "a", "dice": dice, "status": status, "subject": subject,
+            "pred_voxels": pred_n, "ref_voxels": ref_n, "overlap_voxels": overlap}
+
+
+def test_aggregates_can_rank_runs_opposite():
+    # issue 14: on 2D slices the per slice mean and the pooled Dice can rank two runs opposite.
+    # Run A misses a 1-pixel structure (Dice 0), gets a 100-pixel one right (1), and an empty
+    # slice scores 1: per slice mean 2/3; pooled 2 * 100 / (100 + 101) = 200/201.
+    # Run B finds the pixel (1), half of the big one (2 * 50 / 150 = 2/3), the empty slice (1):
+    # per slice mean 8/9; pooled 2 * 51 / (51 + 101) = 102/152.
+    run_a = [_slice_row("s1", 0, 1, 0, 0.0), _slice_row("s1", 100, 100, 100, 1.0), _slice_row("s1", 0, 0, 0, 1.0)]
+    run_b = [_slice_row("s1", 1, 1, 1, 1.0), _slice_row("s1", 50, 100, 50, 2 / 3), _slice_row("s1", 0, 0, 0, 1.0)]
+    a, b = summarize(run_a, ["a"]), summarize(run_b, ["a"])
+    assert a["per_class"]["a"]["dice"]["mean"] == pytest.approx(2 / 3)
+    assert b["per_class"]["a"]["dice"]["mean"] == pytest.approx(8 / 9)
+    assert a["pooled"]["per_class"]["a"]["dice"] == pytest.approx(200 / 201)
+    assert b["pooled"]["per_class"]["a"]["dice"] == pytest.approx(102 / 152)
+    assert a["pooled"]["per_class"]["a"]["jaccard"] == pytest.approx(100 / 101)
+    # one subject: its pooled slices are the subject's (3D) Dice
+    assert a["per_subject"]["per_class"]["a"]["n"] == 1
+    assert a["per_subject"]["per_class"]["a"]["dice"]["mean"] == pytest.approx(200 / 201)
+    assert a["pooled"]["overall"]["dice"] == pytest.approx(200 / 201)
+
+
+def test_per_subject_groups_slices_and_falls_back_to_the_case():
+    rows = [
+        {**_slice_row("s1", 2, 2, 1, 0.5), "case": "s1_z0"},  # s1: (1 + 2) shared of (2 + 2) + (2 + 2)
+        {**_slice_row("s1", 2, 2, 2, 1.0), "case": "s1_z1"},
+        {**_slice_row(None, 4, 4, 0, 0.0), "case": "vol3"},  # no subject: its own subject, Dice 0
+        {**_slice_row(None, 0, 0, 0, 1.0), "case": "vol4", "class": "b"},  # b: both empty -> 1
+    ]
+    for r in rows:
+        if r["subject"] is None:
+            del r["subject"]
+    s = summarize(rows, ["a", "b", "c"])
+    a = s["per_subject"]["per_class"]["a"]
+    assert a["n"] == 2 and a["dice"]["mean"] == pytest.approx((6 / 8 + 0.0) / 2)
+    assert a["jaccard"]["median"] == pytest.approx((3 / 5 + 0.0) / 2)
+    assert s["per_subject"]["per_class"]["b"]["dice"]["mean"] == 1.0
+    assert s["per_subject"]["per_class"]["c"] == {"n": 0}
+    assert s["pooled"]["per_class"]["c"] == {"n": 0, "pred_voxels": 0, "ref_voxels": 0, "overlap_voxels": 0}
+    # pooled a: 8 + 8 voxels, 3 shared -> 6 / 16; overall over classes with rows (a, b)
+    assert s["pooled"]["per_class"]["a"]["dice"] == pytest.approx(6 / 16)
+    assert s["pooled"]["overall"]["dice"] == pytest.approx((6 / 16 + 1.0) / 2)
+    # rows without voxel counts (an older CSV): no pooled or per subject aggregate
+    assert "pooled" not in summarize([{"class": "a", "dice": 1.0, "status": "ok"}], ["a"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,25 +453,45 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert list(s) == NO_PHASE_SUMMARY_KEYS and "per_phase" not in s
     assert printed.startswith(NO_PHASE_TABLE + "\n")
     assert evaluation.format_table(s) == NO_PHASE_TABLE
-    assert list(rows[0]) == CSV_COLUMNS and {r["phase"] for r in rows} == {""}
+    assert list(rows[0]) == CSV_COLUMNS and {r["phase"] for r in rows} == {""} == {r["subject"] for r in rows}
+    # case_002's a: one voxel off along axis 0 (2 mm): 2 mm, but 1 voxel; no overlap: Jaccard 0
+    assert float(got["case_002", "a"]["hd95_vox"]) == pytest.approx(1.0)
+    assert float(got["case_002", "a"]["asd_vox"]) == pytest.approx(1.0)
+    assert float(got["case_002", "a"]["jaccard"]) == 0.0 and got["case_002", "a"]["overlap_voxels"] == "0"
+    assert s["units"]["hd95_vox"] == s["units"]["asd_vox"] == "voxel"
+    # pooled a: (1 + 0 overlap) / (2 + 2) voxels -> Dice 2 * 1 / 4; no subject key: no per_subject
+    assert s["pooled"]["per_class"]["a"] == {"n": 2, "pred_voxels": 2, "ref_voxels": 2, "overlap_voxels": 1,
+                                             "dice": 0.5, "jaccard": 1 / 3}
+    assert "per_subject" not in s
 
 
 # the outputs of test_cli_end_to_end as they were before per phase reporting existed, plus the
-# run record of the predictions (added last, so that earlier keys keep their order)
+# run record of the predictions and the pooled aggregate (added last, so that earlier keys keep
+# their order)
 NO_PHASE_SUMMARY_KEYS = [
     "per_class", "overall", "status_counts", "num_cases", "cases", "missing_predictions",
-    "skipped_unlabelled", "classes", "units", "outputs", "arguments", "prediction_run",
+    "skipped_unlabelled", "classes", "units", "outputs", "arguments", "prediction_run", "pooled",
 ]
 NO_PHASE_TABLE = (
-    "class                   n             Dice          HD95 (mm)          ASSD (mm)\n"
-    "--------------------------------------------------------------------------------\n"
-    "a                       2  0.5000 ± 0.5000        1.00 ± 1.00        1.00 ± 1.00\n"
-    "b                       2  1.0000 ± 0.0000        0.00 ± 0.00        0.00 ± 0.00\n"
-    "--------------------------------------------------------------------------------\n"
-    "mean over classes                   0.7500               0.50               0.50"
+    "class                   n             Dice          Jaccard       HD95 (mm)       ASSD (mm)    95HD (voxel)     ASD (voxel)\n"
+    "---------------------------------------------------------------------------------------------------------------------------\n"
+    "a                       2  0.5000 ± 0.5000  0.5000 ± 0.5000     1.00 ± 1.00     1.00 ± 1.00     0.50 ± 0.50     0.50 ± 0.50\n"
+    "b                       2  1.0000 ± 0.0000  1.0000 ± 0.0000     0.00 ± 0.00     0.00 ± 0.00     0.00 ± 0.00     0.00 ± 0.00\n"
+    "---------------------------------------------------------------------------------------------------------------------------\n"
+    "mean over classes                   0.7500           0.7500            0.50            0.50            0.25            0.25\n"
+    "\n"
+    "Dice by aggregate       n   per case     pooled\n"
+    "-----------------------------------------------\n"
+    "a                       2     0.5000     0.5000\n"
+    "b                       2     1.0000     1.0000\n"
+    "mean over classes             0.7500     0.7500\n"
+    "\n"
+    "2 cases; empty: 1 both, 0 prediction only, 0 reference only; missing predictions: 0"
 )
-# the old columns first, in their old order (readers by position keep working), then phase
-CSV_COLUMNS = ["case", "class", "class_index", "dice", "hd95", "assd", "pred_voxels", "ref_voxels", "status", "phase"]
+# the old columns first, in their old order (readers by position keep working), then phase, then
+# the voxel metrics, the overlap count and the subject
+CSV_COLUMNS = ["case", "class", "class_index", "dice", "hd95", "assd", "pred_voxels", "ref_voxels", "status", "phase",
+               "jaccard", "hd95_vox", "asd_vox", "overlap_voxels", "subject"]
 
 
 def _make_phase_dataset(root):
@@ -392,13 +530,14 @@ def test_per_phase(tmp_path, capsys):
     out = preds / "evaluation"
     s = json.loads((out / "summary.json").read_text())
     # the keys from before stay, in their place; per_phase follows the summarize() keys
-    assert list(s) == NO_PHASE_SUMMARY_KEYS[:3] + ["per_phase"] + NO_PHASE_SUMMARY_KEYS[3:]
+    assert list(s) == NO_PHASE_SUMMARY_KEYS[:3] + ["per_phase"] + NO_PHASE_SUMMARY_KEYS[3:] + ["per_subject"]
     # overall LV Dice over (0.5, 1, 1, 1): mean 0.875, population std sqrt(0.1875 / 4)
     assert s["per_class"]["LV"]["n"] == 4 and s["per_class"]["LV"]["dice"]["mean"] == 0.875
     assert s["per_class"]["LV"]["dice"]["std"] == pytest.approx(math.sqrt(0.1875 / 4))
     assert list(s["per_phase"]) == ["ED", "ES"]
     ed, es = s["per_phase"]["ED"], s["per_phase"]["ES"]
-    assert set(ed) == set(es) == {"per_class", "overall", "status_counts"}  # summarize()'s structure
+    # summarize()'s structure
+    assert set(ed) == set(es) == {"per_class", "overall", "status_counts", "pooled", "per_subject"}
     # ED LV: Dice (0.5, 1) -> 0.75 ± 0.25, median 0.75; HD95 (0.95, 0) -> mean 0.475; ASSD (0.5, 0)
     assert ed["per_class"]["LV"]["n"] == 2
     assert ed["per_class"]["LV"]["dice"] == {"mean": 0.75, "std": 0.25, "median": 0.75}
@@ -413,7 +552,15 @@ def test_per_phase(tmp_path, capsys):
         assert es["per_class"][name]["n"] == 2
         assert es["per_class"][name]["dice"] == {"mean": 1.0, "std": 0.0, "median": 1.0}
         assert es["per_class"][name]["hd95"]["mean"] == 0.0
-    assert es["overall"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+    assert es["overall"] == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "assd": 0.0, "hd95_vox": 0.0, "asd_vox": 0.0}
+    # subjects: within ED, s1's LV volume is s1_ED alone (Dice 0.5), s2's is perfect; over both
+    # phases s1's LV pools s1_ED (2 + 2 voxels, 1 shared) and s1_ES (2 + 2, 2 shared): 2 * 3 / 8
+    assert ed["per_subject"]["per_class"]["LV"]["dice"] == {"mean": 0.75, "std": 0.25, "median": 0.75}
+    assert s["per_subject"]["per_class"]["LV"]["n"] == 2
+    assert s["per_subject"]["per_class"]["LV"]["dice"]["mean"] == pytest.approx((0.75 + 1.0) / 2)
+    # pooled over the 4 LV cases: 8 + 8 voxels, 7 shared -> Dice 14 / 16, Jaccard 7 / 9
+    assert s["pooled"]["per_class"]["LV"]["dice"] == 0.875
+    assert s["pooled"]["per_class"]["LV"]["jaccard"] == pytest.approx(7 / 9)
 
     import csv
 
@@ -429,16 +576,23 @@ def test_per_phase(tmp_path, capsys):
     table = evaluation.format_table(s).splitlines()
     assert lines[: len(table)] == table  # the command prints the same table
     names = [line[:20].rstrip() for line in table]
-    assert names == [
+    main = names.index("")
+    assert names[:main] == [
         "class", "-" * 20, "LV", "MYO", "-" * 20, "mean over classes",
         "=" * 20, "ED LV", "ED MYO", "ED mean over classes",
         "-" * 20, "ES LV", "ES MYO", "ES mean over classes",
     ]
-    row = dict(zip(names, table))
+    row = dict(zip(names[:main], table[:main]))
     assert row["ED LV"].split()[2:5] == ["2", "0.7500", "±"] and "0.2500" in row["ED LV"]
-    assert row["ED mean over classes"].split()[4:] == ["0.8750", "0.24", "0.12"]
-    assert row["ES mean over classes"].split()[4:] == ["1.0000", "0.00", "0.00"]
+    assert row["ED mean over classes"].split()[4:] == ["0.8750", "0.8333", "0.24", "0.12", "0.24", "0.12"]
+    assert row["ES mean over classes"].split()[4:] == ["1.0000", "1.0000", "0.00", "0.00", "0.00", "0.00"]
     assert row["mean over classes"].split()[3] == "0.9375"  # overall: (0.875 + 1) / 2
+    # the aggregate table: n, per case, subjects, per subject, pooled; overall then per phase
+    agg = {line[:20].rstrip(): line[20:].split() for line in table[main + 1:] if line and line[0] not in "-"}
+    assert agg["Dice by aggregate"] == ["n", "per", "case", "subjects", "per", "subject", "pooled"]
+    assert agg["LV"] == ["4", "0.8750", "2", "0.8750", "0.8750"]
+    assert agg["ED LV"] == ["2", "0.7500", "2", "0.7500", "0.7500"]
+    assert table[-1] == "4 cases; empty: 0 both, 0 prediction only, 0 reference only; missing predictions: 0"
 
 
 def test_per_phase_cases_without_phase():
@@ -534,7 +688,8 @@ def test_partial_reference_and_label_map(tmp_path):
     s = evaluate_folder(tmp_path / "preds", ds, progress=False)
     assert s["per_class"]["a"]["n"] == 0 and "dice" not in s["per_class"]["a"]
     assert s["per_class"]["b"]["dice"]["mean"] == 1.0
-    assert s["overall"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}  # class a has no rows: left out
+    # class a has no rows: left out
+    assert s["overall"] == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "assd": 0.0, "hd95_vox": 0.0, "asd_vox": 0.0}
 
 
 def test_partialseg_command(tmp_path, capsys):
