@@ -7,7 +7,8 @@ copied or converted: the entries point at the original files. Run ``partialseg c
 result before training.
 
 The builders live one module per anatomy (:mod:`~partialseg.data.builders.abdomen`,
-:mod:`~partialseg.data.builders.cardiac`; shared machinery in ``_common``) and are found
+:mod:`~partialseg.data.builders.cardiac`, :mod:`~partialseg.data.builders.atrium`; shared
+machinery in ``_common``) and are found
 through one registry, :data:`LAYOUTS` (layout name -> :class:`Layout`: its anatomy, its
 builder and its description).
 
@@ -16,6 +17,13 @@ setting, :mod:`partialseg.data.builders.cardiac`) are different: they **write** 
 resampled, cropped short-axis slices next to the ``dataset.json``, keep one random structure per
 training slice, and take the options ``--spacing``, ``--size``, ``--keep``, ``--seed``,
 ``--test`` and ``--no-wholeheart``; they cannot be mixed with the abdominal layouts.
+
+Left-atrium layouts (the DTML paper's setting, :mod:`partialseg.data.builders.atrium`):
+``lasc2018`` (the 2018 Atrial Segmentation Challenge, ``<case>/lgemri.nrrd`` + ``laendo.nrrd``,
+255 = atrium) and ``msd_heart`` (MSD ``Task02_Heart``, 1 = atrium); entries point at the
+original files; ``--test`` holds labelled cases out and ``--labelled N|FRACTION`` keeps the label
+of that many training cases, the others becoming unlabelled entries (``--labelled 0.2``: the
+paper's 16 labelled / 64 unlabelled).
 
 Abdominal layouts (the marginal-loss paper's union: ``btcv``, ``msd_liver``, ``msd_spleen``,
 ``msd_pancreas``, ``kits19``; folders and label values in the table of
@@ -51,6 +59,9 @@ Examples:
 
     partialseg build-datalist --out /data/acdc2d/dataset.json --source acdc=/data/ACDC/training \\
         --val 20 --test 20 --seed 0
+
+    partialseg build-datalist --out /data/la/dataset.json \\
+        --source "lasc2018=/data/AtriaSeg2018/Training Set" --test 20 --labelled 0.2
 """
 
 from __future__ import annotations
@@ -62,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from partialseg.data.builders import abdomen, cardiac
+from partialseg.data.builders import abdomen, atrium, cardiac
 from partialseg.data.builders._common import check_out, write_json
 from partialseg.data.builders.abdomen import DEFAULT_CLASSES
 from partialseg.data.builders.cardiac import SLICE_LAYOUTS, build_slices
@@ -91,11 +102,13 @@ class Layout:
 
 
 _CARDIAC_OPTIONS = frozenset({"test", "spacing", "size", "keep", "wholeheart", "seed", "progress"})
+_ATRIUM_OPTIONS = frozenset({"test", "labelled"})
 
 #: layout name -> :class:`Layout`; an anatomy module adds its ``LAYOUTS`` here
 LAYOUTS: dict[str, Layout] = {
     **{name: Layout("abdomen", abdomen.build_union, spec) for name, spec in abdomen.LAYOUTS.items()},
     **{name: Layout("cardiac", cardiac.build_slices, spec, _CARDIAC_OPTIONS) for name, spec in cardiac.LAYOUTS.items()},
+    **{name: Layout("atrium", atrium.build_atrium, spec, _ATRIUM_OPTIONS) for name, spec in atrium.LAYOUTS.items()},
 }
 
 
@@ -150,20 +163,27 @@ def build_datalist(
     kinds = {LAYOUTS[layout].anatomy for layout, _ in sources}
     if len(kinds) > 1:
         slicing = sorted({layout for layout, _ in sources if LAYOUTS[layout].anatomy == "cardiac"})
-        others = sorted({layout for layout, _ in sources if LAYOUTS[layout].anatomy != "cardiac"})
-        raise ValueError(f"the cardiac layouts {slicing} write 2D slices and cannot be mixed with {others}")
+        if slicing:
+            others = sorted({layout for layout, _ in sources if LAYOUTS[layout].anatomy != "cardiac"})
+            raise ValueError(f"the cardiac layouts {slicing} write 2D slices and cannot be mixed with {others}")
+        by_anatomy = {k: sorted({l for l, _ in sources if LAYOUTS[l].anatomy == k}) for k in sorted(kinds)}
+        raise ValueError("layouts of different anatomies (different classes) cannot be joined: "
+                         + ", ".join(f"{k} {v}" for k, v in by_anatomy.items()))
     layout = LAYOUTS[sources[0][0]]
     extra = sorted(set(options) - layout.options)
     if extra:
         takers = sorted(name for name, entry in LAYOUTS.items() if set(extra) <= entry.options)
-        raise ValueError(f"{', '.join(extra)}: only for the {'cardiac ' if takers else ''}layouts {takers}")
+        anatomies = {LAYOUTS[t].anatomy for t in takers}
+        kind = f"{anatomies.pop()} " if len(anatomies) == 1 else ""
+        raise ValueError(f"{', '.join(extra)}: only for the {kind}layouts {takers}")
     return layout.build(sources, out, classes=classes, val=val, name=name, **options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (parser.description or "").rstrip(".") + ". " + (
         f"Layouts: {', '.join(sorted(abdomen.LAYOUTS))} (entries point at the original files); cardiac: "
-        f"{', '.join(cardiac.LAYOUTS)} (2D slices written under <out folder>/slices/). See docs/data_format.md."
+        f"{', '.join(cardiac.LAYOUTS)} (2D slices written under <out folder>/slices/); left atrium: "
+        f"{', '.join(atrium.LAYOUTS)}. See docs/data_format.md."
     )
     parser.add_argument("--source", action="append", required=True, metavar="LAYOUT=DIR",
                         help="a dataset folder in a known layout; repeat for each source")
@@ -173,8 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, default=0, help="fully labelled cases held out as the validation split "
                         "(cardiac: random subjects of each source)")
     parser.add_argument("--name", help="dataset name (default: union; cardiac: acdc2d, mscmrseg2d, ...)")
-    group = parser.add_argument_group("cardiac layouts only (acdc, mscmrseg*)")
-    group.add_argument("--test", type=int, help="random subjects of each source held out, fully labelled, as the test split (default 0)")
+    group = parser.add_argument_group("cardiac layouts only (acdc, mscmrseg*); --test also for the atrium layouts")
+    group.add_argument("--test", type=int, help="random subjects of each source held out, fully labelled, as the test "
+                       "split (default 0); atrium layouts: the last labelled cases of each source")
     group.add_argument("--spacing", type=float, nargs="+", metavar="MM",
                          help=f"in-plane pixel size after resampling, one value or one per axis (default {cardiac.DEFAULT_SPACING})")
     group.add_argument("--size", type=int, nargs="+", metavar="N",
@@ -188,6 +209,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "dcl_cardiac bundle with --missing any)")
     group.add_argument("--seed", type=int, help="seed of the split and of the kept structures; same seed = identical files (default 0)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group(f"left-atrium layouts only ({', '.join(atrium.LAYOUTS)})")
+    group.add_argument("--labelled", type=_count_or_fraction, metavar="N|FRACTION",
+                       help="training cases of each source that keep their label: a number (16) or a fraction (0.2); "
+                       "the others become unlabelled entries (default: all keep it)")
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--labelled``'s value: an int (a number of cases) or, with a point, a float (a fraction)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of cases (16) or a fraction (0.2), got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --source must be LAYOUT=DIR, got {item!r}", file=sys.stderr)
             return 2
         sources.append((layout, folder))
-    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed", "labelled")
+               if getattr(args, k, None) is not None}
     if any(layout in cardiac.LAYOUTS for layout, _ in sources):
         options["progress"] = not args.quiet
     try:
@@ -210,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if "empty_slices_skipped" in desc:
         _print_slices(desc)
+    elif any(LAYOUTS[layout].anatomy == "atrium" for layout, _ in sources):
+        _print_atrium(desc)
     else:
         per_source: dict[str, int] = {}
         for c in desc["training"]:
@@ -226,6 +262,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"wrote {out}; next: partialseg check {out.parent if out.name == 'dataset.json' else out}")
     return 0
+
+
+def _print_atrium(desc: dict[str, Any]) -> None:
+    """Per source: labelled and unlabelled training cases, validation and test cases."""
+    for source in desc["label_maps"]:
+        train = [c for c in desc["training"] if c["source"] == source]
+        labelled = sum("label" in c for c in train)
+        held = {split: sum(c["source"] == source for c in desc.get(split, [])) for split in ("validation", "test")}
+        print(f"  {source:<16}{len(train):>5} training cases ({labelled} labelled, {len(train) - labelled} unlabelled), "
+              f"{held['validation']} validation, {held['test']} test")
 
 
 def _print_slices(desc: dict[str, Any]) -> None:

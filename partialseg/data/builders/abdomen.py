@@ -20,14 +20,14 @@ layout          folder                                          label values -> 
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from partialseg._checks import check_int
+from partialseg.data.builders._common import msd_pairs as _msd_pairs
 from partialseg.data.builders._common import relative, write_json
 
 __all__ = ["DEFAULT_CLASSES", "LAYOUTS", "FileLayout", "build_union"]
@@ -53,32 +53,6 @@ class FileLayout:
     annotated: Any
     values: dict[str, Any]
     case_from_folder: bool = False
-
-
-def _msd_pairs(root: Path) -> list[tuple[Path, Path]]:
-    """Image/label pairs of an MSD task folder, from its ``dataset.json`` (``training`` entries)."""
-    desc_path = root / "dataset.json"
-    if not desc_path.is_file():
-        raise FileNotFoundError(f"{root}: not an MSD task folder (no dataset.json)")
-    try:
-        desc = json.loads(desc_path.read_text())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{desc_path}: not valid JSON ({e}); restore the task's original dataset.json") from None
-    if not isinstance(desc, Mapping):
-        raise ValueError(
-            f"{desc_path}: the top level is a JSON {type(desc).__name__}; an MSD dataset.json is an object "
-            "with a 'training' list of {\"image\": ..., \"label\": ...} entries"
-        )
-    training = desc.get("training", [])
-    if not isinstance(training, list):
-        raise ValueError(f"{desc_path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries, "
-                         f"got a {type(training).__name__}")
-    pairs = []
-    for i, entry in enumerate(training):
-        if not isinstance(entry, Mapping) or "image" not in entry or "label" not in entry:
-            raise ValueError(f"{desc_path}: training[{i}] must have 'image' and 'label', got {entry!r}")
-        pairs.append((root / entry["image"], root / entry["label"]))
-    return pairs
 
 
 def _btcv_pairs(root: Path) -> list[tuple[Path, Path]]:
