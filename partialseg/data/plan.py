@@ -44,6 +44,7 @@ __all__ = [
     "FINGERPRINT_NAME",
     "body_mask",
     "PLAN_NAME",
+    "PlanSettings",
     "case_statistics",
     "dataset_hash",
     "estimate_memory",
@@ -51,10 +52,14 @@ __all__ = [
     "bundle_overrides",
     "format_command",
     "format_plan",
+    "load_model_settings",
     "load_plan",
     "make_plan",
     "plan_dataset",
+    "plan_fallback",
     "plan_value",
+    "save_model_settings",
+    "settings_path",
     "target_spacing",
 ]
 
@@ -771,23 +776,79 @@ def format_command(dataset_dir: str | os.PathLike, bundle: str, settings: Mappin
             + " ".join(parts))
 
 
-def load_plan(dataset_dir: str | os.PathLike, bundle: str) -> dict[str, Any]:
+def _dataset_root(dataset_dir: str | os.PathLike) -> Path:
+    """The dataset folder of ``dataset_dir`` (a folder, or its ``dataset.json``)."""
+    p = Path(dataset_dir)
+    return p.parent if p.suffix == ".json" else p
+
+
+class PlanSettings(dict):
+    """Planned settings by config key; a nested key may be looked up with MONAI's ``::`` separator
+    too (MONAI's config parser rewrites ``#`` to ``::`` inside config strings, so
+    ``"$@dataset_plan.get('network_def#channels', ...)"`` asks for ``network_def::channels``).
+
+    Example:
+        >>> PlanSettings({"network_def#strides": [2, 2]}).get("network_def::strides")
+        [2, 2]
+    """
+
+    @staticmethod
+    def _key(key: Any) -> Any:
+        return key.replace("::", "#") if isinstance(key, str) else key
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key: Any) -> bool:
+        return super().__contains__(self._key(key))
+
+
+#: dataset folders already told that they hold no plan (one notice per process)
+_NOTICED: set[str] = set()
+
+
+def load_plan(dataset_dir: str | os.PathLike | None, bundle: str) -> PlanSettings:
     """The settings planned for ``bundle`` in ``dataset_dir/plan.json``; ``{}`` when there is none.
 
     What bundle configs call (``"dataset_plan": "$partialseg.data.plan.load_plan(@dataset_dir,
     '<bundle>')"``, then ``"pixdim": "$@dataset_plan.get('pixdim', [default])"``), so that a
     dataset with a plan needs no override and a command-line override of a key still wins. A plan
     made before the dataset last changed (files added, replaced or touched) is used with a warning
-    on stderr.
+    on stderr. A dataset of the user's (a ``dataset.json`` that no synthetic generator wrote: no
+    ``family`` key) without a plan gets a notice on stderr naming the command that plans it; the
+    bundle's defaults then apply. Nothing is read or generated when the folder does not exist.
+
+    Args:
+        dataset_dir: the dataset folder or its ``dataset.json`` (None: no plan).
+        bundle: a name of :data:`BUNDLES`.
 
     Raises:
         ValueError: ``plan.json`` is not a plan written by ``partialseg plan``.
+
+    Example:
+        >>> load_plan("/nonexistent/dataset", "dcl_cardiac")
+        {}
     """
     import sys
 
-    path = Path(dataset_dir) / PLAN_NAME
+    if dataset_dir is None or str(dataset_dir) == "":
+        return PlanSettings()
+    root = _dataset_root(dataset_dir)
+    path = root / PLAN_NAME
     if not path.is_file():
-        return {}
+        if (root / "dataset.json").is_file() and str(root) not in _NOTICED:
+            _NOTICED.add(str(root))
+            try:
+                synthetic = "family" in json.loads((root / "dataset.json").read_text())
+            except (OSError, ValueError, TypeError):
+                synthetic = True  # an unreadable dataset.json is reported by whoever reads it
+            if not synthetic:
+                print(f"partialseg: {root} holds no {PLAN_NAME}: {bundle}'s built-in settings (those of its synthetic benchmark)"
+                      f" apply; `partialseg plan {root} --bundle {bundle}` plans them from the data", file=sys.stderr)  # fmt: skip
+        return PlanSettings()
     try:
         plan = json.loads(path.read_text())
         settings = plan["plans"].get(bundle, {}).get("settings", {})
@@ -799,13 +860,153 @@ def load_plan(dataset_dir: str | os.PathLike, bundle: str) -> dict[str, Any]:
         try:
             from partialseg.data.spec import load_dataset
 
-            current = dataset_hash(load_dataset(Path(dataset_dir)), Path(dataset_dir) / "dataset.json")
+            current = dataset_hash(load_dataset(root), root / "dataset.json")
         except (OSError, ValueError):
             current = None
         if current != plan.get("dataset_hash"):
             print(f"partialseg: warning: {path} was planned for an earlier state of the dataset (files added, replaced or"
-                  f" touched since); run `partialseg plan {dataset_dir} --bundle {bundle}` again", file=sys.stderr)  # fmt: skip
-    return dict(settings)
+                  f" touched since); run `partialseg plan {root} --bundle {bundle}` again", file=sys.stderr)  # fmt: skip
+    elif plan.get("plans") and str(root) not in _NOTICED:
+        _NOTICED.add(str(root))
+        print(f"partialseg: {path} plans {sorted(plan['plans'])}, not {bundle}: its built-in settings apply;"
+              f" `partialseg plan {root} --bundle {bundle}` adds it", file=sys.stderr)  # fmt: skip
+    return PlanSettings(settings)
+
+
+def plan_fallback(value: Any) -> Any:
+    """The literal fallback of a bundle config's planned key, ``value`` itself for any other value.
+
+    A planned key reads ``"$@dataset_plan.get('<key>', LITERAL)"``; what a dataset without a plan
+    gets is ``LITERAL`` (parsed with ``ast.literal_eval``). The MONAI Label app types a request's
+    override of the key by it, and compares class names with the fallback ``num_classes``.
+
+    Example:
+        >>> plan_fallback("$@dataset_plan.get('pixdim', [4.5, 4.5, 4.0])")
+        [4.5, 4.5, 4.0]
+        >>> plan_fallback("$@dataset_plan.get('network_def#channels', [16, 32])")
+        [16, 32]
+        >>> plan_fallback(7), plan_fallback("$@stage == 1")
+        (7, '$@stage == 1')
+    """
+    import ast
+
+    if not isinstance(value, str) or not value.startswith("$@dataset_plan.get("):
+        return value
+    try:
+        node = ast.parse(value[1:].replace("@dataset_plan", "dataset_plan", 1).strip(), mode="eval").body
+    except SyntaxError:
+        return value
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "get"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "dataset_plan"
+        and len(node.args) == 2
+        and not node.keywords
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        try:
+            return ast.literal_eval(node.args[1])
+        except ValueError:
+            return value
+    return value
+
+
+def settings_path(checkpoint: str | os.PathLike) -> Path:
+    """The file beside ``checkpoint`` that holds the settings it was trained with.
+
+    Example:
+        >>> settings_path("models/model_stage1.pt").as_posix()
+        'models/model_stage1.settings.json'
+    """
+    p = Path(checkpoint)
+    return p.with_name(p.stem + ".settings.json")
+
+
+def _dataset_classes(dataset_dir: str | os.PathLike | None) -> list[str] | None:
+    if dataset_dir is None:
+        return None
+    try:
+        classes = json.loads((_dataset_root(dataset_dir) / "dataset.json").read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(classes) if isinstance(classes, list) else None
+
+
+def save_model_settings(checkpoint: str | os.PathLike, bundle: str, settings: Mapping[str, Any],
+                        dataset_dir: str | os.PathLike | None = None) -> Path | None:
+    """Write the settings a training run uses (after overrides) beside its ``checkpoint``
+    (:func:`settings_path`, atomically), for inference to use the same grid and network.
+
+    The file holds ``bundle``, ``settings`` (config key -> value), the dataset's ``classes`` and
+    folder, and where each setting came from (``plan.json``, the bundle's default or an override),
+    which is also printed. Written by rank 0 only (``RANK`` unset or 0); run at the start of
+    training, before the checkpoint it describes is saved (:func:`load_model_settings` ignores a
+    file newer than its checkpoint).
+
+    Returns:
+        the path written, or None on a rank other than 0.
+    """
+    from partialseg._fileio import atomic_write_text
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return None
+    plan = load_plan(dataset_dir, bundle)
+    settings = {PlanSettings._key(k): (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+    source = {k: ("plan.json" if k in plan and plan[k] == v else "override" if k in plan else "default") for k, v in settings.items()}
+    out = {"bundle": bundle, "checkpoint": Path(checkpoint).name, "settings": settings, "source": source,
+           "classes": _dataset_classes(dataset_dir), "dataset": None if dataset_dir is None else str(_dataset_root(dataset_dir).resolve())}  # fmt: skip
+    path = settings_path(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out, indent=2, default=str))
+    if plan:
+        planned = [k for k, s in source.items() if s == "plan.json"]
+        others = [k for k, s in source.items() if s == "override"]
+        print(f"partialseg: {bundle} settings from {_dataset_root(dataset_dir) / PLAN_NAME}: {', '.join(planned) or 'none'}"
+              + (f"; overridden: {', '.join(others)}" if others else "") + f"; recorded in {path}", flush=True)  # fmt: skip
+    return path
+
+
+def load_model_settings(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike | None, bundle: str) -> PlanSettings:
+    """The settings inference uses: those the ``checkpoint`` was trained with (its
+    :func:`settings_path` file), then the dataset's plan (:func:`load_plan`) for a key the file
+    lacks, else ``{}`` (the config's fallbacks apply).
+
+    The settings file is ignored, with a warning, when it is newer than the checkpoint (the run
+    that wrote it has not saved a model yet) or belongs to another bundle. A model trained on
+    other classes than ``dataset_dir``'s ``dataset.json`` lists gets a warning naming both.
+
+    Example:
+        >>> load_model_settings("/nonexistent/model.pt", None, "dcl_cardiac")
+        {}
+    """
+    import sys
+
+    path, ckpt = settings_path(checkpoint), Path(checkpoint)
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            settings = saved["settings"]
+            if not isinstance(settings, dict):
+                raise TypeError(f"settings is a {type(settings).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a settings file written by a bundle's training ({e}); delete it") from None
+        if saved.get("bundle") != bundle:
+            print(f"partialseg: warning: {path} records a {saved.get('bundle')!r} run, not {bundle!r}: ignored", file=sys.stderr)
+        elif ckpt.is_file() and path.stat().st_mtime_ns > ckpt.stat().st_mtime_ns:
+            print(f"partialseg: warning: {path} is newer than {ckpt} (its training run saved no model yet): ignored;"
+                  " the dataset's plan or the bundle's defaults apply", file=sys.stderr)  # fmt: skip
+        else:
+            trained, here = saved.get("classes"), _dataset_classes(dataset_dir)
+            if trained and here and list(trained) != list(here):
+                print(f"partialseg: warning: {ckpt} was trained on classes {trained} (dataset {saved.get('dataset')}) but"
+                      f" {_dataset_root(dataset_dir)} lists {here}: its predictions are indices of the model's classes;"
+                      " pass --checkpoint of a model trained on these classes, or --dataset_dir of the model's dataset",
+                      file=sys.stderr)  # fmt: skip
+            return PlanSettings({**load_plan(dataset_dir, bundle), **settings})
+    return load_plan(dataset_dir, bundle)
 
 
 def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: str | None = None) -> Any:
@@ -912,6 +1113,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_plan(plan, bundle=planned))
     root = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
     print(f"\nwritten: {root / PLAN_NAME}")
-    print(f"\ntrain with the plan (in bundles/{planned}/; add --stage 1 / 2 and your schedule):")
-    print(format_command(root.resolve(), planned, plan["plans"][planned]["settings"]))
+    import shlex
+
+    print(f"\ntrain (in bundles/{planned}/; the bundle reads {PLAN_NAME} from --dataset_dir; an override such as --batch_size 4 wins):")
+    print("python -m monai.bundle run --config_file configs/train.json --meta_file configs/metadata.json --bundle_root . \\\n"
+          f"    --dataset_dir {shlex.quote(str(root.resolve()))} --stage 1")
     return 0

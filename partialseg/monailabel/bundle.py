@@ -14,7 +14,9 @@ A partialseg bundle declares, beside MONAI's metadata keys (the bundle schema al
 - ``train.task``: the MONAI Label train task: ``"partial_label"`` (stage-2 fine-tuning of a network
   with one output channel per class, :class:`~partialseg.monailabel.train.PartialLabelTrainTask`),
   ``"conditional"`` (a network that reads conditional images, DCL:
-  :class:`~partialseg.monailabel.train.ConditionalTrainTask`), or ``"train": null`` for a bundle
+  :class:`~partialseg.monailabel.train.ConditionalTrainTask`), ``"semi_supervised"`` (two networks
+  trained on the datastore's labelled *and* unlabelled images, DTML:
+  :class:`~partialseg.monailabel.train.SemiSupervisedTrainTask`), or ``"train": null`` for a bundle
   that the app serves but does not train.
 - ``model_files``: the files the bundle saves *beside* ``models/model.pt`` and reads at inference
   (DCL's support bank; later an atlas): a name -> ``{"path": "models/<file>", "train_key": "<key>"}``,
@@ -62,7 +64,7 @@ __all__ = [
 #: the metadata key of the partialseg declaration
 DECLARATION_KEY = "partialseg"
 #: values of the declaration's ``train.task``
-TRAIN_TASKS = ("partial_label", "conditional")
+TRAIN_TASKS = ("partial_label", "conditional", "semi_supervised")
 #: file names MONAI Label's NIfTI readers and writers use
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: the model file every bundle serves (MONAI bundle layout); never declared in ``model_files``
@@ -205,7 +207,10 @@ def bundle_classes(bundle: str | os.PathLike) -> list[str] | None:
     """
     _, meta = _metadata(bundle)
     train = Path(bundle) / "configs" / "train.json"
-    num_classes = read_json(train).get("num_classes") if train.is_file() else None
+    from partialseg.data.plan import plan_fallback
+
+    # a planned num_classes ("$@dataset_plan.get('num_classes', 7)"): the bundle's own, its fallback
+    num_classes = plan_fallback(read_json(train).get("num_classes")) if train.is_file() else None
     if "class_names" in meta:
         names = meta["class_names"]
         if (

@@ -31,10 +31,11 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from partialseg._fileio import atomic_copy
+from partialseg.data.plan import plan_fallback, settings_path
 from partialseg.monailabel.bundle import NIFTI_SUFFIXES, bundle_classes, bundle_dimension, read_declaration, read_json
 from partialseg.monailabel.request_checks import RequestError, check_override, check_setting, config_default
 
-__all__ = ["ConditionalTrainTask", "PartialLabelTrainTask", "bundle_train_task"]
+__all__ = ["ConditionalTrainTask", "PartialLabelTrainTask", "SemiSupervisedTrainTask", "bundle_train_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def bundle_train_task(
     or None (logged) when it declares none (``"train": null``).
 
     ``"partial_label"`` gives a :class:`PartialLabelTrainTask`, ``"conditional"`` a
-    :class:`ConditionalTrainTask`.
+    :class:`ConditionalTrainTask`, ``"semi_supervised"`` a :class:`SemiSupervisedTrainTask`.
 
     Raises:
         ValueError: naming the file: a missing or malformed declaration, a declared task without
@@ -68,7 +69,7 @@ def bundle_train_task(
             f"{meta}: declares the train task {declaration.train_task!r} but names no classes: add class_names,"
             " or describe one output channel per class (network_data_format.outputs.pred.channel_def)"
         )
-    cls = ConditionalTrainTask if declaration.train_task == "conditional" else PartialLabelTrainTask
+    cls = {"conditional": ConditionalTrainTask, "semi_supervised": SemiSupervisedTrainTask}.get(declaration.train_task, PartialLabelTrainTask)
     return cls(root, classes, overrides=overrides, max_epochs=max_epochs)
 
 
@@ -209,8 +210,9 @@ class PartialLabelTrainTask(TrainTask):
         return content
 
     def setting(self, overrides: dict[str, Any], key: str) -> Any:
-        """The value of config ``key`` in a run with ``overrides``: the override, else ``train.json``'s."""
-        return overrides[key] if key in overrides else self.train_config.get(key)
+        """The value of config ``key`` in a run with ``overrides``: the override, else ``train.json``'s
+        (a planned key's fallback: the task's dataset folder holds no ``plan.json``)."""
+        return overrides[key] if key in overrides else plan_fallback(self.train_config.get(key))
 
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         """Config keys of the stage to run and its start: stage 2, from the served ``models/model.pt`` if any."""
@@ -228,6 +230,11 @@ class PartialLabelTrainTask(TrainTask):
         moves them into ``models/`` once the run succeeded)."""
         files = {f.train_key: str(run_dir / "models" / f.filename) for f in self.declaration.model_files}
         return {"ckpt_dir": str(run_dir / "models"), "ckpt_name": "model.pt", **files}
+
+    def data_overrides(self, content: dict[str, Any]) -> dict[str, Any]:
+        """Config keys the run's dataset ``content`` decides (none here; the app's
+        ``bundle_overrides`` and the request's ``overrides`` win over them)."""
+        return {}
 
     def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
         """Raise ``ValueError`` before training when the run could not give a model to serve: fewer
@@ -255,6 +262,10 @@ class PartialLabelTrainTask(TrainTask):
         if absent:
             raise RuntimeError(f"{self.name}: the run wrote no {absent} in {built} (the model is saved at validation); see {run_dir / 'train.log'}")
         served.mkdir(parents=True, exist_ok=True)
+        # the settings the model was trained with (inference reads them), before the model: a
+        # settings file newer than its model is ignored
+        if settings_path(built / "model.pt").is_file():
+            atomic_copy(settings_path(built / "model.pt"), settings_path(served / "model.pt"))
         for _, name in self.served:
             atomic_copy(built / name, served / name)
         return {key: str(served / name) for key, name in self.served}
@@ -301,6 +312,7 @@ class PartialLabelTrainTask(TrainTask):
             found, default = config_default(self.train_config, str(key))
             if not found:
                 raise RequestError(f"{self.name}: overrides[{key!r}]: configs/train.json has no such id")
+            default = plan_fallback(default)  # a planned key is typed by its literal fallback
             checked[key] = self._named(check_override, str(key), value, default)
         if unknown:
             import difflib
@@ -330,6 +342,7 @@ class PartialLabelTrainTask(TrainTask):
         try:
             content = self.dataset(datastore, run_dir / "dataset")
             overrides: dict[str, Any] = {
+                **self.data_overrides(content),
                 **self.overrides,
                 **self.stage_overrides({**request, "max_epochs": values["max_epochs"]}),
                 "dataset_dir": str(run_dir / "dataset"),
@@ -356,15 +369,15 @@ class PartialLabelTrainTask(TrainTask):
         if proc.returncode != 0:
             raise RuntimeError(f"{self.name}: training failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
         served = self.install(run_dir, overrides)
-        stage = overrides["stage"]
+        stage = overrides.get("stage")
         self._stats = {
             "model": self.name,
             "stage": stage,
             **served,
             "run_dir": str(run_dir),
-            "epochs": overrides.get(f"epochs_stage{stage}"),
+            "epochs": overrides.get(f"epochs_stage{stage}", overrides.get("epochs")),
             "cases": len(content["training"]),
-            "annotated": {c["case"]: c["annotated"] for c in content["training"]},
+            "annotated": {c["case"]: c.get("annotated", []) for c in content["training"]},
             "validation": [c["case"] for c in content["validation"]],
             "train_time": round(time.time() - begin, 2),
         }
@@ -448,6 +461,77 @@ class ConditionalTrainTask(PartialLabelTrainTask):
                 f" or the request's overrides; now {missing!r})."
             )
         super().check(content, overrides)
+
+
+class SemiSupervisedTrainTask(PartialLabelTrainTask):
+    """Train a semi-supervised bundle (DTML's two networks) on the datastore's labelled *and*
+    unlabelled images.
+
+    As :class:`PartialLabelTrainTask` (labelled cases keep their ``annotated`` classes), with what a
+    semi-supervised bundle needs:
+
+    - **unlabelled images train too**: every datastore image of the bundle's dimensionality without
+      a label joins the training split without ``label`` (the bundle gives it an all-unknown
+      ``<0,p,1>`` map: only the consistency term reaches it). With none, the run samples the
+      labelled cases alone (``sampling: "case"``; the bundle's default, ``"two_stream"``, needs
+      both kinds); a request's ``overrides`` may still choose.
+    - **one run, from scratch**: ``epochs`` is the request's ``max_epochs``; the bundle saves its
+      networks at the end of training (``model.pt`` = ``M_s``, and the files its metadata
+      declares, DTML: ``models/model_sdm.pt`` = ``M_d``), so no validation is needed to get a
+      model. No case is held out: the labelled cases (few, in this setting) all train, and the
+      run validates on them every ``val_interval`` epochs (``val_split: "validation"``, an
+      indicative Dice in ``metrics.json``).
+
+    ``train.json`` must define the keys in :attr:`REQUIRED_KEYS` (``ValueError`` naming the missing ones).
+    """
+
+    #: train.json keys the task sets or reads
+    REQUIRED_KEYS = ("epochs", "ckpt_dir", "ckpt_name", "sampling", "val_split", "val_interval")
+    OWNED_KEYS = (*PartialLabelTrainTask.OWNED_KEYS, "val_split")
+    #: the ``source`` of the unlabelled cases in the run's dataset
+    UNLABELLED_SOURCE = "monailabel_unlabelled"
+
+    def __init__(
+        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+    ) -> None:
+        name = Path(bundle_root).name
+        super().__init__(bundle_root, classes, overrides, max_epochs,
+                         description=f"semi-supervised training of {name} (train.json) on the labelled and unlabelled images")  # fmt: skip
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One run of ``max_epochs`` epochs from scratch, validated on the labelled cases."""
+        return {"epochs": int(request.get("max_epochs", self.max_epochs)), "val_split": "validation"}
+
+    def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
+        """The labelled cases (all training, validated on too) and the unlabelled images of the
+        bundle's dimensionality, as ``folder/dataset.json``; returns its content."""
+        content = super().dataset(datastore, folder)
+        labelled = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        known = set(datastore.get_labeled_images())
+        unlabelled, skipped = [], []
+        for image_id in sorted(set(datastore.list_images()) - known):
+            image = datastore.get_image_uri(image_id)
+            ndim = _image_ndim(image)
+            if ndim is not None and ndim != self.dimension:
+                skipped.append(image_id)
+                continue
+            unlabelled.append({"image": image, "source": self.UNLABELLED_SOURCE, "case": image_id})
+        if skipped:
+            logger.info(f"{self.name}: {len(skipped)} unlabelled image(s) are not {self.dimension}D, left out: {skipped}")
+        content.pop("validation_reuses_training", None)
+        content.update(training=labelled + unlabelled, validation=[dict(c) for c in labelled], validation_reuses_training=True)
+        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
+        return content
+
+    def data_overrides(self, content: dict[str, Any]) -> dict[str, Any]:
+        """``sampling: "case"`` when the datastore holds no unlabelled image (two streams need both kinds)."""
+        if any(c.get("source") == self.UNLABELLED_SOURCE for c in content["training"]):
+            return {}
+        logger.info(f"{self.name}: no unlabelled image in the datastore: training on the labelled cases alone (sampling 'case')")
+        return {"sampling": "case"}
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Nothing to refuse beyond the request checks: the model is saved at the end of training."""
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:

@@ -31,8 +31,9 @@ def _body_case(rng, shape, box, organs, background, body, noise):
     return img, lab
 
 
-def _write_dataset(root, classes, cases, spacing, modality, validation=()):
-    """cases: list of (name, image, label, annotated, source[, label_map source])."""
+def _write_dataset(root, classes, cases, spacing, modality, validation=(), test=()):
+    """cases: list of (name, image, label, annotated, source); names in ``validation`` / ``test``
+    go to those splits (not fingerprinted), the others to training."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     entries = []
@@ -42,8 +43,11 @@ def _write_dataset(root, classes, cases, spacing, modality, validation=()):
         _save(root / "labelsTr" / f"{name}.nii.gz", lab, sp)
         entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz", "annotated": annotated,
                         "source": source, "modality": modality})  # fmt: skip
-    desc = {"name": root.name, "classes": classes, "training": [e for e in entries if e["image"].split("/")[1][:-7] not in validation],
-            "validation": [e for e in entries if e["image"].split("/")[1][:-7] in validation]}  # fmt: skip
+    name = lambda e: e["image"].split("/")[1][:-7]  # noqa: E731
+    desc = {"name": root.name, "classes": classes, "training": [e for e in entries if name(e) not in (*validation, *test)],
+            "validation": [e for e in entries if name(e) in validation]}  # fmt: skip
+    if test:
+        desc["test"] = [e for e in entries if name(e) in test]
     return desc
 
 
@@ -213,7 +217,9 @@ def _mr_slices(root):
         which = "ring" if k % 2 else "core"
         lab[lab != (1 if which == "core" else 2)] = 0
         cases.append((f"s{k}", img[..., None], lab[..., None], [which], which))
-    desc = _write_dataset(root, ["background", "core", "ring"], cases, (0.8, 0.8, 8.0), "MR", validation=("s5",))
+    img, lab = _body_case(rng, (80, 72), np.s_[10:70, 8:64], {1: (np.s_[30:45, 25:40], 900.0), 2: (np.s_[48:58, 40:52], 300.0)}, 5, 500, 20)
+    cases.append(("t0", img[..., None], lab[..., None], "all", "test"))
+    desc = _write_dataset(root, ["background", "core", "ring"], cases, (0.8, 0.8, 8.0), "MR", validation=("s5",), test=("t0",))
     (root / "dataset.json").write_text(json.dumps(desc))
 
 
@@ -227,7 +233,10 @@ def _ct_union(root):
         cases.append((f"ctorg{k}", img, lab, "all", "ctorg"))
         img, lab = _body_case(rng, (32, 32, 24), np.s_[4:28, 6:26, 2:22], {2: (np.s_[18:24, 10:16, 8:16], 210.0)}, -1000, 45, 10)
         cases.append((f"kits{k}", img, lab, ["kidney"], "kits"))
-    desc = _write_dataset(root, ["background", "liver", "kidney"], cases, (3.0, 3.0, 3.0), "CT", validation=("ctorg2",))
+    img, lab = _body_case(rng, (32, 32, 24), np.s_[4:28, 6:26, 2:22],
+                          {1: (np.s_[8:16, 8:16, 6:14], 140.0), 2: (np.s_[18:24, 10:16, 8:16], 200.0)}, -1000, 40, 10)  # fmt: skip
+    cases.append(("test0", img, lab, "all", "ctorg"))
+    desc = _write_dataset(root, ["background", "liver", "kidney"], cases, (3.0, 3.0, 3.0), "CT", validation=("ctorg2",), test=("test0",))
     (root / "dataset.json").write_text(json.dumps(desc))
 
 
@@ -235,12 +244,12 @@ def _mr_volumes(root):
     """A 4-class 3D MR at 1.5 mm with 12-bit intensities (0-4095)."""
     rng = np.random.default_rng(4)
     cases = []
-    for k in range(4):
+    for k in range(5):  # mr4: the test case
         img, lab = _body_case(rng, (40, 36, 28), np.s_[4:36, 4:32, 2:26],
                               {1: (np.s_[8:16, 8:16, 6:12], 3600.0), 2: (np.s_[20:28, 8:14, 6:12], 2400.0),
                                3: (np.s_[10:20, 20:28, 14:22], 3000.0)}, 40, 1500, 60)  # fmt: skip
         cases.append((f"mr{k}", np.clip(img, 0, 4095), lab, "all", "mine"))
-    desc = _write_dataset(root, ["background", "a", "b", "c"], cases, (1.5, 1.5, 1.5), "MR", validation=("mr3",))
+    desc = _write_dataset(root, ["background", "a", "b", "c"], cases, (1.5, 1.5, 1.5), "MR", validation=("mr3",), test=("mr4",))
     (root / "dataset.json").write_text(json.dumps(desc))
 
 
@@ -334,24 +343,112 @@ def test_load_plan_for_a_bundle_config(tmp_path, capsys):
         P.load_plan(tmp_path, "dcl_cardiac")
 
 
+BUNDLE_DIR = P.Path(__file__).resolve().parents[2] / "bundles"
+
+
+def test_an_explicit_override_wins_over_the_plan(tmp_path, capsys):
+    """Config level (no run): a command-line override replaces the key's expression, the other keys
+    keep the plan; the settings a run records say where each came from; inference takes the model's
+    settings first, then the dataset's plan, then the bundle's fallbacks."""
+    from monai.bundle import ConfigParser
+
+    data, bundle = tmp_path / "data", "marginal_exclusion_abdomen"
+    data.mkdir()
+    _ct_union(data)
+
+    def parsed(config, **overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE_DIR / bundle / "configs" / config))
+        parser.update({"bundle_root": str(tmp_path), **overrides})
+        return {k: parser.get_parsed_content(k) for k in ("pixdim", "patch_size", "num_classes", "network_def#strides")}
+
+    fallback = {"pixdim": [4.5, 4.5, 4.0], "patch_size": [48, 48, 32], "num_classes": 7, "network_def#strides": [2, 2, 2]}
+    assert parsed("train.json", dataset_dir=str(data)) == fallback  # no plan.json yet: today's defaults
+    err = capsys.readouterr().err
+    assert "holds no plan.json" in err and f"`partialseg plan {data} --bundle {bundle}`" in err
+    P.plan_dataset(data, workers=1)
+    planned = {"pixdim": [3.0, 3.0, 3.0], "patch_size": [24, 20, 20], "num_classes": 3, "network_def#strides": [2, 2]}
+    assert parsed("train.json", dataset_dir=str(data)) == planned
+    assert parsed("train.json", dataset_dir=str(data / "dataset.json")) == planned  # the JSON file works too
+    assert parsed("train.json", dataset_dir=str(data), pixdim=[2.0, 2.0, 2.0]) == {**planned, "pixdim": [2.0, 2.0, 2.0]}
+
+    ckpt = tmp_path / "models" / "model.pt"
+    P.save_model_settings(ckpt, bundle, {"pixdim": [2.0, 2.0, 2.0], "patch_size": [24, 20, 20], "num_classes": 3}, data)
+    saved = json.loads(P.settings_path(ckpt).read_text())
+    assert saved["source"] == {"pixdim": "override", "patch_size": "plan.json", "num_classes": "plan.json"}
+    assert saved["classes"] == ["background", "liver", "kidney"]
+    assert "overridden: pixdim" in capsys.readouterr().out
+    # inference: the file is newer than the checkpoint (no model saved yet): ignored, the plan applies
+    ckpt.write_bytes(b"old model")
+    import os
+
+    st = P.settings_path(ckpt).stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    assert parsed("inference.json", dataset_dir=str(data)) == planned
+    assert "saved no model yet" in capsys.readouterr().err
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model saved after: its settings win, the plan fills in
+    assert parsed("inference.json", dataset_dir=str(data)) == {**planned, "pixdim": [2.0, 2.0, 2.0]}
+    assert parsed("inference.json", dataset_dir=str(data), pixdim=[5.0, 5.0, 5.0])["pixdim"] == [5.0, 5.0, 5.0]
+    # without the model's settings nor a plan: the fallbacks (MONAI Label's infer task sets no dataset_dir)
+    assert parsed("inference.json", checkpoint=str(tmp_path / "other.pt")) == fallback
+    # a model trained on other classes than the dataset lists: said, naming both
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps({"name": "o", "classes": ["background", "a", "b"], "training": []}))
+    assert P.load_model_settings(ckpt, other, bundle)["pixdim"] == [2.0, 2.0, 2.0]
+    err = capsys.readouterr().err
+    assert "trained on classes ['background', 'liver', 'kidney']" in err and "lists ['background', 'a', 'b']" in err
+    # the MONAI Label app types a request override of a planned key by the fallback
+    assert P.plan_fallback("$@dataset_plan.get('full_sources', ['full'])") == ["full"]
+    assert P.plan_fallback("$@dataset_plan.get('pixdim', os.sep)") == "$@dataset_plan.get('pixdim', os.sep)"  # not a literal
+
+
+# what the fingerprint implies for each dataset (derived by hand in the rule tests above)
+PLANNED = {
+    "mr_slices": (_mr_slices, "dcl_cardiac", {"pixdim": [0.8, 0.8], "spatial_size": [80, 80], "num_classes": 3, "missing": "any",
+                                              "network_def#backbone_kwargs#strides": [2, 2, 2, 2]}),
+    "ct_union": (_ct_union, "marginal_exclusion_abdomen", {"pixdim": [3.0, 3.0, 3.0], "patch_size": [24, 20, 20], "num_classes": 3,
+                                                           "full_sources": ["ctorg"], "network_def#strides": [2, 2], "batch_size": 2}),
+    "mr_volumes": (_mr_volumes, "marginal_exclusion_abdomen", {"pixdim": [1.5, 1.5, 1.5], "patch_size": [32, 28, 24], "num_classes": 4,
+                                                               "full_sources": ["mine"], "network_def#strides": [2, 2, [2, 1, 1]]}),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_the_marginal_bundle_trains_on_the_planned_settings(tmp_path):
-    """Stage 1 of the marginal bundle on the CT union, told nothing but the dataset and the plan's
-    overrides (its sources are not named 'full'; 3 classes, not 7; a 2-level network)."""
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_bundles_run_on_a_planned_dataset_with_no_override(name, tmp_path):
+    """Issue 14's acceptance: `partialseg plan`, then the bundle with nothing but --dataset_dir,
+    --stage 1 and a tiny schedule: training, inference and evaluation complete on the planned
+    settings (sources 'ctorg' / 'mine', not 'full'; 3 or 4 classes, not 7 or 4; the planned grid)."""
     import torch
 
     from partialseg.engines import run_bundle
 
+    build, bundle, implied = PLANNED[name]
     data = tmp_path / "data"
     data.mkdir()
-    _ct_union(data)
-    plan = P.plan_dataset(data, workers=1)
-    overrides = P.bundle_overrides(plan["plans"]["marginal_exclusion_abdomen"]["settings"], "marginal_exclusion_abdomen")
-    assert set(overrides) == set(P.BUNDLES["marginal_exclusion_abdomen"]["config_keys"])
-    bundle = P.Path(__file__).resolve().parents[2] / "bundles" / "marginal_exclusion_abdomen"
-    r = run_bundle(bundle, tmp_path, ("train.json",), threads=1, timeout=600, dataset_dir=str(data), stage=1,
-                   epochs_stage1=1, iterations_per_epoch=2, val_interval=1, **overrides)  # fmt: skip
+    build(data)
+    assert main(["plan", str(data), "--quiet", "--workers", "1"]) == 0
+    plan = P.load_plan(data, bundle)
+    root = tmp_path / "bundle"
+    r = run_bundle(BUNDLE_DIR / bundle, root, ("train.json",), threads=1, timeout=600, dataset_dir=str(data), stage=1,
+                   epochs_stage1=1, iterations_per_epoch=2, val_interval=1)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    weights = torch.load(tmp_path / "models" / "model_stage1.pt", map_location="cpu")
+    assert f"settings from {data / P.PLAN_NAME}" in r.stdout
+    saved = json.loads((root / "models" / "model_stage1.settings.json").read_text())
+    assert saved["settings"] == P.bundle_overrides(plan, bundle)  # every planned key, as planned
+    assert set(saved["source"].values()) == {"plan.json"}
+    for key, value in implied.items():
+        assert saved["settings"][key] == value, key
+    weights = torch.load(root / "models" / "model_stage1.pt", map_location="cpu", weights_only=True)
     last_bias = [v for k, v in weights.items() if k.endswith("conv.bias")][-1]
-    assert tuple(last_bias.shape) == (3,)  # the output layer has the dataset's 3 classes (the bundle's default: 7)
+    m = implied["num_classes"]
+    assert tuple(last_bias.shape) == ((2 * m,) if bundle == "dcl_cardiac" else (m,))  # CompNet: 2m logits
+    r = run_bundle(BUNDLE_DIR / bundle, root, ("inference.json", "evaluate.json"), threads=1, timeout=600, dataset_dir=str(data),
+                   stage=1, progress=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    test = json.loads((data / "dataset.json").read_text())["test"][0]
+    (pred,) = (root / "eval" / "pred").glob("*.nii.gz")
+    assert nib.load(pred).shape[:2] == nib.load(data / test["image"]).shape[:2]  # back on the image's grid
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert summary, r.stdout[-2000:]
