@@ -66,6 +66,11 @@ class BundleSpec:
         s2 = assert_ok(self.run(root, stage=2, epochs_stage2=epochs_stage2, **self.small, **overrides))
         return s1, s2
 
+    def train_once(self, root: Path, epochs: int = 3, **overrides: Any) -> subprocess.CompletedProcess:
+        """One training run (a single-stage bundle, ``epochs`` epochs) on the tiny data (written first); it must succeed."""
+        self.make_data(root)
+        return assert_ok(self.run(root, epochs=epochs, **self.small, **overrides))
+
     def dataset(self, root: Path):
         return load_dataset(root / "data" / self.family)
 
@@ -88,6 +93,18 @@ DCL = BundleSpec(
     small={"pixdim": [1.8, 1.8], "spatial_size": [32, 32], "iterations_per_epoch": 4, "val_interval": 1, "batch_size": 4},
     grid_keys=("pixdim", "spatial_size"),
     foreground=frozenset({"LV", "MYO", "RV"}),
+)
+
+DTML = BundleSpec(
+    name="dtml_atrium",
+    family="atrium3d",
+    # 24^3 voxels of 4 x 4 x 3 mm: 2 labelled + 2 unlabelled training volumes, 2 labelled test volumes
+    data={"size": 24, "num_train": 4, "num_test": 2, "labelled_fraction": 0.5},
+    # resampled to 4.5 x 4.5 x 3.5 mm (the inverse must undo it); a 3-level UNet of 4-16 channels
+    small={"pixdim": [4.5, 4.5, 3.5], "patch_size": [16, 16, 16], "network_def#channels": [4, 8, 16],
+           "network_def#strides": [2, 2], "iterations_per_epoch": 6, "progress": False},
+    grid_keys=("pixdim", "patch_size", "network_def#channels", "network_def#strides"),
+    foreground=frozenset({"left_atrium"}),
 )
 
 

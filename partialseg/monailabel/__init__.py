@@ -17,6 +17,7 @@ __all__ = [
     "BundleInferTask",
     "PartialLabelTrainTask",
     "ConditionalTrainTask",
+    "SemiSupervisedTrainTask",
     "discover_bundles",
     "bundle_classes",
     "bundle_train_task",
@@ -35,7 +36,7 @@ def __getattr__(name: str) -> Any:
         from partialseg.monailabel.__main__ import init_app
 
         return init_app
-    if name in ("BundleInferTask", "PartialLabelTrainTask", "ConditionalTrainTask", "discover_bundles", "bundle_classes", "bundle_train_task"):
+    if name in ("BundleInferTask", "PartialLabelTrainTask", "ConditionalTrainTask", "SemiSupervisedTrainTask", "discover_bundles", "bundle_classes", "bundle_train_task"):
         from partialseg.monailabel import tasks
 
         return getattr(tasks, name)

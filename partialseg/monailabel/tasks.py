@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from partialseg.monailabel.bundle import bundle_classes, bundle_dimension, discover_bundles
 from partialseg.monailabel.infer import BundleInferTask, convert_result
-from partialseg.monailabel.train import ConditionalTrainTask, PartialLabelTrainTask, bundle_train_task
+from partialseg.monailabel.train import ConditionalTrainTask, PartialLabelTrainTask, SemiSupervisedTrainTask, bundle_train_task
 
 __all__ = [
     "BundleInferTask",
     "PartialLabelTrainTask",
     "ConditionalTrainTask",
+    "SemiSupervisedTrainTask",
     "bundle_classes",
     "bundle_dimension",
     "bundle_train_task",
