@@ -6,6 +6,7 @@ absent classes, dtypes) and the measured speed.
 
 from partialseg.losses.dcl import CompatibleLoss, ConditionalCompatibleLoss, PriorLoss, conditional_compatible_terms
 from partialseg.losses.dtml import DTMLLoss, consistency_ramp, masked_dice_loss, sdm_to_mask
+from partialseg.losses.hybrid import DCRLoss, InstanceIndicators, last_layer_gradients, weighted_cross_entropy
 from partialseg.losses.marginal import (
     ExclusionCELoss,
     ExclusionDiceLoss,
@@ -30,4 +31,8 @@ __all__ = [
     "consistency_ramp",
     "masked_dice_loss",
     "sdm_to_mask",
+    "DCRLoss",
+    "InstanceIndicators",
+    "last_layer_gradients",
+    "weighted_cross_entropy",
 ]

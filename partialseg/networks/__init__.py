@@ -2,5 +2,7 @@
 
 from partialseg.networks.dcl import CompNet, compnet_segment, pack_conditional_input
 from partialseg.networks.dtml import DTMLPredictor, SignedDistanceNet, probabilities_to_label
+from partialseg.networks.hybrid import AveragedNetworks, HybridDeepLab
 
-__all__ = ["CompNet", "compnet_segment", "pack_conditional_input", "DTMLPredictor", "SignedDistanceNet", "probabilities_to_label"]
+__all__ = ["CompNet", "compnet_segment", "pack_conditional_input", "DTMLPredictor", "SignedDistanceNet", "probabilities_to_label",
+           "HybridDeepLab", "AveragedNetworks"]

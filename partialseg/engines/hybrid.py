@@ -1,0 +1,518 @@
+"""Hybrid-supervision trainer (Pan et al., AAAI 2022): dynamic instance indicators + co-regularization.
+
+:class:`HybridTrainer` runs on :class:`~partialseg.engines.MultiNetworkTrainer`: networks
+``"net1"`` / ``"net2"`` (same architecture, different initialisations) with optimisers
+``"opt1"`` / ``"opt2"``, and the :class:`~partialseg.losses.hybrid.InstanceIndicators` registered
+as extra state ``"indicators"`` (saved in checkpoints, restored on resume).
+
+Each batch holds ``2 n`` cases: the first ``n`` from the primary tutorial (drawn with
+probability proportional to gamma), the last ``n`` from the auxiliary one (uniform), as
+:class:`HybridPairSampler` gives. One iteration (DCR, Eq. 4-7): the mask ``B`` of a random
+foreground class of each ``y_i`` (or a CutMix box), ``x_m = B x_i + (1 - B) x_j``, both networks
+on their tutorial and on ``x_m``, pseudo-labels mixed with the same ``B``, the loss
+:class:`~partialseg.losses.hybrid.DCRLoss` and one update of both networks. Every ``tau``
+iterations (Algorithm 1) :meth:`HybridTrainer.update_indicators` computes the last-layer
+gradients of network 1 on every case of ``indicator_loader`` (strong: ``g_S``, their mean; weak:
+``g_k``, vectorised) and takes one Adam step of the indicators on ``-g_S . g_k``.
+
+Arms of the paper's ablation are options, not subclasses: ``dcr=False`` trains network 1 alone
+on the gamma-weighted CE of all ``2 n`` cases (DII only; with ``dii=False`` too: the merged
+baseline); ``dii=False`` fixes gamma at 1 (DCR only); ``mix="cutmix"``; ``consistency="kl"``; DII
+sampling on/off is the sampler's ``weighted``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.utils import CommonKeys as Keys
+from monai.utils import min_version, optional_import
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from partialseg._checks import check_float, check_int, check_option, unwrap_network
+from partialseg.data.sampling import FlatBatches, _replicas, _stream
+from partialseg.engines.multi_network import MultiNetworkTrainer
+from partialseg.losses.hybrid import (
+    GRADIENT_METHODS,
+    DCRLoss,
+    InstanceIndicators,
+    class_indices,
+    indicator_gradient,
+    instance_pixel_weights,
+    last_layer_gradients,
+    weighted_cross_entropy,
+)
+from partialseg.transforms.mix.array import ForegroundPaste
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = ["MIXES", "HybridBatch", "HybridPairSampler", "HybridTrainer", "mix_masks"]
+
+#: the mixture tutorial's masks: the paper's foreground paste, or a CutMix box (its ablation)
+MIXES = ("paste", "cutmix")
+
+
+def mix_masks(labels: Tensor, rng: np.random.Generator, mix: str = "paste", include_background: bool = False) -> Tensor:
+    """The masks ``B`` of the mixture tutorial, one per pair.
+
+    ``"paste"`` (Eq. 4): the mask of a class drawn uniformly among the foreground classes present
+    in ``y_i`` (with ``include_background``, background too); a ``y_i`` without one gives an
+    empty mask (``x_m = x_j``). ``"cutmix"``: a box of area ``(1 - lam) H W``, ``lam ~ U(0, 1)``
+    (CutMix's Beta(1, 1)), centred uniformly and clipped at the borders (Yun et al.).
+
+    Args:
+        labels: ``(n, *spatial)`` class indices of the primary tutorial.
+        rng: the draws' generator.
+        mix: ``"paste"`` or ``"cutmix"``.
+        include_background: let ``"paste"`` draw the background class.
+
+    Returns:
+        ``(n, 1, *spatial)`` bool masks.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> y = torch.tensor([[[0, 1], [2, 2]], [[0, 0], [0, 0]]])
+        >>> m = mix_masks(y, np.random.default_rng(0))
+        >>> m.shape, m[1].any().item(), m[0].sum().item() in (1, 2)
+        (torch.Size([2, 1, 2, 2]), False, True)
+    """
+    mix = check_option(mix, MIXES, "mix")
+    out = torch.zeros((labels.shape[0], 1, *labels.shape[1:]), dtype=torch.bool, device=labels.device)
+    for b in range(labels.shape[0]):
+        if mix == "paste":
+            present = [int(c) for c in torch.unique(labels[b]).tolist() if include_background or c != 0]
+            if present:
+                out[b, 0] = labels[b] == present[int(rng.integers(len(present)))]
+            continue
+        lam = float(rng.uniform())
+        box = []
+        for size in labels.shape[1:]:
+            side = int(round(size * (1.0 - lam) ** (1.0 / (labels.ndim - 1))))
+            centre = int(rng.integers(size))
+            box.append(slice(max(centre - side // 2, 0), min(centre + side - side // 2, size)))
+        out[(b, 0, *box)] = True
+    return out
+
+
+class HybridPairSampler(Sampler):
+    """Batches of ``n`` primary indices drawn with probability proportional to gamma, then ``n`` uniform ones.
+
+    The primary tutorial (Pan et al.: "samples instances from the multinomial probability
+    distribution corresponding to the DII weights") draws with replacement from the current
+    case gammas (strong cases 1, weak cases their indicator, or the mean of their class
+    indicators), read when each batch is drawn, so an indicator update changes the next batches.
+    The auxiliary tutorial is uniform: fresh permutations one after the other (every case once
+    before any twice). ``weighted=False`` makes the primary tutorial uniform too (DII sampling
+    off; the DCR-only and DII-only arms). An epoch has ``num_batches`` batches (default: one pass
+    of the auxiliary stream) and its draws depend on ``seed``, the epoch, the rank and the gammas.
+
+    Use it as a ``DataLoader``'s ``batch_sampler``, or :meth:`as_sampler` as the ``sampler`` with
+    ``batch_size=2 n`` (MONAI's workflows then call ``set_epoch``). Under DDP each rank draws its
+    own ``ceil(num_batches / num_replicas)`` batches.
+
+    Args:
+        data: the datalist (dicts with ``case_key``), a MONAI ``Dataset`` over one, or case names.
+        pairs_per_batch: ``n``.
+        indicators: the :class:`~partialseg.losses.hybrid.InstanceIndicators` (None: uniform).
+        weighted: draw the primary tutorial by gamma.
+        num_batches, seed, num_replicas, rank: as :class:`~partialseg.data.sampling.TwoStreamBatchSampler`.
+        case_key: the entry naming the case.
+
+    Raises:
+        ValueError: no case, a case unknown to the indicators (named), ``pairs_per_batch`` < 1.
+
+    Example:
+        >>> ind = InstanceIndicators(["w1", "w2"], strong=["s"])
+        >>> ind.gamma[:] = torch.tensor([0.0, 1.0])  # w1 distrusted entirely
+        >>> sampler = HybridPairSampler(["s", "w1", "w2"], 4, ind, num_batches=20, seed=0)
+        >>> batches = list(sampler)
+        >>> len(batches), any(1 in b[:4] for b in batches), sorted({i for b in batches for i in b[4:]})
+        (20, False, [0, 1, 2])
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        pairs_per_batch: int,
+        indicators: InstanceIndicators | None = None,
+        weighted: bool = True,
+        num_batches: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        case_key: str = "case",
+    ) -> None:
+        items = getattr(data, "data", data)
+        self.cases = [str(it[case_key]) if isinstance(it, Mapping) else str(it) for it in items]
+        if not self.cases:
+            raise ValueError("HybridPairSampler needs at least one case.")
+        self.pairs = check_int(pairs_per_batch, "pairs_per_batch", minimum=1)
+        self.indicators = indicators
+        self.weighted = bool(weighted) and indicators is not None
+        if indicators is not None:
+            for c in self.cases:
+                indicators.is_strong(c)  # unknown case -> ValueError naming it
+        n = len(self.cases)
+        self.num_batches = check_int(num_batches if num_batches is not None else -(-n // self.pairs), "num_batches", minimum=1)
+        self.num_replicas, self.rank = _replicas(num_replicas, rank)
+        self.seed, self.epoch = check_int(seed, "seed"), 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """``2 n``: the loader's batch size with :meth:`as_sampler`."""
+        return 2 * self.pairs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = check_int(epoch, "epoch")
+
+    def probabilities(self) -> np.ndarray:
+        """The primary tutorial's probability of each dataset index now."""
+        n = len(self.cases)
+        if not self.weighted:
+            return np.full(n, 1.0 / n)
+        key = int(self.indicators.updates)  # type: ignore[union-attr]
+        if self._cache is None or self._cache[0] != key:
+            w = self.indicators.case_gamma(self.cases).double().numpy()  # type: ignore[union-attr]
+            self._cache = (key, w / w.sum())  # strong cases weigh 1, so the sum is > 0
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return -(-self.num_batches // self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        count = len(self)
+        auxiliary = _stream(np.arange(len(self.cases)), count * self.pairs, rng)
+        for b in range(count):
+            primary = rng.choice(len(self.cases), size=self.pairs, replace=True, p=self.probabilities()).tolist()
+            yield primary + auxiliary[b * self.pairs : (b + 1) * self.pairs]
+
+    def as_sampler(self) -> FlatBatches:
+        """The batches flattened into a ``DistributedSampler`` (loader ``batch_size =`` :attr:`batch_size`)."""
+        return FlatBatches(self)  # type: ignore[arg-type]
+
+
+class HybridBatch:
+    """``prepare_batch`` of :class:`HybridTrainer`: ``(image, label, cases)`` with tensors on the device.
+
+    Example:
+        >>> import torch
+        >>> image, label, cases = HybridBatch()({"image": torch.zeros(2, 1), "label": torch.zeros(2, 1), "case": ["a", "b"]}, "cpu")
+        >>> cases
+        ['a', 'b']
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", case_key: str = "case") -> None:
+        self.keys = (image_key, label_key, case_key)
+
+    def __call__(self, batchdata: Mapping, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> tuple[Tensor, Tensor, list[str]]:
+        missing = [k for k in self.keys if k not in batchdata]
+        if missing:
+            raise KeyError(f"HybridTrainer: the batch lacks {missing} (keys {sorted(batchdata)}); each item needs its case name.")
+        image, label, cases = (batchdata[k] for k in self.keys)
+        cases = [cases] if isinstance(cases, str) else [str(c) for c in cases]
+        to = {"non_blocking": non_blocking, **kwargs}
+        return torch.as_tensor(image).to(device, **to), torch.as_tensor(label).to(device, **to), cases
+
+
+def _last_layer(network: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Module, Callable | None]:
+    net = unwrap_network(network)
+    features, classifier = getattr(net, "forward_features", None), getattr(net, "classifier", None)
+    if not callable(features) or not isinstance(classifier, nn.Module):
+        raise TypeError(
+            f"the dynamic instance indicators need the network's last layer: {type(net).__name__} must have forward_features(x) "
+            "and a classifier module (and optionally upsample_logits(z, spatial_size)), as partialseg.networks.HybridDeepLab."
+        )
+    return features, classifier, getattr(net, "upsample_logits", None)
+
+
+class HybridTrainer(MultiNetworkTrainer):
+    """Pan et al.'s hybrid supervision (DII + DCR) on :class:`~partialseg.engines.MultiNetworkTrainer`.
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
+        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
+        event_names, event_to_attr, decollate, optim_set_to_none, amp_kwargs: as
+            :class:`~partialseg.engines.MultiNetworkTrainer`.
+        network1, optimizer1: the primary network (``"net1"``, the one inferred with) and its
+            optimiser (``"opt1"``; the paper: SGD lr 0.002, momentum 0.9, weight decay 5e-5).
+        network2, optimizer2: the auxiliary network (``"net2"``, same architecture, another
+            initialisation) and its optimiser (``"opt2"``); required when ``dcr``.
+        indicators: the indicators (registered as extra state ``"indicators"``); required when ``dii``.
+        indicator_loader: batches (image, label, case) over the training cases, without random
+            augmentation, for the indicator update; required when ``dii``.
+        dii: learn the indicators (False: gamma = 1 for every case).
+        dcr: two networks co-regularized (False: network 1 alone on the gamma-weighted CE).
+        tau: iterations between indicator updates (the paper: 400).
+        lambda_reg: ``lambda`` of Eq. 7 (4).
+        reg_rampup: iterations over which ``lambda`` ramps up linearly from 0 (0: constant, the
+            paper, which is silent on a ramp; see ``docs/hybrid.md`` for why one may be needed
+            without a pretrained encoder).
+        mix: ``"paste"`` (foreground paste) or ``"cutmix"``.
+        consistency: ``"ce"`` (pseudo-label CE) or ``"kl"``.
+        include_background: let the paste draw the background class.
+        gradient_method: per-instance gradients: ``"closed_form"``, ``"functional"`` or ``"loop"``.
+        seed: seed of the mix draws (iteration ``i`` draws from ``default_rng([seed, i])``).
+        image_key, label_key, case_key: batch keys (:class:`HybridBatch`).
+        prepare_batch: returns ``(image, label, cases)`` (default :class:`HybridBatch`).
+
+    ``state.output``: ``image``, ``label``, ``pred`` (network 1's probabilities on the primary
+    tutorial; the whole batch without DCR), ``loss``, ``loss_sup1``, ``loss_sup2``, ``loss_reg``,
+    ``gamma_i``, ``gamma_j`` (mean case gammas), and with DCR ``mix_mask``, ``image_m``,
+    ``pseudo1_m``, ``pseudo2_m``.
+
+    Raises:
+        ValueError: missing network 2 / optimiser 2 with ``dcr``, indicators or
+            ``indicator_loader`` missing with ``dii``, bad options.
+        TypeError: with ``dii``, a network 1 without ``forward_features`` / ``classifier``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network1: nn.Module,
+        optimizer1: torch.optim.Optimizer,
+        network2: nn.Module | None = None,
+        optimizer2: torch.optim.Optimizer | None = None,
+        indicators: InstanceIndicators | None = None,
+        indicator_loader: Iterable | None = None,
+        dii: bool = True,
+        dcr: bool = True,
+        tau: int = 400,
+        lambda_reg: float = 4.0,
+        reg_rampup: int = 0,
+        mix: str = "paste",
+        consistency: str = "ce",
+        include_background: bool = False,
+        gradient_method: str = "closed_form",
+        seed: int = 0,
+        image_key: str = "image",
+        label_key: str = "label",
+        case_key: str = "case",
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        iteration_update: Callable | None = None,
+        postprocessing: Any = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        amp_kwargs: dict | None = None,
+        prepare_batch: Callable | None = None,
+    ) -> None:
+        self.dii, self.dcr = bool(dii), bool(dcr)
+        networks, optimizers = {"net1": network1}, {"opt1": optimizer1}
+        if self.dcr:
+            if network2 is None or optimizer2 is None:
+                raise ValueError("dcr=True needs network2 and optimizer2 (the auxiliary network, another initialisation).")
+            if unwrap_network(network2) is unwrap_network(network1):
+                raise ValueError("network2 must be a separate network (same architecture, another initialisation).")
+            networks["net2"], optimizers["opt2"] = network2, optimizer2
+        if self.dii:
+            if indicators is None or indicator_loader is None:
+                raise ValueError("dii=True needs indicators (InstanceIndicators) and an indicator_loader over the training cases.")
+            _last_layer(network1)
+        self.tau = check_int(tau, "tau", minimum=1)
+        self.reg_rampup = check_int(reg_rampup, "reg_rampup", minimum=0)
+        self.mix = check_option(mix, MIXES, "mix")
+        self.gradient_method = check_option(gradient_method, GRADIENT_METHODS, "gradient_method")
+        self.loss_function = DCRLoss(lambda_reg=lambda_reg, consistency=consistency, reduction="none")
+        self.include_background = bool(include_background)
+        self.seed = check_int(seed, "seed", minimum=0)
+        self.indicators = indicators
+        self.indicator_loader = indicator_loader
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            networks=networks,
+            optimizers=optimizers,
+            extra_state={"indicators": indicators} if indicators is not None else None,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=HybridBatch(image_key, label_key, case_key) if prepare_batch is None else prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            train_handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            amp_kwargs=amp_kwargs,
+        )
+        self.state.indicator_updates = []
+        if self.dii:
+            self.add_event_handler(Events.ITERATION_COMPLETED(every=self.tau), lambda engine: engine.update_indicators())
+
+    @property
+    def lambda_reg(self) -> float:
+        return self.loss_function.lambda_reg
+
+    def current_lambda(self) -> float:
+        """``lambda`` at this iteration: ``lambda_reg * min(1, iteration / reg_rampup)``."""
+        if self.reg_rampup == 0:
+            return self.lambda_reg
+        return self.lambda_reg * min(1.0, float(self.state.iteration) / self.reg_rampup)
+
+    @property
+    def consistency(self) -> str:
+        return self.loss_function.consistency
+
+    # ------------------------------------------------------------------------------ weights
+
+    def _gammas(self, cases: Sequence[str], y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Case gammas ``(n,)`` and, for per-class indicators, pixel weights ``(n, 1, *spatial)``."""
+        device = y.device
+        if not self.dii or self.indicators is None:
+            return torch.ones(len(cases), device=device), None
+        gamma = self.indicators.case_gamma(cases).to(device)
+        weights = self.indicators.pixel_weights(cases, y, spatial_dims=y.ndim - 1).to(device) if self.indicators.per_class else None
+        return gamma, weights
+
+    # ------------------------------------------------------------------------------ iteration
+
+    def train_step(self, batch: tuple[Tensor, Tensor, list[str]]) -> None:
+        """One lower-level step: Eq. 7 (DCR) or the gamma-weighted CE of network 1, then the update."""
+        if self.dcr:
+            self.update(self.compute_dcr_loss(*batch), "opt1", "opt2")
+        else:
+            self.update(self.compute_single_loss(*batch), "opt1")
+
+    def _labels(self, label: Tensor, spatial_dims: int) -> Tensor:
+        has_channel = label.ndim == spatial_dims + 2
+        return class_indices(label, label.shape[1] if has_channel and label.shape[1] > 1 else None, spatial_dims)
+
+    def compute_single_loss(self, image: Tensor, label: Tensor, cases: list[str]) -> Tensor:
+        """DII only (or the merged baseline): ``mean_b gamma_b CE(f1(x_b), y_b)`` over the whole batch."""
+        out = self.state.output
+        y = self._labels(label, image.ndim - 2)
+        gamma, weights = self._gammas(cases, y)
+        logits = self.networks["net1"](image)
+        out.update({Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: torch.softmax(logits.detach().float(), 1)})
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = weighted_cross_entropy(logits, y, gamma if weights is None else weights).mean()
+        zero = torch.zeros((), device=loss.device)
+        out.update({"loss_sup1": loss.detach(), "loss_sup2": zero, "loss_reg": zero, "gamma_i": gamma.mean(), "gamma_j": gamma.mean()})
+        return loss
+
+    def compute_dcr_loss(self, image: Tensor, label: Tensor, cases: list[str]) -> Tensor:
+        """Eq. 4-7 on the batch's pairs (first half primary ``x_i``, second half auxiliary ``x_j``)."""
+        if image.shape[0] % 2:
+            raise ValueError(f"a DCR batch holds pairs (primary then auxiliary halves), got an odd batch of {image.shape[0]}.")
+        n = image.shape[0] // 2
+        out = self.state.output
+        y = self._labels(label, image.ndim - 2)
+        x_i, x_j, y_i, y_j = image[:n], image[n:], y[:n], y[n:]
+        gamma, weights = self._gammas(cases, y)
+        rng = np.random.default_rng([self.seed, int(self.state.iteration)])
+        mask = mix_masks(y_i, rng, self.mix, self.include_background)
+        paste = ForegroundPaste()
+        x_m = paste(x_i, x_j, mask)
+        net1, net2 = self.networks["net1"], self.networks["net2"]
+        z1_i, z1_m = net1(torch.cat([x_i, x_m])).split(n)
+        z2_j, z2_m = net2(torch.cat([x_j, x_m])).split(n)
+        with torch.no_grad():
+            z1_j, z2_i = net1(x_j), net2(x_i)
+        out.update({Keys.IMAGE: x_i, Keys.LABEL: label[:n], Keys.PRED: torch.softmax(z1_i.detach().float(), 1)})
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        if self.consistency == "ce":
+            p1 = paste(z1_i.detach().argmax(1, keepdim=True), z1_j.argmax(1, keepdim=True), mask)
+            p2 = paste(z2_i.argmax(1, keepdim=True), z2_j.detach().argmax(1, keepdim=True), mask)
+        else:
+            p1 = paste(torch.softmax(z1_i.detach().float(), 1), torch.softmax(z1_j.float(), 1), mask)
+            p2 = paste(torch.softmax(z2_i.float(), 1), torch.softmax(z2_j.detach().float(), 1), mask)
+        terms = self.loss_function.terms(
+            z1_i, y_i, z2_j, y_j, z1_m, z2_m, p1, p2, gamma[:n], gamma[n:],
+            None if weights is None else weights[:n], None if weights is None else weights[n:], self.current_lambda(),
+        )  # fmt: skip
+        out.update({
+            "loss_sup1": terms["sup1"].mean().detach(), "loss_sup2": terms["sup2"].mean().detach(),
+            "loss_reg": terms["reg"].mean().detach(), "gamma_i": gamma[:n].mean(), "gamma_j": gamma[n:].mean(),
+            "mix_mask": mask, "image_m": x_m.detach(), "pseudo1_m": p1, "pseudo2_m": p2,
+        })  # fmt: skip
+        return terms["loss"].mean()
+
+    # ------------------------------------------------------------------------------ upper level
+
+    def indicator_gradients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Network 1's last-layer gradients on ``indicator_loader``: ``(g_S, weak rows, g_k)``.
+
+        ``g_S`` ``(n,)`` is the mean over the strong cases' instance gradients (the gradient of the
+        mean CE over the strong set), ``g_k`` ``(M', n)`` the gradients of the weak instances seen
+        (an instance seen more than once: the mean), ``weak rows`` their indicator rows. Network 1
+        runs in eval mode (batch norm's running statistics, so instances do not interact).
+
+        Raises:
+            ValueError: no strong case in ``indicator_loader``, a case the indicators do not know.
+        """
+        ind = self.indicators
+        if ind is None or self.indicator_loader is None:
+            raise ValueError("indicator_gradients needs indicators and an indicator_loader.")
+        network = self.networks["net1"]
+        features_fn, classifier, upsample = _last_layer(network)
+        was_training = network.training
+        network.eval()
+        strong_sum: Tensor | None = None
+        strong_n = 0
+        weak_sum: Tensor | None = None
+        weak_count = torch.zeros(len(ind), dtype=torch.long)
+        try:
+            for batchdata in self.indicator_loader:
+                image, label, cases = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+                sd = image.ndim - 2
+                y = self._labels(label, sd)
+                with torch.no_grad(), self.autocast():
+                    features = features_fn(image)
+                rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
+                size = tuple(image.shape[2:])
+                tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
+                grads = last_layer_gradients(features.float(), classifier, y, rows, weights, tail, self.gradient_method).cpu()
+                if weak_sum is None:
+                    weak_sum = torch.zeros(len(ind), grads.shape[1], dtype=torch.float64)
+                    strong_sum = torch.zeros(grads.shape[1], dtype=torch.float64)
+                for k, (r, c) in enumerate(zip(rows.tolist(), classes)):
+                    case = cases[r]
+                    if ind.is_strong(case):
+                        strong_sum += grads[k]
+                        strong_n += 1
+                    else:
+                        idx = ind.index[(case, c)]
+                        weak_sum[idx] += grads[k]
+                        weak_count[idx] += 1
+        finally:
+            network.train(was_training)
+        if strong_n == 0 or strong_sum is None or weak_sum is None:
+            raise ValueError("indicator_loader holds no strong case: g_S (the strong set's gradient) cannot be computed.")
+        seen = torch.nonzero(weak_count).flatten()
+        g_k = (weak_sum[seen] / weak_count[seen, None]).float()
+        return (strong_sum / strong_n).float(), seen, g_k
+
+    def update_indicators(self) -> Tensor:
+        """Algorithm 1, lines 8-18: ``d gamma_k = -g_S . g_k``, one Adam step, clip. Returns ``d gamma``."""
+        g_s, rows, g_k = self.indicator_gradients()
+        grad = indicator_gradient(g_s, g_k)
+        self.indicators.step(rows, grad)  # type: ignore[union-attr]
+        self.state.indicator_updates.append(int(self.state.iteration))
+        g = self.indicators.gamma  # type: ignore[union-attr]
+        self.logger.info(
+            f"iteration {self.state.iteration}: indicators updated ({rows.numel()} weak instances), gamma mean "
+            f"{float(g.mean()):.3f}, below 0.1: {int((g < 0.1).sum())}, above 0.9: {int((g > 0.9).sum())}"
+        )
+        return grad
