@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import re
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -191,6 +192,34 @@ def test_voxel_metrics_ignore_spacing_and_jaccard_matches_dice():
     assert aniso["hd95"] == pytest.approx(3.0)
     # Jaccard = |P n R| / |P u R| = 12 / 20 = Dice / (2 - Dice)
     assert aniso["jaccard"] == pytest.approx(0.6) == aniso["dice"] / (2 - aniso["dice"])
+
+
+@pytest.mark.parametrize("shape,spacing", [((12, 14), (0.7, 1.3)), ((9, 10, 7), (1.0, 1.0, 2.5)), ((9, 10, 7), None)])
+def test_distances_equal_monai_metrics(shape, spacing):
+    # evaluate_case computes MONAI's edge distances once per grid and reduces them itself: the
+    # values must be those of MONAI's compute_hausdorff_distance / compute_average_surface_distance
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(len(shape))
+    ref = (rng.random(shape) < 0.3).astype(np.int64) + (rng.random(shape) < 0.2)
+    pred = (rng.random(shape) < 0.3).astype(np.int64) + (rng.random(shape) < 0.2)
+    rows = evaluate_case(pred, ref, 3, spacing=spacing)
+    p1h = torch.from_numpy(np.stack([pred == i for i in (1, 2)])[None]).float()
+    r1h = torch.from_numpy(np.stack([ref == i for i in (1, 2)])[None]).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI 1.6 calls its own deprecated get_mask_edges argument
+        expected = {
+            "hd95": compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=spacing)[0],
+            "assd": compute_average_surface_distance(p1h, r1h, include_background=True, symmetric=True,
+                                                     spacing=spacing)[0],
+            "hd95_vox": compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95)[0],
+            "asd_vox": compute_average_surface_distance(p1h, r1h, include_background=True, symmetric=False)[0],
+        }
+    for j, row in enumerate(rows):
+        assert row["status"] == "ok"
+        for key, values in expected.items():
+            assert row[key] == pytest.approx(float(values[j]), rel=1e-6), (key, j)
 
 
 # grid 5 x 9, spacing (2, 0.5): diagonal = sqrt((4 * 2)^2 + (8 * 0.5)^2) = sqrt(80)
