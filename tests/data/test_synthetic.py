@@ -308,11 +308,55 @@ def test_atrium_labelled_fraction_and_disjoint(generated, tmp_path):
     make_dataset("atrium3d", tmp_path, seed=0, size=24, num_train=10, num_test=0, labelled_fraction=0.2)
     assert sum("label" in c for c in _desc(tmp_path)["training"]) == 2
     rng = C.case_rng(0, "atrium3d", "training", 0)
-    image, gt, masks, _ = atrium.render_case(rng, (40, 40, 32), (2.4, 2.4, 2.25))
+    image, gt, masks, _ = atrium.render_case(rng, (40, 40, 32), (2.4, 2.4, 2.25), "standard")
     assert _disjoint(masks) and masks["left_atrium"].sum() > 100
     # other blood pools stay at least one wall voxel away from the LA
     assert not (ndimage.binary_dilation(masks["left_atrium"]) & masks["other_blood"]).any()
     np.testing.assert_array_equal(gt == 1, masks["left_atrium"])
+
+
+def test_atrium_standard_difficulty_is_the_original_benchmark():
+    import hashlib
+
+    # image and label of render_case before the difficulty options existed (seed 0, training case 0)
+    image, gt, _, _ = atrium.render_case(C.case_rng(0, "atrium3d", "training", 0), (40, 40, 32), (2.4, 2.4, 2.25), "standard")
+    h = hashlib.sha256(gt.tobytes())
+    h.update(C.to_int16(image, 1000.0).tobytes())
+    assert h.hexdigest() == "040f4f710daa1773f229428093dbb88a918c196d5bba26d859cc86ef7660d673"
+
+
+def test_atrium_hard_difficulty():
+    shape, spacing = (40, 40, 32), (2.4, 2.4, 2.25)
+    sizes, touching, gaps = [], 0, []
+    for i in range(4):
+        case = {}
+        for d in ("standard", "hard"):
+            image, gt, masks, _ = atrium.render_case(C.case_rng(0, "atrium3d", "training", i), shape, spacing, d)
+            assert _disjoint(masks) and masks["left_atrium"].sum() > 100
+            np.testing.assert_array_equal(gt == 1, masks["left_atrium"])
+            case[d] = (image, masks)
+        image, masks = case["hard"]
+        la = masks["left_atrium"]
+        sizes.append(la.sum() / case["standard"][1]["left_atrium"].sum())
+        # wall thickness 0 in patches: other blood meets the LA directly
+        touching += bool((ndimage.binary_dilation(la) & masks["other_blood"]).any())
+        # a fainter boundary: the ring just outside the LA is brighter relative to the LA than in "standard"
+        ring = lambda img, m: img[ndimage.binary_dilation(m) & ~m].mean() / img[m].mean()
+        gaps.append(ring(image, la) - ring(case["standard"][0], case["standard"][1]["left_atrium"]))
+    assert touching == 4 and np.mean(gaps) > 0.05
+    assert np.ptp(sizes) > 0.1  # scale and vein variation change the atrium's size case to case
+
+
+def test_atrium_difficulty_options(tmp_path):
+    assert atrium.difficulty_options("standard") == atrium.DIFFICULTY["standard"]
+    assert atrium.difficulty_options({"wall_gap": 0.25})["wall_gap"] == 0.25
+    for bad in ("harder", {"wall_gaps": 0.1}, {"wall_gap": 1.5}):
+        with pytest.raises(ValueError):
+            atrium.difficulty_options(bad)
+    make_dataset("atrium3d", tmp_path / "h", seed=0, size=24, num_train=2, num_test=0)  # the default: hard
+    assert _desc(tmp_path / "h")["difficulty"] == "hard"
+    make_dataset("atrium3d", tmp_path / "s", seed=0, size=24, num_train=2, num_test=0, difficulty="standard")
+    assert "difficulty" not in _desc(tmp_path / "s")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,196 @@
+"""DTML cost benchmark (issue 15 acceptance), CPU, one thread.
+
+1. Training: one iteration of :class:`partialseg.engines.dtml.DTMLTrainer` (M_s and M_d forward on
+   the 4 volumes of a 2 labelled + 2 unlabelled batch, :class:`partialseg.losses.dtml.DTMLLoss`
+   with L_seg, L_mask and L_con, one backward, both SGD steps) against one iteration of MONAI's
+   ``SupervisedTrainer`` training M_s alone on the same 4 volumes (0.5 (BCE + Dice), SGD).
+   Target: <= 2.2x (two networks of the same backbone cost about 2x; the rest is the loss).
+2. Inference: M_s alone through :class:`partialseg.networks.dtml.DTMLPredictor` (sigmoid) in MONAI's
+   ``SlidingWindowInferer`` against the bare M_s in the same inferer followed by a sigmoid.
+   Target: <= 1.05x.
+
+The trainers' real ``_iteration`` methods are called on prepared batches (no data loading), the
+sides interleaved in one process (ABAB...), and each ratio is a ratio of medians. Results go to
+``benchmarks/results/dtml_cpu.json`` and the "## dtml: cost on CPU (one thread)" section of
+``docs/results.md``.
+
+Backbones: ``small`` (the CPU-sized UNet of the ablation, channels 8-64), ``unet16`` (MONAI UNet
+16-128, a CPU-sized bundle backbone) and ``vnet`` (MONAI VNet at the paper's width, 16 filters;
+its crop must be a multiple of 16).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/dtml_speed.py [--repeats 7] [--backbones small unet16 vnet] [--crop 48 48 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## dtml: cost on CPU (one thread)"
+
+
+def backbone(name: str):
+    from monai.networks.nets import UNet, VNet
+
+    if name == "small":
+        return UNet(3, 1, 1, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1, norm="batch")
+    if name == "unet16":
+        return UNet(3, 1, 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1, norm="batch")
+    if name == "vnet":
+        return VNet(3, 1, 1)
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def interleaved(*fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for f, ts in zip(fns, times):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+class SegLoss(torch.nn.Module):
+    """0.5 (BCE + Dice), squared denominators pooled over the batch, on the foreground channel."""
+
+    def forward(self, logits, label):
+        y = label[:, 1:]
+        p = torch.sigmoid(logits)
+        dice = 1.0 - (2.0 * (p * y).sum() + 1e-5) / ((p * p).sum() + (y * y).sum() + 1e-5)
+        return 0.5 * (torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + dice)
+
+
+def bench_training(name: str, crop, repeats: int) -> dict:
+    from monai.engines import SupervisedTrainer
+
+    from partialseg.engines.dtml import DTMLTrainer
+    from partialseg.losses.dtml import DTMLLoss
+    from partialseg.networks.dtml import SignedDistanceNet
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 1, *crop, generator=g)
+    fg = (torch.rand(4, 1, *crop, generator=g) > 0.7).float()
+    onehot = torch.cat([1 - fg, fg], 1)
+    partial = onehot.clone()
+    partial[2:] = 0.5  # the two unlabelled volumes: every class unknown (the <0,p,1> map)
+    seg, sdm = backbone(name), SignedDistanceNet(backbone(name))
+    plain = backbone(name)
+    sgd = lambda net: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    dtml_batch = {"image": image, "label": partial}
+    sup_batch = {"image": image, "label": onehot}
+    dtml = DTMLTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[dtml_batch], seg_network=seg, sdm_network=sdm,
+                       seg_optimizer=sgd(seg), sdm_optimizer=sgd(sdm), loss_function=DTMLLoss(), decollate=False)
+    sup = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[sup_batch], network=plain,
+                            optimizer=sgd(plain), loss_function=SegLoss(), decollate=False)
+    step = {"i": 0}
+
+    def run_dtml():
+        step["i"] += 1
+        dtml.state.iteration = 1000 + step["i"]  # past the ramp's start: L_con weighted
+        out = dtml._iteration(dtml, dtml_batch)
+        assert float(out["con_weight"]) > 0
+        return out
+
+    def run_sup():
+        return sup._iteration(sup, sup_batch)
+
+    t_dtml, t_sup = interleaved(run_dtml, run_sup, repeats=repeats)
+    return {"backbone": name, "crop": list(crop), "batch": 4, "dtml_iteration_s": t_dtml, "supervised_iteration_s": t_sup,
+            "ratio": t_dtml / t_sup, "target": 2.2}
+
+
+def bench_inference(name: str, size, roi, repeats: int) -> dict:
+    from monai.inferers import SlidingWindowInferer
+
+    from partialseg.networks.dtml import DTMLPredictor
+
+    torch.manual_seed(0)
+    seg = backbone(name).eval()
+    predictor = DTMLPredictor(seg).eval()
+    inferer = SlidingWindowInferer(tuple(roi), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    x = torch.randn(1, 1, *size)
+
+    def run_predictor():
+        with torch.no_grad():
+            return inferer(x, predictor)
+
+    def run_bare():
+        with torch.no_grad():
+            return torch.sigmoid(inferer(x, seg))
+
+    a, b = run_predictor(), run_bare()
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), "DTMLPredictor(M_s) must equal sigmoid(M_s)"
+    t_pred, t_bare = interleaved(run_predictor, run_bare, repeats=repeats)
+    return {"backbone": name, "size": list(size), "roi": list(roi), "predictor_s": t_pred, "bare_s": t_bare,
+            "ratio": t_pred / t_bare, "target": 1.05}
+
+
+def report(results: dict, command: str) -> str:
+    lines = [SECTION, "", f"Command: `{command}` (results: `benchmarks/results/dtml_cpu.json`); medians of "
+             f"{results['repeats']} interleaved repeats, torch {results['torch']}, one thread on a CPU shared with other jobs.", "",
+             "| measurement | backbone | shape | DTML | baseline | ratio | target |", "|---|---|---|---|---|---|---|"]
+    ok = lambda r: f"**{r['ratio']:.2f}x**" if r["ratio"] <= r["target"] else f"{r['ratio']:.2f}x"
+    for r in results["training"]:
+        lines.append(f"| training: DTMLTrainer iteration (M_s + M_d, 2 labelled + 2 unlabelled) vs SupervisedTrainer M_s on the "
+                     f"same 4 volumes | {r['backbone']} | 4 x {' x '.join(map(str, r['crop']))} | {r['dtml_iteration_s'] * 1e3:.0f} ms | "
+                     f"{r['supervised_iteration_s'] * 1e3:.0f} ms | {ok(r)} | <= {r['target']}x |")
+    for r in results["inference"]:
+        lines.append(f"| inference: DTMLPredictor(M_s) vs bare M_s + sigmoid, sliding windows {' x '.join(map(str, r['roi']))} | "
+                     f"{r['backbone']} | {' x '.join(map(str, r['size']))} | {r['predictor_s'] * 1e3:.0f} ms | {r['bare_s'] * 1e3:.0f} ms | "
+                     f"{ok(r)} | <= {r['target']}x |")
+    lines += ["", "Bold: within the target."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--backbones", nargs="+", choices=["small", "unet16", "vnet"], default=["small", "unet16", "vnet"])
+    ap.add_argument("--crop", type=int, nargs=3, default=[48, 48, 32], help="training crop and sliding window (multiples of 16 for vnet)")
+    ap.add_argument("--size", type=int, nargs=3, default=[64, 64, 48], help="inference volume")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dtml_cpu.json"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+               "repeats": args.repeats, "training": [], "inference": []}
+    for name in args.backbones:
+        r = bench_training(name, args.crop, args.repeats)
+        results["training"].append(r)
+        print(f"[{name}] training 4 x {args.crop}: DTML {r['dtml_iteration_s'] * 1e3:.0f} ms, supervised M_s "
+              f"{r['supervised_iteration_s'] * 1e3:.0f} ms: {r['ratio']:.3f}x (target <= 2.2)", flush=True)
+    for name in args.backbones:
+        r = bench_inference(name, args.size, args.crop, args.repeats)
+        results["inference"].append(r)
+        print(f"[{name}] inference {args.size} (windows {args.crop}): DTMLPredictor {r['predictor_s'] * 1e3:.0f} ms, bare "
+              f"{r['bare_s'] * 1e3:.0f} ms: {r['ratio']:.3f}x (target <= 1.05)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    if not args.no_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from dtml_ablation import update_results_md
+
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dtml_speed.py", *(sys.argv[1:] if argv is None else argv)])
+        update_results_md(report(results, command), header=SECTION)
+
+
+if __name__ == "__main__":
+    main()
