@@ -16,7 +16,7 @@ COMMANDS = {
     "check": ("partialseg.data.check", "validate a partial-label dataset and print a per-source summary"),
     "plan": ("partialseg.data.plan", "fingerprint a dataset and plan a bundle's spacing, patch, batch, network, normalisation and classes (plan.json)"),
     "make-data": ("partialseg.data.synthetic.cli", "generate a synthetic benchmark (cardiac2d, abdomen3d, polyp2d, atrium3d)"),
-    "evaluate": ("partialseg.evaluation", "Dice / HD95 / ASSD of predictions against a dataset's references"),
+    "evaluate": ("partialseg.evaluation", "Dice, Jaccard, HD95 / ASSD (mm), 95HD / ASD (voxels) of predictions against a dataset's references"),
     "build-datalist": ("partialseg.data.builders", "join public datasets (BTCV, MSD, KiTS layouts) into one partial-label dataset.json, or slice ACDC / MSCMRseg into a 2D one"),
 }
 
