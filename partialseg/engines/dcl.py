@@ -167,7 +167,10 @@ class DCLTrainer(MultiNetworkTrainer):
     loader's iterator (and its worker processes, which copy the dataset) is created, so every pass
     draws the same conditional cases with any ``num_workers``; an epoch shorter than the loader
     (``epoch_length``) continues the pass it is in. A loader with ``persistent_workers`` would keep
-    stale copies and is refused.
+    stale copies and is refused. A loader whose one pass spans the whole run (e.g. a
+    ``RandomSampler`` with ``num_samples = iterations * batch_size``) therefore gives every item
+    one draw for the whole run: give such a loader one pass per epoch instead
+    (``benchmarks/dcl_ablation.py``'s ``training_loader``).
 
     Args:
         device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
