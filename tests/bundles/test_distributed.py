@@ -32,6 +32,14 @@ CASES = {
         {"pixdim": [1.8, 1.8], "spatial_size": [32, 32], "iterations_per_epoch": 3, "val_interval": 1, "batch_size": 4},
         ["model_stage1.pt", "support_bank.pt"], True,
     ),
+    # single-stage: its epochs, run folder and model name set to what the checks read; validation on the test split
+    "dtml_atrium": (
+        "atrium3d", {"size": 24, "num_train": 4, "num_test": 2, "labelled_fraction": 0.5},
+        {"pixdim": [4.5, 4.5, 3.5], "patch_size": [16, 16, 16], "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2],
+         "iterations_per_epoch": 3, "epochs": 2, "val_split": "test", "val_interval": 1,
+         "output_dir": "$@bundle_root + '/runs/stage1'", "ckpt_name": "model_stage1.pt"},
+        ["model_sdm.pt", "model_stage1.pt"], True,
+    ),
 }  # fmt: skip
 NAMES = [n for n in CASES if (BUNDLES / n / "configs" / "multi_gpu_train.json").is_file()]
 #: (bundle, extra overrides): the marginal bundle also with its sources balanced (SourceBalancedSampler split over ranks)

@@ -151,3 +151,47 @@ def test_killed_dcl_stage2_resumes_with_its_dualnet(tmp_path):
     # the pre-kill history is kept, and DualNet was restored, not re-copied from PrimNet on resuming
     assert refreshes[: len(before["dual"]["refreshes"])] == before["dual"]["refreshes"].tolist()
     assert killed_at + 1 not in refreshes
+
+
+def test_killed_dtml_training_resumes_both_networks_and_the_ramp(tmp_path):
+    """DTML: M_s, M_d, both optimisers, both LR schedules and the iteration (the ramp's position)."""
+    import re
+
+    from bundle_harness import DTML
+
+    from partialseg.losses.dtml import consistency_ramp
+
+    DTML.make_data(tmp_path)
+    # 10 epochs x 6 iterations; ramp_scale 0.5 makes w(t) climb within the run; the LR decays after iteration 3
+    cmd = bundle_command(DTML.path, tmp_path, epochs=10, checkpoint_interval=2, ramp_scale=0.5, lr_milestones=[3], **DTML.small)
+    ckpt = tmp_path / "runs" / "train" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(ckpt, weights_only=True)
+    killed_at = before["trainer"]["iteration"]
+    assert 2 <= killed_at < 60
+    assert sorted(before) == ["lr_scheduler", "sdm", "sdm_lr_scheduler", "sdm_optimizer", "seg", "seg_optimizer", "trainer"]
+
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"resuming from {ckpt} after iteration {killed_at}" in out
+    # the ramp continues where it stopped: the first iteration after the resume has w(killed_at), not w(0)
+    first = float(re.search(r"Iter: \d+/\d+ -- .*?con_weight: ([0-9.]+)", out).group(1))
+    assert first == pytest.approx(consistency_ramp(killed_at, 1.0, 0.5, 40.0), abs=1e-4)
+    assert abs(first - consistency_ramp(0, 1.0, 0.5, 40.0)) > 1e-2
+    final = torch.load(ckpt, weights_only=True)
+    assert final["trainer"]["iteration"] == 60
+    # both schedules counted every iteration, across the kill; both networks kept training
+    assert final["lr_scheduler"]["last_epoch"] == final["sdm_lr_scheduler"]["last_epoch"] == 60
+    assert final["seg_optimizer"]["param_groups"][0]["lr"] == final["sdm_optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    for net in ("seg", "sdm"):
+        assert any(not torch.equal(before[net][k], final[net][k]) for k in before[net])
+    metrics = json.loads((tmp_path / "runs" / "train" / "metrics.json").read_text())
+    assert metrics["iteration"] == sorted(set(metrics["iteration"])) and metrics["iteration"][-1] == 60
+    print(f"DTML killed after iteration {killed_at}; resumed with w = {first:.4f}")
