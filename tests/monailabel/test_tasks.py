@@ -429,3 +429,59 @@ def test_the_datastore_refuses_names_that_leave_it(tmp_path):
     with pytest.raises(RequestError, match="case: bad"):
         checked.save_label("case", str(label), "other", {"annotated": ["heart"]})
     assert not (studies / "labels" / "other").exists()
+
+
+@pytest.mark.slow
+def test_dtml_trains_on_labelled_and_unlabelled_images_and_serves_both_networks(tmp_path):
+    """The semi-supervised task: unlabelled datastore images join the training split, the run
+    samples two streams, model.pt (M_s) and model_sdm.pt (M_d) are served, inference answers."""
+    from bundle_harness import DTML
+
+    from partialseg.data import ensure_dataset, load_dataset
+    from partialseg.monailabel.tasks import BundleInferTask, SemiSupervisedTrainTask
+
+    root = _copy_bundle("dtml_atrium", tmp_path)
+    task = bundle_train_task(root, overrides=DTML.small, max_epochs=2)
+    assert type(task) is SemiSupervisedTrainTask and task.classes == ["background", "left_atrium"] and task.dimension == 3
+    assert task.served == [("sdm_network", "model_sdm.pt"), ("checkpoint", "model.pt")]
+    data = load_dataset(ensure_dataset(tmp_path / "atrium3d", "atrium3d", **DTML.data))
+    train = data.datalist("training")
+    labelled = {c["case"]: (Path(c["image"]), Path(c["label"]), {}) for c in train if c.get("label")}
+    unlabelled = {c["case"]: Path(c["image"]) for c in train if not c.get("label")}
+    unlabelled["slice"] = _case(tmp_path / "s", "slice", np.zeros((8, 8)))[0]  # 2D: left out of a 3D bundle
+    assert len(labelled) == len(unlabelled) - 1 == 2
+
+    class Studies(FakeDatastore):  # with images that have no label
+        def __init__(self, cases, images):
+            super().__init__(cases)
+            self.images = images
+
+        def list_images(self):
+            return list(self.cases) + list(self.images)
+
+        def get_image_uri(self, image_id):
+            return str(self.images[image_id]) if image_id in self.images else super().get_image_uri(image_id)
+
+    content = task.dataset(Studies(labelled, unlabelled), tmp_path / "d")
+    assert {c["case"]: c.get("annotated") for c in content["training"]} == {
+        **{k: ["left_atrium"] for k in labelled}, **{k: None for k in unlabelled if k != "slice"}}
+    assert [c["case"] for c in content["validation"]] == sorted(labelled)  # nothing held out: the few labels all train
+    assert task.data_overrides(content) == {}  # two streams: labelled + unlabelled
+    assert task.data_overrides(task.dataset(Studies(labelled, {}), tmp_path / "d2")) == {"sampling": "case"}
+
+    stats = task({"max_epochs": 2, "iterations_per_epoch": 3}, Studies(labelled, unlabelled))
+    models = task.bundle_root / "models"
+    assert stats["cases"] == 4 and stats["epochs"] == 2
+    assert stats["sdm_network"] == str(models / "model_sdm.pt") and stats["checkpoint"] == str(models / "model.pt")
+    run = Path(stats["run_dir"])
+    config = json.loads(next(run.glob("config_*.json")).read_text())
+    assert config["sampling"] == "two_stream" and config["epochs"] == 2 and config["val_split"] == "validation"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iteration"] == list(range(1, 7)) and len(metrics["metrics"]["val_mean_dice"]) == 2
+    print(f"DTML through the train task: {stats['train_time']:.1f} s in the subprocess")
+
+    infer = BundleInferTask(task.bundle_root, overrides=DTML.grid)
+    assert infer.is_valid()
+    image = data.datalist("test")[0]["image"]
+    result, info = infer({"image": image})
+    assert nib.load(result).shape == nib.load(image).shape and info["label_names"] == {"left_atrium": 1}
