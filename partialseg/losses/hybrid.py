@@ -310,10 +310,10 @@ def last_layer_gradients(
     weights ``weights[k]``.
 
     Methods:
-        ``"closed_form"`` (a 1x1 convolution or ``nn.Linear``-like classifier of weight ``(C, F,
-        1, ...)`` and optional bias): ``e = softmax(z) - onehot(y)``, ``E_k = r_k e_{rows[k]}``
-        passed back through ``tail`` by one ``torch.func.vjp`` (identity: nothing to do), then
-        ``g_W[k] = einsum(E_k, f_{rows[k]})``, ``g_b[k] = sum_p E_k``: every instance at once.
+        ``"closed_form"`` (a 1x1 convolution classifier, weight ``(C, F, 1, ...)`` and optional
+        bias): ``e = softmax(z) - onehot(y)``, ``E_k = r_k e_{rows[k]}`` passed back through
+        ``tail`` by one vector-Jacobian product (identity: nothing to do), then ``g_W[k] = E_k
+        f_{rows[k]}^T`` (one batched matrix product), ``g_b[k] = sum_p E_k``: every instance at once.
         ``"functional"``: ``torch.func.vmap(torch.func.grad(...))`` over the instances, for any
         classifier. ``"loop"``: one autograd call per instance (the reference; slow).
 
@@ -359,25 +359,29 @@ def _closed_form(features: Tensor, classifier: nn.Module, y: Tensor, rows: Tenso
     weight = getattr(classifier, "weight", None)
     bias = getattr(classifier, "bias", None)
     names = [n for n, _ in classifier.named_parameters()]
-    if weight is None or weight.ndim < 2 or any(s != 1 for s in weight.shape[2:]) or names not in (["weight"], ["weight", "bias"]):
+    if weight is None or weight.ndim < 3 or any(s != 1 for s in weight.shape[2:]) or names not in (["weight"], ["weight", "bias"]):
         raise TypeError(
-            f"the closed-form gradient needs a 1x1 convolution (or linear) classifier with weight and bias only, got "
+            f"the closed-form gradient needs a 1x1 convolution classifier with weight and bias only, got "
             f"{type(classifier).__name__} with parameters {names}; use method='functional'."
         )
     with torch.no_grad():
-        z_low = classifier(features).float()
+        z_low = classifier(features).float().index_select(0, rows)  # (K, C, *s)
+        f = features.float().index_select(0, rows)
+    y = y.index_select(0, rows)
+    with torch.enable_grad():  # one forward of the tail, kept for its vector-Jacobian product
+        z_low.requires_grad_(tail is not _identity)
         z = tail(z_low)
-        e = torch.softmax(z, 1)
+    with torch.no_grad():
+        e = torch.softmax(z.detach(), 1)
         e.scatter_add_(1, y.unsqueeze(1), torch.full_like(y, -1.0, dtype=e.dtype).unsqueeze(1))
-        err = e.index_select(0, rows) * weights.to(e.dtype).unsqueeze(1)  # (K, C, *S)
+        err = e * weights.to(e.dtype).unsqueeze(1)  # (K, C, *S): r_k (softmax - onehot)
     if tail is not _identity:
-        _, vjp = torch.func.vjp(tail, z_low.index_select(0, rows))
-        (err,) = vjp(err)
-    f = features.float().index_select(0, rows)
-    g_w = torch.einsum("kc...,kf...->kcf", err, f).reshape(rows.shape[0], -1)
+        (err,) = torch.autograd.grad(z, z_low, err)
+    err = err.flatten(2)
+    g_w = torch.bmm(err, f.flatten(2).transpose(1, 2)).reshape(rows.shape[0], -1)  # (K, C * F)
     parts = [g_w]
     if bias is not None:
-        parts.append(err.flatten(2).sum(2))
+        parts.append(err.sum(2))
     return torch.cat(parts, 1)
 
 
