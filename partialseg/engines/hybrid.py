@@ -395,14 +395,21 @@ class HybridTrainer(MultiNetworkTrainer):
         else:
             self.update(self.compute_single_loss(*batch), "opt1")
 
-    def _labels(self, label: Tensor, spatial_dims: int) -> Tensor:
+    @staticmethod
+    def _labels(label: Tensor, spatial_dims: int, image: Tensor | None = None, cases: Sequence[str] = ()) -> Tensor:
         has_channel = label.ndim == spatial_dims + 2
-        return class_indices(label, label.shape[1] if has_channel and label.shape[1] > 1 else None, spatial_dims)
+        y = class_indices(label, label.shape[1] if has_channel and label.shape[1] > 1 else None, spatial_dims)
+        if image is not None and tuple(y.shape[1:]) != tuple(image.shape[2:]):
+            raise ValueError(
+                f"cases {list(cases)[:8]}: masks of spatial shape {tuple(y.shape[1:])} for images of {tuple(image.shape[2:])}; "
+                "every strong or weak mask must have its image's grid."
+            )
+        return y
 
     def compute_single_loss(self, image: Tensor, label: Tensor, cases: list[str]) -> Tensor:
         """DII only (or the merged baseline): ``mean_b gamma_b CE(f1(x_b), y_b)`` over the whole batch."""
         out = self.state.output
-        y = self._labels(label, image.ndim - 2)
+        y = self._labels(label, image.ndim - 2, image, cases)
         gamma, weights = self._gammas(cases, y)
         logits = self.networks["net1"](image)
         out.update({Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: torch.softmax(logits.detach().float(), 1)})
@@ -418,7 +425,7 @@ class HybridTrainer(MultiNetworkTrainer):
             raise ValueError(f"a DCR batch holds pairs (primary then auxiliary halves), got an odd batch of {image.shape[0]}.")
         n = image.shape[0] // 2
         out = self.state.output
-        y = self._labels(label, image.ndim - 2)
+        y = self._labels(label, image.ndim - 2, image, cases)
         x_i, x_j, y_i, y_j = image[:n], image[n:], y[:n], y[n:]
         gamma, weights = self._gammas(cases, y)
         rng = np.random.default_rng([self.seed, int(self.state.iteration)])
@@ -477,7 +484,7 @@ class HybridTrainer(MultiNetworkTrainer):
             for batchdata in self.indicator_loader:
                 image, label, cases = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
                 sd = image.ndim - 2
-                y = self._labels(label, sd)
+                y = self._labels(label, sd, image, cases)
                 with torch.no_grad(), self.autocast():
                     features = features_fn(image)
                 rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)

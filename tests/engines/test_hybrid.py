@@ -228,3 +228,31 @@ def test_toy_run_loss_falls_and_wrong_weak_masks_end_with_lower_gamma(dcr):
     assert np.mean(gamma["missing"]) < np.mean(gamma["good"]) - 0.3
     if not dcr:
         assert np.mean(gamma["shifted"]) < np.mean(gamma["good"]) - 0.3
+
+
+def test_resume_checkpoint_restores_the_indicators_and_their_schedule(tmp_path):
+    from partialseg.engines import ResumeCheckpoint
+
+    data = toy()
+    path = tmp_path / "resume.pt"
+    first = _trainer(data, iters=4, tau=2)
+    ResumeCheckpoint(path, first.checkpoint_dict(), interval=4).attach(first)
+    first.run()
+    gamma_after_first = first.indicators.gamma.clone()
+    resumed = _trainer(data, iters=4, tau=2)
+    resumed.state.max_epochs = 2
+    ResumeCheckpoint(path, resumed.checkpoint_dict(), interval=4).attach(resumed)
+    seen = []
+    resumed.add_event_handler(Events.STARTED, lambda e: seen.append(e.state.extra["indicators"].gamma.clone()))
+    resumed.run()
+    torch.testing.assert_close(seen[-1], gamma_after_first)  # loaded before the first iteration
+    assert resumed.state.iteration == 8 and resumed.state.indicator_updates == [6, 8]
+    assert resumed.indicators.updates == 4 and resumed.indicators.steps.max().item() == 4
+
+
+def test_a_mask_on_another_grid_is_refused_naming_the_cases():
+    data = toy(n_strong=2, n_good=2, n_bad=2)
+    trainer = _trainer(data, iters=1)
+    image, label, cases = _batch(data, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"cases \['c0', 'c1'.*image's grid"):
+        trainer.compute_dcr_loss(image, label[..., :15], cases)
