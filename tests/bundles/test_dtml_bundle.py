@@ -133,11 +133,13 @@ def test_the_learning_rate_decays_by_step_per_iteration(tmp_path):
     sched = parser.get_parsed_content("lr_scheduler")
     opt = parser.get_parsed_content("optimizer")
     lrs = []
-    for _ in range(1200):
+    for _ in range(600):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    # the CPU default: 0.01, x0.1 after 500 and 1000 of 1200 iterations (the paper: 2500 and 5000 of 6000)
-    assert lrs[0] == lrs[499] == 0.01 and lrs[500] == pytest.approx(1e-3) and lrs[1000] == pytest.approx(1e-4)
+    # the CPU default, the paper's schedule / 10: 0.01, x0.1 after 250 and 500 of 600 iterations (paper: 2500, 5000 of 6000)
+    assert lrs[0] == lrs[249] == 0.01 and lrs[250] == pytest.approx(1e-3) and lrs[499] == pytest.approx(1e-3)
+    assert lrs[500] == lrs[-1] == pytest.approx(1e-4)
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
-    assert parser["epochs"] * parser["iterations_per_epoch"] == 1200
+    # the ramp reaches its maximum at the end of the schedule: ramp_scale x ramp_length = the iterations
+    assert parser["epochs"] * parser["iterations_per_epoch"] == parser["ramp_scale"] * parser["ramp_length"] == 600
