@@ -483,6 +483,14 @@ class SemiSupervisedTrainTask(PartialLabelTrainTask):
       indicative Dice in ``metrics.json``).
 
     ``train.json`` must define the keys in :attr:`REQUIRED_KEYS` (``ValueError`` naming the missing ones).
+
+    Example:
+        >>> import partialseg
+        >>> task = bundle_train_task(Path(partialseg.__file__).parents[1] / "bundles" / "dtml_atrium")
+        >>> type(task).__name__, task.served
+        ('SemiSupervisedTrainTask', [('sdm_network', 'model_sdm.pt'), ('checkpoint', 'model.pt')])
+        >>> task.stage_overrides({"max_epochs": 3})
+        {'epochs': 3, 'val_split': 'validation'}
     """
 
     #: train.json keys the task sets or reads
