@@ -51,7 +51,7 @@ from partialseg.transforms.mix.array import ForegroundPaste
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["MIXES", "HybridBatch", "HybridPairSampler", "HybridTrainer", "mix_masks"]
+__all__ = ["MIXES", "HybridBatch", "HybridPairSampler", "HybridTrainer", "mix_masks", "scan_present_classes"]
 
 #: the mixture tutorial's masks: the paper's foreground paste, or a CutMix box (its ablation)
 MIXES = ("paste", "cutmix")
@@ -96,6 +96,32 @@ def mix_masks(labels: Tensor, rng: np.random.Generator, mix: str = "paste", incl
             centre = int(rng.integers(size))
             box.append(slice(max(centre - side // 2, 0), min(centre + side - side // 2, size)))
         out[(b, 0, *box)] = True
+    return out
+
+
+def scan_present_classes(loader: Iterable, case_key: str = "case", label_key: str = "label") -> dict[str, list[int]]:
+    """Case -> foreground classes present in its mask, read through ``loader`` (for per-class indicators).
+
+    Args:
+        loader: batches (dicts) with class-index labels ``(B, 1, *spatial)`` and case names.
+        case_key, label_key: batch keys.
+
+    Returns:
+        ``{case: sorted classes >= 1}`` (empty for a mask without foreground), to pass as
+        ``InstanceIndicators.from_datalist(..., present_classes=...)``.
+
+    Example:
+        >>> import torch
+        >>> batch = {"case": ["a", "b"], "label": torch.tensor([[[[0, 2], [2, 1]]], [[[0, 0], [0, 0]]]])}
+        >>> scan_present_classes([batch])
+        {'a': [1, 2], 'b': []}
+    """
+    out: dict[str, list[int]] = {}
+    for batch in loader:
+        labels, cases = batch[label_key], batch[case_key]
+        cases = [cases] if isinstance(cases, str) else [str(c) for c in cases]
+        for case, lab in zip(cases, torch.as_tensor(labels)):
+            out[case] = [int(c) for c in torch.unique(lab).tolist() if c >= 1]
     return out
 
 

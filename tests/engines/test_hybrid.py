@@ -256,3 +256,30 @@ def test_a_mask_on_another_grid_is_refused_naming_the_cases():
     image, label, cases = _batch(data, [0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"cases \['c0', 'c1'.*image's grid"):
         trainer.compute_dcr_loss(image, label[..., :15], cases)
+
+
+def test_per_class_indicators_of_multi_class_weak_masks():
+    from partialseg.engines.hybrid import scan_present_classes
+
+    data = toy()
+    for k, item in enumerate(data):  # a second class: the right half of every disc; case c9's class 2 wrong
+        lab = item["label"].clone()
+        lab[..., 8:] *= 2
+        if k == 9:
+            lab[lab == 2] = 0
+        item["label"] = lab
+    present = scan_present_classes(DataLoader(data, batch_size=8))
+    ind = InstanceIndicators.from_datalist(data, present_classes=present)
+    assert ind.per_class and 2 not in present["c9"] and ind.instance_classes("c9") == (present["c9"] or [-1])
+    sampler = HybridPairSampler(data, 4, ind, num_batches=4, seed=0)
+    n1, n2 = Tiny(0), Tiny(1)
+    n1.classifier, n2.classifier = nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 1)
+    trainer = HybridTrainer(
+        "cpu", 1, DataLoader(data, batch_sampler=sampler), n1, torch.optim.SGD(n1.parameters(), 0.05), n2,
+        torch.optim.SGD(n2.parameters(), 0.05), indicators=ind, indicator_loader=DataLoader(data, batch_size=16), tau=2,
+        decollate=False,
+    )  # fmt: skip
+    trainer.run()
+    assert ind.updates == 2 and int(ind.steps.min()) == 2  # every (case, class) instance updated twice
+    two_class = [i for i, (case, c) in enumerate(ind.keys) if c == 2]
+    assert len(two_class) >= 10 and len(ind) > len({case for case, _ in ind.keys})
