@@ -810,7 +810,7 @@ class PlanSettings(dict):
 _NOTICED: set[str] = set()
 
 
-def load_plan(dataset_dir: str | os.PathLike | None, bundle: str) -> PlanSettings:
+def load_plan(dataset_dir: str | os.PathLike | None, bundle: str, notice: bool = True) -> PlanSettings:
     """The settings planned for ``bundle`` in ``dataset_dir/plan.json``; ``{}`` when there is none.
 
     What bundle configs call (``"dataset_plan": "$partialseg.data.plan.load_plan(@dataset_dir,
@@ -824,6 +824,7 @@ def load_plan(dataset_dir: str | os.PathLike | None, bundle: str) -> PlanSetting
     Args:
         dataset_dir: the dataset folder or its ``dataset.json`` (None: no plan).
         bundle: a name of :data:`BUNDLES`.
+        notice: print the notice about a user dataset without a plan.
 
     Raises:
         ValueError: ``plan.json`` is not a plan written by ``partialseg plan``.
@@ -839,7 +840,7 @@ def load_plan(dataset_dir: str | os.PathLike | None, bundle: str) -> PlanSetting
     root = _dataset_root(dataset_dir)
     path = root / PLAN_NAME
     if not path.is_file():
-        if (root / "dataset.json").is_file() and str(root) not in _NOTICED:
+        if notice and (root / "dataset.json").is_file() and str(root) not in _NOTICED:
             _NOTICED.add(str(root))
             try:
                 synthetic = "family" in json.loads((root / "dataset.json").read_text())
@@ -941,8 +942,9 @@ def save_model_settings(checkpoint: str | os.PathLike, bundle: str, settings: Ma
     (:func:`settings_path`, atomically), for inference to use the same grid and network.
 
     The file holds ``bundle``, ``settings`` (config key -> value), the dataset's ``classes`` and
-    folder, and where each setting came from (``plan.json``, the bundle's default or an override),
-    which is also printed. Written by rank 0 only (``RANK`` unset or 0); run at the start of
+    folder, and where each setting came from (``"plan.json"``; ``"override"``: a planned key given
+    another value; ``"config"``: a key the dataset's plan lacks, the config's fallback or an
+    override), which is also printed when there is a plan. Written by rank 0 only (``RANK`` unset or 0); run at the start of
     training, before the checkpoint it describes is saved (:func:`load_model_settings` ignores a
     file newer than its checkpoint).
 
@@ -955,7 +957,7 @@ def save_model_settings(checkpoint: str | os.PathLike, bundle: str, settings: Ma
         return None
     plan = load_plan(dataset_dir, bundle)
     settings = {PlanSettings._key(k): (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
-    source = {k: ("plan.json" if k in plan and plan[k] == v else "override" if k in plan else "default") for k, v in settings.items()}
+    source = {k: ("plan.json" if k in plan and plan[k] == v else "override" if k in plan else "config") for k, v in settings.items()}
     out = {"bundle": bundle, "checkpoint": Path(checkpoint).name, "settings": settings, "source": source,
            "classes": _dataset_classes(dataset_dir), "dataset": None if dataset_dir is None else str(_dataset_root(dataset_dir).resolve())}  # fmt: skip
     path = settings_path(checkpoint)
@@ -1005,7 +1007,7 @@ def load_model_settings(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
                       f" {_dataset_root(dataset_dir)} lists {here}: its predictions are indices of the model's classes;"
                       " pass --checkpoint of a model trained on these classes, or --dataset_dir of the model's dataset",
                       file=sys.stderr)  # fmt: skip
-            return PlanSettings({**load_plan(dataset_dir, bundle), **settings})
+            return PlanSettings({**load_plan(dataset_dir, bundle, notice=False), **settings})
     return load_plan(dataset_dir, bundle)
 
 
