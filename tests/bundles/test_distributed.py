@@ -25,12 +25,12 @@ CASES = {
     "marginal_exclusion_abdomen": (
         "abdomen3d", {"size": 24, "num_train": 1, "num_full": 2, "num_test": 1, "num_val": 2},
         {"pixdim": [18.0, 18.0, 16.0], "patch_size": [16, 16, 8], "iterations_per_epoch": 3, "val_interval": 1},
-        ["model_stage1.pt"], True,
+        ["model_stage1.pt", "model_stage1.settings.json"], True,
     ),
     "dcl_cardiac": (
         "cardiac2d", {"size": 32, "num_train": 2, "num_test": 1, "num_val": 1, "variant": "wholeheart"},
         {"pixdim": [1.8, 1.8], "spatial_size": [32, 32], "iterations_per_epoch": 3, "val_interval": 1, "batch_size": 4},
-        ["model_stage1.pt", "support_bank.pt"], True,
+        ["model_stage1.pt", "model_stage1.settings.json", "support_bank.pt"], True,
     ),
     # single-stage: its epochs, run folder and model name set to what the checks read; validation on the test split
     "dtml_atrium": (
