@@ -272,7 +272,8 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
 
     bank = SupportBank.load(models / "support_bank.pt")  # rebuilt from the datastore's cases
     assert sorted(set(bank.classes.tolist())) == [0, 1, 2, 3] and tuple(bank.images.shape[1:]) == (1, 32, 32)
-    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "support_bank.pt"]  # no temporary left
+    # no temporary left; the settings the model was trained with are served beside it (issue 14)
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "model.settings.json", "support_bank.pt"]
     stage1 = torch.load(models / "model.pt", weights_only=True)
 
     info = requests.get(f"{url}/info/", timeout=30).json()
