@@ -143,21 +143,24 @@ def masked_dice_loss(prob: Tensor, target: Tensor, known: Tensor, smooth: float 
         0.333333
     """
     dims = (0, *range(2, prob.ndim))
-    pm = prob * known
-    tm = target * known
-    intersect = (pm * target).sum(dims)
-    z_sum = (pm * prob).sum(dims)
-    y_sum = (tm * target).sum(dims)
-    has = known.sum(dims) > 0
+    t1 = target * known
+    return _dice(prob, t1, known, t1.sum(dims), known.sum(dims), smooth)
+
+
+def _dice(prob: Tensor, t1: Tensor, known: Tensor, y_sum: Tensor, counts: Tensor, smooth: float) -> Tensor:
+    """:func:`masked_dice_loss` with the target already zero where unknown and its per-class sums given."""
+    dims = (0, *range(2, prob.ndim))
+    has = counts > 0
     if not bool(has.any()):
         return prob.sum() * 0.0
+    intersect = (prob * t1).sum(dims)
+    z_sum = (prob * known * prob).sum(dims)
     dice = 1.0 - (2.0 * intersect + smooth) / (z_sum + y_sum + smooth)
     return dice[has].mean()
 
 
 def _masked_bce(logits: Tensor, target: Tensor, known: Tensor, n_known: Tensor) -> Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (bce * known).sum() / n_known.clamp_min(1.0)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=known, reduction="sum") / n_known.clamp_min(1.0)
 
 
 class DTMLLoss(_Loss):
@@ -289,24 +292,26 @@ class DTMLLoss(_Loss):
         logits = seg_logits.to(dtype)
         sdm = sdm_pred.to(dtype)
         t = target[:, 1:].to(dtype)
-        is1, is0 = t == 1, t == 0
-        known_b = is1 | is0
-        bad = ~known_b & (t != torch.tensor(self.p, dtype=torch.float32).to(dtype))
-        if bool(bad.any()):
-            value = float(t[bad][0])
-            raise ValueError(
-                f"DTMLLoss: target holds {value:g}; a <0,p,1> map holds only 0, 1 and p={self.p:g} (unknown). Build it"
-                " with PartialLabelToVectord after the spatial transforms (and pass its p here)."
-            )
+        is1 = t == 1
+        known_b = is1 | (t == 0)
         known = known_b.to(dtype)
+        dims = (0, *range(2, t.ndim))
+        counts = known.sum(dims)  # known entries per class
+        n_known = counts.sum()
+        if int(n_known) + int((t == self.p).sum()) != t.numel():  # a value other than 0, 1, p
+            bad = ~known_b & (t != self.p)
+            raise ValueError(
+                f"DTMLLoss: target holds {float(t[bad][0]):g}; a <0,p,1> map holds only 0, 1 and p={self.p:g} (unknown)."
+                " Build it with PartialLabelToVectord after the spatial transforms (and pass its p here)."
+            )
         t1 = is1.to(dtype)
-        n_known = known.sum()
+        y_sum = t1.sum(dims)
 
         prob = torch.sigmoid(logits)
         mask_prob = sdm_to_mask(sdm, self.k)
 
-        seg = 0.5 * (_masked_bce(logits, t1, known, n_known) + masked_dice_loss(prob, t1, known, self.smooth))
-        mask = masked_dice_loss(mask_prob, t1, known, self.smooth)
+        seg = 0.5 * (_masked_bce(logits, t1, known, n_known) + _dice(prob, t1, known, y_sum, counts, self.smooth))
+        mask = _dice(mask_prob, t1, known, y_sum, counts, self.smooth)
         if self.mask_ce:
             mask = 0.5 * (_masked_bce(sdm * -self.k, t1, known, n_known) + mask)
         if sdm_target is not None:

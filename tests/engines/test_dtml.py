@@ -92,31 +92,41 @@ def test_consistency_alone_moves_both_networks_and_the_ramp_follows_the_iteratio
     assert [h["con_weight"] for h in history] == pytest.approx([consistency_ramp(t, 1.0, 1.0, 10.0) for t in range(4)])
 
 
-def test_a_tiny_3d_toy_learns_and_m_d_gives_an_sdm_of_the_right_sign():
+@pytest.mark.parametrize("mask_ce", [False, True])
+def test_a_tiny_3d_toy_learns_and_m_d_gives_an_sdm_of_the_right_sign(mask_ce):
     torch.manual_seed(0)
 
     def backbone():
         return UNet(3, 1, 1, channels=(8, 16), strides=(2,), num_res_units=0)
 
     seg, sdm = backbone(), SignedDistanceNet(backbone())
+    loss = DTMLLoss(ramp_scale=1.0, ramp_length=10.0, mask_ce=mask_ce)
     trainer = DTMLTrainer("cpu", 8, _toy_batches(8, seed=0), seg, sdm, torch.optim.Adam(seg.parameters(), 1e-2),
-                          torch.optim.Adam(sdm.parameters(), 1e-2), DTMLLoss(ramp_scale=1.0, ramp_length=10.0), decollate=False)  # fmt: skip
+                          torch.optim.Adam(sdm.parameters(), 1e-2), loss, decollate=False)  # fmt: skip
     history = _record(trainer)
     trainer.run()  # 64 iterations of 2 labelled + 2 unlabelled volumes
     first, last = history[:8], history[-8:]
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731
     assert mean(last, "seg") < 0.3 * mean(first, "seg") and mean(last, "mask") < 0.6 * mean(first, "mask")
-    assert mean(last, "con") < mean(first, "con")
+    assert mean(last, "con") < 0.5 * mean(first, "con")
 
-    image, mask = _sphere(torch.Generator().manual_seed(99))  # an unseen case
     seg.eval(), sdm.eval()
-    with torch.no_grad():
-        s = sdm(image[None, None])[0, 0]
-        prob = torch.sigmoid(seg(image[None, None]))[0, 0]
-    m = mask.numpy().astype(bool)
-    interior, exterior = torch.from_numpy(ndi.binary_erosion(m)), torch.from_numpy(~ndi.binary_dilation(m))
-    assert (s[interior] < 0).float().mean() > 0.9 and (s[exterior] > 0).float().mean() > 0.95
-    assert ((prob > 0.5).float() == mask).float().mean() > 0.95
+    inside, outside, accuracy = [], [], []
+    for case in range(100, 104):  # unseen cases
+        image, mask = _sphere(torch.Generator().manual_seed(case))
+        with torch.no_grad():
+            s = sdm(image[None, None])[0, 0]
+            prob = torch.sigmoid(seg(image[None, None]))[0, 0]
+        m = mask.numpy().astype(bool)  # away from the boundary: eroded interior, exterior beyond one voxel
+        interior, exterior = torch.from_numpy(ndi.binary_erosion(m)), torch.from_numpy(~ndi.binary_dilation(m))
+        inside.append((s[interior] < 0).float().mean())
+        outside.append((s[exterior] > 0).float().mean())
+        accuracy.append(((prob > 0.5).float() == mask).float().mean())
+    assert min(outside) > 0.95 and min(accuracy) > 0.95
+    # the Dice-only L_mask (the reference code's) can leave holes in M_d's object (interior voxels
+    # saturated at tanh ~ +1, where sigmoid(-1500 s) passes no gradient; docs/dtml.md): on this toy
+    # 75-100 % of the interior is negative; with its BCE (mask_ce) all of it is
+    assert min(inside) > (0.95 if mask_ce else 0.6) and sum(inside) / len(inside) > (0.99 if mask_ce else 0.7)
 
 
 def _resumable(seed, max_epochs, path=None):
