@@ -944,9 +944,10 @@ def save_model_settings(checkpoint: str | os.PathLike, bundle: str, settings: Ma
     The file holds ``bundle``, ``settings`` (config key -> value), the dataset's ``classes`` and
     folder, and where each setting came from (``"plan.json"``; ``"override"``: a planned key given
     another value; ``"config"``: a key the dataset's plan lacks, the config's fallback or an
-    override), which is also printed when there is a plan. Written by rank 0 only (``RANK`` unset or 0); run at the start of
-    training, before the checkpoint it describes is saved (:func:`load_model_settings` ignores a
-    file newer than its checkpoint).
+    override), which is also printed when there is a plan. Written by rank 0 only (``RANK`` unset
+    or 0). The bundles call it once the trainer is built (a run refused by the dataset checks
+    writes none), before training saves the checkpoint it describes (:func:`load_model_settings`
+    ignores a file newer than its checkpoint).
 
     Returns:
         the path written, or None on a rank other than 0.
