@@ -556,3 +556,57 @@ def test_cli_make_data_levels(tmp_path):
     desc = _desc(out)
     assert desc["levels"] == 2 and [c["slice"] for c in desc["training"]] == [0, 0, 1, 1]
     assert main(["make-data", "polyp2d", "--out", str(tmp_path / "p"), "--levels", "2", "--quiet"]) == 2  # cardiac2d only
+
+
+def test_polyp_hybrid_preset_continuous_weak_masks(tmp_path):
+    # the hybrid preset at a test size: exact strong count, continuous ellipses, missing and wrong masks
+    path = make_dataset("polyp2d", tmp_path / "h", seed=0, preset="hybrid", size=48, num_train=40, num_strong=4, num_test=1)
+    desc = json.loads(path.read_text())
+    assert desc["preset"] == "hybrid" and desc["weak_quality"] == "continuous"
+    cases = desc["training"]
+    assert [c["supervision"] for c in cases].count("strong") == 4 and all(c["source"] == c["supervision"] for c in cases)
+    weak = [c for c in cases if c["supervision"] == "weak"]
+    kinds = [c["weak_type"] for c in weak]
+    assert kinds.count("missing") == round(0.15 * 36) and kinds.count("wrong") == round(0.1 * 36)
+    assert set(kinds) == set(polyp.CONTINUOUS_WEAK_TYPES)
+    dices = []
+    for c in weak:
+        label, _ = _read(tmp_path / "h" / c["label"])
+        true, _ = _read(tmp_path / "h" / c["label_true"])
+        if c["weak_type"] == "missing":
+            assert not label.any()
+        elif c["weak_type"] == "wrong":
+            assert label.any() and not (label & true).any()  # on background only
+        else:
+            dices.append(2 * (label & true).sum() / (label.sum() + true.sum()))
+    assert min(dices) < 0.65 and max(dices) > 0.75  # continuous quality, not one level
+    image, _ = _read(tmp_path / "h" / cases[0]["image"])
+    assert image.shape == (48, 48, 3)
+    # the standard benchmark writes the supervision key too
+    std = make_dataset("polyp2d", tmp_path / "s", seed=0, size=32, num_train=5, num_test=0)
+    assert {c["supervision"] for c in json.loads(std.read_text())["training"]} <= {"strong", "weak"}
+
+
+def test_polyp_continuous_weak_mask_geometry():
+    mask = np.zeros((64, 64), np.uint8)
+    ii, jj = np.indices(mask.shape)
+    mask[((ii - 30) / 8.0) ** 2 + ((jj - 24) / 5.0) ** 2 <= 1] = 1
+    rng = np.random.default_rng(3)
+    areas = [polyp.continuous_weak_mask(rng, mask, "ellipse").sum() / mask.sum() for _ in range(40)]
+    assert 0.5 < min(areas) and max(areas) < 2.8 and max(areas) - min(areas) > 0.8  # axes scaled 0.8-1.6 each
+    for _ in range(10):
+        w = polyp.continuous_weak_mask(rng, mask, "ellipse")
+        ci, cj = np.argwhere(w).mean(0)
+        assert np.hypot(ci - 30, cj - 24) <= 0.5 * 6.5 * 1.6 + 1.5  # shifted by at most half the (scaled) mean radius
+    with pytest.raises(ValueError, match="continuous weak mask kind"):
+        polyp.continuous_weak_mask(rng, mask, "distorted")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [({"preset": "hybird"}, "Did you mean 'hybrid'"), ({"num_strong": 9, "num_train": 5}, "num_strong"),
+     ({"wrong_fraction": 0.2}, "continuous"), ({"contrast": 0.0}, "contrast")],
+)
+def test_polyp_bad_hybrid_options(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_dataset("polyp2d", tmp_path / "x", seed=0, size=32, num_test=0, **options)

@@ -46,6 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="polyp2d: fraction of strong (true) training masks (default 0.1)")
     group.add_argument("--missing-fraction", type=float, default=None,
                        help="polyp2d: fraction of weak masks missing the polyp (default 0.4)")
+    group.add_argument("--preset", choices=("standard", "hybrid"), default=None,
+                       help="polyp2d: 'hybrid' is the hybrid-supervision benchmark (20 strong and 400 weak masks of "
+                            "continuous quality, 64x64, 60 test frames, polyp contrast 0.5); other options override it "
+                            "(default standard)")
+    group.add_argument("--num-strong", type=int, default=None,
+                       help="polyp2d: exact number of strong training masks (overrides --strong-fraction)")
+    group.add_argument("--weak-quality", choices=("levels", "continuous"), default=None,
+                       help="polyp2d: weak masks in three levels (ellipse / distorted / missing, default) or of "
+                            "continuous quality (ellipse scaled 0.8-1.6 and shifted / missing / wrong)")
+    group.add_argument("--wrong-fraction", type=float, default=None,
+                       help="polyp2d, continuous weak masks: fraction placed on background (default 0)")
+    group.add_argument("--contrast", type=float, default=None,
+                       help="polyp2d: polyp contrast against the mucosa, in (0, 1] (default 1)")
     group.add_argument("--labelled-fraction", type=float, default=None,
                        help="atrium3d: fraction of labelled training volumes (default 0.2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,6 +72,11 @@ _FAMILY_OPTIONS = {
     "num_full": ("abdomen3d",),
     "strong_fraction": ("polyp2d",),
     "missing_fraction": ("polyp2d",),
+    "preset": ("polyp2d",),
+    "num_strong": ("polyp2d",),
+    "weak_quality": ("polyp2d",),
+    "wrong_fraction": ("polyp2d",),
+    "contrast": ("polyp2d",),
     "labelled_fraction": ("atrium3d",),
 }
 
