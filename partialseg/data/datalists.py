@@ -25,8 +25,9 @@ from typing import Any
 
 __all__ = ["bundle_datalist", "ensure_dataset"]
 
-#: datalist keys a training pipeline needs; the rest (modality, contrast, ...) stay out of batches
-_KEEP = ("image", "label", "annotated", "label_map", "source", "case")
+#: datalist keys a training pipeline needs; the rest (modality, contrast, ``label_true``, ...) stay out
+#: of batches (``label_true`` is for analysis only: training and inference never read it)
+_KEEP = ("image", "label", "annotated", "label_map", "source", "case", "supervision", "weak_type")
 
 
 def ensure_dataset(dataset_dir: str | os.PathLike, family: str, seed: int = 0, **options: Any) -> str:
@@ -88,11 +89,15 @@ def bundle_datalist(
     channels: int | None = None,
     num_classes: int | None = None,
     full_sources: Sequence[str] | str | None = None,
+    supervision: bool = False,
 ) -> list[dict[str, Any]]:
     """The cases of a dataset split as a MONAI datalist for a bundle's pipeline.
 
     Each entry keeps ``image``, ``label`` (absent when unlabelled), ``annotated`` (global class
-    indices), ``label_map`` (only for sources that have one), ``source`` and ``case``.
+    indices), ``label_map`` (only for sources that have one), ``source``, ``case``, and the
+    hybrid keys ``supervision`` / ``weak_type`` where the case has them (``label_true`` is left
+    out: analysis only). Entries may therefore differ in keys: select the batch keys
+    (``SelectItemsd``) before collating.
 
     Args:
         dataset_dir: folder holding ``dataset.json``.
@@ -113,6 +118,9 @@ def bundle_datalist(
         full_sources: the bundle's ``full_sources`` (its fully labelled sources); when given,
             each must have a case in ``split``, whatever ``sources`` is, else a ValueError names
             it, the split's sources and the ``--full_sources`` flag (a string is one name).
+        supervision: give every labelled entry its ``supervision`` (``"strong"`` where the case
+            has no such key, as ``docs/data_format.md`` defines), for a hybrid-supervision
+            bundle; with ``validate``, a training split of weak masks only is refused.
 
     Raises:
         FileNotFoundError: no ``dataset.json`` in ``dataset_dir``.
@@ -169,5 +177,7 @@ def bundle_datalist(
         entry = {k: case[k] for k in _KEEP if case.get(k) is not None}
         if unknown_as_background and "label" in entry:
             entry["annotated"] = list(range(ds.num_classes))
+        if supervision and "label" in entry:
+            entry.setdefault("supervision", "strong")
         out.append(entry)
     return out

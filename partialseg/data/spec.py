@@ -23,8 +23,10 @@ __all__ = [
     "DatasetError",
     "LabelMap",
     "PartialDataset",
+    "SUPERVISIONS",
     "case_name",
     "load_dataset",
+    "supervision_of",
     "union_datasets",
 ]
 
@@ -35,6 +37,9 @@ SPLITS = ("training", "validation", "test")
 KNOWN_KEYS = frozenset({*SPLITS, "classes", "label_maps", "name", "modality", "labels", "description", "reference",
                         "validation_reuses_training",
                         "licence", "license", "release", "tensorImageSize", "numTraining", "numTest", "numValidation"})
+
+#: values of a case's ``supervision`` key (hybrid supervision; absent means ``"strong"``)
+SUPERVISIONS = ("strong", "weak")
 
 #: a source value -> a global class index, or a (left, right) pair of indices for a lateral split
 LabelMap = dict[int, Union[int, tuple[int, int]]]
@@ -284,6 +289,7 @@ def _parse_case(
         except ValueError as e:
             problems.append(str(e))
             return None
+    _parse_supervision(raw, case, split, root, where, label is not None, problems)
     if annotated == ALL or annotated == [ALL]:
         indices = list(range(len(classes)))
     elif isinstance(annotated, (list, tuple)):
@@ -307,6 +313,43 @@ def _parse_case(
         problems.append(f"{where}: annotates {[classes[i] for i in indices]} but has no 'label' file")
     case["annotated"] = indices if label is not None else []
     return case
+
+
+def _parse_supervision(
+    raw: Mapping[str, Any], case: dict[str, Any], split: str, root: Path | None, where: str, labelled: bool, problems: list[str]
+) -> None:
+    """The hybrid keys of a case: ``supervision`` (strong / weak), ``weak_type``, ``label_true`` (resolved)."""
+    value = raw.get("supervision")
+    if value is not None:
+        if value not in SUPERVISIONS:
+            close = difflib.get_close_matches(str(value), SUPERVISIONS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}: 'supervision' must be one of {list(SUPERVISIONS)}, got {value!r}{hint}")
+        elif not labelled:
+            problems.append(f"{where}: 'supervision' {value!r} needs a 'label' file (the strong or weak mask)")
+        elif value == "weak" and split != "training":
+            problems.append(f"{where}: a weak mask in the {split!r} split; weak masks train, {split} cases need their true mask")
+    weak_type = raw.get("weak_type")
+    if weak_type is not None:
+        if not isinstance(weak_type, str) or not weak_type.strip():
+            problems.append(f"{where}: 'weak_type' must be a non-empty text such as \"ellipse\", got {weak_type!r}")
+        elif value != "weak":
+            problems.append(f"{where}: has 'weak_type' {weak_type!r} but 'supervision' is {value!r}; give \"supervision\": \"weak\"")
+    if raw.get("label_true") is not None:
+        try:
+            case["label_true"] = _resolve_path(root, raw["label_true"], "label_true", where)
+        except ValueError as e:
+            problems.append(str(e))
+
+
+def supervision_of(case: Mapping[str, Any]) -> str:
+    """A case's supervision: its ``supervision`` entry, ``"strong"`` when absent (a plain labelled case).
+
+    Example:
+        >>> supervision_of({"image": "a.png", "label": "a_mask.png"}), supervision_of({"supervision": "weak"})
+        ('strong', 'weak')
+    """
+    return str(case.get("supervision") or "strong")
 
 
 def _parse(desc: Mapping[str, Any], root: Path | None, where: str) -> PartialDataset:

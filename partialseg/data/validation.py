@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from partialseg._checks import check_int, check_option
-from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset, real_path
+from partialseg.data.spec import SPLITS, DatasetError, PartialDataset, load_dataset, real_path, supervision_of
 
-__all__ = ["ValidationReport", "dataset_warnings", "read_image", "read_gzip_verified", "validate_dataset"]
+__all__ = ["ValidationReport", "dataset_warnings", "read_image", "read_gzip_verified", "supervision_line", "validate_dataset"]
 
 AFFINE_TOL = 1e-3
 _NIFTI = (".nii", ".nii.gz")
@@ -140,6 +140,8 @@ class _SourceSummary:
     spacings: set = field(default_factory=set)
     shapes: set = field(default_factory=set)
     modalities: set = field(default_factory=set)
+    supervision: Counter = field(default_factory=Counter)
+    weak_types: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -186,6 +188,9 @@ class ValidationReport:
                 sh = "x".join(str(v) for v in s["shapes"][0]) + (" ..." if len(s["shapes"]) > 1 else "") if s["shapes"] else "-"
                 modality = ",".join(s["modalities"]) or "-"
                 lines.append(f"  {src:<14}{s['cases']:>6}{s['labelled']:>9}  {modality:<11}{vals:<15}{sp:<18}{sh:<14}{ann}")
+            line = supervision_line(sources)
+            if line:
+                lines.append(f"  {line}")
         if self.warnings:
             lines.append(f"\n{len(self.warnings)} warning(s):")
             lines += [f"  - {w}" for w in self.warnings]
@@ -195,6 +200,25 @@ class ValidationReport:
         else:
             lines.append("\nno problems found")
         return "\n".join(lines)
+
+
+def supervision_line(sources: dict[str, dict[str, Any]]) -> str:
+    """``"supervision: 20 strong, 400 weak (ellipse 300, missing 60)"`` for a split's summary, or
+    ``""`` when no case of it declares ``supervision`` (a plain dataset).
+
+    Example:
+        >>> supervision_line({"a": {"supervision": {"strong": 2, "weak": 3}, "weak_types": {"ellipse": 3}, "declared": 5}})
+        'supervision: 2 strong, 3 weak (ellipse 3)'
+    """
+    if not any(s.get("declared") for s in sources.values()):
+        return ""
+    total: Counter = Counter()
+    types: Counter = Counter()
+    for s in sources.values():
+        total.update(s.get("supervision", {}))
+        types.update(s.get("weak_types", {}))
+    detail = f" ({', '.join(f'{k} {n}' for k, n in types.most_common())})" if types else ""
+    return f"supervision: {total.get('strong', 0)} strong, {total.get('weak', 0)} weak{detail}"
 
 
 def comparable_affines(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -529,6 +553,22 @@ def _leaks(ds: PartialDataset, splits: Sequence[str], found: dict[tuple[str, int
     return problems
 
 
+def _hybrid_problems(ds: PartialDataset, splits: Sequence[str]) -> list[str]:
+    """A training split with weak masks needs a strong one: the indicators follow the strong gradient."""
+    if "training" not in splits:
+        return []
+    train = [c for c in ds.splits.get("training", []) if c.get("label") is not None]
+    weak = [c["case"] for c in train if supervision_of(c) == "weak"]
+    if not weak or len(weak) < len(train):
+        return []
+    where = ds.root / "dataset.json" if ds.root is not None else repr(ds.name)
+    return [
+        f"dataset {where}: all {len(weak)} labelled training cases are weak ({weak[:3]}{' ...' if len(weak) > 3 else ''}) "
+        "and none strong; hybrid supervision needs at least one strong mask (mark the carefully drawn ones "
+        "\"supervision\": \"strong\", or drop the key: a case without it is strong)"
+    ]
+
+
 def validate_dataset(
     dataset: PartialDataset | str | os.PathLike,
     splits: Sequence[str] | None = None,
@@ -618,6 +658,7 @@ def validate_dataset(
     store.save(keys)
 
     summary: dict[str, dict[str, dict[str, Any]]] = {}
+    declared: dict[str, int] = {}
     for split in splits:
         cases = ds.splits.get(split, [])
         if not cases:
@@ -625,8 +666,17 @@ def validate_dataset(
         per_source: dict[str, _SourceSummary] = defaultdict(_SourceSummary)
         for i, case in enumerate(cases):
             s, result = per_source[case["source"]], found[(split, i)]
-            where = f"case {case['case']!r} ({split}, source {case['source']!r})"
+            weak = supervision_of(case) == "weak"
+            where = f"case {case['case']!r} ({split}, source {case['source']!r}{', weak mask' if weak else ''})"
             s.cases += 1
+            if case.get("label") is not None:
+                s.supervision[supervision_of(case)] += 1
+                if weak:
+                    s.weak_types[str(case.get("weak_type") or "unspecified")] += 1
+            if "supervision" in case:
+                declared[split] = declared.get(split, 0) + 1
+            if case.get("label_true") is not None and not os.path.isfile(case["label_true"]):
+                problems.append(f"{where}: label_true {case['label_true']}: file not found")
             if case.get("modality"):
                 s.modalities.add(case["modality"])
             if result["spacing"] is not None:
@@ -649,8 +699,12 @@ def validate_dataset(
                 "spacings": sorted(s.spacings),
                 "shapes": sorted(s.shapes),
                 "modalities": sorted(s.modalities),
+                "supervision": dict(s.supervision),
+                "weak_types": dict(s.weak_types),
+                "declared": declared.get(split, 0),
             }
             for src, s in per_source.items()
         }
+    problems.extend(_hybrid_problems(ds, splits))
     problems.extend(_leaks(ds, splits, found, content_hash))
     return ValidationReport(dataset=ds, problems=problems, summary=summary, warnings=dataset_warnings(ds, splits, found))
