@@ -23,14 +23,19 @@ from torch.utils.data import DistributedSampler, Sampler
 
 from partialseg._checks import check_int, check_option
 
-__all__ = ["SAMPLINGS", "SourceBalancedSampler", "TwoStreamBatchSampler", "training_sampler"]
+__all__ = ["SAMPLINGS", "FlatBatches", "SourceBalancedSampler", "TwoStreamBatchSampler", "replicas", "stream", "training_sampler"]
 
 #: the values of a bundle's ``sampling`` key (:func:`training_sampler`)
 SAMPLINGS = ("case", "source", "two_stream")
 
 
-def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """DDP world size and rank: the arguments, else ``torch.distributed``'s, else 1 and 0."""
+def replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """DDP world size and rank: the arguments, else ``torch.distributed``'s, else 1 and 0.
+
+    Example:
+        >>> replicas(None, None), replicas(4, 3)
+        ((1, 0), (4, 3))
+    """
     distributed = dist.is_available() and dist.is_initialized()
     world = check_int(num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1), "num_replicas", minimum=1)
     rank = check_int(rank if rank is not None else (dist.get_rank() if distributed else 0), "rank")
@@ -50,11 +55,21 @@ def _shard(order: list, num_replicas: int, rank: int) -> list:
     return order[rank:padded:num_replicas]
 
 
-def _stream(pool: np.ndarray, length: int, rng: np.random.Generator) -> list[int]:
+def stream(pool: np.ndarray, length: int, rng: np.random.Generator) -> list[int]:
     """``length`` draws from ``pool``: fresh permutations one after the other, so every index is
-    drawn once before any is drawn twice."""
+    drawn once before any is drawn twice.
+
+    Example:
+        >>> draws = stream(np.arange(3), 5, np.random.default_rng(0))
+        >>> sorted(draws[:3]), len(draws)
+        ([0, 1, 2], 5)
+    """
     reps = -(-length // len(pool))
     return np.concatenate([rng.permutation(pool) for _ in range(reps)])[:length].tolist()
+
+
+#: former private names (kept for earlier imports)
+_replicas, _stream = replicas, stream
 
 
 def _sources_of(data: Any, key: str) -> list[str]:

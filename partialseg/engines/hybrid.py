@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from partialseg._checks import check_float, check_int, check_option, unwrap_network
-from partialseg.data.sampling import FlatBatches, _replicas, _stream
+from partialseg.data.sampling import FlatBatches
+from partialseg.data.sampling import replicas as _replicas
+from partialseg.data.sampling import stream as _stream
 from partialseg.engines.multi_network import MultiNetworkTrainer
 from partialseg.losses.hybrid import (
     GRADIENT_METHODS,
