@@ -15,6 +15,16 @@ from partialseg.losses.marginal import (
     MarginalExclusionLoss,
 )
 from partialseg.losses.mixed import MixedSupervisionLoss
+from partialseg.losses.atlas import (
+    AtlasLoss,
+    adversarial_loss,
+    confident_mask,
+    consensus_masks,
+    discriminator_loss,
+    labelled_classes,
+    masked_dice_loss as atlas_masked_dice_loss,
+    unknown_entries,
+)
 
 __all__ = [
     "CompatibleLoss",
@@ -35,4 +45,12 @@ __all__ = [
     "InstanceIndicators",
     "last_layer_gradients",
     "weighted_cross_entropy",
+    "AtlasLoss",
+    "adversarial_loss",
+    "confident_mask",
+    "consensus_masks",
+    "discriminator_loss",
+    "labelled_classes",
+    "atlas_masked_dice_loss",
+    "unknown_entries",
 ]
