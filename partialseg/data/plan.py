@@ -50,6 +50,7 @@ __all__ = [
     "estimate_memory",
     "fingerprint_dataset",
     "bundle_overrides",
+    "dataset_classes",
     "format_command",
     "format_plan",
     "load_model_settings",
@@ -926,8 +927,17 @@ def settings_path(checkpoint: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".settings.json")
 
 
-def _dataset_classes(dataset_dir: str | os.PathLike | None) -> list[str] | None:
-    if dataset_dir is None:
+def dataset_classes(dataset_dir: str | os.PathLike | None) -> list[str] | None:
+    """The class names ``dataset_dir``'s ``dataset.json`` lists (a folder or the JSON file), or
+    None when there is none (no folder, no ``dataset.json``, unreadable): what bundle configs
+    compare a checkpoint's class names with (:func:`partialseg.engines.require_classes`) and
+    save with a trained model. Reads nothing else and generates nothing.
+
+    Example:
+        >>> dataset_classes("/nonexistent/dataset") is None
+        True
+    """
+    if dataset_dir is None or str(dataset_dir) == "":
         return None
     try:
         classes = json.loads((_dataset_root(dataset_dir) / "dataset.json").read_text()).get("classes")
@@ -960,7 +970,7 @@ def save_model_settings(checkpoint: str | os.PathLike, bundle: str, settings: Ma
     settings = {PlanSettings._key(k): (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     source = {k: ("plan.json" if k in plan and plan[k] == v else "override" if k in plan else "config") for k, v in settings.items()}
     out = {"bundle": bundle, "checkpoint": Path(checkpoint).name, "settings": settings, "source": source,
-           "classes": _dataset_classes(dataset_dir), "dataset": None if dataset_dir is None else str(_dataset_root(dataset_dir).resolve())}  # fmt: skip
+           "classes": dataset_classes(dataset_dir), "dataset": None if dataset_dir is None else str(_dataset_root(dataset_dir).resolve())}  # fmt: skip
     path = settings_path(checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(out, indent=2, default=str))
@@ -978,8 +988,10 @@ def load_model_settings(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     lacks, else ``{}`` (the config's fallbacks apply).
 
     The settings file is ignored, with a warning, when it is newer than the checkpoint (the run
-    that wrote it has not saved a model yet) or belongs to another bundle. A model trained on
-    other classes than ``dataset_dir``'s ``dataset.json`` lists gets a warning naming both.
+    that wrote it has not saved a model yet) or belongs to another bundle. A model saved without
+    class names (before checkpoints stored them) and trained on other classes than
+    ``dataset_dir``'s ``dataset.json`` lists gets a warning naming both; one that stores them is
+    refused by the config (:func:`partialseg.engines.require_classes`).
 
     Example:
         >>> load_model_settings("/nonexistent/model.pt", None, "dcl_cardiac")
@@ -1002,14 +1014,27 @@ def load_model_settings(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
             print(f"partialseg: warning: {path} is newer than {ckpt} (its training run saved no model yet): ignored;"
                   " the dataset's plan or the bundle's defaults apply", file=sys.stderr)  # fmt: skip
         else:
-            trained, here = saved.get("classes"), _dataset_classes(dataset_dir)
-            if trained and here and list(trained) != list(here):
+            trained, here = saved.get("classes"), dataset_classes(dataset_dir)
+            if trained and here and list(trained) != list(here) and not _names_in(ckpt):
+                # (a checkpoint that stores its class names is refused by the config's require_classes)
                 print(f"partialseg: warning: {ckpt} was trained on classes {trained} (dataset {saved.get('dataset')}) but"
                       f" {_dataset_root(dataset_dir)} lists {here}: its predictions are indices of the model's classes;"
                       " pass --checkpoint of a model trained on these classes, or --dataset_dir of the model's dataset",
                       file=sys.stderr)  # fmt: skip
             return PlanSettings({**load_plan(dataset_dir, bundle, notice=False), **settings})
     return load_plan(dataset_dir, bundle)
+
+
+def _names_in(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` stores the class names it was trained on (False when unreadable)."""
+    if not checkpoint.is_file():
+        return False
+    try:
+        from partialseg.engines.checkpoint import checkpoint_classes
+
+        return checkpoint_classes(checkpoint) is not None
+    except (OSError, RuntimeError):
+        return False
 
 
 def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: str | None = None) -> Any:

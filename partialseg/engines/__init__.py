@@ -7,7 +7,7 @@ and write only their losses, each in its own module here (:mod:`partialseg.engin
 primal/dual loop; :mod:`partialseg.engines.dtml`: DTML's two networks).
 """
 
-from partialseg.engines.checkpoint import AtomicCheckpointSaver, BestMetricState, ResumeCheckpoint, atomic_save
+from partialseg.engines.checkpoint import AtomicCheckpointSaver, BestMetricState, ClassNamedModel, ResumeCheckpoint, atomic_save, checkpoint_classes, require_classes
 from partialseg.engines.multi_network import FrozenCopy, MultiNetworkEvents, MultiNetworkTrainer, freeze, frozen_copy
 from partialseg.engines.dcl import DCLTrainer, DualNetworkUpdater, dual_swap
 from partialseg.engines.dtml import DTMLBatch, DTMLTrainer
@@ -20,5 +20,6 @@ from partialseg.engines.launch import bundle_command, run_bundle
 
 __all__ = ["MultiNetworkTrainer", "MultiNetworkEvents", "FrozenCopy", "freeze", "frozen_copy", "DCLTrainer", "DualNetworkUpdater", "dual_swap", "DTMLTrainer", "DTMLBatch", "MetricsRecorder", "as_bool", "positive_int", "require_checkpoint", "bundle_command", "run_bundle", "get_rank", "rank_zero_only", "quiet_non_zero_ranks", "training_sampler",
            "AtomicCheckpointSaver", "BestMetricState", "ResumeCheckpoint", "atomic_save", "ConfigSaver",
+           "ClassNamedModel", "checkpoint_classes", "require_classes",
            "HybridTrainer", "HybridPairSampler",
            "AtlasTrainer", "AtlasBatch", "modality_classes_from_datalist"]

@@ -27,7 +27,17 @@ from partialseg._checks import check_int, unwrap_network
 from partialseg._fileio import atomic_open, remove_stale_temporaries
 from partialseg.engines.distributed import get_rank
 
-__all__ = ["AtomicCheckpointSaver", "ResumeCheckpoint", "atomic_save", "read_checkpoint"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "CLASSES_KEY",
+    "ClassNamedModel",
+    "ResumeCheckpoint",
+    "atomic_save",
+    "checkpoint_classes",
+    "read_checkpoint",
+    "require_classes",
+    "with_classes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -252,17 +262,152 @@ class BestMetricState:
             ckpt.load_state_dict({"_saved": [(float(p), str(f)) for p, f in state["key_metric_saved"]]})
 
 
+# ----------------------------------------------------------------------------------------------
+# the class names a model predicts, stored in its checkpoint
+
+#: where a saved state dict keeps the class names: its root entry of torch's ``_metadata``
+#: (the per-module bookkeeping ``state_dict()`` attaches and ``torch.save`` / ``torch.load``,
+#: ``weights_only`` included, keep), so the checkpoint stays a plain state dict for every reader
+CLASSES_KEY = "partialseg_classes"
+
+
+def with_classes(state_dict: Any, classes: Any) -> Any:
+    """``state_dict`` with ``classes`` (names, index 0 first) recorded in its metadata.
+
+    The tensors are untouched: ``load_state_dict`` (strict), MONAI's ``CheckpointLoader``,
+    ``ckpt_export`` and MONAI Label read the file as before; :func:`checkpoint_classes` reads the
+    names back. A plain ``dict`` is turned into an ``OrderedDict`` (only that carries metadata).
+
+    Example:
+        >>> import io, torch
+        >>> sd = with_classes(torch.nn.Linear(2, 3).state_dict(), ["background", "liver", "kidney"])
+        >>> buffer = io.BytesIO(); torch.save(sd, buffer); _ = buffer.seek(0)
+        >>> checkpoint_classes(torch.load(buffer, weights_only=True))
+        ['background', 'liver', 'kidney']
+    """
+    from collections import OrderedDict
+
+    if not isinstance(state_dict, OrderedDict):
+        state_dict = OrderedDict(state_dict)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is None:
+        meta = OrderedDict()
+        state_dict._metadata = meta  # type: ignore[attr-defined]
+    meta[""] = {**meta.get("", {}), CLASSES_KEY: [str(c) for c in classes]}
+    return state_dict
+
+
+def checkpoint_classes(checkpoint: Any) -> list[str] | None:
+    """The class names stored in a checkpoint (a path or what ``torch.load`` returned), or None.
+
+    Looks in the state dict's metadata (:func:`with_classes`), then in that of each entry of a
+    checkpoint holding several objects (``{"model": state_dict, ...}``). None for a checkpoint
+    saved without names (before they were recorded, or by another tool).
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint, mmap=True)
+    candidates = [checkpoint]
+    if isinstance(checkpoint, dict):
+        candidates += [v for v in checkpoint.values() if isinstance(v, dict)]
+    for state in candidates:
+        names = (getattr(state, "_metadata", None) or {}).get("", {}).get(CLASSES_KEY)
+        if names is not None:
+            return [str(c) for c in names]
+    return None
+
+
+def require_classes(path: str | os.PathLike, classes: Any, hint: str = "", dataset: Any = None) -> str:
+    """Return ``path`` if the model saved there predicts ``classes``; refuse a model of other classes.
+
+    Bundle configs wrap the checkpoint a run loads (inference, evaluation, stage 2 from stage 1,
+    a MONAI Label fine-tune) in it, after :func:`partialseg.engines.require_checkpoint`, so that a
+    checkpoint trained on other classes is refused before any prediction or training, instead of
+    silently writing indices that mean other structures. A checkpoint saved without class names
+    (before they were recorded) loads with a note on stderr.
+
+    Args:
+        path: the checkpoint file.
+        classes: the class names the run expects (the dataset's ``dataset.json``), or None / empty:
+            nothing to compare (a served bundle without a dataset).
+        hint: what to do (the flags that change the checkpoint or the dataset).
+        dataset: the dataset the names come from, for the message.
+
+    Raises:
+        ValueError: the checkpoint's class names differ from ``classes``; the message names both
+            lists, the checkpoint, the dataset and ``hint``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = tempfile.mkdtemp() + "/model.pt"
+        >>> torch.save(with_classes(torch.nn.Linear(2, 2).state_dict(), ["background", "LV"]), path)
+        >>> require_classes(path, ["background", "LV"]) == path
+        True
+        >>> require_classes(path, ["background", "RV"], "pass --checkpoint")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: checkpoint ... was trained on classes ['background', 'LV'] but the dataset lists ['background', 'RV']...
+    """
+    import sys
+
+    if not classes:
+        return str(path)
+    expected = [str(c) for c in classes]
+    saved = checkpoint_classes(path)
+    where = f"the dataset {dataset}" if dataset is not None else "the dataset"
+    if saved is None:
+        print(f"partialseg: note: checkpoint {path} stores no class names (saved before they were recorded): cannot check that"
+              f" it predicts {where}'s classes {expected}", file=sys.stderr)  # fmt: skip
+    elif saved != expected:
+        raise ValueError(f"checkpoint {path} was trained on classes {saved} but {where} lists {expected}: output channel i of the"
+                         " model means its class i, so its predictions would name other structures" + (f"; {hint}" if hint else ""))  # fmt: skip
+    return str(path)
+
+
+class ClassNamedModel:
+    """A ``CheckpointSaver`` entry that saves ``network``'s weights with the class names it predicts.
+
+    ``state_dict()`` is the (DDP / DataParallel-unwrapped) network's, with ``classes`` in its
+    metadata (:func:`with_classes`); ``load_state_dict`` loads into the network. Bundles get it
+    through :class:`AtomicCheckpointSaver`'s ``classes`` argument.
+    """
+
+    def __init__(self, network: Any, classes: Any) -> None:
+        if not hasattr(network, "state_dict"):
+            raise TypeError(f"network must be a torch module, got {type(network).__name__}")
+        self.network = network
+        self.classes = [str(c) for c in classes]
+
+    def state_dict(self) -> Any:
+        return with_classes(unwrap_network(self.network).state_dict(), self.classes)
+
+    def load_state_dict(self, state: Any, strict: bool = True) -> Any:
+        return unwrap_network(self.network).load_state_dict(state, strict=strict)
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` with atomic writes.
+    """MONAI's ``CheckpointSaver`` with atomic writes, and the class names in the saved model.
 
     MONAI 1.6 builds its ignite ``DiskSaver`` with ``atomic=False`` (its comment: atomic files used
     to be readable by their owner only; ignite 0.5 now adds group/other read after the move), so a
     kill during ``torch.save`` leaves a truncated checkpoint. This subclass switches the savers back
     to ignite's atomic mode: a temporary file in the same folder, then ``os.replace``. Arguments as
     ``CheckpointSaver``; under DDP ignite writes on rank 0 only.
+
+    Args:
+        classes: the class names the networks of ``save_dict`` predict (the dataset's, index 0
+            first), or None. Given, every torch module of ``save_dict`` is saved with them
+            (:class:`ClassNamedModel`): the file is still a plain state dict, and
+            :func:`require_classes` refuses it where a dataset of other classes loads it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, classes: Any = None, **kwargs: Any) -> None:
+        if classes is not None:
+            key = "save_dict" if "save_dict" in kwargs else None
+            save_dict = kwargs[key] if key else args[1]
+            named = {k: ClassNamedModel(v, classes) if isinstance(v, torch.nn.Module) else v for k, v in save_dict.items()}
+            if key:
+                kwargs[key] = named
+            else:
+                args = (args[0], named, *args[2:])
         super().__init__(*args, **kwargs)
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
