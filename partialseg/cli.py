@@ -17,6 +17,7 @@ COMMANDS = {
     "plan": ("partialseg.data.plan", "fingerprint a dataset and plan a bundle's spacing, patch, batch, network, normalisation and classes (plan.json)"),
     "make-data": ("partialseg.data.synthetic.cli", "generate a synthetic benchmark (cardiac2d, abdomen3d, polyp2d, atrium3d)"),
     "evaluate": ("partialseg.evaluation", "Dice, Jaccard, HD95 / ASSD (mm), 95HD / ASD (voxels) of predictions against a dataset's references"),
+    "build-atlas": ("partialseg.data.atlas", "build the atlas method's probabilistic atlas of a dataset (mean organ masks in the body-cropped frame, per-organ counts)"),
     "build-datalist": ("partialseg.data.builders", "join public datasets (BTCV, MSD, KiTS layouts) into one partial-label dataset.json, or slice ACDC / MSCMRseg into a 2D one"),
 }
 

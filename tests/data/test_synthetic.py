@@ -251,19 +251,44 @@ def test_abdomen_mr_modality(tmp_path):
 
 
 def test_abdomen_multimodal_atlas_setting(tmp_path):
-    make_dataset("abdomen3d", tmp_path, seed=0, size=(32, 32, 24), num_train=1, num_test=2, modality="CT+MR")
+    # the atlas paper's three tasks: two CT sources and one MR source with disjoint organ sets
+    make_dataset("abdomen3d", tmp_path, seed=0, size=(32, 32, 24), num_train=1, num_test=4, modality="CT+MR")
     desc = _desc(tmp_path)
     assert "label_maps" not in desc
     by_source = {c["source"]: c for c in desc["training"]}
-    assert sorted(by_source) == ["ct_partial", "mr_partial"]
-    assert by_source["ct_partial"]["modality"] == "CT"
-    assert by_source["ct_partial"]["annotated"] == ["liver", "stomach"]
-    assert by_source["mr_partial"]["modality"] == "MR"
+    assert sorted(by_source) == ["ct_a", "ct_b", "mr"]
+    assert [by_source[s]["modality"] for s in ("ct_a", "ct_b", "mr")] == ["CT", "CT", "MR"]
+    assert by_source["ct_a"]["annotated"] == ["liver", "stomach"]
+    assert by_source["ct_b"]["annotated"] == ["kidney_left", "kidney_right"]
+    assert by_source["mr"]["annotated"] == ["spleen", "pancreas"]
+    assert by_source["mr"]["contrast"] == "T2"
+    annotated = [set(c["annotated"]) for c in by_source.values()]
+    assert sum(len(a) for a in annotated) == len(set().union(*annotated)) == 6  # disjoint, every organ once
     for case in desc["training"]:
         label, _ = _read(tmp_path / case["label"])
         names = {desc["classes"][int(v)] for v in np.unique(label) if v}
         assert names == set(case["annotated"])
-    assert [c["modality"] for c in desc["test"]] == ["CT", "MR"]
+    assert [c["modality"] for c in desc["test"]] == ["CT", "MR", "CT", "MR"]
+    assert [c["contrast"] for c in desc["test"]] == ["portal", "T2", "nephrographic", "T2"]
+
+
+def test_abdomen_multimodal_default_counts_and_mr_contrast_order(tmp_path):
+    from partialseg.data.synthetic import abdomen
+
+    # >= 8 test cases per modality by default
+    make_dataset("abdomen3d", tmp_path, seed=1, size=(24, 24, 24), num_train=1, modality="CT+MR")
+    modalities = [c["modality"] for c in _desc(tmp_path)["test"]]
+    assert modalities.count("CT") == modalities.count("MR") == 8
+    # the MR look's organ contrast order differs from CT's: liver darkest of the organs in MR,
+    # pancreas above liver (CT: liver above pancreas), spleen above kidney cortex (CT: below)
+    t2, ct = abdomen._MR_T2, {**abdomen._CT_BASE, **abdomen._CT_PHASES["portal"]}
+    assert ct["liver"] > ct["pancreas"] and t2["liver"] < t2["pancreas"]
+    assert ct["spleen"] < ct["kidney_cortex"] and t2["spleen"] > t2["kidney_cortex"]
+    assert t2["liver"] == min(t2[o] for o in ("liver", "spleen", "kidney_cortex", "pancreas", "stomach_wall"))
+    rng = np.random.default_rng(0)
+    image, gt, organs, _, _ = abdomen.render_case(rng, (40, 40, 32), (7.2, 7.2, 6.0), "mr", "MR")
+    means = {name: float(image[organs[name]].mean()) for name in ("liver", "spleen", "pancreas")}
+    assert means["liver"] < means["pancreas"] < means["spleen"]
 
 
 def test_polyp_weak_masks(generated):

@@ -18,6 +18,14 @@ source (BTCV-like) and liver-, spleen-, pancreas- and kidney-only sources (MSD l
 value 2, MSD spleen, MSD pancreas with tumour value 2, KiTS with both kidneys in value 1). Each
 source has its own intensity profile (contrast phase, noise, blur) and a slightly different field
 of view (voxel spacing).
+
+``modality="CT+MR"`` is the atlas paper's three-task multimodal setting with disjoint organ sets:
+two CT sources (``ct_a``: liver and stomach, portal phase; ``ct_b``: both kidneys,
+nephrographic phase) and one MR source (``mr``: spleen and pancreas) whose appearance is its own
+(a T2-like, fat-suppressed look, profile ``"T2"``: fluid and spleen bright, liver dark, so the
+organs' contrast order differs from CT's; a coarse multiplicative organ texture, a strong bias
+field and Rician noise), so that a network trained on the union loses Dice on the organs that
+the test image's modality never labels (see ``docs/results.md``, atlas section).
 """
 
 from __future__ import annotations
@@ -47,15 +55,19 @@ SOURCES: dict[str, dict[str, Any]] = {
     "pancreas": {"annotated": ["pancreas"], "profile": "pancreatic", "noise": 10.0, "blur": 0.5, "fov": 0.95},
     "kidney": {"annotated": ["kidney_left", "kidney_right"], "profile": "nephrographic", "noise": 18.0,
                "blur": 0.7, "fov": 1.02},
-    # the atlas paper's multimodal setting (modality "CT+MR"): disjoint organ sets per modality
-    "ct_partial": {"annotated": ["liver", "stomach"], "profile": "portal", "noise": 14.0, "blur": 0.6, "fov": 1.0},
-    "mr_partial": {"annotated": ["spleen", "kidney_left", "kidney_right", "pancreas"], "profile": "portal",
-                   "noise": 14.0, "blur": 0.7, "fov": 1.0},
+    # the atlas paper's three-task multimodal setting (modality "CT+MR"): disjoint organ sets,
+    # two CT sources and one MR source with its own (T2-like) appearance
+    "ct_a": {"annotated": ["liver", "stomach"], "profile": "portal", "noise": 14.0, "blur": 0.6, "fov": 1.0},
+    "ct_b": {"annotated": ["kidney_left", "kidney_right"], "profile": "nephrographic", "noise": 16.0, "blur": 0.6,
+             "fov": 1.02},
+    "mr": {"annotated": ["spleen", "pancreas"], "profile": "T2", "noise": 14.0, "blur": 0.7, "fov": 0.98},
 }
 #: the marginal-loss paper's union: one fully labelled source and four single-organ sources
 MARGINAL_SOURCES = ("full", "liver", "spleen", "pancreas", "kidney")
-#: the atlas paper's multimodal union (values are global class indices, no label maps)
-MULTIMODAL_SOURCES = ("ct_partial", "mr_partial")
+#: the atlas paper's three-task multimodal union (values are global class indices, no label maps)
+MULTIMODAL_SOURCES = ("ct_a", "ct_b", "mr")
+#: the modality of each multimodal source
+MULTIMODAL_MODALITY = {"ct_a": "CT", "ct_b": "CT", "mr": "MR"}
 LABEL_MAPS = {
     "liver": {"1": "liver", "2": "liver"},
     "spleen": {"1": "spleen"},
@@ -94,8 +106,20 @@ _MR_BASE = {
     "kidney_cortex": 420, "kidney_medulla": 260, "spleen": 300, "liver": 460, "liver_lesion": 250,
     "stomach_wall": 330, "stomach_fluid": 90, "stomach_gas": 5, "pancreas": 540, "pancreas_lesion": 300,
 }
-_MR_GAIN = {"full": 1.0, "liver": 0.85, "spleen": 1.15, "pancreas": 0.95, "kidney": 1.08, "ct_partial": 1.0,
-            "mr_partial": 1.0}
+_MR_GAIN = {"full": 1.0, "liver": 0.85, "spleen": 1.15, "pancreas": 0.95, "kidney": 1.08, "ct_a": 1.0,
+            "ct_b": 1.0, "mr": 1.0}
+#: the multimodal MR source's T2-like, fat-suppressed signal (profile "T2"): organ contrast order
+#: spleen > kidney > pancreas > stomach wall > liver (CT: kidney > spleen > liver > pancreas),
+#: fluid (gallbladder, stomach contents, CSF) bright, vessels dark (flow voids), fat suppressed
+_MR_T2 = {
+    "air": 0, "subcut_fat": 140, "muscle": 110, "visceral_fat": 120, "bone": 30, "marrow": 160, "disc": 420,
+    "csf": 900, "aorta": 35, "ivc": 50, "bowel": 380, "bowel_gas": 5, "gallbladder": 950,
+    "kidney_cortex": 560, "kidney_medulla": 720, "spleen": 660, "liver": 210, "liver_lesion": 640,
+    "stomach_wall": 290, "stomach_fluid": 860, "stomach_gas": 5, "pancreas": 400, "pancreas_lesion": 700,
+}
+#: relative amplitude of the T2 profile's coarse multiplicative texture, per tissue (others 0.05)
+_MR_T2_TEXTURE = {"liver": 0.25, "spleen": 0.2, "kidney_cortex": 0.2, "kidney_medulla": 0.2, "pancreas": 0.3,
+                  "stomach_wall": 0.25, "bowel": 0.3}
 
 
 def _inside(coords, centre, radii, rotation=0.0, lumps=None, amp=0.0) -> np.ndarray:
@@ -126,7 +150,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
         shape: volume shape ``(X, Y, Z)``.
         spacing: voxel size in mm.
         source: a key of :data:`SOURCES` (selects the intensity profile).
-        modality: ``"CT"`` (HU) or ``"MR"`` (T1-like arbitrary units); both int16.
+        modality: ``"CT"`` (HU) or ``"MR"`` (T1-like arbitrary units, or T2-like for a source of
+            profile ``"T2"``); both int16.
 
     Returns:
         ``(image, ground_truth, organ_masks, lesion_mask, affine)``: the image; the uint8 ground
@@ -272,6 +297,14 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
         image = C.partial_volume(image, prof["blur"])
         image = C.gaussian_noise(rng, image, prof["noise"])
         image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
+    elif prof["profile"] == "T2":  # the multimodal MR source's own look (modality "CT+MR")
+        gain = _MR_GAIN[source] * rng.uniform(0.9, 1.1)
+        lut = np.array([_MR_T2[t] * gain * rng.uniform(0.92, 1.08) for t in _TISSUES], dtype=np.float32)
+        amp = np.array([_MR_T2_TEXTURE.get(t, 0.05) for t in _TISSUES], dtype=np.float32)
+        image = lut[tissue] * (1.0 + amp[tissue] * C.smooth_noise(rng, shape, scale=1.5))
+        image = C.partial_volume(image, prof["blur"])
+        image = image * C.bias_field(rng, shape, 0.4)
+        image = C.to_int16(C.rician_noise(rng, image, prof["noise"] * 2.0))
     else:
         gain = _MR_GAIN[source] * rng.uniform(0.9, 1.1)
         lut = np.array([_MR_BASE[t] * gain * rng.uniform(0.92, 1.08) for t in _TISSUES], dtype=np.float32)
@@ -316,13 +349,16 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         seed: dataset seed.
         size: volume shape, one int or ``(X, Y, Z)``; default 64 x 64 x 48 (about 4.5 x 4.5 x 4 mm).
         num_train: training cases per partially labelled source (liver, spleen, pancreas, kidney; with
-            ``"CT+MR"``: ct_partial, mr_partial); default 8.
-        num_test: fully labelled test cases (with ``"CT+MR"``: alternately CT and MR); default 8.
+            ``"CT+MR"``: ct_a, ct_b, mr); default 8.
+        num_test: fully labelled test cases; default 8 (16 with ``"CT+MR"``: alternately CT and MR,
+            the CT ones alternately with ``ct_a``'s and ``ct_b``'s appearance, the MR ones with
+            ``mr``'s).
         num_full: training cases of the fully labelled ``full`` source; default 4 (0 with ``"CT+MR"``,
             where they are CT).
         modality: ``"CT"`` (HU, int16), ``"MR"`` (T1-like, int16), or ``"CT+MR"``: the atlas
-            paper's multimodal setting, CT cases annotating liver and stomach and MR cases
-            annotating spleen, both kidneys and pancreas (label values = global indices).
+            paper's three-task multimodal setting, CT source ``ct_a`` annotating liver and
+            stomach, CT source ``ct_b`` both kidneys, MR source ``mr`` (T2-like look) spleen and
+            pancreas (label values = global indices).
         progress: show a tqdm progress bar.
         num_val: fully labelled validation cases (source ``full``, the ``"validation"`` split,
             files ``imagesTr/val_NNN``); default 0 (no validation split). The other cases do not
@@ -336,7 +372,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
     shape = C.parse_size(size, DEFAULT_SIZE, minimum=24)
     n_part = 8 if num_train is None else int(num_train)
     n_full = (0 if modality == "CT+MR" else 4) if num_full is None else int(num_full)
-    n_test = 8 if num_test is None else int(num_test)
+    n_test = (16 if modality == "CT+MR" else 8) if num_test is None else int(num_test)
     n_val = int(num_val)
     if n_part < 0 or n_full < 0 or n_test < 0 or n_val < 0 or n_part + n_full < 1:
         raise ValueError(f"case counts must be >= 0 with at least one training case, got "
@@ -355,10 +391,14 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         counters[split] += 1
         rng = C.case_rng(seed, "abdomen3d", split, i)
         spacing = tuple(f * SOURCES[source]["fov"] / n for f, n in zip(FOV_MM, shape))
-        case_modality = modality
+        case_modality, look = modality, source  # look: the source whose appearance the case has
         if modality == "CT+MR":
-            case_modality = "MR" if source == "mr_partial" or (split == "test" and i % 2 == 1) else "CT"
-        image, gt, _, lesions, affine = render_case(rng, shape, spacing, source, case_modality)
+            if split == "training":
+                case_modality = MULTIMODAL_MODALITY[source]
+            else:  # test / validation: alternately CT (ct_a's, ct_b's look) and MR (mr's look)
+                look = "mr" if i % 2 == 1 else ("ct_a" if (i // 2) % 2 == 0 else "ct_b")
+                case_modality = MULTIMODAL_MODALITY[look]
+        image, gt, _, lesions, affine = render_case(rng, shape, spacing, look, case_modality)
         label = _source_label(source, gt, lesions) if split == "training" else gt
         name = {"training": f"{source}_{i:03d}", "validation": f"val_{i:03d}", "test": f"test_{i:03d}"}[split]
         folder = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
@@ -370,7 +410,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
         annotated = list(annotated) if isinstance(annotated, list) else annotated
         writer.add(split, {"image": img_rel, "label": lab_rel, "annotated": annotated, "source": source,
                            "modality": case_modality,
-                           "contrast": SOURCES[source]["profile"] if case_modality == "CT" else "T1"})
+                           "contrast": SOURCES[look]["profile"] if case_modality == "CT" or look == "mr" else "T1"})
         key = f"{split}:{source}:{case_modality}"
         if key not in shown:
             shown.add(key)
@@ -383,8 +423,9 @@ def generate(out_dir: str | Path, seed: int = 0, size: int | Sequence[int] | Non
             panels.append((view, label[:, :, k].T, f"{name} ann={annotated}"))
 
     if modality == "CT+MR":
-        what = ("CT cases annotating liver and stomach, MR cases annotating spleen, kidneys and pancreas "
-                "(atlas paper's multimodal setting); test fully labelled, alternately CT and MR.")
+        what = ("CT source ct_a annotating liver and stomach, CT source ct_b annotating both kidneys, MR source "
+                "mr annotating spleen and pancreas (atlas paper's three-task multimodal setting); test fully "
+                "labelled, alternately CT and MR.")
     else:
         what = ("a small fully labelled source plus liver-, spleen-, pancreas- and kidney-only sources "
                 "(kidneys share value 1, split left/right by world side); test fully labelled.")
