@@ -502,6 +502,7 @@ class HybridTrainer(MultiNetworkTrainer):
             raise ValueError("indicator_gradients needs indicators and an indicator_loader.")
         network = self.networks["net1"]
         features_fn, classifier, upsample = _last_layer(network)
+        make_tail = getattr(unwrap_network(network), "logit_tail", None)
         was_training = network.training
         network.eval()
         strong_sum: Tensor | None = None
@@ -518,6 +519,8 @@ class HybridTrainer(MultiNetworkTrainer):
                 rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
                 size = tuple(image.shape[2:])
                 tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
+                if callable(make_tail):  # the same upsampling as matrices with their transpose (no autograd)
+                    tail = make_tail(tuple(features.shape[2:]), size, device=features.device)
                 grads = last_layer_gradients(features.float(), classifier, y, rows, weights, tail, self.gradient_method).cpu()
                 if weak_sum is None:
                     weak_sum = torch.zeros(len(ind), grads.shape[1], dtype=torch.float64)

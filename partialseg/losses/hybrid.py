@@ -368,14 +368,18 @@ def _closed_form(features: Tensor, classifier: nn.Module, y: Tensor, rows: Tenso
         z_low = classifier(features).float().index_select(0, rows)  # (K, C, *s)
         f = features.float().index_select(0, rows)
     y = y.index_select(0, rows)
+    vjp = getattr(tail, "vjp", None)  # a linear tail with its own transpose (BilinearTail): no autograd
     with torch.enable_grad():  # one forward of the tail, kept for its vector-Jacobian product
-        z_low.requires_grad_(tail is not _identity)
+        z_low.requires_grad_(tail is not _identity and vjp is None)
         z = tail(z_low)
     with torch.no_grad():
-        e = torch.softmax(z.detach(), 1)
-        e.scatter_add_(1, y.unsqueeze(1), torch.full_like(y, -1.0, dtype=e.dtype).unsqueeze(1))
-        err = e * weights.to(e.dtype).unsqueeze(1)  # (K, C, *S): r_k (softmax - onehot)
-    if tail is not _identity:
+        e = torch.softmax(z.detach().float(), 1)
+        for c in range(e.shape[1]):  # softmax - onehot (a loop over the few classes beats scatter_add_)
+            e[:, c].sub_((y == c).to(e.dtype))
+        err = e.mul_(weights.to(e.dtype).unsqueeze(1))  # (K, C, *S): r_k (softmax - onehot)
+    if vjp is not None:
+        err = vjp(err).float()
+    elif tail is not _identity:
         (err,) = torch.autograd.grad(z, z_low, err)
     err = err.flatten(2)
     g_w = torch.bmm(err, f.flatten(2).transpose(1, 2)).reshape(rows.shape[0], -1)  # (K, C * F)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from partialseg._checks import check_int, check_option
 
-__all__ = ["ENCODERS", "HybridDeepLab", "AveragedNetworks"]
+__all__ = ["ENCODERS", "AveragedNetworks", "BilinearTail", "HybridDeepLab"]
 
 #: encoder presets: block, layers, widths, ASPP channels per branch, decoder channels, low-level channels
 ENCODERS: dict[str, dict] = {
@@ -51,6 +51,45 @@ def _dilate(layer: nn.Module, dilation: int) -> None:
                 m.stride = (1, 1)
             if m.kernel_size == (3, 3):
                 m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+
+
+def _linear_matrix(n_in: int, n_out: int, device=None, dtype=torch.float32) -> Tensor:
+    """``(n_out, n_in)`` matrix of 1D linear interpolation (``align_corners=False``), as ``F.interpolate`` computes it."""
+    eye = torch.eye(n_in, device=device, dtype=dtype).unsqueeze(1)  # n_in impulses of length n_in
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].T.contiguous()
+
+
+class BilinearTail:
+    """Bilinear upsampling (``align_corners=False``) of ``(..., h, w)`` maps to ``(H, W)`` as two matrices.
+
+    ``tail(z) = R z C^T`` with ``R (H, h)`` and ``C (W, w)`` the 1D linear interpolation matrices
+    (bilinear interpolation is separable), equal to ``F.interpolate(z, (H, W), mode="bilinear")``
+    up to rounding; :meth:`vjp` is its transpose ``R^T g C``. The indicators' closed-form gradient
+    uses :meth:`vjp` to pass the pixel errors back to the classifier's resolution with two small
+    matrix products instead of an autograd call through the upsampling.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> z = torch.rand(2, 3, 4, 5)
+        >>> tail = BilinearTail((4, 5), (16, 20))
+        >>> torch.allclose(tail(z), F.interpolate(z, size=(16, 20), mode="bilinear", align_corners=False), atol=1e-6)
+        True
+        >>> g = torch.rand(2, 3, 16, 20)
+        >>> torch.allclose((tail(z) * g).sum(), (z * tail.vjp(g)).sum(), rtol=1e-5)
+        True
+    """
+
+    def __init__(self, in_size: Sequence[int], out_size: Sequence[int], device=None, dtype=torch.float32) -> None:
+        (h, w), (big_h, big_w) = (int(s) for s in in_size), (int(s) for s in out_size)
+        self.rows = _linear_matrix(h, big_h, device, dtype)
+        self.cols = _linear_matrix(w, big_w, device, dtype)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.matmul(torch.matmul(self.rows, z.to(self.rows.dtype)), self.cols.T)
+
+    def vjp(self, grad: Tensor) -> Tensor:
+        """The transpose map: ``R^T grad C`` ``(..., h, w)``."""
+        return torch.matmul(torch.matmul(self.rows.T, grad.to(self.rows.dtype)), self.cols)
 
 
 class HybridDeepLab(nn.Module):
@@ -156,6 +195,11 @@ class HybridDeepLab(nn.Module):
     def upsample_logits(z: Tensor, spatial_size: Sequence[int]) -> Tensor:
         """The tail after the classifier: bilinear upsampling to ``spatial_size`` (per sample, linear)."""
         return F.interpolate(z, size=tuple(int(s) for s in spatial_size), mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def logit_tail(low_size: Sequence[int], spatial_size: Sequence[int], device=None) -> BilinearTail:
+        """:meth:`upsample_logits` from ``low_size`` to ``spatial_size`` as a :class:`BilinearTail` (matrices, with a VJP)."""
+        return BilinearTail(low_size, spatial_size, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.upsample_logits(self.classifier(self.forward_features(x)), x.shape[2:])

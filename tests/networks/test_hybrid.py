@@ -67,3 +67,20 @@ def test_averaged_networks_average_probabilities():
     assert math.isfinite(out.min().item())
     with pytest.raises(TypeError):
         AveragedNetworks()
+
+
+def test_bilinear_tail_equals_interpolate_and_its_transpose():
+    from partialseg.networks.hybrid import BilinearTail
+
+    torch.manual_seed(0)
+    net = HybridDeepLab(2, 3, 2).eval()
+    x = torch.rand(2, 3, 48, 40)
+    with torch.no_grad():
+        z = net.classifier(net.forward_features(x))
+    tail = net.logit_tail(z.shape[2:], x.shape[2:])
+    torch.testing.assert_close(tail(z), net.upsample_logits(z, x.shape[2:]), rtol=1e-5, atol=1e-5)
+    g = torch.rand(2, 2, 48, 40)
+    zz = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad((net.upsample_logits(zz, x.shape[2:]) * g).sum(), zz)
+    torch.testing.assert_close(tail.vjp(g), auto, rtol=1e-5, atol=1e-5)
+    assert tuple(BilinearTail((3, 5), (7, 9)).rows.shape) == (7, 3)
