@@ -16,6 +16,9 @@ One module per concern:
   :func:`check_one_run` (one inference run per folder);
 - ``report``: :func:`summarize` (the aggregates), :func:`format_table` and the output files;
 - ``folder``: :func:`evaluate_folder`, a folder against a dataset split;
+- ``modality``: intramodal vs cross-modal Dice (:func:`labelled_by_modality`,
+  :func:`summarize_modality`; the atlas paper's Tables 1-2) and the Wilcoxon signed-rank test
+  between two runs (:func:`compare_runs`, ``partialseg evaluate --compare A B``);
 - ``cli``: the ``partialseg evaluate`` command (``add_arguments``, ``run``).
 
 Only the standard library and ``partialseg.data.spec`` are imported here and by the modules at
@@ -32,6 +35,17 @@ Example:
 from partialseg.evaluation.cli import add_arguments, run
 from partialseg.evaluation.discovery import AFFINE_ATOL, SAVE_POSTFIXES, check_one_run, find_prediction
 from partialseg.evaluation.folder import evaluate_folder, select_classes
+from partialseg.evaluation.modality import (
+    GROUPS,
+    case_modality,
+    compare_runs,
+    format_comparison,
+    format_modality_table,
+    labelled_by_modality,
+    modality_group,
+    read_metrics,
+    summarize_modality,
+)
 from partialseg.evaluation.metrics import METRICS, STATUSES, UNITS, VOXEL_METRICS, evaluate_case, image_diagonal
 from partialseg.evaluation.report import NO_PHASE, format_table, phase_of, pooled_overlap, subject_of, summarize
 
@@ -49,6 +63,15 @@ __all__ = [
     "check_one_run",
     "select_classes",
     "evaluate_folder",
+    "GROUPS",
+    "labelled_by_modality",
+    "case_modality",
+    "modality_group",
+    "summarize_modality",
+    "format_modality_table",
+    "read_metrics",
+    "compare_runs",
+    "format_comparison",
     "summarize",
     "phase_of",
     "subject_of",

@@ -17,6 +17,7 @@ from partialseg._checks import check_int
 from partialseg.data.spec import case_name
 from partialseg.evaluation.discovery import check_one_run, check_same_grid, find_prediction, load_cases, load_label
 from partialseg.evaluation.metrics import UNITS, as_label_array, evaluate_case
+from partialseg.evaluation.modality import case_modality, labelled_by_modality, modality_group, summarize_modality
 from partialseg.evaluation.report import check_outputs, phase_of, subject_of, summarize, write_outputs
 
 __all__ = ["evaluate_folder", "select_classes"]
@@ -72,6 +73,8 @@ def evaluate_folder(
     allow_missing: bool = False,
     progress: bool = True,
     arguments: Mapping[str, Any] | None = None,
+    modality_dataset: str | os.PathLike | None = None,
+    by_modality: bool | None = None,
 ) -> dict:
     """Evaluates a folder of predictions against the references of a dataset split.
 
@@ -96,6 +99,11 @@ def evaluate_folder(
         allow_missing: count a missing prediction as an empty one instead of raising.
         progress: show a tqdm progress bar over cases (on a terminal).
         arguments: recorded as ``summary["arguments"]`` (the CLI passes its arguments).
+        modality_dataset: the dataset whose ``training`` split says which organs each modality
+            labels (default ``dataset_dir``'s own training split).
+        by_modality: report intramodal vs cross-modal Dice (``summary["modality"]``, see
+            :mod:`partialseg.evaluation.modality`); None (default): when the labelled training
+            cases have two modalities or more, or ``modality_dataset`` is given.
 
     Returns:
         The summary written to ``summary.json``: ``per_class``, ``overall``, ``status_counts``
@@ -104,7 +112,9 @@ def evaluate_folder(
         ``skipped_unlabelled``, ``classes``, ``units``, ``outputs``, ``arguments``,
         ``prediction_run`` (the predictions' run record, ``None`` for files written by other
         tools), then the aggregates ``pooled`` and, when an entry has a ``subject``,
-        ``per_subject``. The phase also fills the CSV's ``phase`` column and splits the box
+        ``per_subject``; with modality grouping, ``modality`` (:func:`summarize_modality` plus
+        ``labelled_by_modality``: class names per training modality) and the rows' ``modality``
+        and ``group`` (``intramodal`` / ``cross_modal``) in the CSV. The phase also fills the CSV's ``phase`` column and splits the box
         plot; the subject fills its ``subject`` column.
 
     Raises:
@@ -112,7 +122,8 @@ def evaluate_folder(
             several matching predictions, a prediction not on the reference grid, or values that
             are not class indices; naming two files, for predictions written by different
             inference runs (:func:`check_one_run`); also for a dataset without the split,
-            labelled cases, or an unknown class in ``classes``.
+            labelled cases, or an unknown class in ``classes``; with modality grouping, naming
+            the case whose modality is missing or is no training case's.
     """
     import numpy as np
     from monai.transforms import LoadImage
@@ -132,6 +143,15 @@ def evaluate_folder(
     skipped = [str(c["case"]) for c in cases if not c.get("label")]
     if not labelled:
         raise ValueError(f"split {split!r} of {dataset_dir} has no case with a reference label.")
+
+    labelled_modalities = None  # modality -> class indices its training cases label
+    if by_modality is not False:
+        _, training = load_cases(Path(modality_dataset) if modality_dataset is not None else dataset_dir, "training")
+        with_labels = [e for e in training if e.get("annotated")]
+        if by_modality or modality_dataset is not None or len({e.get("modality") for e in with_labels}) >= 2:
+            labelled_modalities = labelled_by_modality(training)
+            for entry in labelled:  # before any work: a case whose modality is unknown is refused, named
+                case_modality(entry, labelled_modalities)
 
     # pair every case with its prediction first, so a missing file fails before any work
     pairs = []
@@ -178,6 +198,10 @@ def evaluate_folder(
                 rows[-1]["phase"] = phase
             if subject is not None:
                 rows[-1]["subject"] = subject
+            if labelled_modalities is not None:
+                modality = case_modality(entry, labelled_modalities)
+                rows[-1]["modality"] = modality
+                rows[-1]["group"] = modality_group(modality, row["class_index"], labelled_modalities)
 
     class_names = [names[i] for i in selected]
     summary = summarize(rows, class_names)
@@ -199,5 +223,10 @@ def evaluate_folder(
     for key in ("pooled", "per_subject"):  # later additions after it, so that the earlier keys keep their order
         if key in summary:
             summary[key] = summary.pop(key)
+    if labelled_modalities is not None:
+        summary["modality"] = {
+            "labelled_by_modality": {m: [names[i] for i in v] for m, v in labelled_modalities.items()},
+            **summarize_modality(rows, class_names),
+        }
     write_outputs(outputs, rows, class_names, summary)
     return summary

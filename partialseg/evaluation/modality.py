@@ -130,7 +130,7 @@ def summarize_modality(rows: Sequence[Mapping], class_names: Sequence[str]) -> d
         ...         {"case": "m", "class": "liver", "dice": 0.3, "status": "ok", "modality": "MR", "group": "cross_modal"},
         ...         {"case": "m", "class": "spleen", "dice": 0.8, "status": "ok", "modality": "MR", "group": "intramodal"}]
         >>> s = summarize_modality(rows, ["liver", "spleen"])
-        >>> s["intramodal"]["dice"], s["cross_modal"]["dice"], s["by_modality"]["MR"]["intramodal"]["n_rows"]
+        >>> round(s["intramodal"]["dice"], 4), s["cross_modal"]["dice"], s["by_modality"]["MR"]["intramodal"]["n_rows"]
         (0.85, 0.3, 1)
     """
     from partialseg.evaluation.report import summarize
@@ -158,13 +158,13 @@ def format_modality_table(summary: Mapping) -> str:
         >>> rows = [{"case": "c", "class": "liver", "dice": 0.9, "status": "ok", "modality": "CT", "group": "intramodal"},
         ...         {"case": "m", "class": "liver", "dice": 0.3, "status": "ok", "modality": "MR", "group": "cross_modal"}]
         >>> print(format_modality_table(summarize_modality(rows, ["liver"])))
-        Dice by modality group    test     class            n    mean ± std
-        ---------------------------------------------------------------------
-        intramodal                CT       liver            1  0.9000 ± 0.0000
-        cross_modal               MR       liver            1  0.3000 ± 0.0000
-        ---------------------------------------------------------------------
-        intramodal (all rows)                               1  0.9000
-        cross_modal (all rows)                              1  0.3000
+        Dice by modality group    test     class             n    mean ± std
+        --------------------------------------------------------------------
+        intramodal                CT       liver             1  0.9000 ± 0.0000
+        cross_modal               MR       liver             1  0.3000 ± 0.0000
+        --------------------------------------------------------------------
+        intramodal (all rows)                                1  0.9000
+        cross_modal (all rows)                               1  0.3000
     """
     header = f"{'Dice by modality group':<25} {'test':<8} {'class':<14} {'n':>4}    mean ± std"
     rule = "-" * len(header)

@@ -35,7 +35,7 @@ TITLES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95 (mm)", "assd": "AS
 #: working), then each later addition appended
 CSV_FIELDS = (
     "case", "class", "class_index", "dice", "hd95", "assd", "pred_voxels", "ref_voxels", "status", "phase",
-    "jaccard", "hd95_vox", "asd_vox", "overlap_voxels", "subject",
+    "jaccard", "hd95_vox", "asd_vox", "overlap_voxels", "subject", "modality", "group",
 )
 
 
@@ -405,6 +405,10 @@ def format_table(summary: Mapping) -> str:
             lines.append(mean_row(part, f"{phase} "))
     if "pooled" in summary:
         lines += ["", *_aggregate_table(summary, width)]
+    if "modality" in summary:
+        from partialseg.evaluation.modality import format_modality_table
+
+        lines += ["", format_modality_table(summary["modality"])]
     if "num_cases" in summary:
         counts = summary["status_counts"]
         lines += ["", f"{summary['num_cases']} cases; empty: {counts['both_empty']} both, {counts['pred_empty']} "
