@@ -58,6 +58,7 @@ __all__ = [
     "make_plan",
     "plan_dataset",
     "plan_fallback",
+    "plan_on_first_run",
     "plan_value",
     "save_model_settings",
     "settings_path",
@@ -96,6 +97,15 @@ BUNDLES: dict[str, dict[str, Any]] = {
         "memory_factor": 2.0,  # PrimNet trains while a frozen DualNet runs forward (stage 2)
         "config_keys": ("pixdim", "spatial_size", "batch_size", "network_def#backbone_kwargs#channels",
                         "network_def#backbone_kwargs#strides", "num_classes", "missing"),
+    },
+    "dtml_atrium": {
+        "spatial_dims": 3, "mode": "patch", "patch_key": "patch_size", "base_channels": 16, "max_channels": 320,
+        "channels_key": "network_def#channels", "strides_key": "network_def#strides",
+        "memory_factor": 2.0,  # M_s and M_d (the same backbone) train together
+        "fixed_batch": 4,  # two-stream batches of 2 labelled + 2 unlabelled cases (the paper's), not planned
+        "semi_supervised": True,  # unlabelled training cases, no validation split by default
+        "config_keys": ("pixdim", "patch_size", "network_def#channels", "network_def#strides", "num_classes",
+                        "intensity_clip", "intensity_stats"),
     },
 }  # fmt: skip
 
@@ -564,9 +574,10 @@ def _fit_patch(start: Sequence[float], spacing: Sequence[float], budget: float, 
         return patch, strides, channels
 
     patch = [max(1, int(round(v))) for v in target]
+    least = int(profile.get("fixed_batch", 2))
     while True:
         patch, strides, channels = shape_for(patch)
-        need = estimate_memory(patch, 2, channels, strides, in_ch, out_ch, profile["memory_factor"])
+        need = estimate_memory(patch, least, channels, strides, in_ch, out_ch, profile["memory_factor"])
         if need <= budget or all(p <= 2 * MIN_FEATURE for p in patch):
             break
         # nnU-Net: shrink the axis that is largest relative to the median shape, by its divisor
@@ -643,8 +654,13 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
                     + (f", shrunk along its relatively largest axis to fit {memory:g} GB ({device})" if shrunk else ""))  # fmt: skip
     # nnU-Net: a batch covers at most 5% of the dataset's voxels; at least 2
     cap = max(2, int(0.05 * fingerprint["voxels_total"] / math.prod(patch)))
-    settings["batch_size"] = int(min(max(batch, 2), cap))
-    reasons["batch_size"] = (f"{batch} patch(es) of {patch} fit {memory:g} GB ({device}; estimate {per_patch / 2**20:.0f} MiB"
+    if profile.get("fixed_batch"):
+        settings["batch_size"] = int(profile["fixed_batch"])
+        reasons["batch_size"] = (f"fixed by the method (two-stream batches, half labelled), not planned: the patch is sized so"
+                                 f" that {profile['fixed_batch']} fit {memory:g} GB ({device})")  # fmt: skip
+    else:
+        settings["batch_size"] = int(min(max(batch, 2), cap))
+        reasons["batch_size"] = (f"{batch} patch(es) of {patch} fit {memory:g} GB ({device}; estimate {per_patch / 2**20:.0f} MiB"
                              f" per patch); at least 2, at most {cap} (5% of the dataset's voxels, nnU-Net)")  # fmt: skip
     settings[profile["channels_key"]] = channels
     settings[profile["strides_key"]] = [s[0] if len(set(s)) == 1 else s for s in strides]
@@ -663,7 +679,19 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     reasons["normalization"] = ("CT: clip to the foreground's 0.5 / 99.5 percentiles, then z-score with the foreground's mean and std"
                                 " (HU are comparable across scans); other modalities: z-score per case (arbitrary units)")  # fmt: skip
     first = next(iter(mods.values()))["foreground"]
-    if first.get("voxels"):
+    if "intensity_clip" in profile["config_keys"]:
+        # a bundle that z-scores (NormalizeIntensityd): CT clipped to the foreground percentiles and z-scored
+        # with the foreground's mean / std; other modalities per case (both None)
+        scheme = normalization[next(iter(mods))]
+        ct = scheme["scheme"] == "ct"
+        settings["intensity_clip"] = [round(scheme["clip"][0], 4), round(scheme["clip"][1], 4)] if ct else None
+        settings["intensity_stats"] = [round(scheme["mean"], 4), round(scheme["std"], 4)] if ct else None
+        reasons["intensity_clip"] = (f"{next(iter(mods))}: " + ("the foreground's 0.5 / 99.5 percentiles (CT)" if ct else "none (not CT)"))
+        reasons["intensity_stats"] = (f"{next(iter(mods))}: " + ("z-score with the foreground's mean and std (CT)" if ct
+                                                                  else "none: z-score per case (not CT)"))  # fmt: skip
+        if len(mods) > 1:
+            warnings.append(f"modalities {list(mods)}: the bundle normalises every case as {next(iter(mods))}")
+    elif first.get("voxels"):
         settings["intensity_range"] = [round(first["percentile_00_5"], 4), round(first["percentile_99_5"], 4)]
         reasons["intensity_range"] = f"foreground 0.5 / 99.5 percentiles of {next(iter(mods))} (the bundles' ScaleIntensityRanged window)"
     else:
@@ -673,7 +701,9 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     settings["num_classes"] = len(classes)
     reasons["num_classes"] = f"dataset.json lists {len(classes)} classes: {', '.join(classes)}"
     settings["full_sources"] = list(fingerprint["full_sources"])
-    if fingerprint["full_sources"]:
+    if profile.get("semi_supervised"):
+        del settings["full_sources"]
+    elif fingerprint["full_sources"]:
         reasons["full_sources"] = "sources whose every labelled case annotates all classes (stage 1 trains on them)"
     else:
         reasons["full_sources"] = "no source labels every class"
@@ -690,7 +720,10 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
         else:
             reasons["missing"] = "every class, background included, is annotated by some case"
     val = fingerprint["validation_cases"]
-    if val:
+    if profile.get("semi_supervised") and not val:
+        settings["validation"] = {"split": None}
+        reasons["validation"] = "none: the bundle trains on every case (--val_split validation validates on a 'validation' list)"
+    elif val:
         settings["validation"] = {"split": "validation", "cases": len(val)}
         reasons["validation"] = f"the dataset's own validation list ({len(val)} cases)"
     else:
@@ -811,7 +844,41 @@ class PlanSettings(dict):
 _NOTICED: set[str] = set()
 
 
-def load_plan(dataset_dir: str | os.PathLike | None, bundle: str, notice: bool = True) -> PlanSettings:
+def _user_dataset(root: Path) -> bool:
+    """Whether ``root`` holds a ``dataset.json`` that no synthetic generator wrote (no ``family`` key)."""
+    try:
+        return "family" not in json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # none, or unreadable: reported by whoever reads it
+
+
+def _plans_bundle(path: Path, bundle: str) -> bool:
+    try:
+        return bool(json.loads(path.read_text())["plans"].get(bundle))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True  # an unreadable plan.json is reported below, never overwritten
+
+
+def plan_on_first_run(root: Path, bundle: str, device: Any = "cpu") -> None:
+    """Plan ``bundle`` for the user dataset at ``root`` (training's first run): fingerprint with a
+    progress bar, write ``plan.json``, print the table. Under ``torchrun`` every rank computes the
+    same plan (atomic writes); only rank 0 shows the bar and the table."""
+    import sys
+
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    kind = kind if kind in DEFAULT_MEMORY else "cpu"
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    if rank0:
+        print(f"partialseg: {root} holds no plan for {bundle}: planning it now, for {kind} (first training run; `partialseg plan"
+              f" {root} --bundle {bundle}` does the same, --plan_on_first_run false keeps the built-in settings)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    plan = plan_dataset(root, bundle=bundle, device=kind, progress=rank0)
+    if rank0:
+        print(format_plan(plan, bundle=bundle) + f"\n\nwritten: {root / PLAN_NAME}", flush=True)
+
+
+def load_plan(dataset_dir: str | os.PathLike | None, bundle: str, notice: bool = True, plan_missing: bool = False,
+              device: Any = "cpu") -> PlanSettings:
     """The settings planned for ``bundle`` in ``dataset_dir/plan.json``; ``{}`` when there is none.
 
     What bundle configs call (``"dataset_plan": "$partialseg.data.plan.load_plan(@dataset_dir,
@@ -822,10 +889,18 @@ def load_plan(dataset_dir: str | os.PathLike | None, bundle: str, notice: bool =
     ``family`` key) without a plan gets a notice on stderr naming the command that plans it; the
     bundle's defaults then apply. Nothing is read or generated when the folder does not exist.
 
+    With ``plan_missing`` (the bundles' ``train.json``: ``plan_on_first_run``), such a user dataset
+    is planned first (:func:`plan_on_first_run`) when ``plan.json`` is absent or plans other
+    bundles only; a synthetic benchmark (``family`` key) never is, so its runs keep the defaults.
+    Inference and serving never plan (docs/planning.md says why).
+
     Args:
         dataset_dir: the dataset folder or its ``dataset.json`` (None: no plan).
         bundle: a name of :data:`BUNDLES`.
         notice: print the notice about a user dataset without a plan.
+        plan_missing: plan a user dataset that holds no plan for ``bundle``.
+        device: the device training runs on (``"cpu"``, ``"cuda"``, a ``torch.device``): the
+            memory budget of a plan made here.
 
     Raises:
         ValueError: ``plan.json`` is not a plan written by ``partialseg plan``.
@@ -840,14 +915,12 @@ def load_plan(dataset_dir: str | os.PathLike | None, bundle: str, notice: bool =
         return PlanSettings()
     root = _dataset_root(dataset_dir)
     path = root / PLAN_NAME
+    if plan_missing and bundle in BUNDLES and _user_dataset(root) and not (path.is_file() and _plans_bundle(path, bundle)):
+        plan_on_first_run(root, bundle, device)
     if not path.is_file():
         if notice and (root / "dataset.json").is_file() and str(root) not in _NOTICED:
             _NOTICED.add(str(root))
-            try:
-                synthetic = "family" in json.loads((root / "dataset.json").read_text())
-            except (OSError, ValueError, TypeError):
-                synthetic = True  # an unreadable dataset.json is reported by whoever reads it
-            if not synthetic:
+            if _user_dataset(root):
                 print(f"partialseg: {root} holds no {PLAN_NAME}: {bundle}'s built-in settings (those of its synthetic benchmark)"
                       f" apply; `partialseg plan {root} --bundle {bundle}` plans them from the data", file=sys.stderr)  # fmt: skip
         return PlanSettings()
@@ -1145,5 +1218,5 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\ntrain (in bundles/{planned}/; the bundle reads {PLAN_NAME} from --dataset_dir; an override such as --batch_size 4 wins):")
     print("python -m monai.bundle run --config_file configs/train.json --meta_file configs/metadata.json --bundle_root . \\\n"
-          f"    --dataset_dir {shlex.quote(str(root.resolve()))} --stage 1")
+          f"    --dataset_dir {shlex.quote(str(root.resolve()))}" + ("" if BUNDLES[planned].get("semi_supervised") else " --stage 1"))
     return 0

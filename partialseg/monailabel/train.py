@@ -275,7 +275,7 @@ class PartialLabelTrainTask(TrainTask):
     #: train.json keys the task sets itself, which a request's ``overrides`` may not (with the
     #: declared model files' ``train_key``)
     OWNED_KEYS: tuple[str, ...] = ("bundle_root", "stage", "epochs", "epochs_stage1", "epochs_stage2", "init_from_stage1", "stage1_ckpt",
-                                   "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir", "progress")  # fmt: skip
+                                   "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir", "progress", "plan_on_first_run")  # fmt: skip
 
     def request_values(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request's training settings, checked before anything is written.
@@ -349,6 +349,7 @@ class PartialLabelTrainTask(TrainTask):
                 "output_dir": str(run_dir),
                 **self.output_overrides(run_dir),
                 "progress": False,
+                "plan_on_first_run": False,  # the served model's grid and network, not a plan of this run's folder
             }
             for key in ("iterations_per_epoch", "val_interval", "learning_rate", "batch_size"):
                 if key in values:

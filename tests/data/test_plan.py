@@ -363,11 +363,19 @@ def test_an_explicit_override_wins_over_the_plan(tmp_path, capsys):
         return {k: parser.get_parsed_content(k) for k in ("pixdim", "patch_size", "num_classes", "network_def#strides")}
 
     fallback = {"pixdim": [4.5, 4.5, 4.0], "patch_size": [48, 48, 32], "num_classes": 7, "network_def#strides": [2, 2, 2]}
-    assert parsed("train.json", dataset_dir=str(data)) == fallback  # no plan.json yet: today's defaults
+    # no plan.json yet: inference never plans (today's defaults), nor training when told not to
+    assert parsed("inference.json", dataset_dir=str(data)) == fallback
+    assert parsed("train.json", dataset_dir=str(data), plan_on_first_run=False) == fallback
+    assert not (data / P.PLAN_NAME).exists()
     err = capsys.readouterr().err
     assert "holds no plan.json" in err and f"`partialseg plan {data} --bundle {bundle}`" in err
-    P.plan_dataset(data, workers=1)
+    # training plans on its first run: plan.json written, the table printed, its values used
     planned = {"pixdim": [3.0, 3.0, 3.0], "patch_size": [24, 20, 20], "num_classes": 3, "network_def#strides": [2, 2]}
+    assert parsed("train.json", dataset_dir=str(data)) == planned
+    assert P.load_plan(data, bundle)["full_sources"] == ["ctorg"]
+    out, err = capsys.readouterr()
+    assert f"plan for {bundle}" in out and f"written: {data / P.PLAN_NAME}" in out and "planning it now, for cpu" in err
+    P.plan_dataset(data, workers=1)
     assert parsed("train.json", dataset_dir=str(data)) == planned
     assert parsed("train.json", dataset_dir=str(data / "dataset.json")) == planned  # the JSON file works too
     assert parsed("train.json", dataset_dir=str(data), pixdim=[2.0, 2.0, 2.0]) == {**planned, "pixdim": [2.0, 2.0, 2.0]}
@@ -428,12 +436,15 @@ def test_bundles_run_on_a_planned_dataset_with_no_override(name, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     build(data)
-    assert main(["plan", str(data), "--quiet", "--workers", "1"]) == 0
-    plan = P.load_plan(data, bundle)
+    if name != "ct_union":  # the README recipe: `partialseg plan` first
+        assert main(["plan", str(data), "--quiet", "--workers", "1"]) == 0
     root = tmp_path / "bundle"
     r = run_bundle(BUNDLE_DIR / bundle, root, ("train.json",), threads=1, timeout=600, dataset_dir=str(data), stage=1,
                    epochs_stage1=1, iterations_per_epoch=2, val_interval=1)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if name == "ct_union":  # no plan.json: the first training run planned it, showed the table and trained with it
+        assert "planning it now" in r.stderr and f"plan for {bundle}" in r.stdout and f"written: {data / P.PLAN_NAME}" in r.stdout
+    plan = P.load_plan(data, bundle)
     assert f"settings from {data / P.PLAN_NAME}" in r.stdout
     saved = json.loads((root / "models" / "model_stage1.settings.json").read_text())
     assert saved["settings"] == P.bundle_overrides(plan, bundle)  # every planned key, as planned
@@ -452,3 +463,50 @@ def test_bundles_run_on_a_planned_dataset_with_no_override(name, tmp_path):
     assert nib.load(pred).shape[:2] == nib.load(data / test["image"]).shape[:2]  # back on the image's grid
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert summary, r.stdout[-2000:]
+
+
+def test_dtml_atrium_reads_the_plan(tmp_path, capsys):
+    """dtml_atrium plans spacing, patch, network, classes and the intensity normalisation it applies
+    (CT: clip to the foreground percentiles, z-score with the foreground's mean / std; MR: per case),
+    its configs read them, and its synthetic default is unchanged. Config level: no training run."""
+    from monai.bundle import ConfigParser
+
+    bundle = "dtml_atrium"
+
+    def parsed(config, data, **overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE_DIR / bundle / "configs" / config))
+        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(data), **overrides})
+        keys = ("pixdim", "patch_size", "num_classes", "network_def#channels", "network_def#strides", "intensity_clip", "intensity_stats")
+        out = {k: parser.get_parsed_content(k) for k in keys}
+        transforms = parser.get_parsed_content("deterministic_transforms" if config == "train.json" else "preprocessing")
+        return out, [type(t).__name__ for t in getattr(transforms, "transforms", transforms)]
+
+    # without a plan (inference never plans): the synthetic atrium3d defaults, per-case z-score only
+    default, names = parsed("inference.json", tmp_path / "none")
+    assert default == {"pixdim": [1.5, 1.5, 1.5], "patch_size": [48, 48, 32], "num_classes": 2, "network_def#channels": [16, 32, 64, 128],
+                       "network_def#strides": [2, 2, 2], "intensity_clip": None, "intensity_stats": None}  # fmt: skip
+    assert "ScaleIntensityRanged" not in names and "NormalizeIntensityd" in names
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    _ct_union(ct)
+    assert main(["plan", str(ct), "--bundle", bundle, "--quiet", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for dtml_atrium" in out and "--stage" not in out.split("train (in bundles/")[1]
+    s = P.load_plan(ct, bundle)
+    fg = json.loads((ct / P.PLAN_NAME).read_text())["fingerprint"]["modalities"]["CT"]["foreground"]
+    # a batch of 4 (two-stream, fixed) of the 24 x 20 x 20 body box at 3 mm fits 0.5 GB: the patch of the marginal plan
+    assert (s["pixdim"], s["patch_size"], s["num_classes"], s["batch_size"]) == ([3.0, 3.0, 3.0], [24, 20, 20], 3, 4)
+    assert s["intensity_clip"] == [round(fg["percentile_00_5"], 4), round(fg["percentile_99_5"], 4)]
+    assert s["intensity_stats"] == [round(fg["mean"], 4), round(fg["std"], 4)]
+    assert "full_sources" not in s and "intensity_range" not in s
+    assert set(P.bundle_overrides(s, bundle)) == set(P.BUNDLES[bundle]["config_keys"])
+    planned, names = parsed("train.json", ct)
+    assert planned == {k: s[k] for k in planned}
+    assert names.index("ScaleIntensityRanged") < names.index("NormalizeIntensityd")  # clip, then z-score
+    # MR: per-case z-score, as the synthetic default
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    _mr_volumes(mr)
+    s = P.plan_dataset(mr, bundle=bundle, workers=1)["plans"][bundle]["settings"]
+    assert (s["pixdim"], s["num_classes"], s["intensity_clip"], s["intensity_stats"]) == ([1.5, 1.5, 1.5], 4, None, None)
