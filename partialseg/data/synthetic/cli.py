@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="polyp2d: fraction of weak masks missing the polyp (default 0.4)")
     group.add_argument("--preset", choices=("standard", "hybrid"), default=None,
                        help="polyp2d: 'hybrid' is the hybrid-supervision benchmark (20 strong and 400 weak masks of "
-                            "continuous quality, 64x64, 60 test frames, polyp contrast 0.5); other options override it "
+                            "continuous quality, 64x64, 60 test frames); other options override it "
                             "(default standard)")
     group.add_argument("--num-strong", type=int, default=None,
                        help="polyp2d: exact number of strong training masks (overrides --strong-fraction)")
