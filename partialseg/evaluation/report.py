@@ -35,8 +35,11 @@ TITLES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95 (mm)", "assd": "AS
 #: working), then each later addition appended
 CSV_FIELDS = (
     "case", "class", "class_index", "dice", "hd95", "assd", "pred_voxels", "ref_voxels", "status", "phase",
-    "jaccard", "hd95_vox", "asd_vox", "overlap_voxels", "subject", "modality", "group",
+    "jaccard", "hd95_vox", "asd_vox", "overlap_voxels", "subject",
 )
+#: columns appended to ``metrics.csv`` when the evaluation groups by modality (intramodal /
+#: cross-modal, :mod:`partialseg.evaluation.modality`); absent otherwise
+MODALITY_FIELDS = ("modality", "group")
 
 
 def phase_of(row: Mapping) -> str | None:
@@ -214,14 +217,15 @@ def _per_subject(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
+    fields = CSV_FIELDS + (MODALITY_FIELDS if any("group" in r for r in rows) else ())
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             r = {**r, "phase": phase_of(r) or "", "subject": subject_of(r) or ""}
             # MONAI computes in float32: 7 significant digits carry all of it
             writer.writerow({k: (format(r[k], ".7g") if isinstance(r.get(k), float) else r.get(k, ""))
-                             for k in CSV_FIELDS})
+                             for k in fields})
 
 
 def _write_boxplot(path: Path, rows: Sequence[Mapping], class_names: Sequence[str]) -> None:

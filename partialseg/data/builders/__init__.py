@@ -25,6 +25,9 @@ original files; ``--test`` holds labelled cases out and ``--labelled N|FRACTION`
 of that many training cases, the others becoming unlabelled entries (``--labelled 0.2``: the
 paper's 16 labelled / 64 unlabelled).
 
+AMOS22 (``amos22``, :mod:`partialseg.data.builders.amos`): CT and MR as distributed, modality
+from the case id; ``--tasks paper`` writes the atlas paper's three-task multimodal split.
+
 Abdominal layouts (the marginal-loss paper's union: ``btcv``, ``msd_liver``, ``msd_spleen``,
 ``msd_pancreas``, ``kits19``; folders and label values in the table of
 :mod:`partialseg.data.builders.abdomen`).
@@ -73,7 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from partialseg.data.builders import abdomen, atrium, cardiac
+from partialseg.data.builders import abdomen, amos, atrium, cardiac
 from partialseg.data.builders._common import check_out, write_json
 from partialseg.data.builders.abdomen import DEFAULT_CLASSES
 from partialseg.data.builders.cardiac import SLICE_LAYOUTS, build_slices
@@ -103,12 +106,14 @@ class Layout:
 
 _CARDIAC_OPTIONS = frozenset({"test", "spacing", "size", "keep", "wholeheart", "seed", "progress"})
 _ATRIUM_OPTIONS = frozenset({"test", "labelled"})
+_AMOS_OPTIONS = frozenset({"tasks", "test_per_modality", "seed"})
 
 #: layout name -> :class:`Layout`; an anatomy module adds its ``LAYOUTS`` here
 LAYOUTS: dict[str, Layout] = {
     **{name: Layout("abdomen", abdomen.build_union, spec) for name, spec in abdomen.LAYOUTS.items()},
     **{name: Layout("cardiac", cardiac.build_slices, spec, _CARDIAC_OPTIONS) for name, spec in cardiac.LAYOUTS.items()},
     **{name: Layout("atrium", atrium.build_atrium, spec, _ATRIUM_OPTIONS) for name, spec in atrium.LAYOUTS.items()},
+    **{name: Layout("amos", amos.build_amos, spec, _AMOS_OPTIONS) for name, spec in amos.LAYOUTS.items()},
 }
 
 
@@ -213,6 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labelled", type=_count_or_fraction, metavar="N|FRACTION",
                        help="training cases of each source that keep their label: a number (16) or a fraction (0.2); "
                        "the others become unlabelled entries (default: all keep it)")
+    group = parser.add_argument_group("AMOS22 layout only (amos22; --seed and --val too)")
+    group.add_argument("--tasks", choices=amos.TASKS, default=None,
+                       help="all: every organ of every case (default); paper: the atlas paper's three tasks (two CT "
+                       "halves, one MR set, disjoint organs; docs/data_format.md)")
+    group.add_argument("--test-per-modality", type=int, nargs=2, metavar=("CT", "MR"), default=None,
+                       help="--tasks paper: training cases held out as the fully labelled test split (default 38 10)")
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -233,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --source must be LAYOUT=DIR, got {item!r}", file=sys.stderr)
             return 2
         sources.append((layout, folder))
-    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed", "labelled")
+    options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed", "labelled",
+                                             "tasks", "test_per_modality")
                if getattr(args, k, None) is not None}
     if any(layout in cardiac.LAYOUTS for layout, _ in sources):
         options["progress"] = not args.quiet
