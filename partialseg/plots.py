@@ -1,4 +1,5 @@
-"""Figures a person would rather look at than read: training curves and prediction overlays.
+"""Figures a person would rather look at than read: training curves, prediction overlays, and the
+hybrid method's indicator histogram (which weak annotations the model distrusts).
 
 Matplotlib (Agg backend) is imported inside the functions.
 """
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_overlays", "plot_training_curves"]
+__all__ = ["plot_indicator_histogram", "plot_overlays", "plot_training_curves"]
 
 
 def plot_training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike, title: str = "training") -> Path:
@@ -115,4 +116,68 @@ def plot_overlays(
                 view = np.clip((view - window[0]) / (window[1] - window[0]), 0.0, 1.0)
             panels += [(view, None, f"{name} z={k}"), (view, lab[:, :, k].T, "reference"), (view, prd[:, :, k].T, "prediction")]
     write_preview(Path(path), panels, num_classes, title, ncols=3)
+    return Path(path)
+
+
+def plot_indicator_histogram(csv_path: str | os.PathLike, path: str | os.PathLike, title: str = "weak-mask indicators", bins: int = 20) -> Path:
+    """Histogram of the weak instances' indicators ``gamma``, stacked by weak-mask type.
+
+    Reads the CSV :meth:`partialseg.losses.hybrid.InstanceIndicators.to_csv` writes (columns
+    ``case, class, weak_type, gamma, steps``; rows of ``weak_type`` ``"strong"`` are left out: they
+    are 1 by definition) and draws, per weak type, how many instances ended at each gamma in
+    ``[0, 1]``, with the count below 0.1 and above 0.9 in the legend: annotations near 0 are the
+    ones the model distrusts (the hybrid bundle writes both files at the end of training).
+
+    Args:
+        csv_path: the indicators' CSV.
+        path: output PNG.
+        title: figure title.
+        bins: histogram bins over ``[0, 1]``.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ValueError: the CSV lacks the ``gamma`` / ``weak_type`` columns, or holds no weak instance
+            (the message names the file).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "gamma.csv").write_text("case,class,weak_type,gamma,steps\\na,all,ellipse,0.9,3\\nb,all,missing,0.05,3\\n")
+        >>> plot_indicator_histogram(d / "gamma.csv", d / "gamma.png").is_file()
+        True
+    """
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"gamma", "weak_type"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: not an indicator CSV (needs the columns gamma and weak_type, has {reader.fieldnames})")
+        rows = [r for r in reader if r["weak_type"] != "strong"]
+    if not rows:
+        raise ValueError(f"{csv_path}: holds no weak instance to plot")
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["weak_type"] or "unspecified", []).append(float(r["gamma"]))
+    names = sorted(groups)
+    fig = Figure(figsize=(6.4, 3.6), dpi=90)
+    ax = fig.add_subplot(1, 1, 1)
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    labels = [f"{n} ({len(groups[n])}: {sum(g < 0.1 for g in groups[n])} < 0.1, {sum(g > 0.9 for g in groups[n])} > 0.9)" for n in names]
+    ax.hist([np.asarray(groups[n]) for n in names], bins=edges, stacked=True, label=labels)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("gamma (0: annotation distrusted, 1: trusted)")
+    ax.set_ylabel("weak instances")
+    ax.legend(fontsize=7, title="weak-mask type", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: {len(rows)} weak instances", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png", metadata={"Software": None})
     return Path(path)

@@ -64,7 +64,7 @@ __all__ = [
 #: the metadata key of the partialseg declaration
 DECLARATION_KEY = "partialseg"
 #: values of the declaration's ``train.task``
-TRAIN_TASKS = ("partial_label", "conditional", "semi_supervised")
+TRAIN_TASKS = ("partial_label", "conditional", "semi_supervised", "hybrid")
 #: file names MONAI Label's NIfTI readers and writers use
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: the model file every bundle serves (MONAI bundle layout); never declared in ``model_files``

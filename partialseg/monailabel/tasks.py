@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from partialseg.monailabel.bundle import bundle_classes, bundle_dimension, discover_bundles
 from partialseg.monailabel.infer import BundleInferTask, convert_result
-from partialseg.monailabel.train import ConditionalTrainTask, PartialLabelTrainTask, SemiSupervisedTrainTask, bundle_train_task
+from partialseg.monailabel.train import ConditionalTrainTask, HybridTrainTask, PartialLabelTrainTask, SemiSupervisedTrainTask, bundle_train_task
 
 __all__ = [
     "BundleInferTask",
     "PartialLabelTrainTask",
     "ConditionalTrainTask",
     "SemiSupervisedTrainTask",
+    "HybridTrainTask",
     "bundle_classes",
     "bundle_dimension",
     "bundle_train_task",

@@ -35,7 +35,7 @@ from partialseg.data.plan import plan_fallback, settings_path
 from partialseg.monailabel.bundle import NIFTI_SUFFIXES, bundle_classes, bundle_dimension, read_declaration, read_json
 from partialseg.monailabel.request_checks import RequestError, check_override, check_setting, config_default
 
-__all__ = ["ConditionalTrainTask", "PartialLabelTrainTask", "SemiSupervisedTrainTask", "bundle_train_task"]
+__all__ = ["ConditionalTrainTask", "HybridTrainTask", "PartialLabelTrainTask", "SemiSupervisedTrainTask", "bundle_train_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def bundle_train_task(
             f"{meta}: declares the train task {declaration.train_task!r} but names no classes: add class_names,"
             " or describe one output channel per class (network_data_format.outputs.pred.channel_def)"
         )
-    cls = {"conditional": ConditionalTrainTask, "semi_supervised": SemiSupervisedTrainTask}.get(declaration.train_task, PartialLabelTrainTask)
+    cls = {"conditional": ConditionalTrainTask, "semi_supervised": SemiSupervisedTrainTask,
+           "hybrid": HybridTrainTask}.get(declaration.train_task, PartialLabelTrainTask)
     return cls(root, classes, overrides=overrides, max_epochs=max_epochs)
 
 
@@ -541,6 +542,100 @@ class SemiSupervisedTrainTask(PartialLabelTrainTask):
 
     def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
         """Nothing to refuse beyond the request checks: the model is saved at the end of training."""
+
+
+class HybridTrainTask(PartialLabelTrainTask):
+    """Train a hybrid-supervision bundle (``hybrid_polyp``) on the datastore's strong and weak labels.
+
+    A datastore label is **strong** unless its label info says otherwise: save a quick mask with
+    ``PUT /datastore/label?image=ID&tag=final`` and ``params={"supervision": "weak",
+    "weak_type": "ellipse"}`` (``weak_type`` optional, free text, reported in the run's gamma CSV
+    and histogram). The info keys are those of ``dataset.json`` (``docs/data_format.md``), so the
+    run's dataset carries them unchanged; any other ``supervision`` value is refused naming the
+    label file. Every mask annotates the whole image (a weak mask without foreground is a missing
+    polyp, not a partial label). All labelled cases train; the strong ones are also the validation
+    split (an indicative Dice every ``val_interval`` epochs). One run of ``max_epochs`` epochs from
+    scratch; network 1 (``models/model.pt``) and network 2 (the declared ``model_files``) are saved
+    at the end, so no validation is needed to get a model.
+
+    Refused before training (``ValueError`` naming the datastore): no strong label (the indicators
+    follow the strong set's gradient), or no weak one (nothing for the indicators to weigh: train a
+    fully supervised bundle instead).
+
+    Example:
+        >>> import partialseg
+        >>> task = bundle_train_task(Path(partialseg.__file__).parents[1] / "bundles" / "hybrid_polyp")
+        >>> type(task).__name__, task.served
+        ('HybridTrainTask', [('network2', 'model_net2.pt'), ('checkpoint', 'model.pt')])
+        >>> task.stage_overrides({"max_epochs": 3})
+        {'epochs': 3, 'val_split': 'validation'}
+    """
+
+    REQUIRED_KEYS = ("epochs", "ckpt_dir", "ckpt_name", "val_split", "val_interval")
+    OWNED_KEYS = (*PartialLabelTrainTask.OWNED_KEYS, "val_split")
+    #: no ``batch_size``: the bundle's batch is ``2 x pairs_per_batch`` (an ``overrides`` key)
+    REQUEST_KEYS = ("max_epochs", "iterations_per_epoch", "val_interval", "learning_rate")
+
+    def __init__(
+        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+    ) -> None:
+        name = Path(bundle_root).name
+        super().__init__(bundle_root, classes, overrides, max_epochs,
+                         description=f"hybrid-supervised training of {name} (train.json) on the strong and weak labels")  # fmt: skip
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One run of ``max_epochs`` epochs from scratch, validated on the strong labels."""
+        return {"epochs": int(request.get("max_epochs", self.max_epochs)), "val_split": "validation"}
+
+    @staticmethod
+    def supervision(label_path: str, info: dict[str, Any] | None) -> dict[str, str]:
+        """``{"supervision": ..., ["weak_type": ...]}`` of a datastore label from its info (default strong).
+
+        Example:
+            >>> HybridTrainTask.supervision("x.png", {"supervision": "weak", "weak_type": "ellipse"})
+            {'supervision': 'weak', 'weak_type': 'ellipse'}
+            >>> HybridTrainTask.supervision("x.png", None)
+            {'supervision': 'strong'}
+        """
+        from partialseg.data.spec import SUPERVISIONS
+
+        info = info or {}
+        value = info.get("supervision", "strong") or "strong"
+        if value not in SUPERVISIONS:
+            raise ValueError(f"{label_path}: label info 'supervision' must be one of {list(SUPERVISIONS)}, got {value!r}")
+        out = {"supervision": str(value)}
+        if value == "weak" and info.get("weak_type"):
+            out["weak_type"] = str(info["weak_type"])
+        return out
+
+    def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
+        """Every labelled case (strong or weak, whole-image masks) trains; the strong ones validate."""
+        content = super().dataset(datastore, folder)
+        cases = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        for case in cases:
+            case.update(self.supervision(case["label"], datastore.get_label_info(case["case"], DefaultLabelTag.FINAL)))
+            case["annotated"] = "all"
+        strong = [dict(c) for c in cases if c["supervision"] == "strong"]
+        content.pop("validation_reuses_training", None)
+        content.update(training=cases, validation=strong, validation_reuses_training=True)
+        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
+        return content
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Refuse a datastore without a strong or without a weak label (named)."""
+        counts = {"strong": 0, "weak": 0}
+        for c in content["training"]:
+            counts[c["supervision"]] += 1
+        if not counts["strong"]:
+            raise ValueError(
+                f"{self.name}: the datastore's {counts['weak']} labels are all weak; hybrid supervision needs at least one strong"
+                " label (save a carefully drawn mask without params, or with params={\"supervision\": \"strong\"})"
+            )
+        if not counts["weak"]:
+            raise ValueError(
+                f"{self.name}: the datastore's {counts['strong']} labels are all strong; save quick masks with "
+                "params={\"supervision\": \"weak\"} for the indicators to weigh (or train a fully supervised bundle)"
+            )
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:
