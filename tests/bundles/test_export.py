@@ -22,7 +22,7 @@ NAMES = sorted(p.parent.parent.name for p in BUNDLES.glob("*/configs/inference.j
 
 #: bundles whose network ``torch.jit.script`` cannot compile: exported with ``--use_trace True`` on
 #: the metadata's input shape instead (docs/serving.md, "TorchScript export", says why)
-TRACED = {"dcl_cardiac"}
+TRACED = {"dcl_cardiac", "hybrid_polyp"}
 
 pytestmark = pytest.mark.slow
 
