@@ -43,6 +43,7 @@ from partialseg.losses.hybrid import (
     GRADIENT_METHODS,
     DCRLoss,
     InstanceIndicators,
+    channel_argmax,
     class_indices,
     indicator_gradient,
     instance_pixel_weights,
@@ -468,8 +469,8 @@ class HybridTrainer(MultiNetworkTrainer):
         out.update({Keys.IMAGE: x_i, Keys.LABEL: label[:n], Keys.PRED: torch.softmax(z1_i.detach().float(), 1)})
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if self.consistency == "ce":
-            p1 = paste(z1_i.detach().argmax(1, keepdim=True), z1_j.argmax(1, keepdim=True), mask)
-            p2 = paste(z2_i.argmax(1, keepdim=True), z2_j.detach().argmax(1, keepdim=True), mask)
+            p1 = paste(channel_argmax(z1_i.detach()), channel_argmax(z1_j), mask)
+            p2 = paste(channel_argmax(z2_i), channel_argmax(z2_j.detach()), mask)
         else:
             p1 = paste(torch.softmax(z1_i.detach().float(), 1), torch.softmax(z1_j.float(), 1), mask)
             p2 = paste(torch.softmax(z2_i.float(), 1), torch.softmax(z2_j.detach().float(), 1), mask)

