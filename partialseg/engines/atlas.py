@@ -310,25 +310,34 @@ class AtlasTrainer(MultiNetworkTrainer):
             out = out.index_put(idx, torch.sigmoid(refiner(p, a, augment=False)[:, 0].float()))
         return out
 
-    def discriminator_logits(self, prob: Tensor, atlas: Tensor, frozen: bool) -> Tensor:
-        """AMAN's logits ``(B, organs)`` on ``[p_c, atlas_c]`` for every organ.
+    def discriminator_logits(self, prob: Tensor, atlas: Tensor, frozen: bool, pairs: Tensor | None = None) -> Tensor:
+        """AMAN's logits ``(B, organs)`` on ``[p_c, atlas_c]`` for every organ (or only ``pairs``, 0 elsewhere).
 
         ``frozen``: for the main step, through the unwrapped discriminator with its parameters not
         requiring gradient (the gradient reaches ``prob`` only); otherwise the trained module.
+        ``pairs`` ``(B, organs)`` bool: compute only these (``L_adv`` reads the organs not labelled
+        in the modality; the others would cost a forward and backward pass each for nothing).
         """
         b, k = prob.shape[:2]
-        x = torch.stack([prob, atlas.to(prob.dtype)], 2).flatten(0, 1)  # (B*K, 2, *spatial)
+        if pairs is None:
+            x = torch.stack([prob, atlas.to(prob.dtype)], 2).flatten(0, 1)  # (B*K, 2, *spatial)
+        else:
+            idx = pairs.nonzero(as_tuple=True)
+            x = torch.stack([prob[idx], atlas[idx].to(prob.dtype)], 1)
         net = self.state.networks["discriminator"]
-        if not frozen:
-            return net(x).view(b, k)
-        net = unwrap_network(net)
-        flags = [p.requires_grad for p in net.parameters()]
-        net.requires_grad_(False)
+        if frozen:
+            net = unwrap_network(net)
+            flags = [p.requires_grad for p in net.parameters()]
+            net.requires_grad_(False)
         try:
-            return net(x).view(b, k)
+            logits = net(x)[:, 0] if x.shape[0] else x.new_zeros(0)
         finally:
-            for p, f in zip(net.parameters(), flags):
-                p.requires_grad_(f)
+            if frozen:
+                for p, f in zip(net.parameters(), flags):
+                    p.requires_grad_(f)
+        if pairs is None:
+            return logits.view(b, k)
+        return torch.zeros(b, k, dtype=logits.dtype, device=logits.device).index_put(idx, logits)
 
     def train_step(self, batch: tuple) -> None:
         """APRN step, main step (+ MICPAM), AMAN step; see the module docstring."""
@@ -390,8 +399,8 @@ class AtlasTrainer(MultiNetworkTrainer):
             pseudo, mask = lf.pseudo_targets(refined, organ_target, unlabelled)
         if self.aprn and self._pseudo_active():
             pseudo_term = lf.pseudo(organ_prob, pseudo, mask, unlabelled)
-        if self.aman and lf.lambda_adv > 0:
-            adv = lf.adversarial(self.discriminator_logits(organ_prob, atlas, frozen=True), indicator)
+        if self.aman and lf.lambda_adv > 0 and not bool(indicator.all()):
+            adv = lf.adversarial(self.discriminator_logits(organ_prob, atlas, frozen=True, pairs=~indicator), indicator)
         if self.micpam:
             micpam = self.state.networks["prototypes"]
             expand = unlabelled.view(*unlabelled.shape, *([1] * (label.ndim - 2)))

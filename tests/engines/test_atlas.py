@@ -207,3 +207,17 @@ def test_bad_input_is_refused_with_a_message_naming_it():
         modality_classes_from_datalist(dl[:1], ["background", "liver", "spleen"])
     assert modality_classes_from_datalist([dict(dl[0], source="ct1"), {"annotated": [2], "source": "mr"}], ["bg", "liver", "spleen"], key="source") == {
         "ct1": [1], "mr": [2]}
+
+
+def test_the_adversarial_term_computes_only_the_cross_modal_pairs_with_the_same_value():
+    mods = _modules()
+    trainer = _trainer(_batches(1), mods)
+    prob, atlas = torch.rand(2, 2, S, S, S), torch.rand(2, 2, S, S, S)
+    indicator = trainer.modality_indicator(["CT", "MR"], 2, 2, "cpu")
+    assert indicator.tolist() == [[True, False], [False, True]]
+    full = trainer.discriminator_logits(prob, atlas, frozen=True)
+    some = trainer.discriminator_logits(prob, atlas, frozen=True, pairs=~indicator)
+    assert torch.allclose(some[~indicator], full[~indicator], atol=1e-6) and torch.equal(some[indicator], torch.zeros(2))
+    loss = AtlasLoss()
+    assert loss.adversarial(some, indicator).item() == pytest.approx(loss.adversarial(full, indicator).item(), rel=1e-6)
+    assert all(p.requires_grad for p in mods["discriminator"].parameters())  # unfrozen again after the frozen pass
