@@ -29,14 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from partialseg.evaluation.report import GROUPS, format_modality_table
+
 __all__ = [
     "GROUPS", "labelled_by_modality", "case_modality", "modality_group", "summarize_modality",
     "format_modality_table", "read_metrics", "compare_runs", "format_comparison",
 ]
-
-#: the two groups of a (case, organ) pair, in report order
-GROUPS = ("intramodal", "cross_modal")
-
 
 def labelled_by_modality(training: Sequence[Mapping], background: int | None = 0) -> dict[str, list[int]]:
     """The classes that the labelled training cases of each modality annotate.
@@ -149,37 +147,6 @@ def summarize_modality(rows: Sequence[Mapping], class_names: Sequence[str]) -> d
     summary["by_modality"] = {m: {g: block([r for r in rows if r["group"] == g and str(r["modality"]) == m])
                                   for g in GROUPS} for m in modalities}
     return summary
-
-
-def format_modality_table(summary: Mapping) -> str:
-    """Text table of :func:`summarize_modality`'s output: Dice per group, test modality and class.
-
-    Example:
-        >>> rows = [{"case": "c", "class": "liver", "dice": 0.9, "status": "ok", "modality": "CT", "group": "intramodal"},
-        ...         {"case": "m", "class": "liver", "dice": 0.3, "status": "ok", "modality": "MR", "group": "cross_modal"}]
-        >>> print(format_modality_table(summarize_modality(rows, ["liver"])))
-        Dice by modality group    test     class             n    mean ± std
-        --------------------------------------------------------------------
-        intramodal                CT       liver             1  0.9000 ± 0.0000
-        cross_modal               MR       liver             1  0.3000 ± 0.0000
-        --------------------------------------------------------------------
-        intramodal (all rows)                                1  0.9000
-        cross_modal (all rows)                               1  0.3000
-    """
-    header = f"{'Dice by modality group':<25} {'test':<8} {'class':<14} {'n':>4}    mean ± std"
-    rule = "-" * len(header)
-    lines = [header, rule]
-    for g in GROUPS:
-        for m, part in summary["by_modality"].items():
-            for name, e in part[g].get("per_class", {}).items():
-                d = e["dice"]
-                lines.append(f"{g:<25} {m:<8} {name:<14} {e['n']:>4}  {d['mean']:.4f} ± {d['std']:.4f}")
-    lines.append(rule)
-    for g in GROUPS:
-        e = summary[g]
-        value = f"{e['dice']:.4f}" if e["n_rows"] else "-"
-        lines.append(f"{g + ' (all rows)':<25} {'':<8} {'':<14} {e['n_rows']:>4}  {value}")
-    return "\n".join(lines)
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:

@@ -19,9 +19,11 @@ from partialseg.evaluation.metrics import METRICS, STATUSES, UNITS
 
 __all__ = [
     "NO_PHASE", "COUNT_KEYS", "POOLED_METRICS", "CSV_FIELDS", "phase_of", "subject_of", "pooled_overlap",
-    "summarize", "format_table", "check_outputs", "write_outputs",
+    "summarize", "format_table", "check_outputs", "write_outputs", "GROUPS", "format_modality_table",
 ]
 
+#: the two groups of a (case, organ) pair by modality (:mod:`partialseg.evaluation.modality`), in report order
+GROUPS = ("intramodal", "cross_modal")
 #: ``summary["per_phase"]`` key of the cases without a ``phase`` when other cases have one
 NO_PHASE = "(none)"
 #: the voxel counts of a row that the pooled and per subject aggregates sum
@@ -410,8 +412,6 @@ def format_table(summary: Mapping) -> str:
     if "pooled" in summary:
         lines += ["", *_aggregate_table(summary, width)]
     if "modality" in summary:
-        from partialseg.evaluation.modality import format_modality_table
-
         lines += ["", format_modality_table(summary["modality"])]
     if "num_cases" in summary:
         counts = summary["status_counts"]
@@ -454,3 +454,35 @@ def _aggregate_table(summary: Mapping, width: int) -> list[str]:
         if "pooled" in part:
             lines += [rule, *part_lines(part, f"{phase} ")]
     return lines
+
+
+def format_modality_table(summary: Mapping) -> str:
+    """Text table of :func:`summarize_modality`'s output: Dice per group, test modality and class.
+
+    Example:
+        >>> from partialseg.evaluation.modality import summarize_modality
+        >>> rows = [{"case": "c", "class": "liver", "dice": 0.9, "status": "ok", "modality": "CT", "group": "intramodal"},
+        ...         {"case": "m", "class": "liver", "dice": 0.3, "status": "ok", "modality": "MR", "group": "cross_modal"}]
+        >>> print(format_modality_table(summarize_modality(rows, ["liver"])))
+        Dice by modality group    test     class             n    mean ± std
+        --------------------------------------------------------------------
+        intramodal                CT       liver             1  0.9000 ± 0.0000
+        cross_modal               MR       liver             1  0.3000 ± 0.0000
+        --------------------------------------------------------------------
+        intramodal (all rows)                                1  0.9000
+        cross_modal (all rows)                               1  0.3000
+    """
+    header = f"{'Dice by modality group':<25} {'test':<8} {'class':<14} {'n':>4}    mean ± std"
+    rule = "-" * len(header)
+    lines = [header, rule]
+    for g in GROUPS:
+        for m, part in summary["by_modality"].items():
+            for name, e in part[g].get("per_class", {}).items():
+                d = e["dice"]
+                lines.append(f"{g:<25} {m:<8} {name:<14} {e['n']:>4}  {d['mean']:.4f} ± {d['std']:.4f}")
+    lines.append(rule)
+    for g in GROUPS:
+        e = summary[g]
+        value = f"{e['dice']:.4f}" if e["n_rows"] else "-"
+        lines.append(f"{g + ' (all rows)':<25} {'':<8} {'':<14} {e['n_rows']:>4}  {value}")
+    return "\n".join(lines)

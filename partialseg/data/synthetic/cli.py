@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "and vanish; RV absent in apical slices), with more position, size and contrast variation "
                             "between subjects (default 0: one mid-ventricular slice, the original benchmark)")
     group.add_argument("--modality", choices=("CT", "MR", "CT+MR"), default=None,
-                       help="abdomen3d: CT (HU), MR, or CT+MR (atlas setting: organ sets split by modality); "
-                            "default CT")
+                       help="abdomen3d: CT (HU), MR, or CT+MR (atlas setting, three tasks with disjoint organs: CT "
+                            "liver+stomach, CT kidneys, MR spleen+pancreas; 16 test cases, 8 per modality); default CT")
     group.add_argument("--num-full", type=int, default=None,
                        help="abdomen3d: training cases of the fully labelled source (default 4)")
     group.add_argument("--strong-fraction", type=float, default=None,
