@@ -290,7 +290,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequenc
     prof = SOURCES[source]
     if modality == "CT":
         values = dict(_CT_BASE)
-        values.update(_CT_PHASES[prof["profile"]])
+        values.update(_CT_PHASES.get(prof["profile"], _CT_PHASES["portal"]))  # an MR source drawn as CT: portal
         lut = np.array([values[t] + (rng.normal(0, 6) if values[t] > -500 else 0.0) for t in _TISSUES],
                        dtype=np.float32)
         image = lut[tissue] + 8.0 * C.smooth_noise(rng, shape, scale=2.5)
