@@ -635,3 +635,53 @@ def test_polyp_continuous_weak_mask_geometry():
 def test_polyp_bad_hybrid_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         make_dataset("polyp2d", tmp_path / "x", seed=0, size=32, num_test=0, **options)
+
+
+def test_cli_make_data_atrium_difficulty(tmp_path):
+    from partialseg.cli import main
+    from partialseg.data.synthetic import cli as make_data_cli
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "preview.png"}
+
+    args = ["--size", "24", "--num-train", "2", "--num-test", "1", "--quiet"]
+    for difficulty in ("standard", "hard"):
+        out = tmp_path / f"cli_{difficulty}"
+        assert main(["make-data", "atrium3d", "--out", str(out), "--difficulty", difficulty, *args]) == 0
+        api = make_dataset("atrium3d", tmp_path / f"api_{difficulty}", size=24, num_train=2, num_test=1, difficulty=difficulty).parent
+        assert files(out) == files(api)  # the flag reaches the generator: the same bytes
+        assert _desc(out).get("difficulty") == (None if difficulty == "standard" else "hard")
+    assert main(["make-data", "atrium3d", "--out", str(tmp_path / "default"), *args]) == 0
+    assert files(tmp_path / "default") == files(tmp_path / "cli_hard")  # hard is the default
+    assert files(tmp_path / "cli_standard") != files(tmp_path / "cli_hard")
+    assert main(["make-data", "cardiac2d", "--out", str(tmp_path / "c"), "--difficulty", "hard", "--quiet"]) == 2  # atrium3d only
+    with pytest.raises(SystemExit):
+        main(["make-data", "atrium3d", "--out", str(tmp_path / "x"), "--difficulty", "extreme"])
+    choices = next(a.choices for a in _make_data_parser(make_data_cli)._actions if a.dest == "difficulty")
+    assert sorted(choices) == sorted(atrium.DIFFICULTY)  # every preset reachable from the CLI
+
+
+def _make_data_parser(module):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser
+
+
+def test_abdomen_multimodal_body_crop_agrees_across_modalities():
+    # the atlas method crops every image to its Otsu body box: the MR look must give the body, not
+    # only its bright organs (a T2 look with dark fat once did), so MR and CT boxes of one anatomy agree
+    import torch
+
+    from partialseg.transforms import AtlasCrop
+
+    shape = (40, 40, 32)
+    spacing = tuple(f / n for f, n in zip(abdomen.FOV_MM, shape))
+    for i in range(2):
+        boxes = {}
+        for source, modality in (("ct_a", "CT"), ("mr", "MR")):
+            image = abdomen.render_case(C.case_rng(5, "abdomen3d", "test", i), shape, spacing, source, modality)[0]
+            start, end = AtlasCrop(spatial_size=shape).compute_bounding_box(torch.as_tensor(image[None].astype(np.float32)))
+            boxes[modality] = np.r_[np.asarray(start), np.asarray(end)]
+        assert np.abs(boxes["CT"] - boxes["MR"]).max() <= 3, boxes

@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="polyp2d: polyp contrast against the mucosa, in (0, 1] (default 1)")
     group.add_argument("--labelled-fraction", type=float, default=None,
                        help="atrium3d: fraction of labelled training volumes (default 0.2)")
+    group.add_argument("--difficulty", choices=("standard", "hard"), default=None,
+                       help="atrium3d: anatomical variation between cases; 'hard' (the default) scales and rotates "
+                            "the atrium, varies and bends the veins and thins the wall, 'standard' gives the "
+                            "original benchmark's volumes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -78,6 +82,7 @@ _FAMILY_OPTIONS = {
     "wrong_fraction": ("polyp2d",),
     "contrast": ("polyp2d",),
     "labelled_fraction": ("atrium3d",),
+    "difficulty": ("atrium3d",),
 }
 
 
