@@ -232,5 +232,70 @@ def test_meta_tensors_and_half_precision_inputs():
     assert out["seg"].item() == pytest.approx(0.5 * (math.log(2) + 1 - (1 + 1e-5) / (1.5 + 1e-5)), rel=1e-5)
 
 
+# ------------------------------------------------------------------------------ fused terms
+
+
+def _reference_terms(seg_logits, sdm_pred, target, k=K, smooth=1e-5, mask_ce=False):
+    """L_seg, L_mask, L_con written out with autograd (the formulas before the fused backward)."""
+    t = target[:, 1:]
+    t1, known = (t == 1).to(seg_logits.dtype), ((t == 1) | (t == 0)).to(seg_logits.dtype)
+    dims = (0, *range(2, t.ndim))
+    n_known = known.sum().clamp_min(1.0)
+    prob, mask = torch.sigmoid(seg_logits), torch.sigmoid(-k * sdm_pred)
+
+    def dice(p):
+        has = known.sum(dims) > 0
+        d = 1 - (2 * (p * t1).sum(dims) + smooth) / ((known * p * p).sum(dims) + t1.sum(dims) + smooth)
+        return d[has].mean() if has.any() else p.sum() * 0
+
+    def bce(x):
+        return torch.nn.functional.binary_cross_entropy_with_logits(x, t1, weight=known, reduction="sum") / n_known
+
+    seg = 0.5 * (bce(seg_logits) + dice(prob))
+    mask_term = 0.5 * (bce(-k * sdm_pred) + dice(mask)) if mask_ce else dice(mask)
+    return seg, mask_term, ((prob - mask) ** 2).mean()
+
+
+@pytest.mark.parametrize("mask_ce", [False, True])
+@pytest.mark.parametrize("classes", [1, 3])
+def test_fused_terms_match_autograd_values_and_gradients(mask_ce, classes):
+    torch.manual_seed(classes)
+    shape = (3, classes, 4, 5, 3)
+    # logits up to +-30 (saturated sigmoids), SDMs around the mask's thin band (|k s| up to ~45)
+    seg = (torch.randn(shape, dtype=torch.float64) * 10).requires_grad_()
+    sdm = (torch.randn(shape, dtype=torch.float64) * 0.01).requires_grad_()
+    fg = torch.randint(0, 2, shape).double()
+    fg[1, :, :2] = 0.5  # case 1: partly unknown
+    fg[2] = 0.5  # case 2: unlabelled
+    target = _target(fg)
+    loss = DTMLLoss(mask_ce=mask_ce)
+    out = loss(seg, sdm, target, iteration=6000)
+    ref = _reference_terms(seg, sdm, target, mask_ce=mask_ce)
+    for name, r in zip(("seg", "mask", "con"), ref):
+        assert out[name].item() == pytest.approx(r.item(), rel=1e-10, abs=1e-12), name
+    # distinct weights on each term, so that a swapped or missing gradient part shows
+    grads = torch.autograd.grad(0.3 * out["seg"] + 0.7 * out["mask"] + 1.9 * out["con"], (seg, sdm))
+    ref_grads = torch.autograd.grad(0.3 * ref[0] + 0.7 * ref[1] + 1.9 * ref[2], (seg, sdm))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert grads[0][2].abs().sum() > 0  # the unlabelled case: L_con's gradient
+
+
+def test_fused_terms_pass_gradcheck_and_float32_matches():
+    torch.manual_seed(3)
+    seg = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    sdm = (torch.randn(2, 2, 3, 3, dtype=torch.float64) * 1e-3).requires_grad_()
+    fg = torch.randint(0, 2, (2, 2, 3, 3)).double()
+    fg[1, 1] = 0.5
+    target = _target(fg)
+    loss = DTMLLoss(mask_ce=True)
+    assert torch.autograd.gradcheck(lambda a, b: tuple(loss(a, b, target)[n] for n in ("seg", "mask", "con")), (seg, sdm))
+    out32 = loss(seg.float(), sdm.float(), target.float())
+    out64 = loss(seg, sdm, target)
+    assert out32["loss"].dtype == torch.float32
+    for name in ("seg", "mask", "con"):
+        assert out32[name].item() == pytest.approx(out64[name].item(), rel=1e-5)
+
+
 def test_doctests():
     assert doctest.testmod(dtml_module).failed == 0
