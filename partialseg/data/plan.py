@@ -1098,16 +1098,23 @@ def load_model_settings(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     return load_plan(dataset_dir, bundle)
 
 
+#: the state-dict metadata entry of the class names (``partialseg.engines.checkpoint.CLASSES_KEY``;
+#: spelled here because data sits below engines)
+_CLASSES_KEY = "partialseg_classes"
+
+
 def _names_in(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` stores the class names it was trained on (False when unreadable)."""
     if not checkpoint.is_file():
         return False
     try:
-        from partialseg.engines.checkpoint import checkpoint_classes
+        import torch
 
-        return checkpoint_classes(checkpoint) is not None
-    except (OSError, RuntimeError):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: the config's require_checkpoint names it
         return False
+    states = [state, *(state.values() if isinstance(state, dict) else ())]
+    return any(_CLASSES_KEY in ((getattr(s, "_metadata", None) or {}).get("", {})) for s in states)
 
 
 def plan_value(dataset_dir: str | os.PathLike, key: str, default: Any, bundle: str | None = None) -> Any:

@@ -59,3 +59,15 @@ def test_require_classes(tmp_path, capsys):
     torch.save(torch.nn.Linear(1, 3).state_dict(), old)
     assert require_classes(old, NAMES) == str(old)
     assert "stores no class names" in capsys.readouterr().err
+
+
+def test_the_settings_reader_finds_the_same_names(tmp_path):
+    """plan.py (below engines) spells the metadata key itself: the same key, the same answer."""
+    from partialseg.data import plan as P
+    from partialseg.engines.checkpoint import CLASSES_KEY
+
+    assert P._CLASSES_KEY == CLASSES_KEY
+    named, plain = tmp_path / "named.pt", tmp_path / "plain.pt"
+    torch.save(with_classes(torch.nn.Linear(1, 2).state_dict(), NAMES[:2]), named)
+    torch.save(torch.nn.Linear(1, 2).state_dict(), plain)
+    assert P._names_in(named) and not P._names_in(plain) and not P._names_in(tmp_path / "none.pt")
