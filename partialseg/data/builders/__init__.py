@@ -25,6 +25,12 @@ original files; ``--test`` holds labelled cases out and ``--labelled N|FRACTION`
 of that many training cases, the others becoming unlabelled entries (``--labelled 0.2``: the
 paper's 16 labelled / 64 unlabelled).
 
+Polyp layouts (hybrid supervision, :mod:`partialseg.data.builders.polyp`): ``kvasir_seg``
+(Kvasir-SEG, ``images/`` + ``masks/``, JPG) and ``cvc_clinicdb`` (CVC-ClinicDB, ``Original/`` +
+``Ground Truth/``, TIF or PNG); masks are binarised to PNG beside ``--out``; ``--strong
+N|FRACTION`` keeps that many true masks and turns the other training masks into seeded weak ones
+(``--weak-kinds``: ellipse, dilated, eroded, shifted, missing), the true one kept as ``label_true``.
+
 AMOS22 (``amos22``, :mod:`partialseg.data.builders.amos`): CT and MR as distributed, modality
 from the case id; ``--tasks paper`` writes the atlas paper's three-task multimodal split.
 
@@ -76,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from partialseg.data.builders import abdomen, amos, atrium, cardiac
+from partialseg.data.builders import abdomen, amos, atrium, cardiac, polyp
 from partialseg.data.builders._common import check_out, write_json
 from partialseg.data.builders.abdomen import DEFAULT_CLASSES
 from partialseg.data.builders.cardiac import SLICE_LAYOUTS, build_slices
@@ -107,6 +113,7 @@ class Layout:
 _CARDIAC_OPTIONS = frozenset({"test", "spacing", "size", "keep", "wholeheart", "seed", "progress"})
 _ATRIUM_OPTIONS = frozenset({"test", "labelled"})
 _AMOS_OPTIONS = frozenset({"tasks", "test_per_modality", "seed"})
+_POLYP_OPTIONS = frozenset({"test", "strong", "weak_kinds", "seed"})
 
 #: layout name -> :class:`Layout`; an anatomy module adds its ``LAYOUTS`` here
 LAYOUTS: dict[str, Layout] = {
@@ -114,6 +121,7 @@ LAYOUTS: dict[str, Layout] = {
     **{name: Layout("cardiac", cardiac.build_slices, spec, _CARDIAC_OPTIONS) for name, spec in cardiac.LAYOUTS.items()},
     **{name: Layout("atrium", atrium.build_atrium, spec, _ATRIUM_OPTIONS) for name, spec in atrium.LAYOUTS.items()},
     **{name: Layout("amos", amos.build_amos, spec, _AMOS_OPTIONS) for name, spec in amos.LAYOUTS.items()},
+    **{name: Layout("polyp", polyp.build_polyp, spec, _POLYP_OPTIONS) for name, spec in polyp.LAYOUTS.items()},
 }
 
 
@@ -224,6 +232,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "halves, one MR set, disjoint organs; docs/data_format.md)")
     group.add_argument("--test-per-modality", type=int, nargs=2, metavar=("CT", "MR"), default=None,
                        help="--tasks paper: training cases held out as the fully labelled test split (default 38 10)")
+    group = parser.add_argument_group(f"polyp layouts only ({', '.join(polyp.LAYOUTS)}; --test, --val and --seed too)")
+    group.add_argument("--strong", type=_count_or_fraction, metavar="N|FRACTION",
+                       help="training frames of each source that keep their true (strong) mask: a number (55) or a fraction "
+                       "(0.1); the others get a seeded weak mask written under <out folder>/weak/ (default: all strong)")
+    group.add_argument("--weak-kinds", nargs="+", choices=polyp.WEAK_KINDS, default=None, metavar="KIND",
+                       help=f"weak-mask kinds drawn in turn (default: all of {' '.join(polyp.WEAK_KINDS)})")
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -245,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         sources.append((layout, folder))
     options = {k: getattr(args, k) for k in ("test", "spacing", "size", "keep", "wholeheart", "seed", "labelled",
-                                             "tasks", "test_per_modality")
+                                             "tasks", "test_per_modality", "strong", "weak_kinds")
                if getattr(args, k, None) is not None}
     if any(layout in cardiac.LAYOUTS for layout, _ in sources):
         options["progress"] = not args.quiet
@@ -258,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         _print_slices(desc)
     elif any(LAYOUTS[layout].anatomy == "atrium" for layout, _ in sources):
         _print_atrium(desc)
+    elif any(LAYOUTS[layout].anatomy == "polyp" for layout, _ in sources):
+        _print_polyp(desc)
     else:
         per_source: dict[str, int] = {}
         for c in desc["training"]:
@@ -274,6 +290,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"wrote {out}; next: partialseg check {out.parent if out.name == 'dataset.json' else out}")
     return 0
+
+
+def _print_polyp(desc: dict[str, Any]) -> None:
+    """Per source: strong and weak training frames (per kind), validation and test frames."""
+    for source in dict.fromkeys(c["source"] for split in ("training", "validation", "test") for c in desc.get(split, [])):
+        train = [c for c in desc["training"] if c["source"] == source]
+        kinds: dict[str, int] = {}
+        for c in train:
+            if c.get("supervision") == "weak":
+                kinds[c["weak_type"]] = kinds.get(c["weak_type"], 0) + 1
+        strong = sum(c.get("supervision") != "weak" for c in train)
+        held = {split: sum(c["source"] == source for c in desc.get(split, [])) for split in ("validation", "test")}
+        detail = ", ".join(f"{k} {n}" for k, n in kinds.items())
+        print(f"  {source:<16}{len(train):>5} training frames ({strong} strong, {len(train) - strong} weak"
+              f"{': ' + detail if detail else ''}), {held['validation']} validation, {held['test']} test")
 
 
 def _print_atrium(desc: dict[str, Any]) -> None:
