@@ -22,9 +22,10 @@ of view (voxel spacing).
 ``modality="CT+MR"`` is the atlas paper's three-task multimodal setting with disjoint organ sets:
 two CT sources (``ct_a``: liver and stomach, portal phase; ``ct_b``: both kidneys,
 nephrographic phase) and one MR source (``mr``: spleen and pancreas) whose appearance is its own
-(a T2-like, fat-suppressed look, profile ``"T2"``: fluid and spleen bright, liver dark, so the
-organs' contrast order differs from CT's; a coarse multiplicative organ texture, a strong bias
-field and Rician noise), so that a network trained on the union loses Dice on the organs that
+(a T2-like look, profile ``"T2"``: fluid and spleen bright, liver dark, so the organs' contrast
+order differs from CT's; a coarse multiplicative organ texture, a strong bias field and Rician
+noise; fat and muscle bright enough that an Otsu threshold finds the whole body, as on CT, so
+``AtlasCrop`` boxes agree across modalities), so that a network trained on the union loses Dice on the organs that
 the test image's modality never labels (see ``docs/results.md``, atlas section).
 """
 
@@ -108,11 +109,13 @@ _MR_BASE = {
 }
 _MR_GAIN = {"full": 1.0, "liver": 0.85, "spleen": 1.15, "pancreas": 0.95, "kidney": 1.08, "ct_a": 1.0,
             "ct_b": 1.0, "mr": 1.0}
-#: the multimodal MR source's T2-like, fat-suppressed signal (profile "T2"): organ contrast order
+#: the multimodal MR source's T2-like signal (profile "T2"): organ contrast order
 #: spleen > kidney > pancreas > stomach wall > liver (CT: kidney > spleen > liver > pancreas),
-#: fluid (gallbladder, stomach contents, CSF) bright, vessels dark (flow voids), fat suppressed
+#: fluid (gallbladder, stomach contents, CSF) bright, vessels dark (flow voids); fat and muscle
+#: well above air, so that Otsu's threshold separates the body from the air (with darker fat it
+#: separated the bright organs from everything else and the body crop lost the body)
 _MR_T2 = {
-    "air": 0, "subcut_fat": 140, "muscle": 110, "visceral_fat": 120, "bone": 30, "marrow": 160, "disc": 420,
+    "air": 0, "subcut_fat": 480, "muscle": 170, "visceral_fat": 440, "bone": 30, "marrow": 160, "disc": 420,
     "csf": 900, "aorta": 35, "ivc": 50, "bowel": 380, "bowel_gas": 5, "gallbladder": 950,
     "kidney_cortex": 560, "kidney_medulla": 720, "spleen": 660, "liver": 210, "liver_lesion": 640,
     "stomach_wall": 290, "stomach_fluid": 860, "stomach_gas": 5, "pancreas": 400, "pancreas_lesion": 700,
