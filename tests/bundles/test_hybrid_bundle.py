@@ -1,0 +1,229 @@
+"""The hybrid-supervision bundle (``hybrid_polyp``) through ``python -m monai.bundle run``.
+
+Tiny data (synthetic polyp2d, hybrid preset, 32 x 32: 3 strong and 9 weak training masks, 2 test
+frames) and a tiny schedule (3 iterations per epoch, batches of 2 pairs, an indicator update every
+2 iterations). The training run is killed (SIGKILL) after its first resume checkpoint and run again
+with the same command: it must continue from the checkpoint with both networks, both optimisers
+and the indicators restored. Then: the gamma report (CSV + histogram), inference with network 1
+(and the average of both), evaluation (Dice, ASSD), two gloo ranks under ``torchrun``, and the bad
+inputs each refused naming the case or file. ``benchmarks/hybrid_ablation.py`` measures accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from partialseg.data import DatasetError, ensure_dataset, load_dataset
+from partialseg.engines import bundle_command, run_bundle
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "hybrid_polyp"
+CFG = BUNDLE / "configs"
+DATA = {"preset": "hybrid", "size": 32, "num_train": 12, "num_test": 2, "num_strong": 3}
+SMALL = {"spatial_size": [32, 32], "iterations_per_epoch": 3, "pairs_per_batch": 2, "tau": 2, "indicator_batch_size": 16,
+         "progress": False}  # fmt: skip
+EPOCHS = 4  # x 3 iterations; a resume checkpoint every 2
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+pytestmark = pytest.mark.slow
+
+
+def make_data(root: Path, **overrides) -> Path:
+    return Path(ensure_dataset(root / "data" / "polyp2d", "polyp2d", **{**DATA, **overrides}))
+
+
+def parser(root: Path, config: str = "train.json", **overrides):
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(str(CFG / config))
+    p.update({"bundle_root": str(root), **SMALL, **overrides})
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train, SIGKILL after the first resume checkpoint, train again with the same command."""
+    root = tmp_path_factory.mktemp("hybrid_polyp")
+    make_data(root)
+    cmd = bundle_command(BUNDLE, root, ("train.json",), epochs=EPOCHS, checkpoint_interval=2, **SMALL)
+    ckpt = root / "runs" / "train" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 240
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(ckpt, weights_only=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return root, before, run
+
+
+def test_killed_training_resumes_both_networks_optimisers_and_indicators(trained):
+    root, before, run = trained
+    killed_at = before["trainer"]["iteration"]
+    total = EPOCHS * SMALL["iterations_per_epoch"]
+    assert 2 <= killed_at < total and killed_at % 2 == 0
+    assert sorted(before) == ["indicators", "net1", "net2", "opt1", "opt2", "trainer"]
+    out = run.stdout + run.stderr
+    assert f"resuming from {root / 'runs' / 'train' / 'checkpoint.pt'} after iteration {killed_at}" in out
+    final = torch.load(root / "runs" / "train" / "checkpoint.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == total
+    ind = final["indicators"]
+    # every update of the whole run is counted: the indicators (gamma, Adam moments, steps) were
+    # restored at the kill, not started again from 0.5
+    updates = total // SMALL["tau"]
+    assert ind["updates"] == updates and ind["steps"].tolist() == [updates] * 9
+    assert before["indicators"]["updates"] == killed_at // SMALL["tau"]
+    assert ((ind["gamma"] >= 0) & (ind["gamma"] <= 1)).all() and (ind["gamma"] != 0.5).any()
+    for net in ("net1", "net2"):  # both networks kept training after the resume
+        assert any(not torch.equal(before[net][k], final[net][k]) for k in before[net] if before[net][k].is_floating_point())
+    assert final["opt1"]["state"] and final["opt2"]["state"]  # SGD momentum buffers of both
+    metrics = json.loads((root / "runs" / "train" / "metrics.json").read_text())
+    assert metrics["iteration"][-1] == total and "loss_reg:" in out and "gamma_i:" in out
+
+
+def test_indicator_report_and_saved_networks(trained):
+    root = trained[0]
+    ds = load_dataset(root / "data" / "polyp2d")
+    weak_types = {c["case"]: c["weak_type"] for c in ds.splits["training"] if c.get("supervision") == "weak"}
+    with open(root / "runs" / "train" / "gamma.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    weak = [r for r in rows if r["weak_type"] != "strong"]
+    assert {r["case"]: r["weak_type"] for r in weak} == weak_types  # one row per weak case, its mask's type
+    assert sum(r["weak_type"] == "strong" for r in rows) == 3 and all(0 <= float(r["gamma"]) <= 1 for r in rows)
+    assert (root / "runs" / "train" / "gamma_hist.png").stat().st_size > 1000
+    # models/model.pt is network 1 (inference, ckpt_export), models/model_net2.pt network 2: different weights
+    p = parser(root, "inference.json", average=True)
+    net1, net2 = p.get_parsed_content("network"), p.get_parsed_content("network2")
+    net1.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net2.load_state_dict(torch.load(root / "models" / "model_net2.pt", weights_only=True))
+    assert not torch.equal(net1.classifier.weight, net2.classifier.weight)
+    avg = p.get_parsed_content("predictor")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        net1.eval(), net2.eval()
+        expected = (torch.softmax(net1(x), 1) + torch.softmax(net2(x), 1)) / 2
+        torch.testing.assert_close(avg(x).exp(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_and_evaluation_on_the_test_frames(trained):
+    import nibabel as nib
+    from PIL import Image
+
+    root = trained[0]
+    r = run_bundle(BUNDLE, root, ("inference.json", "evaluate.json"), threads=1, timeout=600, spatial_size=[32, 32], progress=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cases = load_dataset(root / "data" / "polyp2d").datalist("test")
+    for case in cases:
+        pred = np.asarray(nib.load(str(root / "eval" / "pred" / f"{case['case']}_seg.nii.gz")).dataobj)
+        width, height = Image.open(case["image"]).size
+        assert pred.shape == (width, height) and set(np.unique(pred)) <= {0, 1}
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and set(summary["per_class"]) == {"polyp"}
+    assert {"dice", "assd"} <= set(summary["per_class"]["polyp"])
+    assert "mean over classes" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed")
+def test_two_gloo_ranks_keep_networks_and_indicators_identical(tmp_path):
+    make_data(tmp_path)
+    dump = ("$torch.save({'net1': @network.module.state_dict(), 'net2': @network2.module.state_dict(), 'gamma': @indicators.gamma},"
+            " @bundle_root + '/rank' + str(dist.get_rank()) + '.pt')")  # fmt: skip
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run",
+        "--config_file", repr([str(CFG / "train.json"), str(CFG / "multi_gpu_train.json")]),
+        "--meta_file", str(CFG / "metadata.json"), "--logging_file", str(CFG / "logging.conf"),
+        "--bundle_root", str(tmp_path), "--epochs", "1",
+        "--finalize", repr([dump, "$dist.destroy_process_group()"]),
+    ]  # fmt: skip
+    for key, value in SMALL.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(ENV, CUDA_VISIBLE_DEVICES=""), timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    s0, s1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    for net in ("net1", "net2"):  # parameters; batch-norm statistics follow each rank's last local batch
+        for k in s0[net]:
+            if "running_" in k or "num_batches_tracked" in k:
+                continue
+            torch.testing.assert_close(s0[net][k], s1[net][k], atol=0, rtol=0)
+    # both ranks took the same indicator steps: network 1's batch-norm statistics are broadcast from
+    # rank 0 before each indicator pass (multi_gpu_train.json's sync_indicator_network)
+    torch.testing.assert_close(s0["gamma"], s1["gamma"], atol=0, rtol=0)
+    assert (s0["gamma"] != 0.5).any()
+    assert (tmp_path / "runs" / "train" / "gamma.csv").is_file() and (tmp_path / "models" / "model_net2.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _refusal(root: Path) -> str:
+    """The DatasetError the training datalist raises (MONAI's parser wraps it in a RuntimeError)."""
+    with pytest.raises(RuntimeError) as e:
+        parser(root).get_parsed_content("train#datalist")
+    cause = e.value.__cause__
+    assert isinstance(cause, DatasetError), repr(cause)
+    return str(cause)
+
+
+def _rewrite(root: Path, edit) -> Path:
+    path = root / "data" / "polyp2d" / "dataset.json"
+    desc = json.loads(path.read_text())
+    edit(desc)
+    path.write_text(json.dumps(desc))
+    return path
+
+
+def test_a_dataset_without_a_strong_case_is_refused_naming_the_file(tmp_path):
+    make_data(tmp_path)
+
+    def all_weak(desc):
+        for c in desc["training"]:
+            c["supervision"] = "weak"
+
+    path = _rewrite(tmp_path, all_weak)
+    msg = _refusal(tmp_path)
+    assert f"dataset {path}: all 12 labelled training cases are weak" in msg and "none strong" in msg
+
+
+def test_an_unknown_supervision_value_is_refused_naming_the_case(tmp_path):
+    make_data(tmp_path)
+    _rewrite(tmp_path, lambda desc: desc["training"][1].update(supervision="weakly"))
+    msg = _refusal(tmp_path)
+    assert "case 'frame_0001' (training[1]): 'supervision' must be one of ['strong', 'weak'], got 'weakly' (did you mean 'weak'?)" in msg
+
+
+def test_a_weak_mask_of_the_wrong_shape_is_refused_naming_the_case_and_file(tmp_path):
+    from PIL import Image
+
+    root = make_data(tmp_path)
+    weak = next(c for c in load_dataset(root).splits["training"] if c["supervision"] == "weak")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(weak["label"])
+    msg = _refusal(tmp_path)
+    assert f"case {weak['case']!r}" in msg and "weak mask" in msg and weak["label"] in msg and "(16, 16)" in msg
+
+
+def test_indicator_state_of_another_dataset_is_refused_on_resume(trained, tmp_path):
+    """A resume checkpoint whose indicators hold other cases (another dataset) is refused, cases named."""
+    make_data(tmp_path, num_strong=4)  # same frames, one more strong case: other weak instances
+    (tmp_path / "runs" / "train").mkdir(parents=True)
+    shutil.copy(trained[0] / "runs" / "train" / "checkpoint.pt", tmp_path / "runs" / "train" / "checkpoint.pt")
+    p = parser(tmp_path, epochs=EPOCHS + 1)
+    trainer = p.get_parsed_content("train#trainer")
+    p.get_parsed_content("resume_checkpoint").attach(trainer)
+    with pytest.raises(ValueError, match="another dataset") as e:
+        trainer.run()
+    assert "strong cases that differ" in str(e.value) and "frame_" in str(e.value)
