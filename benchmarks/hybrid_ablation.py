@@ -101,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--widths", type=int, nargs=3, default=[16, 32, 16], metavar=("ASPP", "DECODER", "LOW"),
                     help="HybridDeepLab('small') ASPP, decoder and low-level channels")
     ap.add_argument("--tag", default="", help="a label stored with the runs")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="DII arms: at every indicator update also record the mean d gamma per weak type and network 1's "
+                         "predicted foreground fraction on the strong cases against their true fraction (why gamma moves)")
     ap.add_argument("--data-dir", default="/tmp/partialseg_hybrid_ablation")
     ap.add_argument("--out", default=str(RESULTS / "hybrid_ablation_runs.jsonl"))
     ap.add_argument("--report", default=str(RESULTS / "hybrid_ablation.md"))
@@ -241,7 +244,31 @@ def run_arm(arm, seed, data, args) -> dict:
         return {t: round(float(np.mean([g[c["case"]] for c in weak if c["weak_type"] == t])), 4)
                 for t in sorted({c["weak_type"] for c in weak})}
 
+    diagnostics = []
+
+    def diagnose(engine):
+        from partialseg.losses.hybrid import indicator_gradient
+
+        g_s, rows, g_k = engine.indicator_gradients()
+        d = indicator_gradient(g_s, g_k).numpy()
+        types = np.array([ind.weak_types.get(ind.keys[int(r)][0], "") for r in rows])
+        strong = [c for c in train if c["supervision"] == "strong"]
+        net1.eval()
+        with torch.no_grad():
+            prob = torch.softmax(net1(torch.stack([c["image"] for c in strong])), 1)[:, 1]
+        net1.train()
+        true = torch.stack([c["true"] for c in strong])[:, 0] > 0
+        diagnostics.append({
+            "iteration": engine.state.iteration, **{f"dgamma_{t}": float(d[types == t].mean()) for t in sorted(set(types))},
+            "strong_pred_fg": float(prob.mean()), "strong_true_fg": float(true.float().mean()),
+            "strong_p_fg_on_background": float(prob[~true].mean()), "strong_p_bg_on_polyp": float(1 - prob[true].mean()),
+            "g_s_norm": float(g_s.norm()),
+        })  # fmt: skip
+
     if dii:
+        if args.diagnose:  # registered first: sees the state the update is about to use
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.tau), diagnose)
+            trainer._event_handlers[Events.ITERATION_COMPLETED].insert(0, trainer._event_handlers[Events.ITERATION_COMPLETED].pop())
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.tau),
                                   lambda e: trajectory.append({"iteration": e.state.iteration, **gamma_by_type()}))
     t0 = time.perf_counter()
@@ -261,7 +288,7 @@ def run_arm(arm, seed, data, args) -> dict:
             "spearman": float(rho), "spearman_p": float(p), "spearman_ellipse": float(rho_e),
             "gamma_by_type": gamma_by_type(), "bad_below_0.1": float((gamma[bad] < 0.1).mean()) if bad.any() else None,
             "good_above_0.9": float((gamma[quality >= 0.7] > 0.9).mean()) if (quality >= 0.7).any() else None,
-            "gamma_trajectory": trajectory, "gamma": [round(float(g), 4) for g in gamma], "weak_dice": [round(float(q), 4) for q in quality],
+            "gamma_trajectory": trajectory, "dii_diagnostics": diagnostics, "gamma": [round(float(g), 4) for g in gamma], "weak_dice": [round(float(q), 4) for q in quality],
         })  # fmt: skip
     return result
 
