@@ -510,3 +510,17 @@ def test_dtml_atrium_reads_the_plan(tmp_path, capsys):
     _mr_volumes(mr)
     s = P.plan_dataset(mr, bundle=bundle, workers=1)["plans"][bundle]["settings"]
     assert (s["pixdim"], s["num_classes"], s["intensity_clip"], s["intensity_stats"]) == ([1.5, 1.5, 1.5], 4, None, None)
+
+
+def test_dcl_missing_warns_when_two_classes_are_never_annotated(tmp_path):
+    """One class annotated by no case (here the background) is learned as the complement of the
+    others: missing='any', no warning. Two cannot be told apart: a warning naming both."""
+    _mr_slices(tmp_path)
+    fp = P.fingerprint_dataset(tmp_path, workers=1, cache=False)
+    one = P.make_plan(fp, bundle="dcl_cardiac")
+    assert one["settings"]["missing"] == "any" and not [w for w in one["warnings"] if "annotates" in w]
+    assert "no case annotates background" in one["reasons"]["missing"]
+    stats = dict(fp["class_stats"], ring=dict(fp["class_stats"]["ring"], cases_annotated=0))
+    two = P.make_plan(dict(fp, class_stats=stats), bundle="dcl_cardiac")
+    (warning,) = [w for w in two["warnings"] if "annotates" in w]
+    assert two["settings"]["missing"] == "any" and "no case annotates background, ring" in warning and "apart" in warning
