@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import contextlib
+
 import torch
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
@@ -289,6 +291,10 @@ class AtlasTrainer(MultiNetworkTrainer):
     def _pseudo_active(self) -> bool:
         return int(self.state.epoch) > self.pseudo_start_epoch
 
+    def full_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off (under AMP): the losses sum over every voxel, which float16 cannot hold."""
+        return torch.autocast(self._device_type(), enabled=False) if self.amp else contextlib.nullcontext()
+
     # ------------------------------------------------------------------------------ the steps
 
     def refiner_loss(self, prob: Tensor, atlas: Tensor, target: Tensor, labelled: Tensor) -> Tensor | None:
@@ -298,7 +304,8 @@ class AtlasTrainer(MultiNetworkTrainer):
         p, a, idx = self._pairs(prob.detach(), atlas, labelled)
         logits = self.state.networks["refiner"](p, a, augment=self.refiner_augment)[:, 0]
         full = torch.zeros_like(prob, dtype=logits.dtype).index_put(idx, logits)
-        return self.loss_function.refiner(full, target, labelled)
+        with self.full_precision():
+            return self.loss_function.refiner(full.float(), target.float(), labelled)
 
     @torch.no_grad()
     def refine(self, prob: Tensor, atlas: Tensor, pairs: Tensor) -> Tensor:
@@ -374,7 +381,9 @@ class AtlasTrainer(MultiNetworkTrainer):
         self.update(self.main_loss(logits, prob, features, label, atlas, refined, unlabelled, indicator), *names)
 
         if self.aman:  # 3. AMAN step on this iteration's prediction, detached
-            loss_d = self.loss_function.discriminator(self.discriminator_logits(organ_prob.detach(), atlas, frozen=False), indicator)
+            logits_d = self.discriminator_logits(organ_prob.detach(), atlas, frozen=False)
+            with self.full_precision():
+                loss_d = self.loss_function.discriminator(logits_d.float(), indicator)
             self.update(loss_d, "discriminator_optimizer", key="loss_discriminator")
             out["loss_discriminator"] = loss_d.detach()
 
@@ -392,15 +401,19 @@ class AtlasTrainer(MultiNetworkTrainer):
         """Eq. 4 for the main network (and the MICPAMs); writes the detached terms to ``state.output``."""
         out, lf = self.state.output, self.loss_function
         organ_prob, organ_target = prob[:, 1:], label[:, 1:]
-        seg = lf.seg(logits, label)
+        with self.full_precision():  # the marginal sums run over every voxel: float32, outside autocast
+            seg = lf.seg(logits.float(), label.float())
         pseudo_term = adv = proto = None
         pseudo = mask = None
         if refined is not None:
             pseudo, mask = lf.pseudo_targets(refined, organ_target, unlabelled)
         if self.aprn and self._pseudo_active():
-            pseudo_term = lf.pseudo(organ_prob, pseudo, mask, unlabelled)
+            with self.full_precision():
+                pseudo_term = lf.pseudo(organ_prob, pseudo, mask, unlabelled)
         if self.aman and lf.lambda_adv > 0 and not bool(indicator.all()):
-            adv = lf.adversarial(self.discriminator_logits(organ_prob, atlas, frozen=True, pairs=~indicator), indicator)
+            logits_adv = self.discriminator_logits(organ_prob, atlas, frozen=True, pairs=~indicator)
+            with self.full_precision():
+                adv = lf.adversarial(logits_adv.float(), indicator)
         if self.micpam:
             micpam = self.state.networks["prototypes"]
             expand = unlabelled.view(*unlabelled.shape, *([1] * (label.ndim - 2)))
@@ -408,7 +421,8 @@ class AtlasTrainer(MultiNetworkTrainer):
             unwrap_network(micpam).update(features, consensus_masks(logits.detach().argmax(1), label, maybe_organ))
             maps = micpam(features)
             if self._pseudo_active():
-                proto = lf.proto(maps, pseudo, mask, unlabelled)
+                with self.full_precision():
+                    proto = lf.proto([a.float() for a in maps], pseudo, mask, unlabelled)
             else:  # keep the projections on the graph (DDP) with a zero term
                 proto = sum(m.sum() for m in maps) * 0.0
         for name, value in (("seg", seg), ("pseudo", pseudo_term), ("adv", adv), ("proto", proto)):

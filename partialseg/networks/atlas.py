@@ -291,13 +291,17 @@ class AtlasDiscriminator(nn.Module):
     ends in a patch map, not a global decision.
 
     Every layer halves the size (floor), so the input needs at least ``2 ** len(channels)`` voxels
-    per dimension (64 for six layers); fewer is refused with a message naming the size.
+    per dimension (64 for six layers) at the working resolution; fewer is refused with a message
+    naming the size.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: 2 (``p_c`` and ``atlas_c``).
         channels: output channels of each convolution.
         norm: MONAI norm of the convolutions (None: none, the default).
+        scale: the resolution it works at, as a fraction of the input (average pooling first; 1:
+            the input's, the paper's). AMAN judges an organ's location, size and shape against the
+            atlas, which survive at half resolution for an eighth of the cost (``docs/atlas.md``).
 
     Shapes:
         input ``(N, in_channels, *spatial)``; output ``(N, 1)`` logits.
@@ -309,8 +313,16 @@ class AtlasDiscriminator(nn.Module):
         torch.Size([5, 1])
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 2, channels: Sequence[int] = (32, 64, 128, 256, 256, 256), norm: tuple | str | None = None) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 2,
+        channels: Sequence[int] = (32, 64, 128, 256, 256, 256),
+        norm: tuple | str | None = None,
+        scale: float = 1.0,
+    ) -> None:
         super().__init__()
+        self.scale = check_float(scale, "scale", minimum=0.0, maximum=1.0, include_minimum=False)
         channels = [check_int(c, "AtlasDiscriminator: channels entry", minimum=1) for c in channels]
         if not channels:
             raise ValueError("AtlasDiscriminator: channels must name at least one layer.")
@@ -325,10 +337,12 @@ class AtlasDiscriminator(nn.Module):
         self.min_size = 2 ** len(channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scale < 1.0:
+            x = resize_to(x, [max(1, int(s * self.scale)) for s in x.shape[2:]], "area")
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(
-                f"AtlasDiscriminator: input of spatial size {tuple(x.shape[2:])} is too small for {len(self.features)} stride-2 layers"
-                f" (needs >= {self.min_size} per dimension); use fewer channels entries or larger patches."
+                f"AtlasDiscriminator: input of spatial size {tuple(x.shape[2:])} (at scale {self.scale}) is too small for"
+                f" {len(self.features)} stride-2 layers (needs >= {self.min_size} per dimension); use fewer channels entries or larger patches."
             )
         h = self.features(x)
         return self.head(h.flatten(2).mean(2))
@@ -449,7 +463,8 @@ class PrototypeAnchoring(nn.Module):
         for s, f in enumerate(features):
             f = f.detach().float().flatten(2)  # (B, n, N)
             w = resize_to(weights.detach().float(), features[s].shape[2:], "area").flatten(2)  # (B, C, N)
-            sums = torch.einsum("bcn,bfn->cf", w, f)
+            with torch.autocast(f.device.type, enabled=False):  # sums over every voxel: float32, not autocast's float16
+                sums = torch.einsum("bcn,bfn->cf", w, f)
             mass = w.sum((0, 2))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sums)

@@ -221,3 +221,17 @@ def test_the_adversarial_term_computes_only_the_cross_modal_pairs_with_the_same_
     loss = AtlasLoss()
     assert loss.adversarial(some, indicator).item() == pytest.approx(loss.adversarial(full, indicator).item(), rel=1e-6)
     assert all(p.requires_grad for p in mods["discriminator"].parameters())  # unfrozen again after the frozen pass
+
+
+def test_amp_keeps_the_losses_and_the_prototype_sums_in_float32():
+    # under autocast the marginal L_seg and the prototypes' masked sums run over every voxel: they
+    # are computed in float32 outside autocast. On CUDA (float16) they overflowed to NaN before
+    # (seen on an H200, docs/atlas.md); here, on CPU (bfloat16), the test checks that the AMP path
+    # runs, one GradScaler per optimiser, and that the prototypes stay float32 and finite.
+    mods = _modules()
+    trainer = _trainer(_batches(2), mods, amp=True)
+    trainer.run()
+    out = trainer.state.output
+    assert all(bool(torch.isfinite(out[k])) for k in ("loss", "seg", "pseudo", "adv", "proto", "loss_refiner", "loss_discriminator"))
+    assert mods["prototypes"].prototypes(0).dtype == torch.float32 and bool(torch.isfinite(mods["prototypes"].prototypes(0)).all())
+    assert sorted(trainer.scalers) == ["discriminator_optimizer", "optimizer", "prototypes_optimizer", "refiner_optimizer"]

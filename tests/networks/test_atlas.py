@@ -65,6 +65,13 @@ def test_discriminator_gives_one_logit_per_pair_and_refuses_too_small_inputs():
         d(torch.zeros(1, 2, 32, 64, 64))
     small = AtlasDiscriminator(3, channels=(4, 8, 8))
     assert small(torch.rand(7, 2, 8, 8, 8)).shape == (7, 1)
+    # at half resolution: the same layers see the input average-pooled by 2
+    half = AtlasDiscriminator(3, channels=(4, 8, 8), scale=0.5)
+    half.load_state_dict(small.state_dict())
+    x = torch.rand(3, 2, 16, 16, 16)
+    assert torch.allclose(half(x), small(torch.nn.functional.avg_pool3d(x, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="at scale 0.5"):
+        half(torch.rand(1, 2, 8, 8, 8))
 
 
 def test_ema_prototypes_match_hand_computed_values():
