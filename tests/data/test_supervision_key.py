@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +102,13 @@ def test_all_weak_missing_truth_and_wrong_shape_are_problems(tmp_path):
     assert not any("are weak" in p for p in validate_dataset(root, channels=3).problems)
 
 
-def test_check_cli_prints_the_counts(tmp_path):
+def test_check_cli_prints_the_counts(tmp_path, capsys):
+    import argparse
+
+    from partialseg.data import check
+
     root = _write(tmp_path, [{"name": "s"}, {"name": "w", "supervision": "weak", "weak_type": "shifted"}])
-    r = subprocess.run([sys.executable, "-m", "partialseg", "check", str(root), "--channels", "3", "--quiet", "--workers", "1"],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "supervision: 1 strong, 1 weak (shifted 1)" in r.stdout
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args([str(root), "--channels", "3", "--quiet", "--workers", "1"])) == 0
+    assert "supervision: 1 strong, 1 weak (shifted 1)" in capsys.readouterr().out
