@@ -298,9 +298,20 @@ class AtlasTrainer(MultiNetworkTrainer):
     # ------------------------------------------------------------------------------ the steps
 
     def refiner_loss(self, prob: Tensor, atlas: Tensor, target: Tensor, labelled: Tensor) -> Tensor | None:
-        """``L_APRN`` on the labelled (sample, organ) pairs (``prob`` detached); None when there are none."""
+        """``L_APRN`` on the labelled (sample, organ) pairs (``prob`` detached).
+
+        No labelled pair in the batch: None (the step is skipped), except under
+        ``torch.distributed``, where the other processes' refiner steps wait for this one's
+        gradients: a zero loss through one pair then joins the all-reduce (this process adds
+        nothing to the averaged gradient).
+        """
         if not bool(labelled.any()):
-            return None
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return None
+            first = torch.zeros_like(labelled)
+            first.view(-1)[0] = True
+            p, a, _ = self._pairs(prob.detach(), atlas, first)
+            return self.state.networks["refiner"](p, a, augment=False).float().sum() * 0.0
         p, a, idx = self._pairs(prob.detach(), atlas, labelled)
         logits = self.state.networks["refiner"](p, a, augment=self.refiner_augment)[:, 0]
         full = torch.zeros_like(prob, dtype=logits.dtype).index_put(idx, logits)

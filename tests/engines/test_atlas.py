@@ -235,3 +235,27 @@ def test_amp_keeps_the_losses_and_the_prototype_sums_in_float32():
     assert all(bool(torch.isfinite(out[k])) for k in ("loss", "seg", "pseudo", "adv", "proto", "loss_refiner", "loss_discriminator"))
     assert mods["prototypes"].prototypes(0).dtype == torch.float32 and bool(torch.isfinite(mods["prototypes"].prototypes(0)).all())
     assert sorted(trainer.scalers) == ["discriminator_optimizer", "optimizer", "prototypes_optimizer", "refiner_optimizer"]
+
+
+def test_a_batch_without_labelled_organs_skips_aprn_alone_and_joins_with_zero_under_distributed(tmp_path):
+    data = _batches(1)
+    unlabelled = [dict(data[0], label=torch.full_like(data[0]["label"], 0.5))]
+    mods = _modules()
+    steps = []
+    trainer = _trainer(unlabelled, mods)
+    trainer.add_event_handler(MultiNetworkEvents.OPTIMIZER_COMPLETED, lambda e: steps.append(e.state.updated))
+    trainer.run()
+    assert ("refiner_optimizer",) not in steps and float(trainer.state.output["loss_refiner"]) == 0.0
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        steps.clear()
+        mods = _modules()
+        trainer = _trainer(unlabelled, mods)
+        trainer.add_event_handler(
+            MultiNetworkEvents.OPTIMIZER_COMPLETED, lambda e: steps.append((e.state.updated, _grads(mods["refiner"])))
+        )
+        trainer.run()  # the prototypes' all_reduce runs too
+        refiner_steps = [g for u, g in steps if u == ("refiner_optimizer",)]
+        assert len(refiner_steps) == 1 and all(g is not None and not bool(g.any()) for g in refiner_steps[0])
+    finally:
+        torch.distributed.destroy_process_group()
