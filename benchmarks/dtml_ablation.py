@@ -19,6 +19,8 @@ proportion):
 - ``full``       M_s alone with every training volume labelled (the upper bound)
 - ``dtml_dis``   DTML semi with L_dis instead of L_mask (Table 1)
 - ``dtml_both``  DTML semi with L_dis + L_mask (Table 1)
+- ``md_lab_ce``  (not in the default run) M_d alone with ``mask_ce``: L_mask = 0.5 (BCE + Dice) of its
+  mask (logits ``-k s_hat``), the check of the ordering's explanation in ``docs/results.md``
 
 The full ground truth of the unlabelled volumes (for ``full``) is rendered by the generator's own
 code (``atrium.render_case`` with the generator's per-case random streams), so the data are the
@@ -56,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## dtml: ablation on atrium3d"
 ARMS = ["ms_lab", "md_lab", "dtml_lab", "dtml_semi", "full", "dtml_dis", "dtml_both"]
+#: arms run only when named (--arms): not part of the paper's tables
+EXTRA_ARMS = ["md_lab_ce"]
 LABELS = {
     "ms_lab": "M_s, labelled only",
     "md_lab": "M_d (SDM + L_mask), labelled only",
@@ -64,6 +68,7 @@ LABELS = {
     "full": "M_s, all labelled (upper bound)",
     "dtml_dis": "DTML semi, L_dis instead of L_mask",
     "dtml_both": "DTML semi, L_dis + L_mask",
+    "md_lab_ce": "M_d, labelled only, L_mask = 0.5 (BCE + Dice)",
 }
 #: the paper's figures (Dice %, Jaccard %, ASD voxel, 95HD voxel); Table 2 / 3 / 1
 PAPER = {
@@ -89,7 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--labelled-fraction", type=float, default=0.2)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS + EXTRA_ARMS)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.05, help="SGD lr (the paper: 0.01 over 6000 iterations; at 0.01 the 300-iteration M_s underfits)")
     ap.add_argument("--batch", type=int, default=4, help="volumes per batch (DTML semi: half labelled, half unlabelled)")
@@ -190,16 +195,20 @@ class SegLoss(torch.nn.Module):
 
 
 class MaskLoss(torch.nn.Module):
-    """M_d alone: the Dice of its mask sigma(-k s_hat) against the label (L_mask), as the DTML loss."""
+    """M_d alone: the Dice of its mask sigma(-k s_hat) against the label (L_mask), as the DTML loss;
+    ``ce=True``: 0.5 (BCE + Dice), the BCE on the mask's logits ``-k s_hat`` (``DTMLLoss(mask_ce=True)``)."""
 
-    def __init__(self, k):
+    def __init__(self, k, ce=False):
         super().__init__()
-        self.k = k
+        self.k, self.ce = k, ce
 
     def forward(self, sdm, label):
         from partialseg.losses.dtml import sdm_to_mask
 
-        return soft_dice_loss(sdm_to_mask(sdm, self.k), label[:, 1:])
+        dice = soft_dice_loss(sdm_to_mask(sdm, self.k), label[:, 1:])
+        if not self.ce:
+            return dice
+        return 0.5 * (torch.nn.functional.binary_cross_entropy_with_logits(sdm * -self.k, label[:, 1:]) + dice)
 
 
 def sampler_for(arm, n_lab, n_train, args, seed):
@@ -262,11 +271,11 @@ def run_arm(arm, seed, data, args) -> dict:
         predictor = DTMLPredictor(seg_net)
         nets = (seg_net, sdm_net)
     else:
-        if arm == "md_lab":
-            from partialseg.networks.dtml import DTMLPredictor, SignedDistanceNet
+        if arm in ("md_lab", "md_lab_ce"):
+            from partialseg.networks.dtml import SignedDistanceNet
 
             net = SignedDistanceNet(make_backbone(args))
-            loss = MaskLoss(args.k)
+            loss = MaskLoss(args.k, ce=arm == "md_lab_ce")
         else:
             net, loss = make_backbone(args), SegLoss()
         opt, sch = sgd(net)
@@ -274,7 +283,7 @@ def run_arm(arm, seed, data, args) -> dict:
                                     network=net, optimizer=opt, loss_function=loss, decollate=False)
         schedulers = (sch,)
         nets = (net,)
-        predictor = _MdPredictor(net, args.k) if arm == "md_lab" else _SigmoidPredictor(net)
+        predictor = _MdPredictor(net, args.k) if arm in ("md_lab", "md_lab_ce") else _SigmoidPredictor(net)
 
     terms: dict[str, list[float]] = {}
 
@@ -374,7 +383,7 @@ def evaluate(predictor, cases, args) -> list[dict]:
 def summarise(runs: list[dict]) -> dict:
     """arm -> {metric: (mean over seeds of the per-seed case mean, std over seeds)}, "n", "time"."""
     out = {}
-    for arm in ARMS:
+    for arm in ARMS + EXTRA_ARMS:
         rs = [r for r in runs if r["arm"] == arm]
         if not rs:
             continue
@@ -394,7 +403,7 @@ def table(summary: dict) -> str:
     for arm, s in summary.items():
         pct = lambda m: f"{100 * s[m][0]:.2f} ± {100 * s[m][1]:.2f}"
         dist = lambda m: f"{s[m][0]:.2f} ± {s[m][1]:.2f}"
-        paper = " / ".join(f"{v:g}" for v in PAPER[arm])
+        paper = " / ".join(f"{v:g}" for v in PAPER[arm]) if arm in PAPER else "-"
         empty = f" ({s['empty']} empty)" if s["empty"] else ""
         rows.append(f"| {LABELS[arm]} | {s['n']} | **{pct('dice')}** | {pct('jaccard')} | {dist('asd')}{empty} | {dist('hd95')} | {paper} | {s['time']:.0f} |")
     return head + "\n".join(rows) + "\n"
@@ -441,7 +450,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
+    arms = [a for a in ARMS + EXTRA_ARMS if any(r["arm"] == a for r in runs)]
     fig = Figure(figsize=(9, 3.2), dpi=80)
     for k, (metric, scale, title) in enumerate((("dice", 100.0, "Dice %"), ("hd95", 1.0, "95HD (voxels)"))):
         ax = fig.add_subplot(1, 2, k + 1)

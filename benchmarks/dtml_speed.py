@@ -52,18 +52,54 @@ def backbone(name: str):
     raise ValueError(f"unknown backbone {name!r}")
 
 
-def interleaved(*fns, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up."""
+def interleaved(*fns, repeats: int, warmup: int = 2, detail: list | None = None) -> list[float]:
+    """Median seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up.
+
+    ``detail`` (a list) receives one dict per function: the median wall and CPU (process) seconds
+    and the median number of minor page faults per call (``getrusage``; None where unavailable).
+    """
+    try:
+        import resource
+
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not on Windows
+        faults = lambda: 0
     for _ in range(warmup):
         for f in fns:
             f()
     times: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    flt: list[list[int]] = [[] for _ in fns]
     for _ in range(repeats):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
+        for i, f in enumerate(fns):
+            n0, c0, t = faults(), time.process_time(), time.perf_counter()
             f()
-            ts.append(time.perf_counter() - t)
+            times[i].append(time.perf_counter() - t)
+            cpu[i].append(time.process_time() - c0)
+            flt[i].append(faults() - n0)
+    if detail is not None:
+        detail.extend({"wall_s": statistics.median(a), "cpu_s": statistics.median(b), "minor_faults": statistics.median(c)}
+                      for a, b, c in zip(times, cpu, flt))
     return [statistics.median(ts) for ts in times]
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc): no trimming of the heap, no mmap for large blocks.
+
+    By default glibc returns large freed blocks to the system (``munmap``, heap trimming) and the
+    next iteration faults the pages in again; a larger working set (two networks' graphs) pays
+    more of this than a smaller one. ``mallopt(M_TRIM_THRESHOLD)`` and ``mallopt(M_MMAP_THRESHOLD)``
+    (the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` environment variables) turn it off
+    for the whole process, as GPU caching allocators do. Returns False where it is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-1, 1 << 30)) and bool(libc.mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class SegLoss(torch.nn.Module):
@@ -111,9 +147,11 @@ def bench_training(name: str, crop, repeats: int) -> dict:
     def run_sup():
         return sup._iteration(sup, sup_batch)
 
-    t_dtml, t_sup = interleaved(run_dtml, run_sup, repeats=repeats)
+    detail: list[dict] = []
+    t_dtml, t_sup = interleaved(run_dtml, run_sup, repeats=repeats, detail=detail)
     return {"backbone": name, "crop": list(crop), "batch": 4, "dtml_iteration_s": t_dtml, "supervised_iteration_s": t_sup,
-            "ratio": t_dtml / t_sup, "target": 2.2}
+            "ratio": t_dtml / t_sup, "target": 2.2, "cpu_ratio": detail[0]["cpu_s"] / detail[1]["cpu_s"],
+            "dtml": detail[0], "supervised": detail[1]}
 
 
 def bench_inference(name: str, size, roi, repeats: int) -> dict:
@@ -145,8 +183,10 @@ def bench_inference(name: str, size, roi, repeats: int) -> dict:
 
 
 def report(results: dict, command: str) -> str:
-    lines = [SECTION, "", f"Command: `{command}` (results: `benchmarks/results/dtml_cpu.json`); medians of "
-             f"{results['repeats']} interleaved repeats, torch {results['torch']}, one thread on a CPU shared with other jobs.", "",
+    alloc = " glibc told to keep freed memory (`--malloc retain`)," if results.get("malloc") == "retain" else ""
+    lines = [SECTION, "", f"Command: `{command}` (results: `{results.get('out', 'benchmarks/results/dtml_cpu.json')}`); medians of "
+             f"{results['repeats']} interleaved repeats, torch {results['torch']},{alloc} one thread on a CPU shared with other jobs"
+             f" (load {results.get('load', '?')}).", "",
              "| measurement | backbone | shape | DTML | baseline | ratio | target |", "|---|---|---|---|---|---|---|"]
     ok = lambda r: f"**{r['ratio']:.2f}x**" if r["ratio"] <= r["target"] else f"{r['ratio']:.2f}x"
     for r in results["training"]:
@@ -158,6 +198,11 @@ def report(results: dict, command: str) -> str:
                      f"{r['backbone']} | {' x '.join(map(str, r['size']))} | {r['predictor_s'] * 1e3:.0f} ms | {r['bare_s'] * 1e3:.0f} ms | "
                      f"{ok(r)} | <= {r['target']}x |")
     lines += ["", "Bold: within the target."]
+    if results["training"]:
+        lines += ["", "Training, process CPU time instead of wall time: " + ", ".join(
+            f"{r['backbone']} {r['cpu_ratio']:.2f}x" for r in results["training"]) + "; minor page faults per iteration (DTML / "
+            "supervised): " + ", ".join(f"{r['backbone']} {r['dtml']['minor_faults']:.0f} / {r['supervised']['minor_faults']:.0f}"
+                                        for r in results["training"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -169,16 +214,27 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, nargs=3, default=[64, 64, 48], help="inference volume")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dtml_cpu.json"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--malloc", choices=["default", "retain"], default="default",
+                    help="'retain': glibc keeps freed memory (no heap trimming, no mmap for large blocks) for the whole "
+                         "process, both sides alike; see retain_freed_memory")
+    ap.add_argument("--skip-inference", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.malloc == "retain" and not retain_freed_memory():
+        raise SystemExit("--malloc retain needs glibc (mallopt)")
+    load = None
+    if hasattr(__import__("os"), "getloadavg"):
+        load = " / ".join(f"{v:.1f}" for v in __import__("os").getloadavg())
     results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-               "repeats": args.repeats, "training": [], "inference": []}
+               "repeats": args.repeats, "malloc": args.malloc, "load": load, "out": str(Path(args.out).resolve().relative_to(ROOT))
+               if Path(args.out).resolve().is_relative_to(ROOT) else args.out, "training": [], "inference": []}
     for name in args.backbones:
         r = bench_training(name, args.crop, args.repeats)
         results["training"].append(r)
         print(f"[{name}] training 4 x {args.crop}: DTML {r['dtml_iteration_s'] * 1e3:.0f} ms, supervised M_s "
-              f"{r['supervised_iteration_s'] * 1e3:.0f} ms: {r['ratio']:.3f}x (target <= 2.2)", flush=True)
-    for name in args.backbones:
+              f"{r['supervised_iteration_s'] * 1e3:.0f} ms: {r['ratio']:.3f}x (target <= 2.2); CPU time {r['cpu_ratio']:.3f}x; "
+              f"minor page faults per iteration {r['dtml']['minor_faults']:.0f} vs {r['supervised']['minor_faults']:.0f}", flush=True)
+    for name in [] if args.skip_inference else args.backbones:
         r = bench_inference(name, args.size, args.crop, args.repeats)
         results["inference"].append(r)
         print(f"[{name}] inference {args.size} (windows {args.crop}): DTMLPredictor {r['predictor_s'] * 1e3:.0f} ms, bare "
