@@ -668,4 +668,10 @@ def _image_ndim(path: str) -> int | None:
             shape = read_image(str(path))[0].shape
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the run that reads it
         return None
+    if str(path).lower().endswith(_RGB_SUFFIXES) and len(shape) == 3 and shape[-1] in (3, 4):
+        return 2  # an RGB(A) frame: its last axis holds colours, not a third dimension
     return len(spatial_shape(shape, str(path)))
+
+
+#: 2D image formats whose trailing axis of 3 or 4 is colour channels (the hybrid bundle's frames)
+_RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
