@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.nn.modules.loss import _Loss
@@ -34,6 +34,13 @@ def plain_tensor(x):
     return x
 
 
+def _float32(x: Any) -> Any:
+    """``x`` in float32 when it is a float16 / bfloat16 tensor, else ``x``."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
 class PartialLabelLoss(_Loss):
     """Base class: validates MONAI-style arguments and holds the optional class weight buffer.
 
@@ -50,7 +57,17 @@ class PartialLabelLoss(_Loss):
 
     def __call__(self, *args, **kwargs):
         # MONAI pipelines hand MetaTensors to losses; compute on plain tensors (same graph)
-        return super().__call__(*(plain_tensor(a) for a in args), **{k: plain_tensor(v) for k, v in kwargs.items()})
+        args = tuple(plain_tensor(a) for a in args)
+        kwargs = {k: plain_tensor(v) for k, v in kwargs.items()}
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device is None or not torch.is_autocast_enabled(device):
+            return super().__call__(*args, **kwargs)
+        # Under autocast (a trainer with amp=True) the voxel sums would run in float16 / bfloat16:
+        # float16 overflows past 65504 (the loss turned NaN within 3 iterations of a 64x192x192
+        # patch on CUDA) and bfloat16 keeps 3 digits. Losses are computed in float32, as MONAI's
+        # SupervisedTrainer intends for its own (autocast covers the network, not the reduction).
+        with torch.autocast(device, enabled=False):
+            return super().__call__(*(_float32(a) for a in args), **{k: _float32(v) for k, v in kwargs.items()})
 
     def __init__(self, reduction: str = "mean", weight: Sequence[float] | float | torch.Tensor | None = None) -> None:
         super().__init__(reduction=check_option(reduction, _REDUCTIONS, "reduction"))

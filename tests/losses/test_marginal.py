@@ -335,3 +335,25 @@ def test_weight_is_a_buffer():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["MarginalExclusionLoss", "MarginalCELoss", "ExclusionDiceLoss"])
+def test_losses_run_in_float32_under_autocast(monkeypatch, name):
+    # A trainer with amp=True calls the loss inside autocast. The torch path (CUDA; here forced on
+    # CPU) would then sum voxels in bfloat16 / float16 (float16 overflowed to NaN on a 64x192x192
+    # CUDA patch): the loss must equal its float32 value and return float32.
+    import partialseg.losses as L
+    from partialseg.losses import marginal
+
+    monkeypatch.setattr(marginal._native, "usable", lambda x: False)
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(2, 4, 16, 16, 16, generator=g)
+    t = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 16, 16, 16), generator=g), 4).permute(0, 4, 1, 2, 3).float()
+    t[:, 1:3][t[:, 1:3] == 0] = 0.5
+    loss = getattr(L, name)()
+    ref = loss(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = loss(x, t)
+        assert torch.is_autocast_enabled("cpu")  # restored after the loss
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, ref, rtol=1e-6, atol=1e-6)
