@@ -394,7 +394,8 @@ class DTMLLoss(_Loss):
         # L_seg, L_mask and L_con in one autograd node (_DTMLTerms): the sigmoids once, each sum a
         # fused product-sum, and a hand-written backward of a few passes instead of autograd's
         # ~30 elementwise nodes (the values and gradients of the formulas above; tested against them)
-        seg, mask, con = _DTMLTerms.apply(logits, sdm, t1, known, y_sum, counts, n_known, self.k, self.smooth, self.mask_ce)
+        with torch.autocast(logits.device.type, enabled=False):  # the sums stay in float32 under AMP
+            seg, mask, con = _DTMLTerms.apply(logits, sdm, t1, known, y_sum, counts, n_known, self.k, self.smooth, self.mask_ce)
         if sdm_target is not None:
             if self.dis_weight > 0:
                 dis = self._dis(sdm, sdm_target, known_b, is1)

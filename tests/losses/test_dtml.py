@@ -293,6 +293,9 @@ def test_fused_terms_pass_gradcheck_and_float32_matches():
     out32 = loss(seg.float(), sdm.float(), target.float())
     out64 = loss(seg, sdm, target)
     assert out32["loss"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under the trainer's amp: still float32 sums
+        out_amp = loss(seg.float(), sdm.float(), target.float())
+    assert out_amp["loss"].dtype == torch.float32 and out_amp["loss"].item() == pytest.approx(out32["loss"].item(), rel=1e-6)
     for name in ("seg", "mask", "con"):
         assert out32[name].item() == pytest.approx(out64[name].item(), rel=1e-5)
 
