@@ -54,11 +54,11 @@ def test_training_lowers_the_loss_and_saves_both_networks(trained):
 
     # models/model.pt is M_s (what inference and ckpt_export load), models/model_sdm.pt M_d
     parser = _parser(root, "inference.json", average=True)
-    seg, sdm = parser.get_parsed_content("network_def"), parser.get_parsed_content("sdm_network_def")
-    seg.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
-    sdm.load_state_dict(torch.load(root / "models" / "model_sdm.pt", weights_only=True))
+    seg, sdm = (parser.get_parsed_content(k).cpu() for k in ("network_def", "sdm_network_def"))  # on CUDA when there is one
+    seg.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True, map_location="cpu"))
+    sdm.load_state_dict(torch.load(root / "models" / "model_sdm.pt", weights_only=True, map_location="cpu"))
     # the resume checkpoint holds both networks, both optimisers, both LR schedules and the iteration
-    ckpt = torch.load(root / "runs" / "train" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(root / "runs" / "train" / "checkpoint.pt", weights_only=True, map_location="cpu")
     assert sorted(ckpt) == ["lr_scheduler", "sdm", "sdm_lr_scheduler", "sdm_optimizer", "seg", "seg_optimizer", "trainer"]
     assert ckpt["trainer"]["iteration"] == iterations
     assert ckpt["lr_scheduler"]["last_epoch"] == ckpt["sdm_lr_scheduler"]["last_epoch"] == iterations

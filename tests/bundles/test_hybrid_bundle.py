@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = torch.load(ckpt, weights_only=True)
+    before = torch.load(ckpt, weights_only=True, map_location="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return root, before, run
@@ -79,7 +79,7 @@ def test_killed_training_resumes_both_networks_optimisers_and_indicators(trained
     assert sorted(before) == ["indicators", "net1", "net2", "opt1", "opt2", "trainer"]
     out = run.stdout + run.stderr
     assert f"resuming from {root / 'runs' / 'train' / 'checkpoint.pt'} after iteration {killed_at}" in out
-    final = torch.load(root / "runs" / "train" / "checkpoint.pt", weights_only=True)
+    final = torch.load(root / "runs" / "train" / "checkpoint.pt", weights_only=True, map_location="cpu")
     assert final["trainer"]["iteration"] == total
     ind = final["indicators"]
     # every update of the whole run is counted: the indicators (gamma, Adam moments, steps) were
@@ -107,9 +107,9 @@ def test_indicator_report_and_saved_networks(trained):
     assert (root / "runs" / "train" / "gamma_hist.png").stat().st_size > 1000
     # models/model.pt is network 1 (inference, ckpt_export), models/model_net2.pt network 2: different weights
     p = parser(root, "inference.json", average=True)
-    net1, net2 = p.get_parsed_content("network"), p.get_parsed_content("network2")
-    net1.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
-    net2.load_state_dict(torch.load(root / "models" / "model_net2.pt", weights_only=True))
+    net1, net2 = (p.get_parsed_content(k).cpu() for k in ("network", "network2"))  # the config puts them on CUDA when there is one
+    net1.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True, map_location="cpu"))
+    net2.load_state_dict(torch.load(root / "models" / "model_net2.pt", weights_only=True, map_location="cpu"))
     assert not torch.equal(net1.classifier.weight, net2.classifier.weight)
     avg = p.get_parsed_content("predictor")
     x = torch.rand(1, 3, 32, 32)
