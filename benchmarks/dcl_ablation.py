@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +50,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## dcl: ablation on cardiac2d"
 STACK_SECTION = "## dcl: ablation on cardiac2d stacks (base to apex)"
@@ -521,24 +522,12 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     return text
 
 
-def _rel(path: str) -> str:
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+_rel = _common.rel
 
 
 def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
     """Replace (or append) our section of docs/results.md, leaving every other section alone."""
-    old = path.read_text() if path.is_file() else "# Results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == header), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + section_text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section_text.rstrip("\n") + "\n" + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    _common.update_results_md(section_text, path, header)
 
 
 def main(argv=None) -> None:
@@ -547,10 +536,7 @@ def main(argv=None) -> None:
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     cfg = config_of(args)
-    runs = []
-    if out.is_file():
-        runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
-        runs = [r for r in runs if r.get("config") == cfg]
+    runs = [r for r in _common.read_runs(out) if r.get("config") == cfg]
     main_report = Path(args.report).resolve() in ((RESULTS / "dcl_ablation.md").resolve(), (RESULTS / "dcl_stack.md").resolve())
     stem = "dcl_stack" if args.levels else "dcl_ablation"
     verdict_path = Path(args.verdict) if args.verdict else (RESULTS / f"{stem}_verdict.md" if main_report else None)
@@ -576,9 +562,7 @@ def main(argv=None) -> None:
             r = run_arm(arm, seed, splits, args, cache)
             r["config"] = cfg
             runs.append(r)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            _common.append_run(out, r)
             s = summarise([r])[arm]
             print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: avg Dice {s['avg'][0]:.3f} val {r['val_best']:.3f} "
                   f"({time.perf_counter() - t:.0f} s, dual refreshes {r['dual_refreshes']})", flush=True)

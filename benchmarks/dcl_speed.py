@@ -39,14 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
 M = 4
 #: backbone presets: the dcl_cardiac bundle's UNet (32 base channels), a CPU-sized one (16, CompNet's
 #: library default and the ablation's), and a UNet of the paper's width (UNet+ of Baumgartner et al.,
@@ -68,16 +70,7 @@ def unet(in_channels: int, out_channels: int, backbone: dict | None = None):
 
 def interleaved(*fns, repeats: int, warmup: int = 2) -> list[float]:
     """Median seconds of each function, called in turn (ABCABC...) ``repeats`` times after a warm-up."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in times]
+    return _common.interleaved(*fns, repeats=repeats, warmup=warmup)
 
 
 def bench_inference(size: int, repeats: int, batch: int = 1, backbone: dict | None = None) -> dict:

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +53,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## dtml: ablation on atrium3d"
 ARMS = ["ms_lab", "md_lab", "dtml_lab", "dtml_semi", "full", "dtml_dis", "dtml_both"]
@@ -464,24 +465,12 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(str(path), format="png", metadata={"Software": None})
 
 
-def _rel(path: str) -> str:
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+_rel = _common.rel
 
 
 def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
     """Replace (or append) our section of docs/results.md, leaving every other section alone."""
-    old = path.read_text() if path.is_file() else "# Results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == header), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + section_text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section_text.rstrip("\n") + "\n" + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    _common.update_results_md(section_text, path, header)
 
 
 def main(argv=None) -> None:
@@ -491,7 +480,7 @@ def main(argv=None) -> None:
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dtml_ablation.py", *(a for a in given if a not in ("--report-only", "--resume", "--no-docs"))])
     out = Path(args.out)
     cfg = config_of(args)
-    runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()] if out.is_file() else []
+    runs = _common.read_runs(out)
     runs = [r for r in runs if r.get("config") == cfg]
     if args.report_only:
         print(write_report(args, runs, command))
@@ -513,9 +502,7 @@ def main(argv=None) -> None:
             r = run_arm(arm, seed, data, args)
             r["config"] = cfg
             runs.append(r)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            _common.append_run(out, r)
             s = summarise([r])[arm]
             print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: Dice {s['dice'][0]:.4f} Jaccard {s['jaccard'][0]:.4f} "
                   f"ASD {s['asd'][0]:.2f} 95HD {s['hd95'][0]:.2f} loss {r['loss_last']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)

@@ -29,14 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
 SECTION = "## dtml: cost on CPU (one thread)"
 
 
@@ -53,34 +54,8 @@ def backbone(name: str):
 
 
 def interleaved(*fns, repeats: int, warmup: int = 2, detail: list | None = None) -> list[float]:
-    """Median seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up.
-
-    ``detail`` (a list) receives one dict per function: the median wall and CPU (process) seconds
-    and the median number of minor page faults per call (``getrusage``; None where unavailable).
-    """
-    try:
-        import resource
-
-        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except ImportError:  # not on Windows
-        faults = lambda: 0
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    flt: list[list[int]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            n0, c0, t = faults(), time.process_time(), time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t)
-            cpu[i].append(time.process_time() - c0)
-            flt[i].append(faults() - n0)
-    if detail is not None:
-        detail.extend({"wall_s": statistics.median(a), "cpu_s": statistics.median(b), "minor_faults": statistics.median(c)}
-                      for a, b, c in zip(times, cpu, flt))
-    return [statistics.median(ts) for ts in times]
+    """Median seconds of each function, called in turn (ABAB...); ``detail``: CPU time and page faults (``_common``)."""
+    return _common.interleaved(*fns, repeats=repeats, warmup=warmup, detail=detail)
 
 
 def retain_freed_memory() -> bool:
