@@ -137,6 +137,23 @@ def test_inference_and_evaluation_on_the_test_frames(trained):
     assert "mean over classes" in r.stdout
 
 
+def test_saved_networks_carry_class_names_and_other_classes_are_refused(trained, tmp_path):
+    from partialseg.engines import checkpoint_classes
+
+    root = trained[0]
+    classes = load_dataset(root / "data" / "polyp2d").classes
+    for name in ("model.pt", "model_net2.pt"):  # both networks carry the dataset's class names
+        assert checkpoint_classes(root / "models" / name) == list(classes)
+    other = tmp_path / "other"
+    other.mkdir()
+    desc = json.loads((root / "data" / "polyp2d" / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**desc, "classes": ["background", "adenoma"]}))
+    with pytest.raises(RuntimeError) as e:  # refused while the config is parsed, before any prediction
+        parser(root, "inference.json", dataset_dir=str(other)).get_parsed_content("checked_checkpoint")
+    message = str(e.value.__cause__)
+    assert "['background', 'polyp']" in message and "['background', 'adenoma']" in message and "model.pt" in message
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed")
 def test_two_gloo_ranks_keep_networks_and_indicators_identical(tmp_path):
     make_data(tmp_path)
