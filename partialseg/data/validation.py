@@ -499,16 +499,22 @@ def dataset_warnings(ds: PartialDataset, splits: Sequence[str], found: dict[tupl
     if "training" in splits:
         labelled = [case for case in ds.splits.get("training", []) if case.get("label") is not None]
         counted = Counter(c for case in labelled for c in case["annotated"])
-        for c in range(ds.num_classes) if labelled else ():
-            if counted[c]:
-                continue
+        unannotated = [c for c in range(ds.num_classes) if not counted[c]] if labelled else []
+        for c in unannotated:
             if c == 0:
+                consequence = (
+                    "with background the only such class this costs nothing (measured on cardiac2d, dcl_cardiac README: "
+                    "it is learned as what the annotated classes are not)" if len(unannotated) == 1 else
+                    f"but {len(unannotated)} classes are annotated by no case and the model cannot tell them apart (measured "
+                    "on cardiac2d with background and RV unannotated: RV Dice 0.11, a third of the background predicted "
+                    "as RV; dcl_cardiac README)"
+                )
                 warnings.append(
                     f"no training case annotates {_class_name(ds, c)}: the DCL bundle (dcl_cardiac) draws each class's "
-                    "conditional image from a case annotating it, so it refuses this dataset unless run with --missing any, "
-                    "and then the background's conditional pair carries no label and the model may predict a structure "
-                    "everywhere; add cases annotating background (fully labelled cases, \"annotated\": \"all\", or "
-                    "whole-structure labels). Marginal and exclusion losses do not need it."
+                    "conditional image from a case annotating it, so it refuses this dataset unless run with --missing any "
+                    f"(then the background's conditional pair carries no label); {consequence}. To annotate background, add "
+                    "fully labelled cases (\"annotated\": \"all\") or whole-structure labels. Marginal and exclusion losses "
+                    "do not need it."
                 )
             else:
                 warnings.append(

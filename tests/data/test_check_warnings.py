@@ -95,8 +95,17 @@ def test_background_annotated_by_no_case_warns_with_the_dcl_consequence(tmp_path
     assert report.ok
     text = "\n".join(report.warnings)
     assert "no training case annotates background (class 0)" in text and "[0]" not in text
-    assert "--missing any" in text and "predict a structure everywhere" in text and '"annotated": "all"' in text
+    # background AND liver unannotated: the measured failure (two classes the model cannot tell apart)
+    assert "--missing any" in text and "2 classes are annotated by no case" in text and '"annotated": "all"' in text
+    assert "costs nothing" not in text
     assert "no training case annotates liver (class 1)" in text  # a foreground class nobody annotates
+    # background the only unannotated class (liver annotated too): the measured harmless case
+    desc = json.loads((root / "dataset.json").read_text())
+    for case in desc["training"]:
+        case["annotated"] = ["liver", "spleen"]
+    (root / "dataset.json").write_text(json.dumps(desc))
+    only_bg = [w for w in validate_dataset(root).warnings if "no training case annotates" in w]
+    assert len(only_bg) == 1 and "background (class 0)" in only_bg[0] and "costs nothing" in only_bg[0]
     assert main(["check", str(root), "--quiet", "--no-cache"]) == 0
     assert "2 warning(s):" in capsys.readouterr().out
     # a fully labelled case annotates every class: no such warning
