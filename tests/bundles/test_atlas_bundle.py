@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -100,8 +101,10 @@ def test_inference_and_evaluation_by_modality(trained):
     assert "intramodal" in r.stdout and "cross_modal" in r.stdout
 
 
-def test_an_atlas_of_other_classes_is_refused_naming_both(tmp_path):
-    data = ATLAS.make_data(tmp_path)
+def test_an_atlas_of_other_classes_is_refused_naming_both(trained, tmp_path):
+    data = tmp_path / "data" / "abdomen3d"
+    shutil.copytree(trained[0] / "data" / "abdomen3d", data)  # the tiny dataset, without regenerating it
+    (data / "atlas.nii.gz").unlink()
     classes = json.loads((data / "dataset.json").read_text())["classes"]
     from partialseg.data.atlas import build_atlas
 
@@ -114,3 +117,22 @@ def test_an_atlas_of_other_classes_is_refused_naming_both(tmp_path):
     assert "duodenum" in r.stderr and "kidney_left" in r.stderr  # both lists named
     assert not (tmp_path / "models" / "model.pt").exists()
     assert "kidney_left" in classes
+
+
+def test_resume_restores_every_module_and_the_prototypes(trained):
+    root = trained[0]
+    path = root / "runs" / "train" / "checkpoint.pt"
+    before = torch.load(path, weights_only=True, map_location="cpu")
+    r = assert_ok(ATLAS.run(root, epochs=EPOCHS + 1, **ATLAS.small))  # one more epoch on top of the saved run
+    iterations = EPOCHS * ATLAS.small["iterations_per_epoch"]
+    assert len(_terms(r.stdout + r.stderr)["loss"]) == ATLAS.small["iterations_per_epoch"]  # only the new epoch ran
+    after = torch.load(path, weights_only=True, map_location="cpu")
+    assert after["trainer"]["iteration"] == iterations + ATLAS.small["iterations_per_epoch"]
+    assert after["lr_scheduler"]["last_epoch"] == after["trainer"]["iteration"]  # the poly schedule went on
+    # the EMA update counts continue from the saved ones (a fresh MICPAM would restart at 0)
+    for s in range(3):
+        assert (after["prototypes"][f"updates_{s}"] >= before["prototypes"][f"updates_{s}"]).all()
+        assert after["prototypes"][f"updates_{s}"].sum() > before["prototypes"][f"updates_{s}"].sum()
+    for name in ("optimizer", "refiner_optimizer", "discriminator_optimizer", "prototypes_optimizer"):
+        steps = [int(v["step"]) for v in after[name]["state"].values()]
+        assert steps and min(steps) == after["trainer"]["iteration"], name  # Adam's step counts carried on
