@@ -187,6 +187,57 @@ def bench_inference(args, device) -> dict:
     return {"size": size, "roi": list(args.patch), "atlas_unet_s": t_net, "dynunet_s": t_bare, "ratio": t_net / t_bare}
 
 
+def profile_phases(args, device, arm: str = "full") -> dict:
+    """Milliseconds of each phase of one ``arm`` iteration under ``torch.profiler`` (after one warm-up).
+
+    The phases are the trainer's methods (wrapped in ``record_function``): the main network's
+    forward is what is left of the iteration; ``update`` calls hold their backward passes and
+    optimiser steps. ``ops``: the share of the iteration's self CPU time spent in convolutions
+    (forward and backward), normalisation and activations (the three networks' layers).
+    """
+    from torch.profiler import profile, record_function
+
+    from partialseg.engines import AtlasTrainer
+
+    batch = make_batch(args.patch, args.classes, device)
+    t = atlas_trainer(arm, args.classes, args.paper_filters, batch, device, args.amp)
+    t.state.epoch = 1
+    t._iteration(t, batch)
+    names = ["refiner_loss", "refine", "discriminator_logits", "main_loss", "update"]
+    orig = {n: getattr(AtlasTrainer, n) for n in names}
+
+    def wrap(n):
+        f = orig[n]
+
+        def g(self, *a, **k):
+            tag = n
+            if n == "discriminator_logits":
+                tag += " (adversarial, frozen)" if k.get("frozen") else " (AMAN step)"
+            if n == "update":
+                tag += " " + "+".join(str(o) for o in a[1:])
+            with record_function("phase: " + tag):
+                return f(self, *a, **k)
+        return g
+
+    try:
+        for n in names:
+            setattr(AtlasTrainer, n, wrap(n))
+        with profile() as prof:
+            t0 = time.perf_counter()
+            t._iteration(t, batch)
+            _sync(device)
+            total = time.perf_counter() - t0
+    finally:
+        for n in names:
+            setattr(AtlasTrainer, n, orig[n])
+    ev = prof.key_averages()
+    phases = {e.key[len("phase: "):]: e.cpu_time_total / 1e3 for e in ev if e.key.startswith("phase: ")}
+    self_total = sum(e.self_cpu_time_total for e in ev) or 1.0
+    layer_ops = ("conv", "group_norm", "leaky_relu", "relu", "instance_norm", "copy_")
+    share = sum(e.self_cpu_time_total for e in ev if any(k in e.key for k in layer_ops)) / self_total
+    return {"arm": arm, "iteration_ms": total * 1e3, "phases_ms": phases, "layer_ops_share": share}
+
+
 def report(results: dict, command: str) -> str:
     r0 = results["training"][0]
     lines = [
@@ -208,6 +259,12 @@ def report(results: dict, command: str) -> str:
         lines += ["", f"Inference (main network alone, sliding windows {' x '.join(map(str, inf['roi']))} on "
                       f"{' x '.join(map(str, inf['size']))}): `AtlasUNet` {inf['atlas_unet_s'] * 1e3:.0f} ms vs a bare `DynUNet` with the "
                       f"same state dict {inf['dynunet_s'] * 1e3:.0f} ms: {inf['ratio']:.2f}x (same output checked)."]
+    prof = results.get("profile")
+    if prof:
+        ph = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(prof["phases_ms"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"Profile of one `{prof['arm']}` iteration ({prof['iteration_ms']:.0f} ms under the profiler): {ph} (nested: "
+                      "`main_loss` holds the adversarial forward; `update` holds backward and step). Convolutions, normalisation, "
+                      f"activations and their layout copies: {100 * prof['layer_ops_share']:.0f}% of the self CPU time."]
     lines += ["", f"Target: full <= 1.8x (bold where met). Supervised iteration {r0['iteration_s'] * 1e3:.0f} ms."]
     return "\n".join(lines) + "\n"
 
@@ -241,10 +298,18 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--arms", nargs="*", help="a subset of the arms (default all)")
     ap.add_argument("--skip-inference", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile one full iteration by phase (torch.profiler)")
+    ap.add_argument("--malloc", choices=["default", "retain"], default="default",
+                    help="'retain': glibc keeps freed memory for the whole process (dtml_speed.retain_freed_memory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas_speed.json"))
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.malloc == "retain":
+        from dtml_speed import retain_freed_memory
+
+        if not retain_freed_memory():
+            raise SystemExit("--malloc retain needs glibc (mallopt)")
     if device.type == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -260,6 +325,9 @@ def main(argv=None) -> None:
     if not args.skip_inference:
         results["inference"] = bench_inference(args, device)
         print(f"inference: AtlasUNet / DynUNet {results['inference']['ratio']:.3f}x", flush=True)
+    if args.profile:
+        results["profile"] = profile_phases(args, device)
+    results["malloc"] = args.malloc
     results["wall_s"] = time.perf_counter() - t0
     results["load_after"] = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/atlas_speed.py", *(sys.argv[1:] if argv is None else argv)])
