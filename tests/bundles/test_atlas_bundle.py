@@ -136,3 +136,19 @@ def test_resume_restores_every_module_and_the_prototypes(trained):
     for name in ("optimizer", "refiner_optimizer", "discriminator_optimizer", "prototypes_optimizer"):
         steps = [int(v["step"]) for v in after[name]["state"].values()]
         assert steps and min(steps) == after["trainer"]["iteration"], name  # Adam's step counts carried on
+
+
+def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_refused(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ATLAS.path / "configs" / "train.json"))
+    parser["bundle_root"] = str(tmp_path)
+    normalise = parser.get_parsed_content("normalise")
+    image = torch.tensor([[-1000.0, -325.0, 0.0, 162.5, 325.0, 2000.0]])
+    ct = normalise({"image": image, "modality": "CT", "case": "a"})["image"]
+    torch.testing.assert_close(ct, torch.tensor([[-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]]))  # +-325 HU -> [-1, 1]
+    mr = normalise({"image": image, "modality": "MR", "case": "b"})["image"]
+    assert abs(float(mr.mean())) < 1e-5 and abs(float(mr.std()) - 1) < 1e-5
+    with pytest.raises(ValueError, match="modality 'PET' of case 'c'"):
+        normalise({"image": image, "modality": "PET", "case": "c"})
