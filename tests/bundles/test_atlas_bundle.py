@@ -152,3 +152,5 @@ def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_re
     assert abs(float(mr.mean())) < 1e-5 and abs(float(mr.std()) - 1) < 1e-5
     with pytest.raises(ValueError, match="modality 'PET' of case 'c'"):
         normalise({"image": image, "modality": "PET", "case": "c"})
+    parser["default_modality"] = "CT"  # used for a case without a modality (e.g. a served image)
+    torch.testing.assert_close(parser.get_parsed_content("normalise", lazy=False)({"image": image})["image"], ct)
