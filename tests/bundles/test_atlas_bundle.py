@@ -154,3 +154,12 @@ def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_re
         normalise({"image": image, "modality": "PET", "case": "c"})
     parser["default_modality"] = "CT"  # used for a case without a modality (e.g. a served image)
     torch.testing.assert_close(parser.get_parsed_content("normalise", lazy=False)({"image": image})["image"], ct)
+
+
+def test_metadata_declares_no_monai_label_train_task_and_the_classes():
+    from partialseg.monailabel.bundle import bundle_classes, read_declaration
+
+    declaration = read_declaration(ATLAS.path)  # served, not trained: no existing task fits (README)
+    assert declaration.train_task is None and declaration.model_files == ()
+    assert bundle_classes(ATLAS.path) == ["background", "liver", "spleen", "kidney_left", "kidney_right", "pancreas",
+                                          "stomach"]
