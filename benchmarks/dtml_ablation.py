@@ -104,6 +104,7 @@ def parse_args(argv=None):
     ap.add_argument("--generator", default='{"difficulty": "hard"}',
                     help="atrium.render_case options as JSON (default: the hard preset, where the labelled-only / all-labelled gap is > 3 Dice points)")
     ap.add_argument("--tag", default="", help="a label stored with the runs")
+    ap.add_argument("--device", default="cpu", help="torch device of training and inference (cuda: a GPU check; not part of the configuration key)")
     ap.add_argument("--out", default=str(RESULTS / "dtml_ablation_runs.jsonl"))
     ap.add_argument("--report", default=str(RESULTS / "dtml_ablation.md"))
     ap.add_argument("--resume", action="store_true")
@@ -176,6 +177,10 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 def make_backbone(args):
+    return _make_backbone(args).to(args.device)
+
+
+def _make_backbone(args):
     from monai.networks.nets import UNet
 
     return UNet(3, 1, 1, channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1), num_res_units=1, norm="batch")
@@ -265,7 +270,7 @@ def run_arm(arm, seed, data, args) -> dict:
                 return {"image": batch["image"], "label": lab, "sdm": sdm.float()}
 
             loader = _MappedLoader(loader, prepare)
-        trainer = DTMLTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, seg_network=seg_net,
+        trainer = DTMLTrainer(device=torch.device(args.device), max_epochs=1, train_data_loader=loader, seg_network=seg_net,
                               sdm_network=sdm_net, seg_optimizer=opt_s, sdm_optimizer=opt_d, loss_function=loss,
                               epoch_length=args.iters, decollate=False)
         schedulers = (sch_s, sch_d)
@@ -280,7 +285,7 @@ def run_arm(arm, seed, data, args) -> dict:
         else:
             net, loss = make_backbone(args), SegLoss()
         opt, sch = sgd(net)
-        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=args.iters, train_data_loader=loader,
+        trainer = SupervisedTrainer(device=torch.device(args.device), max_epochs=1, epoch_length=args.iters, train_data_loader=loader,
                                     network=net, optimizer=opt, loss_function=loss, decollate=False)
         schedulers = (sch,)
         nets = (net,)
@@ -361,7 +366,7 @@ def evaluate(predictor, cases, args) -> list[dict]:
     rows = []
     with torch.no_grad():
         for i, (image, gt) in enumerate(cases):
-            prob = inferer(torch.from_numpy(image)[None, None], predictor)
+            prob = inferer(torch.from_numpy(image)[None, None].to(args.device), predictor).cpu()
             pred = keep((prob[0] >= 0.5).long())[None]  # (1, 1, ...)
             g = torch.from_numpy(gt.astype(np.int64))[None, None]
             p1 = torch.cat([1 - pred, pred], 1).float()
