@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
@@ -173,10 +173,12 @@ class DCLTrainer(MultiNetworkTrainer):
     (``benchmarks/dcl_ablation.py``'s ``training_loader``).
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
-        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
-        event_names, event_to_attr, decollate, optim_set_to_none, amp_kwargs: as
-            :class:`~partialseg.engines.MultiNetworkTrainer` (MONAI's trainers).
+        device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
+        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
+            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
+            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
+            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
+            ``to_kwargs``, ``amp_kwargs``.
         network: PrimNet (a CompNet, or any module mapping the packed input to ``2m`` logits).
         optimizer: PrimNet's optimiser.
         loss_function: ``loss(logits, z, cond_label)``, e.g.
@@ -216,22 +218,9 @@ class DCLTrainer(MultiNetworkTrainer):
         label_key: str = "label",
         cond_image_key: str = "cond_image",
         cond_label_key: str = "cond_label",
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        iteration_update: Callable | None = None,
         inferer: Inferer | None = None,
-        postprocessing: Any = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        amp_kwargs: dict | None = None,
         prepare_batch: Callable | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         try:
             lambda_dual = check_float(lambda_dual, "lambda_dual", minimum=0.0, maximum=1.0, include_maximum=False)
@@ -260,21 +249,8 @@ class DCLTrainer(MultiNetworkTrainer):
             networks={"network": network},
             optimizers={"optimizer": optimizer},
             frozen={"dual": ("network", dual_network)},
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
             prepare_batch=DCLBatch(keys) if prepare_batch is None else prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_train_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            train_handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            optim_set_to_none=optim_set_to_none,
-            amp_kwargs=amp_kwargs,
+            **engine_kwargs,
         )
         self.loss_function = loss_function
         self.inferer = SimpleInferer() if inferer is None else inferer

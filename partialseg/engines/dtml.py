@@ -12,11 +12,11 @@ bundle configs; ``docs/dtml.md`` has the equations and the choices where the pap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import Tensor, nn
 
@@ -83,10 +83,12 @@ class DTMLTrainer(MultiNetworkTrainer):
     terms ``seg``, ``mask``, ``dis``, ``con``, ``con_weight``.
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
-        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
-        event_names, event_to_attr, decollate, optim_set_to_none, to_kwargs, amp_kwargs: as
-            :class:`~partialseg.engines.MultiNetworkTrainer` (MONAI's trainers).
+        device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
+        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
+            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
+            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
+            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
+            ``to_kwargs``, ``amp_kwargs``.
         seg_network: ``M_s``.
         sdm_network: ``M_d`` (a separate network of the same backbone).
         seg_optimizer: ``M_s``'s optimiser.
@@ -127,22 +129,8 @@ class DTMLTrainer(MultiNetworkTrainer):
         seg_optimizer: torch.optim.Optimizer,
         sdm_optimizer: torch.optim.Optimizer,
         loss_function: Callable[..., dict],
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
         prepare_batch: Callable | None = None,
-        iteration_update: Callable | None = None,
-        postprocessing: Any = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         if isinstance(seg_network, nn.Module) and unwrap_network(seg_network) is unwrap_network(sdm_network):
             raise ValueError("seg_network and sdm_network are one module: DTML trains two separate networks (M_s and M_d).")
@@ -156,22 +144,8 @@ class DTMLTrainer(MultiNetworkTrainer):
             train_data_loader=train_data_loader,
             networks={"seg": seg_network, "sdm": sdm_network},
             optimizers={"seg_optimizer": seg_optimizer, "sdm_optimizer": sdm_optimizer},
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
             prepare_batch=DTMLBatch() if prepare_batch is None else prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_train_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            train_handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            optim_set_to_none=optim_set_to_none,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
+            **engine_kwargs,
         )
         self.loss_function = loss_function
 

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from partialseg._checks import check_float, check_int, check_option, unwrap_network
+from partialseg._checks import check_int, check_option, unwrap_network
 from partialseg.data.sampling import FlatBatches
 from partialseg.data.sampling import replicas as _replicas
 from partialseg.data.sampling import stream as _stream
@@ -265,10 +265,12 @@ class HybridTrainer(MultiNetworkTrainer):
     """Pan et al.'s hybrid supervision (DII + DCR) on :class:`~partialseg.engines.MultiNetworkTrainer`.
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
-        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
-        event_names, event_to_attr, decollate, optim_set_to_none, amp_kwargs: as
-            :class:`~partialseg.engines.MultiNetworkTrainer`.
+        device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
+        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
+            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
+            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
+            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
+            ``to_kwargs``, ``amp_kwargs``.
         network1, optimizer1: the primary network (``"net1"``, the one inferred with) and its
             optimiser (``"opt1"``; the paper: SGD lr 0.002, momentum 0.9, weight decay 5e-5).
         network2, optimizer2: the auxiliary network (``"net2"``, same architecture, another
@@ -326,21 +328,8 @@ class HybridTrainer(MultiNetworkTrainer):
         image_key: str = "image",
         label_key: str = "label",
         case_key: str = "case",
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        iteration_update: Callable | None = None,
-        postprocessing: Any = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        amp_kwargs: dict | None = None,
         prepare_batch: Callable | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         self.dii, self.dcr = bool(dii), bool(dcr)
         networks, optimizers = {"net1": network1}, {"opt1": optimizer1}
@@ -370,21 +359,8 @@ class HybridTrainer(MultiNetworkTrainer):
             networks=networks,
             optimizers=optimizers,
             extra_state={"indicators": indicators} if indicators is not None else None,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
             prepare_batch=HybridBatch(image_key, label_key, case_key) if prepare_batch is None else prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_train_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            train_handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            optim_set_to_none=optim_set_to_none,
-            amp_kwargs=amp_kwargs,
+            **engine_kwargs,
         )
         self.state.indicator_updates = []
         if self.dii:
