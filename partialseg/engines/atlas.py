@@ -29,7 +29,7 @@ from typing import Any
 import contextlib
 
 import torch
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import Tensor, nn
 
@@ -129,10 +129,12 @@ class AtlasTrainer(MultiNetworkTrainer):
     ``loss_discriminator`` (0 for a module that is off or had nothing to do).
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, iteration_update,
-        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp,
-        event_names, event_to_attr, decollate, optim_set_to_none, to_kwargs, amp_kwargs: as
-            :class:`~partialseg.engines.MultiNetworkTrainer`.
+        device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
+        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
+            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
+            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
+            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
+            ``to_kwargs``, ``amp_kwargs``.
         network: the main network; called as ``network(x, return_features=True)`` when MICPAM is on.
         optimizer: its optimiser.
         loss_function: :class:`~partialseg.losses.AtlasLoss` (default: the paper's settings).
@@ -186,22 +188,8 @@ class AtlasTrainer(MultiNetworkTrainer):
         micpam: bool = True,
         refiner_augment: bool = False,
         pseudo_start_epoch: int = 0,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
         prepare_batch: Callable | None = None,
-        iteration_update: Callable | None = None,
-        postprocessing: Any = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         self.aman, self.aprn, self.micpam = bool(aman), bool(aprn), bool(micpam)
         networks: dict[str, nn.Module] = {"network": network}
@@ -241,22 +229,8 @@ class AtlasTrainer(MultiNetworkTrainer):
             train_data_loader=train_data_loader,
             networks=networks,
             optimizers=optimizers,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
             prepare_batch=AtlasBatch() if prepare_batch is None else prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_train_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            train_handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            optim_set_to_none=optim_set_to_none,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
+            **engine_kwargs,
         )
 
     # ------------------------------------------------------------------------------ helpers
