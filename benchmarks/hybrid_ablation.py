@@ -48,6 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ["strong_only", "fully_supervised", "merged", "dii", "dcr", "dii_dcr", "full", "weak_only", "cutmix", "kl", "full_ramp"]
@@ -364,7 +367,7 @@ def main(argv=None) -> None:
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/hybrid_ablation.py", *(a for a in given if a != "--report-only")])
     out, cfg = Path(args.out), config_of(args)
-    runs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    runs = _common.read_runs(out)
     runs = [r for r in runs if r.get("config") == cfg]
     if args.report_only:
         print(write_report(args, runs, command))
@@ -383,9 +386,7 @@ def main(argv=None) -> None:
             r = run_arm(arm, seed, data, args)
             r["config"] = cfg
             runs.append(r)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            _common.append_run(out, r)
             sp = f" Spearman {r['spearman']:.3f} gamma {r['gamma_by_type']}" if "spearman" in r else ""
             print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: Dice {100 * r['dice']:.2f} ASSD {r['assd']:.2f} "
                   f"({r['time_s']:.0f} s){sp}", flush=True)

@@ -130,11 +130,7 @@ class AtlasTrainer(MultiNetworkTrainer):
 
     Args:
         device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
-        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
-            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
-            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
-            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
-            ``to_kwargs``, ``amp_kwargs``.
+        **engine_kwargs: passed on to :class:`~partialseg.engines.MultiNetworkTrainer` (``epoch_length``, ``amp``, ...).
         network: the main network; called as ``network(x, return_features=True)`` when MICPAM is on.
         optimizer: its optimiser.
         loss_function: :class:`~partialseg.losses.AtlasLoss` (default: the paper's settings).

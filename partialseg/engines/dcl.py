@@ -174,11 +174,7 @@ class DCLTrainer(MultiNetworkTrainer):
 
     Args:
         device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
-        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
-            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
-            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
-            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
-            ``to_kwargs``, ``amp_kwargs``.
+        **engine_kwargs: passed on to :class:`~partialseg.engines.MultiNetworkTrainer` (``epoch_length``, ``amp``, ...).
         network: PrimNet (a CompNet, or any module mapping the packed input to ``2m`` logits).
         optimizer: PrimNet's optimiser.
         loss_function: ``loss(logits, z, cond_label)``, e.g.

@@ -84,11 +84,7 @@ class DTMLTrainer(MultiNetworkTrainer):
 
     Args:
         device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
-        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
-            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
-            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
-            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
-            ``to_kwargs``, ``amp_kwargs``.
+        **engine_kwargs: passed on to :class:`~partialseg.engines.MultiNetworkTrainer` (``epoch_length``, ``amp``, ...).
         seg_network: ``M_s``.
         sdm_network: ``M_d`` (a separate network of the same backbone).
         seg_optimizer: ``M_s``'s optimiser.

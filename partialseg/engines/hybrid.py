@@ -266,11 +266,7 @@ class HybridTrainer(MultiNetworkTrainer):
 
     Args:
         device, max_epochs, train_data_loader: as :class:`~partialseg.engines.MultiNetworkTrainer`.
-        **engine_kwargs: MultiNetworkTrainer's (MONAI's trainers') other keyword arguments, passed on
-            unchanged: ``epoch_length``, ``non_blocking``, ``iteration_update``, ``postprocessing``,
-            ``key_train_metric``, ``additional_metrics``, ``metric_cmp_fn``, ``train_handlers``,
-            ``amp``, ``event_names``, ``event_to_attr``, ``decollate``, ``optim_set_to_none``,
-            ``to_kwargs``, ``amp_kwargs``.
+        **engine_kwargs: passed on to :class:`~partialseg.engines.MultiNetworkTrainer` (``epoch_length``, ``amp``, ...).
         network1, optimizer1: the primary network (``"net1"``, the one inferred with) and its
             optimiser (``"opt1"``; the paper: SGD lr 0.002, momentum 0.9, weight decay 5e-5).
         network2, optimizer2: the auxiliary network (``"net2"``, same architecture, another
