@@ -38,7 +38,7 @@ CASES = {
         {"pixdim": [4.5, 4.5, 3.5], "patch_size": [16, 16, 16], "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2],
          "iterations_per_epoch": 3, "epochs": 2, "val_split": "test", "val_interval": 1,
          "output_dir": "$@bundle_root + '/runs/stage1'", "ckpt_name": "model_stage1.pt"},
-        ["model_sdm.pt", "model_stage1.pt"], True,
+        ["model_sdm.pt", "model_stage1.pt", "model_stage1.settings.json"], True,
     ),
 }  # fmt: skip
 NAMES = [n for n in CASES if (BUNDLES / n / "configs" / "multi_gpu_train.json").is_file()]
