@@ -19,6 +19,7 @@ __all__ = [
     "ConditionalTrainTask",
     "SemiSupervisedTrainTask",
     "HybridTrainTask",
+    "AtlasTrainTask",
     "discover_bundles",
     "bundle_classes",
     "bundle_train_task",
@@ -37,7 +38,7 @@ def __getattr__(name: str) -> Any:
         from partialseg.monailabel.__main__ import init_app
 
         return init_app
-    if name in ("BundleInferTask", "PartialLabelTrainTask", "ConditionalTrainTask", "SemiSupervisedTrainTask", "HybridTrainTask", "discover_bundles", "bundle_classes", "bundle_train_task"):
+    if name in ("BundleInferTask", "PartialLabelTrainTask", "ConditionalTrainTask", "SemiSupervisedTrainTask", "HybridTrainTask", "AtlasTrainTask", "discover_bundles", "bundle_classes", "bundle_train_task"):
         from partialseg.monailabel import tasks
 
         return getattr(tasks, name)

@@ -204,6 +204,23 @@ class PartialSegApp(MONAILabelApp):
                 raise HTTPException(status_code=500, detail=f"{type(e).__name__}: {e}") from e
             raise
 
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's ``infer``; for a bundle that reads each image's modality (the atlas bundle)
+        a request without ``modality`` takes the datastore image info's (``PUT
+        /datastore/image/info`` with ``info={"modality": "MR"}``)."""
+        task = self._infers.get(request.get("model"))
+        image = request.get("image")
+        if getattr(task, "modality_key", None) and not request.get("modality") and isinstance(image, str) and not os.path.exists(image):
+            from partialseg.monailabel.request_checks import safe_name
+
+            try:
+                info = (datastore or self.datastore()).get_image_info(safe_name(image, "image"))
+            except (RequestError, ValueError):
+                info = {}  # MONAI Label answers an unknown image itself
+            if isinstance(info, dict) and info.get("modality"):
+                request = {**request, "modality": info["modality"]}
+        return super().infer(request, datastore)
+
     def init_infers(self) -> dict[str, Any]:
         return {
             name: BundleInferTask(root, overrides=self.bundle_overrides.get(name))

@@ -16,10 +16,13 @@ A partialseg bundle declares, beside MONAI's metadata keys (the bundle schema al
   ``"conditional"`` (a network that reads conditional images, DCL:
   :class:`~partialseg.monailabel.train.ConditionalTrainTask`), ``"semi_supervised"`` (two networks
   trained on the datastore's labelled *and* unlabelled images, DTML:
-  :class:`~partialseg.monailabel.train.SemiSupervisedTrainTask`), or ``"train": null`` for a bundle
-  that the app serves but does not train.
+  :class:`~partialseg.monailabel.train.SemiSupervisedTrainTask`), ``"hybrid"`` (strong and weak
+  labels, :class:`~partialseg.monailabel.train.HybridTrainTask`), ``"atlas"`` (CT and MR partial
+  labels, each image's ``modality`` and an atlas built from the datastore:
+  :class:`~partialseg.monailabel.train.AtlasTrainTask`), or ``"train": null`` for a bundle that the
+  app serves but does not train.
 - ``model_files``: the files the bundle saves *beside* ``models/model.pt`` and reads at inference
-  (DCL's support bank; later an atlas): a name -> ``{"path": "models/<file>", "train_key": "<key>"}``,
+  (DCL's support bank): a name -> ``{"path": "models/<file>", "train_key": "<key>"}``,
   where ``train_key`` is the ``train.json`` key that holds the file's path. The infer task is listed
   only when ``models/model.pt`` and every declared file exist; a train run writes each into its own
   folder (the key pointed there) and, after success, they replace the served ones before
@@ -64,7 +67,7 @@ __all__ = [
 #: the metadata key of the partialseg declaration
 DECLARATION_KEY = "partialseg"
 #: values of the declaration's ``train.task``
-TRAIN_TASKS = ("partial_label", "conditional", "semi_supervised", "hybrid")
+TRAIN_TASKS = ("partial_label", "conditional", "semi_supervised", "hybrid", "atlas")
 #: file names MONAI Label's NIfTI readers and writers use
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: the model file every bundle serves (MONAI bundle layout); never declared in ``model_files``

@@ -46,6 +46,11 @@ class BundleInferTask(BasicInferTask):
     ``datalist`` and ``output_dir`` overridden, so the label it returns is voxel-identical to the
     bundle's own output: on the input's grid, with its affine, one channel squeezed away.
 
+    A bundle whose ``inference.json`` has a ``modality_key`` (the atlas bundle: CT window or MR
+    z-score) gets the request's ``modality`` in the image's datalist entry; the app fills it from
+    the datastore's image info when the request has none (:meth:`PartialSegApp.infer`), and the
+    bundle's ``default_modality`` (a ``bundle_overrides`` key) covers an image without one.
+
     Args:
         bundle_root: the bundle folder (``configs/``; weights in ``models/model.pt``).
         overrides: config overrides applied to every request (e.g. ``{"sw_batch_size": 2}``).
@@ -61,6 +66,9 @@ class BundleInferTask(BasicInferTask):
         self.meta_file = configs / "metadata.json"
         meta = read_json(self.meta_file)
         self.declaration = read_declaration(self.bundle_root)
+        key = read_json(self.config_file).get("modality_key")
+        #: the datalist key of an image's modality when the bundle reads one (the atlas bundle), else None
+        self.modality_key: str | None = key if isinstance(key, str) and key else None
         classes = bundle_classes(self.bundle_root)
         labels = {c: i for i, c in enumerate(classes) if i > 0} if classes else None
         super().__init__(
@@ -108,10 +116,16 @@ class BundleInferTask(BasicInferTask):
         device = request.get("device", "cpu")
         device = device[0] if isinstance(device, (list, tuple)) else device
         device = "cuda:0" if str(device).startswith("cuda") and _cuda() else "cpu"
+        entry = {"image": image}
+        modality = request.get("modality")
+        if self.modality_key and modality not in (None, ""):
+            if not isinstance(modality, str):
+                raise RequestError(f"{self.name}: modality must be a string such as 'CT' or 'MR', got {modality!r}")
+            entry[self.modality_key] = modality  # the bundle normalises the image by it
         overrides = {
             **self.overrides,
             "bundle_root": str(self.bundle_root),
-            "datalist": [{"image": image}],
+            "datalist": [entry],
             "output_dir": str(out_dir),
             "device": f"$torch.device('{device}')",
         }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from partialseg.monailabel.bundle import bundle_classes, bundle_dimension, discover_bundles
 from partialseg.monailabel.infer import BundleInferTask, convert_result
-from partialseg.monailabel.train import ConditionalTrainTask, HybridTrainTask, PartialLabelTrainTask, SemiSupervisedTrainTask, bundle_train_task
+from partialseg.monailabel.train import AtlasTrainTask, ConditionalTrainTask, HybridTrainTask, PartialLabelTrainTask, SemiSupervisedTrainTask, bundle_train_task
 
 __all__ = [
     "BundleInferTask",
@@ -22,6 +22,7 @@ __all__ = [
     "ConditionalTrainTask",
     "SemiSupervisedTrainTask",
     "HybridTrainTask",
+    "AtlasTrainTask",
     "bundle_classes",
     "bundle_dimension",
     "bundle_train_task",

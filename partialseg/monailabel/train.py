@@ -35,7 +35,7 @@ from partialseg.data.plan import plan_fallback, settings_path
 from partialseg.monailabel.bundle import NIFTI_SUFFIXES, bundle_classes, bundle_dimension, read_declaration, read_json
 from partialseg.monailabel.request_checks import RequestError, check_override, check_setting, config_default
 
-__all__ = ["ConditionalTrainTask", "HybridTrainTask", "PartialLabelTrainTask", "SemiSupervisedTrainTask", "bundle_train_task"]
+__all__ = ["AtlasTrainTask", "ConditionalTrainTask", "HybridTrainTask", "PartialLabelTrainTask", "SemiSupervisedTrainTask", "bundle_train_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def bundle_train_task(
     or None (logged) when it declares none (``"train": null``).
 
     ``"partial_label"`` gives a :class:`PartialLabelTrainTask`, ``"conditional"`` a
-    :class:`ConditionalTrainTask`, ``"semi_supervised"`` a :class:`SemiSupervisedTrainTask`.
+    :class:`ConditionalTrainTask`, ``"semi_supervised"`` a :class:`SemiSupervisedTrainTask`,
+    ``"hybrid"`` a :class:`HybridTrainTask`, ``"atlas"`` an :class:`AtlasTrainTask`.
 
     Raises:
         ValueError: naming the file: a missing or malformed declaration, a declared task without
@@ -70,7 +71,7 @@ def bundle_train_task(
             " or describe one output channel per class (network_data_format.outputs.pred.channel_def)"
         )
     cls = {"conditional": ConditionalTrainTask, "semi_supervised": SemiSupervisedTrainTask,
-           "hybrid": HybridTrainTask}.get(declaration.train_task, PartialLabelTrainTask)
+           "hybrid": HybridTrainTask, "atlas": AtlasTrainTask}.get(declaration.train_task, PartialLabelTrainTask)
     return cls(root, classes, overrides=overrides, max_epochs=max_epochs)
 
 
@@ -638,6 +639,130 @@ class HybridTrainTask(PartialLabelTrainTask):
             )
 
 
+class AtlasTrainTask(PartialLabelTrainTask):
+    """Train the atlas bundle (``atlas_multimodal_abdomen``) on the datastore's partial labels of CT
+    and MR images.
+
+    As :class:`PartialLabelTrainTask` (each label keeps its ``annotated`` organs: the label info's,
+    else the values present in the label file), with what the atlas method needs:
+
+    - **a modality per image**: the label info's ``modality`` (``PUT /datastore/label`` with
+      ``params={"annotated": ["liver"], "modality": "CT"}``), else the image info's (``PUT
+      /datastore/image/info?image=ID`` with ``info={"modality": "CT"}``, or ``params`` when the image
+      is uploaded). It chooses the intensity normalisation (``intensity_by_modality``: CT window, MR
+      z-score) and AMAN's indicator (the organs some case of the image's modality labels).
+    - **the atlas from the datastore**: before each run the task builds the a priori atlas
+      (:func:`partialseg.data.atlas.build_atlas`, the bundle's ``atlas_sigma`` and
+      ``atlas_normalize``) from the labelled images into the run's dataset folder, where the bundle
+      reads it; each organ's channel is the mean over the labels that annotate it.
+    - **one run, from scratch**: ``epochs`` is the request's ``max_epochs``; the bundle saves the
+      main network (``models/model.pt``, what inference reads, with its settings) at the end of
+      training, so no validation is needed; ``models/model_all.pt`` (every network, optimiser and
+      the prototypes) stays in the run's ``models/`` folder.
+
+    Refused before training (``ValueError`` naming the images or organs; a 422 answer in the
+    server): a labelled image without a ``modality``, a modality that ``intensity_by_modality``
+    does not list, an organ that no label annotates (the atlas, APRN and AMAN need every organ
+    labelled somewhere), or any other reason the atlas cannot be built (an unreadable file, a label
+    off its image's grid).
+
+    Example:
+        >>> import partialseg
+        >>> task = bundle_train_task(Path(partialseg.__file__).parents[1] / "bundles" / "atlas_multimodal_abdomen")
+        >>> type(task).__name__, task.served
+        ('AtlasTrainTask', [('checkpoint', 'model.pt')])
+        >>> task.stage_overrides({"max_epochs": 3})
+        {'epochs': 3}
+    """
+
+    REQUIRED_KEYS = ("epochs", "ckpt_dir", "ckpt_name", "dataset_dir", "atlas_file", "atlas_sigma", "atlas_normalize",
+                     "intensity_by_modality", "modality_key")  # fmt: skip
+    #: the atlas is the one built from the datastore (a request may not point the run at another file)
+    OWNED_KEYS = (*PartialLabelTrainTask.OWNED_KEYS, "atlas_file", "build_atlas_on_first_run", "modality_key", "full_ckpt_name")
+    #: no ``val_interval``: the bundle does not validate
+    REQUEST_KEYS = ("max_epochs", "iterations_per_epoch", "batch_size", "learning_rate")
+
+    def __init__(
+        self, bundle_root: str | os.PathLike, classes: list[str], overrides: dict[str, Any] | None = None, max_epochs: int = 10
+    ) -> None:
+        name = Path(bundle_root).name
+        super().__init__(bundle_root, classes, overrides, max_epochs,
+                         description=f"atlas-guided training of {name} (train.json) on the CT and MR partial labels")  # fmt: skip
+
+    def config(self) -> dict[str, Any]:
+        return {"max_epochs": self.max_epochs, "iterations_per_epoch": 20}
+
+    def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One run of ``max_epochs`` epochs from scratch."""
+        return {"epochs": int(request.get("max_epochs", self.max_epochs))}
+
+    @staticmethod
+    def modality(datastore: Datastore, image_id: str, label_info: dict[str, Any] | None) -> str | None:
+        """The image's modality: its label info's ``modality``, else its image info's; None when neither has one."""
+        for info in (label_info or {}, _image_info(datastore, image_id)):
+            value = info.get("modality")
+            if value not in (None, ""):
+                if not isinstance(value, str):
+                    raise ValueError(f"image {image_id!r}: modality must be a string such as 'CT' or 'MR', got {value!r}")
+                return value
+        return None
+
+    def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
+        """Every labelled 3D image trains, with its ``annotated`` organs and its ``modality`` (None
+        when the datastore has none: :meth:`check` names it)."""
+        content = super().dataset(datastore, folder)
+        cases = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        for case in cases:
+            case["modality"] = self.modality(datastore, case["case"], datastore.get_label_info(case["case"], DefaultLabelTag.FINAL))
+        content.pop("validation_reuses_training", None)
+        content.update(training=cases, validation=[dict(c) for c in cases], validation_reuses_training=True)
+        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
+        return content
+
+    def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Refuse images without a known modality and organs no label annotates (named), then build
+        the atlas into the run's dataset folder (its own refusals pass through)."""
+        cases = content["training"]
+        known = self.setting(overrides, "intensity_by_modality")
+        known = sorted(known) if isinstance(known, dict) else []
+        absent = [c["case"] for c in cases if not c.get("modality")]
+        if absent:
+            raise ValueError(
+                f"{self.name}: labelled image(s) {absent} have no modality: the atlas method normalises each image by its"
+                f" modality and AMAN compares modalities. Set it on the image (PUT /datastore/image/info?image=ID with"
+                f" info={{\"modality\": \"CT\"}}) or on its label (params={{\"modality\": \"MR\", ...}}); known: {known}."
+            )
+        unknown = {c["case"]: c["modality"] for c in cases if c["modality"] not in known}
+        if unknown:
+            raise ValueError(
+                f"{self.name}: modality of {unknown} is not one of {known} (intensity_by_modality): set one of those, or add"
+                " an entry for it to the bundle's intensity_by_modality (bundle_overrides)."
+            )
+        organs = [c for c in self.unannotated(cases) if c != self.classes[0]]
+        if organs:
+            raise ValueError(
+                f"{self.name}: organ(s) {organs} are annotated by no labelled image of the datastore: the atlas, the refiner"
+                f" and the discriminator need every organ labelled somewhere. Save a label that annotates"
+                f" {' and '.join(organs)} (params={{\"annotated\": [...], \"modality\": ...}})."
+            )
+        self._modalities = {c["case"]: c["modality"] for c in cases}
+        from partialseg.data.atlas import build_atlas
+
+        folder = Path(overrides["dataset_dir"])
+        self._atlas = build_atlas(folder, out=folder / "atlas.nii.gz", sigma=self.setting(overrides, "atlas_sigma"),
+                                  normalize=self.setting(overrides, "atlas_normalize"), progress=False)  # fmt: skip
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        stats = super().__call__(request, datastore)
+        stats.update(modality=self._modalities, atlas=str(self._atlas))
+        return stats
+
+    def output_overrides(self, run_dir: Path) -> dict[str, Any]:
+        """As the base task, with the run's atlas read (never rebuilt) from its dataset folder."""
+        return {**super().output_overrides(run_dir), "atlas_file": str(run_dir / "dataset" / "atlas.nii.gz"),
+                "build_atlas_on_first_run": False}  # fmt: skip
+
+
 def _new_run_dir(parent: Path, name: str) -> Path:
     """Create and return ``parent/name``, or ``name_2``, ``name_3``... when taken (a run never
     shares a folder, where the bundle would resume another run's ``checkpoint.pt``)."""
@@ -650,6 +775,13 @@ def _new_run_dir(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"no free run folder {parent / name}_N")
+
+
+def _image_info(datastore: Datastore, image_id: str) -> dict[str, Any]:
+    """The datastore's info of an image (``{}`` for a datastore without image info)."""
+    get = getattr(datastore, "get_image_info", None)
+    info = get(image_id) if callable(get) else None
+    return info if isinstance(info, dict) else {}
 
 
 def _image_ndim(path: str) -> int | None:

@@ -156,10 +156,11 @@ def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_re
     torch.testing.assert_close(parser.get_parsed_content("normalise", lazy=False)({"image": image})["image"], ct)
 
 
-def test_metadata_declares_no_monai_label_train_task_and_the_classes():
+def test_metadata_declares_the_atlas_monai_label_train_task_and_the_classes():
     from partialseg.monailabel.bundle import bundle_classes, read_declaration
 
-    declaration = read_declaration(ATLAS.path)  # served, not trained: no existing task fits (README)
-    assert declaration.train_task is None and declaration.model_files == ()
+    # trained through MONAI Label by AtlasTrainTask (tests/monailabel/test_atlas_server.py); served: model.pt alone
+    declaration = read_declaration(ATLAS.path)
+    assert declaration.train_task == "atlas" and declaration.model_files == ()
     assert bundle_classes(ATLAS.path) == ["background", "liver", "spleen", "kidney_left", "kidney_right", "pancreas",
                                           "stomach"]

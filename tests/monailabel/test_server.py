@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +34,13 @@ import numpy as np
 import pytest
 import torch
 
+from monailabel_harness import REPO, infer, save_label, serve, train
+
 from partialseg.data import ensure_dataset
 
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-REPO = Path(__file__).resolve().parents[2]
 BUNDLE = "marginal_exclusion_abdomen"
 #: a coarser grid than the bundle's 4.5 mm keeps every request and the training to seconds
 OVERRIDES = {"pixdim": [9.0, 9.0, 8.0], "patch_size": [32, 32, 16]}
@@ -50,12 +49,6 @@ DCL = "dcl_cardiac"
 DCL_OVERRIDES = {"pixdim": [1.8, 1.8], "spatial_size": [32, 32]}
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,49 +74,13 @@ def server(tmp_path_factory):
     parser.read_config(str(REPO / "bundles" / BUNDLE / "configs" / "inference.json"))
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
-
-    port = _free_port()
-    # the documented command; the script splits its arguments on spaces (`$*`): compact JSON
-    exe = os.path.join(os.path.dirname(sys.executable), "monailabel")
-    cmd = [exe, "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "bundles", str(REPO / "bundles"), "--conf", "bundle_overrides", json.dumps({BUNDLE: OVERRIDES, DCL: DCL_OVERRIDES}, separators=(",", ":")),
-           "--uvicorn_app", "partialseg.monailabel.server:app"]  # fmt: skip
-    log = open(tmp / "server.log", "w")
-    # its own process group: the teardown also ends the trainings it started
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            proc.kill()
-            pytest.fail("server did not start:\n" + (tmp / "server.log").read_text()[-4000:])
-        time.sleep(0.5)
-    print(f"server answered /info/ after {time.monotonic() - t0:.1f} s")
-    yield {"url": url, "tmp": tmp, "data": data, "cardiac": cardiac, "studies": studies, "app": app, "port": port}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
-def _env() -> dict[str, str]:
-    # the `monailabel` script runs the first `python` on PATH: this interpreter's
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    return dict(os.environ, PATH=path, OMP_NUM_THREADS="1")
+    with serve(app, studies, tmp / "server.log", {BUNDLE: OVERRIDES, DCL: DCL_OVERRIDES}) as url:
+        port = int(url.rsplit(":", 1)[1])
+        yield {"url": url, "tmp": tmp, "data": data, "cardiac": cardiac, "studies": studies, "app": app, "port": port}
 
 
 def _infer(url: str, image: str, model: str = BUNDLE) -> tuple[bytes, float]:
-    t = time.perf_counter()
-    r = requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"}, timeout=300)
-    assert r.status_code == 200, r.text[:2000]
-    return r.content, time.perf_counter() - t
+    return infer(url, image, model)
 
 
 def test_info_lists_every_bundle(server):
@@ -215,17 +172,6 @@ def test_train_keeps_annotated_classes_and_writes_a_checkpoint(server):
     assert len(content) > 100
 
 
-def _save_label(url: str, image: str, path: Path, params: dict | None = None) -> None:
-    with open(path, "rb") as f:
-        r = requests.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
-                         data={"params": json.dumps(params or {})}, files={"label": (path.name, f)}, timeout=60)  # fmt: skip
-    assert r.status_code == 200, r.text[:2000]
-
-
-def _train(url: str, model: str, **params) -> requests.Response:
-    return requests.post(f"{url}/train/{model}", params={"run_sync": "true"}, json=params, timeout=600)
-
-
 def test_info_lists_a_dcl_train_task(server):
     info = requests.get(f"{server['url']}/info/", timeout=30).json()
     # metadata class_names: the DCL bundle's m classes, although its network has 2m output logits
@@ -241,13 +187,13 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
     assert not (models / "model.pt").exists()
     labels = cardiac / "labelsTr"
     # one structure per slice; sub001_ED's MYO label carries no `annotated`: read from its values
-    _save_label(url, "cardiac_sub000_ED", labels / "sub000_ED.nii.gz", {"annotated": ["LV"]})
-    _save_label(url, "cardiac_sub000_ES", labels / "sub000_ES.nii.gz", {"annotated": ["RV"]})
-    _save_label(url, "cardiac_sub001_ED", labels / "sub001_ED.nii.gz")
+    save_label(url, "cardiac_sub000_ED", labels / "sub000_ED.nii.gz", {"annotated": ["LV"]})
+    save_label(url, "cardiac_sub000_ES", labels / "sub000_ES.nii.gz", {"annotated": ["RV"]})
+    save_label(url, "cardiac_sub001_ED", labels / "sub001_ED.nii.gz")
     request = {"max_epochs": 1, "iterations_per_epoch": 2, "val_interval": 1, "batch_size": 4}
 
     # no case annotates the background: no conditional image for it, refused before training
-    r = _train(url, DCL, **request)
+    r = train(url, DCL, **request)
     # the reason reaches the client as JSON (it was a bare 500, the reason only in the server log)
     assert r.status_code == 422, r.text[:2000]
     detail = r.json()["detail"]
@@ -255,8 +201,8 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
     assert not (models / "model.pt").exists()
 
     # a whole-heart label annotates the background (value 1 = "one of LV / MYO / RV")
-    _save_label(url, "cardiac_sub001_ES", labels / "sub001_ES.nii.gz", {"annotated": ["background"]})
-    r = _train(url, DCL, **request)
+    save_label(url, "cardiac_sub001_ES", labels / "sub001_ES.nii.gz", {"annotated": ["background"]})
+    r = train(url, DCL, **request)
     assert r.status_code == 200, r.text[:3000]
     stats = r.json()
     annotated = {"cardiac_sub000_ED": ["LV"], "cardiac_sub000_ES": ["RV"], "cardiac_sub001_ED": ["MYO"], "cardiac_sub001_ES": ["background"]}
@@ -287,7 +233,7 @@ def test_dcl_trains_stage1_then_stage2_and_serves_the_new_model(server):
 
     # the next request: stage 2 (DualNet, the bundle's stage-2 settings) from the served model
     bank_inode = (models / "support_bank.pt").stat().st_ino
-    r = _train(url, DCL, **request)
+    r = train(url, DCL, **request)
     assert r.status_code == 200, r.text[:3000]
     stats = r.json()
     assert stats["stage"] == 2 and stats["annotated"] == annotated
@@ -394,7 +340,7 @@ def test_model_upload_is_off_and_cors_answers_only_the_servers_origin(server):
 def test_unbounded_requests_are_refused_and_info_answers_during_a_training(server):
     url, data = server["url"], server["data"]
     runs = server["app"] / "model" / BUNDLE / "runs"
-    _save_label(url, "full_001", data / "labelsTr" / "full_001.nii.gz", {"annotated": "all"})
+    save_label(url, "full_001", data / "labelsTr" / "full_001.nii.gz", {"annotated": "all"})
     before = sorted(runs.iterdir()) if runs.is_dir() else []
     for params, query, status, reason in [
         ({"max_epochs": 1e300}, {"run_sync": "true"}, 400, "max_epochs must be at most 1000"),
@@ -408,7 +354,7 @@ def test_unbounded_requests_are_refused_and_info_answers_during_a_training(serve
         assert time.monotonic() - t0 < 10
     assert (sorted(runs.iterdir()) if runs.is_dir() else []) == before
     # a label the marginal bundle cannot use (a DCL class): the run_sync answer says why, as JSON
-    _save_label(url, "test_001", data / "labelsTr" / "full_000.nii.gz", {"annotated": ["LV"]})
+    save_label(url, "test_001", data / "labelsTr" / "full_000.nii.gz", {"annotated": ["LV"]})
     r = requests.post(f"{url}/train/{BUNDLE}", params={"run_sync": "true"}, json={"max_epochs": 1, "iterations_per_epoch": 1}, timeout=120)
     assert r.status_code == 422 and "'LV' is not one of" in r.json()["detail"], (r.status_code, r.text[:500])
     assert requests.delete(f"{url}/datastore/label", params={"id": "test_001", "tag": "final"}, timeout=30).status_code == 200

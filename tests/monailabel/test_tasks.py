@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("monailabel")
 
+from monailabel_harness import FakeDatastore  # noqa: E402
+
 from partialseg.monailabel import tasks  # noqa: E402
 from partialseg.monailabel.bundle import read_declaration  # noqa: E402
 from partialseg.monailabel.request_checks import RequestError  # noqa: E402
@@ -168,25 +170,6 @@ def test_dcl_stage_choice(tmp_path):
                                                            "stage1_ckpt": str(marginal.bundle_root / "models" / "model.pt")}  # fmt: skip
     # both tasks train into the run folder; install() serves the result only after success
     assert marginal.output_overrides(run) == {"ckpt_dir": str(run / "models"), "ckpt_name": "model.pt"}
-
-
-class FakeDatastore:
-    """The four datastore methods the train tasks read."""
-
-    def __init__(self, cases: dict[str, tuple[Path, Path, dict]]) -> None:
-        self.cases = cases
-
-    def get_labeled_images(self):
-        return list(self.cases)
-
-    def get_image_uri(self, image_id):
-        return str(self.cases[image_id][0])
-
-    def get_label_uri(self, image_id, tag):
-        return str(self.cases[image_id][1])
-
-    def get_label_info(self, image_id, tag):
-        return self.cases[image_id][2]
 
 
 def _case(folder: Path, name: str, label: np.ndarray, info: dict | None = None) -> tuple[Path, Path, dict]:
@@ -485,3 +468,51 @@ def test_dtml_trains_on_labelled_and_unlabelled_images_and_serves_both_networks(
     image = data.datalist("test")[0]["image"]
     result, info = infer({"image": image})
     assert nib.load(result).shape == nib.load(image).shape and info["label_names"] == {"left_atrium": 1}
+
+
+def test_atlas_task_reads_modalities_builds_the_atlas_and_refuses_missing_modalities_and_organs(tmp_path):
+    """The atlas train task: each image's modality from its label info, else its image info; the
+    atlas built from the datastore's labels before the run; refused, naming them, before any run:
+    an image without a modality, a modality without an intensity entry, organs no label annotates."""
+    from partialseg.data import ensure_dataset, load_dataset
+    from partialseg.monailabel.train import AtlasTrainTask
+
+    root = _copy_bundle("atlas_multimodal_abdomen", tmp_path)
+    task = bundle_train_task(root, max_epochs=2)
+    assert type(task) is AtlasTrainTask and task.dimension == 3 and task.served == [("checkpoint", "model.pt")]
+    assert task.classes == ["background", "liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach"]
+    data = load_dataset(ensure_dataset(tmp_path / "abdomen3d", "abdomen3d", size=24, num_train=1, num_test=1, num_val=0, modality="CT+MR"))
+    train = {c["case"]: c for c in data.datalist("training")}
+    assert sorted(train) == ["ct_a_000", "ct_b_001", "mr_002"]
+    # the CT liver/stomach label says what it annotates and its modality; the other two carry neither:
+    # their organs are read from the label values, their modality from the image info
+    cases = {k: (c["image"], c["label"], {"annotated": ["liver", "stomach"], "modality": "CT"} if k == "ct_a_000" else {})
+             for k, c in train.items()}  # fmt: skip
+    images = {"ct_b_001": {"modality": "CT"}, "mr_002": {"modality": "MR"}, "ct_a_000": {"modality": "MR"}}  # the label's wins
+    content = task.dataset(FakeDatastore(cases, images), tmp_path / "run" / "dataset")
+    assert {c["case"]: (c["modality"], c["annotated"]) for c in content["training"]} == {
+        "ct_a_000": ("CT", ["liver", "stomach"]), "ct_b_001": ("CT", ["kidney_left", "kidney_right"]), "mr_002": ("MR", ["spleen", "pancreas"])}
+    overrides = {"dataset_dir": str(tmp_path / "run" / "dataset")}
+    task.check(content, overrides)  # builds the atlas where the run reads it
+    side = json.loads((tmp_path / "run" / "dataset" / "atlas.json").read_text())
+    assert side["classes"] == task.classes and side["counts"] == {c: 1 for c in task.classes[1:]}
+    assert task.output_overrides(tmp_path / "run")["atlas_file"] == str(tmp_path / "run" / "dataset" / "atlas.nii.gz")
+
+    def refused(cases, images, match):
+        folder = tmp_path / f"refused{len(list(tmp_path.glob('refused*')))}"
+        content = task.dataset(FakeDatastore(cases, images), folder)
+        with pytest.raises(ValueError, match=match):
+            task.check(content, {"dataset_dir": str(folder)})
+        assert not (folder / "atlas.nii.gz").exists()
+
+    refused(cases, {"mr_002": {"modality": "MR"}}, r"labelled image\(s\) \['ct_b_001'\] have no modality.*image/info")
+    refused(cases, {**images, "mr_002": {"modality": "PET"}}, r"modality of \{'mr_002': 'PET'\} is not one of \['CT', 'MR'\]")
+    refused({k: v for k, v in cases.items() if k != "mr_002"}, images,
+            r"organ\(s\) \['spleen', 'pancreas'\] are annotated by no labelled image")  # fmt: skip
+    # through the task: refused before any run folder is kept, nothing trained
+    with pytest.raises(ValueError, match="have no modality"):
+        task({"max_epochs": 1}, FakeDatastore(cases, {}))
+    assert not list((root / "runs").iterdir()) and not (root / "models").exists()
+    # a request may not point the run at another atlas
+    with pytest.raises(RequestError, match="sets 'atlas_file' itself"):
+        task.request_values({"overrides": {"atlas_file": "/tmp/other.nii.gz"}})
