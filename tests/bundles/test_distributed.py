@@ -1,7 +1,9 @@
 """``multi_gpu_train.json`` through a real ``torchrun`` with two gloo (CPU) processes.
 
-Each rank saves its network's state dict after training (a ``--run`` override); the test loads
-both and compares them exactly: DistributedDataParallel must have kept the replicas identical.
+Each rank saves its network's state dict after training (a ``--finalize`` override); the test loads
+both and compares them exactly: DistributedDataParallel must have kept the replicas identical. The
+atlas bundle's ranks also save the APRN, AMAN and MICPAM prototypes (parameters and EMA buffers),
+which must be identical too and equal to what ``models/model_all.pt`` holds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,21 @@ CASES = {
          "output_dir": "$@bundle_root + '/runs/stage1'", "ckpt_name": "model_stage1.pt"},
         ["model_sdm.pt", "model_stage1.pt", "model_stage1.settings.json"], True,
     ),
+    # single-stage, as DTML; three DDP networks (main, APRN, AMAN) and the MICPAM prototypes (DDP too: their
+    # EMA buffers are rank 0's); a 4-layer AMAN at full resolution fits the 16^3 patches
+    "atlas_multimodal_abdomen": (
+        "abdomen3d", {"size": 24, "num_train": 2, "num_test": 1, "num_val": 0, "modality": "CT+MR"},
+        {"patch_size": [16, 16, 16], "network_def#filters": [8, 8, 16, 16, 32], "refiner_def#filters": [8, 8, 8],
+         "discriminator_def#channels": [8, 8, 8, 8], "discriminator_def#scale": 1.0, "iterations_per_epoch": 3, "epochs": 2,
+         "progress": False, "output_dir": "$@bundle_root + '/runs/stage1'", "ckpt_name": "model_stage1.pt"},
+        ["model_all.pt", "model_stage1.pt", "model_stage1.settings.json"], True,
+    ),
 }  # fmt: skip
+#: per bundle, the modules besides the main network whose replicas must stay identical and that the
+#: checkpoint of every module (``models/model_all.pt``) must hold
+MODULES = {"atlas_multimodal_abdomen": ("refiner", "discriminator", "prototypes")}
+#: bundles whose training runs no validation
+UNVALIDATED = {"atlas_multimodal_abdomen"}
 NAMES = [n for n in CASES if (BUNDLES / n / "configs" / "multi_gpu_train.json").is_file()]
 #: (bundle, extra overrides): the marginal bundle also with its sources balanced (SourceBalancedSampler split over ranks)
 RUNS = [(n, {}) for n in NAMES] + [(n, {"sampling": "source"}) for n in NAMES if n == "marginal_exclusion_abdomen"]
@@ -58,7 +74,10 @@ def test_two_gloo_ranks_stay_identical_and_only_rank0_writes(name, extra, tmp_pa
     # a DistributedSampler needs at least one validation case per rank
     ensure_dataset(tmp_path / "data" / family, family, **data)
     cfg = BUNDLES / name / "configs"
-    dump = "$torch.save(@network.module.state_dict(), @bundle_root + '/rank' + str(dist.get_rank()) + '.pt')"
+    modules = MODULES.get(name, ())
+    # each rank saves its replicas (unwrapped from DDP): the main network's state dict, and each other module's under its name
+    others = f"{{'_' + k: v.state_dict() for k, v in @train#trainer.checkpoint_dict().items() if k in {modules!r}}}" if modules else "{}"
+    dump = f"$torch.save(dict(@network.module.state_dict(), **{others}), @bundle_root + '/rank' + str(dist.get_rank()) + '.pt')"
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run",
@@ -75,12 +94,25 @@ def test_two_gloo_ranks_stay_identical_and_only_rank0_writes(name, extra, tmp_pa
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
 
-    # parameters (and buffers) identical on both ranks after 6 DDP iterations
+    # both ranks ran; parameters (and buffers) identical on both after 6 DDP iterations
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    others0, others1 = ({m: s.pop("_" + m) for m in modules} for s in (s0, s1))
     assert s0.keys() == s1.keys() and len(s0) > 10
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+    for m in modules:
+        assert others0[m].keys() == others1[m].keys() and len(others0[m]) > 1, m
+        for k in others0[m]:
+            assert torch.equal(others0[m][k], others1[m][k]), f"{m}.{k}"
+    if modules:  # every module, unwrapped, in the checkpoint of all of them
+        full = torch.load(tmp_path / "models" / "model_all.pt", weights_only=True, map_location="cpu")
+        assert {"network", "optimizer", *modules, *(f"{m}_optimizer" for m in modules)} <= set(full)
+        assert set(full["network"]) == set(s0)
+        for m in modules:
+            assert set(full[m]) == set(others0[m]), m
+            for k in others0[m]:
+                assert torch.equal(full[m][k], others0[m][k]), f"{m}.{k}"
     # the best-metric checkpoint holds the network unwrapped from DDP (no 'module.' prefix)
     ckpt = torch.load(tmp_path / "models" / "model_stage1.pt", weights_only=True)
     assert set(ckpt.get("model", ckpt)) == set(s0)
@@ -88,7 +120,8 @@ def test_two_gloo_ranks_stay_identical_and_only_rank0_writes(name, extra, tmp_pa
     # exactly one writer: rank 0's files once each; metrics.json from one process
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == written
     metrics = json.loads((tmp_path / "runs" / "stage1" / "metrics.json").read_text())
-    assert metrics["iteration"] == [1, 2, 3, 4, 5, 6] and metrics["epoch"] == [1, 2]
+    # "epoch": the validated epochs (the atlas bundle does not validate)
+    assert metrics["iteration"] == [1, 2, 3, 4, 5, 6] and metrics["epoch"] == ([] if name in UNVALIDATED else [1, 2])
     if rank0_logging:
         events = list((tmp_path / "runs" / "stage1").glob("events.out.tfevents.*"))
         assert events and len({p.name.split(".")[4] for p in events}) == 1, events  # one pid
