@@ -66,9 +66,12 @@ class BundleInferTask(BasicInferTask):
         self.meta_file = configs / "metadata.json"
         meta = read_json(self.meta_file)
         self.declaration = read_declaration(self.bundle_root)
-        key = read_json(self.config_file).get("modality_key")
+        config = read_json(self.config_file)
+        key = config.get("modality_key")
         #: the datalist key of an image's modality when the bundle reads one (the atlas bundle), else None
         self.modality_key: str | None = key if isinstance(key, str) and key else None
+        #: the modality of an image without one (the ``default_modality`` override, else the config's)
+        self.default_modality = self.overrides.get("default_modality", config.get("default_modality"))
         classes = bundle_classes(self.bundle_root)
         labels = {c: i for i, c in enumerate(classes) if i > 0} if classes else None
         super().__init__(
@@ -111,17 +114,25 @@ class BundleInferTask(BasicInferTask):
         image = request.get("image")
         if not isinstance(image, str) or not os.path.isfile(image):
             raise FileNotFoundError(f"{self.name}: image {image!r} not found")
-        begin = time.time()
-        out_dir = Path(tempfile.mkdtemp(prefix=f"partialseg-{self.name}-"))
-        device = request.get("device", "cpu")
-        device = device[0] if isinstance(device, (list, tuple)) else device
-        device = "cuda:0" if str(device).startswith("cuda") and _cuda() else "cpu"
         entry = {"image": image}
         modality = request.get("modality")
         if self.modality_key and modality not in (None, ""):
             if not isinstance(modality, str):
                 raise RequestError(f"{self.name}: modality must be a string such as 'CT' or 'MR', got {modality!r}")
             entry[self.modality_key] = modality  # the bundle normalises the image by it
+        elif self.modality_key and self.default_modality in (None, ""):
+            raise RequestError(
+                f"{self.name}: image {os.path.basename(image)!r} has no modality, which chooses its intensity normalisation:"
+                " send params={\"modality\": \"CT\"} (or \"MR\"), set the image's info (PUT /datastore/image/info with"
+                " info={\"modality\": \"CT\"}), or serve with --conf bundle_overrides"
+                f" '{{\"{self.name}\": {{\"default_modality\": \"CT\"}}}}'",
+                422,
+            )
+        begin = time.time()
+        out_dir = Path(tempfile.mkdtemp(prefix=f"partialseg-{self.name}-"))
+        device = request.get("device", "cpu")
+        device = device[0] if isinstance(device, (list, tuple)) else device
+        device = "cuda:0" if str(device).startswith("cuda") and _cuda() else "cpu"
         overrides = {
             **self.overrides,
             "bundle_root": str(self.bundle_root),

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monailabel_harness import infer, save_label, serve, set_image_info, train
+from monailabel_harness import REPO, infer, save_label, serve, set_image_info, train
 
 from partialseg.data import ensure_dataset, load_dataset
 
@@ -31,10 +31,12 @@ requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.slow
 
 ATLAS = "atlas_multimodal_abdomen"
-#: a tiny schedule through the request's overrides (each list as long as train.json's): 16^3 patches, a 5-level
-#: main network of 8-32 filters, a 3-level APRN of 8, a 4-layer AMAN of 8 at full resolution (16^3 is what it needs)
-SMALL = {"patch_size": [16, 16, 16], "network_def#filters": [8, 8, 16, 16, 32], "refiner_def#filters": [8, 8, 8],
-         "discriminator_def#channels": [8, 8, 8, 8], "discriminator_def#scale": 1.0}  # fmt: skip
+#: AMAN layers in the bundle's train.json: a request's override keeps each list's length
+LAYERS = len(json.loads((REPO / "bundles" / ATLAS / "configs" / "train.json").read_text())["discriminator_def"]["channels"])
+#: a tiny schedule through the request's overrides: a 5-level main network of 8-32 filters, a 3-level APRN of 8,
+#: AMAN layers of 8 at full resolution on patches of the 2^layers voxels they need (16^3 for four layers)
+SMALL = {"patch_size": [max(16, 2**LAYERS)] * 3, "network_def#filters": [8, 8, 16, 16, 32], "refiner_def#filters": [8, 8, 8],
+         "discriminator_def#channels": [8] * LAYERS, "discriminator_def#scale": 1.0}  # fmt: skip
 
 
 def test_atlas_trains_through_the_server_and_serves_the_new_model(tmp_path):
@@ -96,6 +98,9 @@ def test_atlas_trains_through_the_server_and_serves_the_new_model(tmp_path):
             served[name] = tmp_path / f"served_{name}.nii.gz"
             served[name].write_bytes(content)
             print(f"atlas /infer {name}: {seconds:.2f} s")
+        # an image without a modality (ct_b_001's is on its label, not the image), none in the request: refused, named
+        r = requests.post(f"{url}/infer/{ATLAS}", params={"image": "ct_b_001", "output": "image"}, timeout=300)
+        assert r.status_code == 422 and "image 'ct_b_001.nii.gz' has no modality" in r.json()["detail"], r.text[:2000]
 
     # the served labels are the bundle's own inference workflow with the served model, run here on the
     # dataset's test split (each case's modality from dataset.json, not from a request)
