@@ -111,6 +111,10 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: small volumes, few iterations, one seed")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-docs", action="store_true", help="don't touch docs/results.md")
+    ap.add_argument("--arbiter", type=int, default=0, metavar="N",
+                    help="DTML arms: N times during training, on the first 8 unlabelled training volumes, measure who is "
+                         "right where M_s and M_d disagree (the share of L_con that pulls M_s towards the truth); "
+                         "stored as 'arbiter' in the run (a diagnostic; not part of the configuration key)")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.crop, args.num_train, args.num_test = [32, 32, 24], [24, 24, 24], 10, 2
@@ -304,6 +308,12 @@ def run_arm(arm, seed, data, args) -> dict:
             s.step()
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, on_iter)
+    arbiter: list[dict] = []
+    if arm in DTML_ARMS and args.arbiter > 0:
+        held = data["train"][n_lab:][:8]
+        every = max(1, args.iters // args.arbiter)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every),
+                                  lambda e: arbiter.append({"iteration": e.state.iteration, **who_is_right(seg_net, sdm_net, held, args)}))
     t0 = time.perf_counter()
     trainer.run()
     t_train = time.perf_counter() - t0
@@ -316,6 +326,8 @@ def run_arm(arm, seed, data, args) -> dict:
         extra["terms_last"] = {k: float(np.mean(v[-20:])) for k, v in terms.items()}
         extra["terms"] = {k: v[:: max(1, len(v) // 50)] for k, v in terms.items()}
         extra["md_per_case"] = evaluate(_MdPredictor(sdm_net, args.k), data["test"], args)
+        if arbiter:
+            extra["arbiter"] = arbiter
     return {"arm": arm, "seed": seed, "per_case": per_case, "loss": losses[:: max(1, len(losses) // 50)],
             "loss_last": float(np.mean(losses[-20:])), "time_train_s": t_train, "time_test_s": time.perf_counter() - t1, **extra}
 
@@ -383,6 +395,54 @@ def evaluate(predictor, cases, args) -> list[dict]:
     return rows
 
 
+def who_is_right(seg_net, sdm_net, cases, args) -> dict:
+    """Where M_s and M_d disagree on ``cases`` (whole volumes, sliding windows), which one is right.
+
+    L_con = mean (p_s - m_d)^2 pulls M_s's probability p_s towards M_d's mask m_d = sigma(-k s_hat)
+    (and m_d towards p_s). At a voxel the pull on M_s points to the truth y when M_d is closer to it,
+    |m_d - y| < |p_s - y|. Returned: ``to_truth_ms``, the share of L_con's mass sum (p_s - m_d)^2 at
+    such voxels (M_s is pulled towards the truth; > 0.5 is the paper's premise that M_d teaches M_s),
+    ``to_truth_md`` the same for M_d, ``disagree`` the fraction of voxels whose thresholded masks differ,
+    ``ms_right`` the share of those where M_s's mask is the correct one, and each network's Dice on the
+    cases. Both networks are put back in training mode afterwards.
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(tuple(args.crop), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    md = _MdPredictor(sdm_net, args.k)
+    mass_s = mass_d = mass = 0.0
+    n_dis = n_ms_right = n_vox = 0
+    inter = {"ms": 0.0, "md": 0.0}
+    sums = {"ms": 0.0, "md": 0.0, "gt": 0.0}
+    seg_net.eval(), sdm_net.eval()
+    try:
+        with torch.no_grad():
+            for image, gt in cases:
+                x = torch.from_numpy(image)[None, None].to(args.device)
+                p_s = inferer(x, _SigmoidPredictor(seg_net)).cpu()[0, 0].double()
+                m_d = inferer(x, md).cpu()[0, 0].double()
+                y = torch.from_numpy(gt.astype(np.float64))
+                sq = (p_s - m_d) ** 2
+                mass += float(sq.sum())
+                mass_s += float(sq[(m_d - y).abs() < (p_s - y).abs()].sum())
+                mass_d += float(sq[(p_s - y).abs() < (m_d - y).abs()].sum())
+                b_s, b_d = p_s >= 0.5, m_d >= 0.5
+                dis = b_s != b_d
+                n_dis += int(dis.sum())
+                n_ms_right += int((dis & (b_s == (y > 0.5))).sum())
+                n_vox += y.numel()
+                inter["ms"] += float((b_s & (y > 0.5)).sum())
+                inter["md"] += float((b_d & (y > 0.5)).sum())
+                sums["ms"] += float(b_s.sum())
+                sums["md"] += float(b_d.sum())
+                sums["gt"] += float((y > 0.5).sum())
+    finally:
+        seg_net.train(), sdm_net.train()
+    return {"to_truth_ms": mass_s / mass if mass else float("nan"), "to_truth_md": mass_d / mass if mass else float("nan"),
+            "con": mass / n_vox, "disagree": n_dis / n_vox, "ms_right": n_ms_right / n_dis if n_dis else float("nan"),
+            "dice_ms": 2 * inter["ms"] / (sums["ms"] + sums["gt"]), "dice_md": 2 * inter["md"] / (sums["md"] + sums["gt"])}
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -446,6 +506,8 @@ def write_report(args, runs, command) -> str:
         update_results_md(text)
     if summary:
         plot(runs, Path(args.report).with_suffix(".png"))
+    if any(r.get("arbiter") for r in runs):
+        plot_arbiter(runs, Path(args.report).with_name(Path(args.report).stem + "_arbiter.png"))
     return text
 
 
@@ -466,6 +528,32 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.plot([i] * len(vals), vals, "k.")
         ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7)
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png", metadata={"Software": None})
+
+
+def plot_arbiter(runs: list[dict], path: Path) -> None:
+    """The ``--arbiter`` diagnostic over training: the share of L_con that pulls M_s towards the truth
+    (0.5 dashed: above it M_d teaches M_s), and both networks' Dice on the held-out unlabelled volumes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2), dpi=80)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for r in (r for r in runs if r.get("arbiter")):
+        it = [a["iteration"] for a in r["arbiter"]]
+        style = "-" if r["arm"] in SEMI_ARMS else "--"
+        ax1.plot(it, [a["to_truth_ms"] for a in r["arbiter"]], style, label=f"{r['arm']} s{r['seed']}")
+        line = ax2.plot(it, [a["dice_ms"] for a in r["arbiter"]], style, label=f"M_s {r['arm']} s{r['seed']}")[0]
+        ax2.plot(it, [a["dice_md"] for a in r["arbiter"]], ":", color=line.get_color())
+    ax1.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax1.set_title("share of L_con pulling M_s towards the truth", fontsize=9)
+    ax2.set_title("Dice on unlabelled volumes: M_s (line), M_d (dotted)", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("iteration", fontsize=8)
+    ax1.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(str(path), format="png", metadata={"Software": None})
 
