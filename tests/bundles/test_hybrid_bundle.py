@@ -249,30 +249,13 @@ def test_indicator_state_of_another_dataset_is_refused_on_resume(trained, tmp_pa
 # ---------------------------------------------------------------------------------------------- MONAI Label
 
 
-class _Datastore:
-    """The four datastore methods the train tasks read: ``{image_id: (image, label, label info)}``."""
-
-    def __init__(self, cases):
-        self.cases = cases
-
-    def get_labeled_images(self):
-        return list(self.cases)
-
-    def get_image_uri(self, image_id):
-        return str(self.cases[image_id][0])
-
-    def get_label_uri(self, image_id, tag):
-        return str(self.cases[image_id][1])
-
-    def get_label_info(self, image_id, tag):
-        return self.cases[image_id][2]
-
-
 def test_monailabel_trains_on_strong_and_weak_labels_and_serves_network1(tmp_path):
     """Weak labels are those saved with params {"supervision": "weak"}; both networks are served."""
     pytest.importorskip("monailabel")
     import nibabel as nib
     from PIL import Image
+
+    from monailabel_harness import FakeDatastore
 
     from partialseg.monailabel.tasks import BundleInferTask, HybridTrainTask, bundle_train_task
 
@@ -285,19 +268,19 @@ def test_monailabel_trains_on_strong_and_weak_labels_and_serves_network1(tmp_pat
     train = data.datalist("training")
     info = {c["case"]: ({"supervision": "weak", "weak_type": c["weak_type"]} if c["supervision"] == "weak" else {}) for c in train}
     cases = {c["case"]: (c["image"], c["label"], info[c["case"]]) for c in train}
-    content = task.dataset(_Datastore(cases), tmp_path / "d")
+    content = task.dataset(FakeDatastore(cases), tmp_path / "d")
     assert {c["case"]: (c["supervision"], c.get("weak_type")) for c in content["training"]} == {
         c["case"]: (c["supervision"], c.get("weak_type")) for c in train}
     assert sorted(c["case"] for c in content["validation"]) == sorted(c["case"] for c in train if c["supervision"] == "strong")
     # refused before training: a datastore of weak labels only, a supervision value of another kind
-    weak_only = task.dataset(_Datastore({k: (i, l, {"supervision": "weak"}) for k, (i, l, _) in cases.items()}), tmp_path / "w")
+    weak_only = task.dataset(FakeDatastore({k: (i, l, {"supervision": "weak"}) for k, (i, l, _) in cases.items()}), tmp_path / "w")
     with pytest.raises(ValueError, match="labels are all weak; hybrid supervision needs at least one strong"):
         task.check(weak_only, {})
     first = next(iter(cases))
     with pytest.raises(ValueError, match=r"frame_\d+\.png: label info 'supervision' must be one of \['strong', 'weak'\], got 'rough'"):
-        task.dataset(_Datastore({**cases, first: (cases[first][0], cases[first][1], {"supervision": "rough"})}), tmp_path / "r")
+        task.dataset(FakeDatastore({**cases, first: (cases[first][0], cases[first][1], {"supervision": "rough"})}), tmp_path / "r")
 
-    stats = task({"max_epochs": 1, "iterations_per_epoch": 3}, _Datastore(cases))
+    stats = task({"max_epochs": 1, "iterations_per_epoch": 3}, FakeDatastore(cases))
     models = task.bundle_root / "models"
     assert stats["cases"] == 12 and stats["network2"] == str(models / "model_net2.pt") and stats["checkpoint"] == str(models / "model.pt")
     assert (Path(stats["run_dir"]) / "gamma.csv").is_file()
