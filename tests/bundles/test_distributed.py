@@ -42,8 +42,9 @@ CASES = {
          "output_dir": "$@bundle_root + '/runs/stage1'", "ckpt_name": "model_stage1.pt"},
         ["model_sdm.pt", "model_stage1.pt", "model_stage1.settings.json"], True,
     ),
-    # single-stage, as DTML; three DDP networks (main, APRN, AMAN) and the MICPAM prototypes (DDP too: their
-    # EMA buffers are rank 0's); a 4-layer AMAN at full resolution fits the 16^3 patches
+    # single-stage, as DTML; four DDP modules: main, APRN, AMAN and the MICPAM prototypes (their projections'
+    # gradients averaged; their EMA buffers not broadcast: the update sums over the ranks); a 4-layer AMAN at full
+    # resolution fits the 16^3 patches
     "atlas_multimodal_abdomen": (
         "abdomen3d", {"size": 24, "num_train": 2, "num_test": 1, "num_val": 0, "modality": "CT+MR"},
         {"patch_size": [16, 16, 16], "network_def#filters": [8, 8, 16, 16, 32], "refiner_def#filters": [8, 8, 8],
