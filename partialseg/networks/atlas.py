@@ -8,11 +8,14 @@ Four modules, all built from MONAI parts:
   plain ``DynUNet``: ``net(x)`` gives the logits.
 * :class:`AtlasRefiner`, APRN: a small residual ``DynUNet`` on ``[p_c, atlas_c]`` (two channels),
   one network shared by every organ (the organs are folded into the batch), run at half the
-  input's resolution, its logits resized back. :func:`erase_fill` is its optional input
-  augmentation (random cubes of ``p_c`` set to 0 or 1).
-* :class:`AtlasDiscriminator`, AMAN: six 4x4x4 stride-2 convolutions (MONAI ``Convolution``,
+  input's resolution, its logits resized back; default filters ``(16, 32, 64)``
+  (:data:`CODE_REFINER_FILTERS`, ``(24, 48, 96)``, are the public code's widths).
+  :func:`erase_fill` is its optional input augmentation (random cubes of ``p_c`` set to 0 or 1).
+* :class:`AtlasDiscriminator`, AMAN: 4x4x4 stride-2 convolutions (MONAI ``Convolution``,
   LeakyReLU 0.2), global average pooling and a linear layer to one logit per ``[p_c, atlas_c]``
-  pair ("is organ c labelled in this image's modality").
+  pair ("is organ c labelled in this image's modality"); by default five layers at half the
+  input's resolution (:data:`CODE_DISCRIMINATOR_CHANNELS`, six layers at full resolution, are the
+  public code's widths).
 * :class:`PrototypeAnchoring`, the MICPAMs of every decoder scale: class prototypes kept as
   buffers (so they are saved with the module's state dict and restored on resume), updated by
   exponential moving average from masked average pooling of the features
@@ -47,10 +50,24 @@ from torch import Tensor, nn
 
 from partialseg._checks import check_float, check_int, check_option
 
-__all__ = ["AtlasUNet", "AtlasRefiner", "AtlasDiscriminator", "PrototypeAnchoring", "erase_fill", "resize_to"]
+__all__ = [
+    "AtlasUNet", "AtlasRefiner", "AtlasDiscriminator", "PrototypeAnchoring", "erase_fill", "resize_to",
+    "CODE_REFINER_FILTERS", "CODE_DISCRIMINATOR_CHANNELS",
+]
 
 #: the normalisation of the paper's backbones (group normalisation)
 DEFAULT_NORM = ("group", {"num_groups": 8})
+
+#: APRN's default filters. The paper says only "a similar but smaller segmentation network"; these
+#: keep the full iteration under 1.8x a supervised one (``docs/atlas.md``, Cost).
+REFINER_FILTERS = (16, 32, 64)
+#: the public code's APRN widths (24 base filters): an option, ``AtlasRefiner(filters=CODE_REFINER_FILTERS)``.
+CODE_REFINER_FILTERS = (24, 48, 96)
+#: AMAN's default layers (run at ``scale=0.5``). The paper says only "a 3D classification network".
+DISCRIMINATOR_CHANNELS = (32, 64, 128, 256, 256)
+#: the public code's AMAN widths (six layers, full resolution): an option,
+#: ``AtlasDiscriminator(channels=CODE_DISCRIMINATOR_CHANNELS, scale=1.0)``.
+CODE_DISCRIMINATOR_CHANNELS = (32, 64, 128, 256, 256, 256)
 
 
 def resize_to(x: Tensor, size: Sequence[int], mode: str = "trilinear") -> Tensor:
@@ -220,9 +237,13 @@ class AtlasRefiner(nn.Module):
     One network for every organ (the paper's APRN learns on whichever organs an image labels and
     is applied to the others, so it must be shared; the organs are folded into the batch): the
     input ``[p_c, atlas_c]`` is resized to ``scale`` of its size (1/2, the paper), passed through
-    a small residual ``DynUNet`` (``filters`` default ``(24, 48, 96)``, the public code's 24 base
-    filters) with one output channel, and the logit is resized back to the input size
-    (trilinear). The refined probability is ``sigmoid`` of it.
+    a small residual ``DynUNet`` with one output channel, and the logit is resized back to the
+    input size (trilinear). The refined probability is ``sigmoid`` of it.
+
+    Default ``filters=(16, 32, 64)``: the paper says only "a similar but smaller segmentation
+    network" (than the main one); these widths keep a full training iteration at about 1.5x a
+    supervised one (``docs/atlas.md``, Cost). ``filters=CODE_REFINER_FILTERS`` ``(24, 48, 96)``
+    are the public code's widths (about 0.2x more per iteration).
 
     Args:
         spatial_dims: 2 or 3.
@@ -249,7 +270,7 @@ class AtlasRefiner(nn.Module):
     def __init__(
         self,
         spatial_dims: int = 3,
-        filters: Sequence[int] = (24, 48, 96),
+        filters: Sequence[int] = REFINER_FILTERS,
         strides: Sequence | None = None,
         kernel_size: int | Sequence = 3,
         norm_name: tuple | str = DEFAULT_NORM,
@@ -285,23 +306,29 @@ class AtlasDiscriminator(nn.Module):
 
     ``len(channels)`` convolutions (MONAI ``Convolution``) of kernel 4, stride 2, padding 1, each
     with LeakyReLU 0.2 (and ``norm`` if given), then global average pooling and a linear layer to
-    one logit (the probability of Eq. 1 is its sigmoid). The default six layers of 32 to 256
-    channels are the public code's. MONAI's ``PatchDiscriminator`` does not fit: its last
-    convolution has stride 1, its channels double without bound (32 to 2048 for six layers) and it
-    ends in a patch map, not a global decision.
+    one logit (the probability of Eq. 1 is its sigmoid). MONAI's ``PatchDiscriminator`` does not
+    fit: its last convolution has stride 1, its channels double without bound (32 to 2048 for six
+    layers) and it ends in a patch map, not a global decision.
+
+    Default: five layers ``(32, 64, 128, 256, 256)`` at ``scale=0.5`` (the input average-pooled
+    by 2). The paper says only "a 3D classification network"; AMAN judges an organ's location,
+    size and shape against the atlas, which survive at half resolution for an eighth of the cost,
+    and with the smaller APRN this keeps a full training iteration at about 1.5x a supervised one
+    (``docs/atlas.md``, Cost). ``channels=CODE_DISCRIMINATOR_CHANNELS, scale=1.0`` (six layers of
+    32 to 256 at full resolution) are the public code's widths.
 
     Every layer halves the size (floor), so the input needs at least ``2 ** len(channels)`` voxels
-    per dimension (64 for six layers) at the working resolution; fewer is refused with a message
-    naming the size.
+    per dimension at the working resolution (default: 32 at half resolution, i.e. 64 per input
+    axis; the code's six layers at full resolution: 64 too); fewer is refused with a message
+    naming the size (use fewer layers for small patches).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: 2 (``p_c`` and ``atlas_c``).
         channels: output channels of each convolution.
         norm: MONAI norm of the convolutions (None: none, the default).
-        scale: the resolution it works at, as a fraction of the input (average pooling first; 1:
-            the input's, the paper's). AMAN judges an organ's location, size and shape against the
-            atlas, which survive at half resolution for an eighth of the cost (``docs/atlas.md``).
+        scale: the resolution it works at, as a fraction of the input (average pooling first;
+            default 0.5; 1: the input's, the public code's).
 
     Shapes:
         input ``(N, in_channels, *spatial)``; output ``(N, 1)`` logits.
@@ -309,17 +336,19 @@ class AtlasDiscriminator(nn.Module):
     Example:
         >>> import torch
         >>> d = AtlasDiscriminator(3, channels=(4, 8, 8))
-        >>> d(torch.rand(5, 2, 8, 8, 8)).shape
+        >>> d(torch.rand(5, 2, 16, 16, 16)).shape  # half resolution: 8^3, three layers
         torch.Size([5, 1])
+        >>> len(AtlasDiscriminator(3).features), AtlasDiscriminator(3).min_size  # default: 5 layers, 32 voxels at scale 0.5
+        (5, 32)
     """
 
     def __init__(
         self,
         spatial_dims: int = 3,
         in_channels: int = 2,
-        channels: Sequence[int] = (32, 64, 128, 256, 256, 256),
+        channels: Sequence[int] = DISCRIMINATOR_CHANNELS,
         norm: tuple | str | None = None,
-        scale: float = 1.0,
+        scale: float = 0.5,
     ) -> None:
         super().__init__()
         self.scale = check_float(scale, "scale", minimum=0.0, maximum=1.0, include_minimum=False)

@@ -2,8 +2,8 @@
 
 Tiny data (synthetic abdomen3d ``--modality CT+MR`` at 24^3 voxels: 2 cases per task ct_a / ct_b /
 mr, one CT and one MR test case), 16^3 patches, a 5-level AtlasUNet of 8-32 filters, a 3-level APRN
-of 8 filters, a 4-layer AMAN (16 voxels per dimension is what four stride-2 layers need) and the
-three MICPAM scales. The tests check the configs: the atlas is built on first run beside
+of 8 filters, a 3-layer AMAN at the config's half resolution (8 voxels per dimension is what three
+stride-2 layers need) and the three MICPAM scales. The tests check the configs: the atlas is built on first run beside
 ``dataset.json``, every network, optimiser and the prototypes are checkpointed, the loss falls,
 predictions land on the input grid and are scored intramodal vs cross-modal, an atlas of other
 classes is refused naming both lists. ``benchmarks/atlas_ablation.py`` measures accuracy.
@@ -27,7 +27,7 @@ ATLAS = BundleSpec(
     family="abdomen3d",
     data={"size": 24, "num_train": 2, "num_test": 2, "num_val": 0, "modality": "CT+MR"},
     small={"patch_size": [16, 16, 16], "network_def#filters": [8, 8, 16, 16, 32], "refiner_def#filters": [8, 8, 8],
-           "discriminator_def#channels": [8, 8, 8, 8], "iterations_per_epoch": 4, "learning_rate": 3e-3,
+           "discriminator_def#channels": [8, 8, 8], "iterations_per_epoch": 4, "learning_rate": 3e-3,
            "progress": False},
     grid_keys=(),  # inference reads the grid, atlas shape and filters from models/model.settings.json
     foreground=frozenset({"liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach"}),

@@ -55,7 +55,7 @@ def _modules(seed=0):
     return {
         "network": net,
         "refiner": AtlasRefiner(3, filters=(4, 8, 8), norm_name="instance", erase_patches=1, erase_size=3),
-        "discriminator": AtlasDiscriminator(3, channels=(4, 8, 8)),
+        "discriminator": AtlasDiscriminator(3, channels=(4, 8, 8), scale=1.0),
         "prototypes": PrototypeAnchoring(3, net.feature_channels, num_heads=2),
     }
 

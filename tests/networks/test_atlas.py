@@ -10,6 +10,7 @@ import torch
 from monai.networks.nets import DynUNet
 
 from partialseg.networks import AtlasDiscriminator, AtlasRefiner, AtlasUNet, PrototypeAnchoring, erase_fill
+from partialseg.networks.atlas import CODE_DISCRIMINATOR_CHANNELS, CODE_REFINER_FILTERS
 
 
 def test_main_network_gives_three_intermediate_decoder_scales_and_is_dynunet_at_inference():
@@ -40,6 +41,8 @@ def test_refiner_runs_at_half_resolution_and_erase_fill_sets_cubes_to_0_or_1():
     out = apr(torch.rand(5, 1, 16, 16, 16), torch.rand(5, 16, 16, 16)[:, None])
     assert out.shape == (5, 1, 16, 16, 16)
     assert seen == [((5, 2, 8, 8, 8), (5, 1, 8, 8, 8))]  # [p_c, atlas_c] at half resolution, one output channel
+    assert list(AtlasRefiner(3).net.filters) == [16, 32, 64]  # default: smaller than the public code's widths
+    assert list(AtlasRefiner(3, filters=CODE_REFINER_FILTERS).net.filters) == [24, 48, 96]
 
     g = torch.Generator().manual_seed(1)
     p = torch.full((3, 1, 6, 6, 6), 0.5)
@@ -58,12 +61,16 @@ def test_refiner_runs_at_half_resolution_and_erase_fill_sets_cubes_to_0_or_1():
 
 
 def test_discriminator_gives_one_logit_per_pair_and_refuses_too_small_inputs():
-    d = AtlasDiscriminator(3)
-    assert len(d.features) == 6 and [m.conv.out_channels for m in d.features] == [32, 64, 128, 256, 256, 256]
+    d = AtlasDiscriminator(3)  # default: five layers at half resolution
+    assert d.scale == 0.5 and [m.conv.out_channels for m in d.features] == [32, 64, 128, 256, 256]
     assert all(m.conv.kernel_size == (4, 4, 4) and m.conv.stride == (2, 2, 2) for m in d.features)
+    with pytest.raises(ValueError, match="needs >= 32"):
+        d(torch.zeros(1, 2, 32, 64, 64))  # 16 voxels at half resolution
+    code = AtlasDiscriminator(3, channels=CODE_DISCRIMINATOR_CHANNELS, scale=1.0)  # the public code's widths
+    assert len(code.features) == 6 and [m.conv.out_channels for m in code.features] == [32, 64, 128, 256, 256, 256]
     with pytest.raises(ValueError, match="needs >= 64"):
-        d(torch.zeros(1, 2, 32, 64, 64))
-    small = AtlasDiscriminator(3, channels=(4, 8, 8))
+        code(torch.zeros(1, 2, 32, 64, 64))
+    small = AtlasDiscriminator(3, channels=(4, 8, 8), scale=1.0)
     assert small(torch.rand(7, 2, 8, 8, 8)).shape == (7, 1)
     # at half resolution: the same layers see the input average-pooled by 2
     half = AtlasDiscriminator(3, channels=(4, 8, 8), scale=0.5)
