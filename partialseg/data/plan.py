@@ -107,6 +107,25 @@ BUNDLES: dict[str, dict[str, Any]] = {
         "config_keys": ("pixdim", "patch_size", "network_def#channels", "network_def#strides", "num_classes",
                         "intensity_clip", "intensity_stats"),
     },
+    "hybrid_polyp": {
+        "spatial_dims": 2, "mode": "frames", "patch_key": "spatial_size", "base_channels": 16, "max_channels": 256,
+        "stride": 16,  # HybridDeepLab's output stride: frames are resized to a multiple of it
+        "memory_factor": 2.0,  # two networks (DCR)
+        "frames_per_pair": 3,  # per network: its tutorial and the mixed frame with gradients, the other tutorial forward only
+        "max_pairs": 8,  # the paper's batch of 16 frames
+        "config_keys": ("spatial_size", "pairs_per_batch", "num_classes", "in_channels"),
+    },
+    "atlas_multimodal_abdomen": {
+        "spatial_dims": 3, "mode": "patch", "patch_key": "patch_size", "base_channels": 16, "max_channels": 320,
+        "channels_key": "network_def#filters", "strides_key": "network_def#strides",
+        "memory_factor": 2.0,  # the refiner (half resolution, one pass per organ) and the discriminator train beside it
+        "grid": "atlas",  # no resampling to a spacing: every body crop is resized to the atlas shape
+        "dynunet_strides": True,  # AtlasUNet (DynUNet) takes one stride per level, the first 1
+        "feature_levels": 3,  # MICPAM at three intermediate decoder scales (the paper)
+        "validates": False,  # final weights, no validation split
+        "config_keys": ("patch_size", "batch_size", "network_def#filters", "network_def#strides", "network_def#feature_levels",
+                        "num_classes", "intensity_by_modality"),
+    },
 }  # fmt: skip
 
 
@@ -623,6 +642,8 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     if profile["spatial_dims"] != ndim:
         raise ValueError(f"bundle {bundle!r} trains on {profile['spatial_dims']}D data but dataset {fingerprint['dataset']!r} "
                          f"holds {ndim}D cases: plan it for another bundle (--bundle)")  # fmt: skip
+    if profile["mode"] == "frames":
+        return _plan_frames(fingerprint, bundle, device, memory)
     settings: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     warnings: list[str] = []
@@ -635,7 +656,12 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     # DCL bundle centre-crops) divided by the target spacing
     mods = fingerprint["modalities"]
     weights = {m: v["cases"] for m, v in mods.items()}
-    if profile["mode"] == "patch":
+    if profile.get("grid") == "atlas":
+        # build-atlas resizes every case's body crop to the mean cropped shape: patches come from that grid
+        shape = np.mean(np.asarray(fingerprint["cropped_shapes"], dtype=np.float64), axis=0)
+        mm = shape * np.asarray(spacing)
+        what = "mean body-cropped (Otsu) shape (the atlas grid that build-atlas resizes every case to),"
+    elif profile["mode"] == "patch":
         mm = np.average([v["cropped_mm_median"] for v in mods.values()], axis=0, weights=list(weights.values()))
         what = "median body-cropped (Otsu) extent"
     else:
@@ -664,6 +690,15 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
                              f" per patch); at least 2, at most {cap} (5% of the dataset's voxels, nnU-Net)")  # fmt: skip
     settings[profile["channels_key"]] = channels
     settings[profile["strides_key"]] = [s[0] if len(set(s)) == 1 else s for s in strides]
+    if profile.get("dynunet_strides"):
+        settings[profile["strides_key"]] = [1, *settings[profile["strides_key"]]]
+    if profile.get("feature_levels"):
+        # MICPAM reads the decoder's intermediate scales: the paper's three need five levels
+        levels = len(channels)
+        settings["network_def#feature_levels"] = max(1, min(profile["feature_levels"], levels - 2))
+        reasons["network_def#feature_levels"] = (
+            f"the decoder scales the prototype modules read: the paper's {profile['feature_levels']}" if levels - 2 >= profile["feature_levels"]
+            else f"{levels - 2} (the paper's {profile['feature_levels']} need {profile['feature_levels'] + 2} levels; the patch allows {levels})")  # fmt: skip
     reasons[profile["channels_key"]] = (f"{len(strides)} downsamplings: each axis halved while its map stays >= {2 * MIN_FEATURE} voxels and"
                                         f" its spacing <= 2x the finest; width {profile['base_channels']} doubling, at most {profile['max_channels']}")  # fmt: skip
     reasons[profile["strides_key"]] = "per-level strides of that rule (an axis with stride 1 keeps its resolution)"
@@ -679,7 +714,13 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     reasons["normalization"] = ("CT: clip to the foreground's 0.5 / 99.5 percentiles, then z-score with the foreground's mean and std"
                                 " (HU are comparable across scans); other modalities: z-score per case (arbitrary units)")  # fmt: skip
     first = next(iter(mods.values()))["foreground"]
-    if "intensity_clip" in profile["config_keys"]:
+    if "intensity_by_modality" in profile["config_keys"]:
+        # a bundle that windows CT to [-1, 1] and z-scores every other modality per case (the atlas paper's)
+        settings["intensity_by_modality"] = {name: "window" if s["scheme"] == "ct" else "zscore" for name, s in normalization.items()}
+        reasons["intensity_by_modality"] = ("each modality of the dataset: CT windowed to [-1, 1] (ct_window, the paper's [-325, 325]"
+                                            " HU: a soft-tissue window that also covers the organs no CT case labels, which the labelled"
+                                            " foreground's percentiles would clip), the others z-scored per case (the paper)")  # fmt: skip
+    elif "intensity_clip" in profile["config_keys"]:
         # a bundle that z-scores (NormalizeIntensityd): CT clipped to the foreground percentiles and z-scored
         # with the foreground's mean / std; other modalities per case (both None)
         scheme = normalization[next(iter(mods))]
@@ -701,7 +742,10 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     settings["num_classes"] = len(classes)
     reasons["num_classes"] = f"dataset.json lists {len(classes)} classes: {', '.join(classes)}"
     settings["full_sources"] = list(fingerprint["full_sources"])
-    if profile.get("semi_supervised"):
+    if profile.get("grid") == "atlas":  # neither resampled, staged nor z-scored by a dataset statistic
+        del settings["full_sources"], settings["pixdim"], settings["normalization"]
+        reasons.pop("pixdim"), reasons.pop("normalization")
+    elif profile.get("semi_supervised"):
         del settings["full_sources"]
     elif fingerprint["full_sources"]:
         reasons["full_sources"] = "sources whose every labelled case annotates all classes (stage 1 trains on them)"
@@ -726,7 +770,10 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
         else:
             reasons["missing"] = "every class, background included, is annotated by some case"
     val = fingerprint["validation_cases"]
-    if profile.get("semi_supervised") and not val:
+    if profile.get("validates", True) is False and not val:
+        settings["validation"] = {"split": None}
+        reasons["validation"] = "none: the bundle trains on every labelled case and keeps its final weights"
+    elif profile.get("semi_supervised") and not val:
         settings["validation"] = {"split": None}
         reasons["validation"] = "none: the bundle trains on every case (--val_split validation validates on a 'validation' list)"
     elif val:
@@ -742,6 +789,59 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
     for name, m in mods.items():
         if len(m["channels"]) > 1 or m["channels"][0] != 1:
             warnings.append(f"modality {name}: images have {m['channels']} channel(s); the bundles' networks take in_channels=1")
+    return {"bundle": bundle, "device": device, "memory_gb": memory, "settings": settings, "reasons": reasons, "warnings": warnings}
+
+
+def _plan_frames(fingerprint: Mapping[str, Any], bundle: str, device: str, memory: float) -> dict[str, Any]:
+    """:func:`make_plan` for a bundle that resizes whole 2D frames (photographs, endoscopy: no
+    physical spacing): the frame size, the pairs per batch, the classes and the input channels."""
+    import numpy as np
+
+    profile = BUNDLES[bundle]
+    mods = fingerprint["modalities"]
+    settings: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+    classes = list(fingerprint["classes"])
+    stride = int(profile["stride"])
+    median = np.average([v["shape_median"] for v in mods.values()], axis=0, weights=[v["cases"] for v in mods.values()])
+    target = [max(float(stride), float(v)) for v in median]
+    size = [int(math.ceil(v / stride)) * stride for v in target]
+    channels = [min(profile["base_channels"] * 2**level, profile["max_channels"]) for level in range(5)]
+    strides = [[2, 2]] * 4
+    in_ch = int(max(c for v in mods.values() for c in v["channels"]))
+    out_ch = len(classes)
+    per_pair = lambda shape: profile["frames_per_pair"] * estimate_memory(shape, 1, channels, strides, in_ch, out_ch, profile["memory_factor"])  # noqa: E731
+    budget = memory * 2**30
+    while per_pair(size) * 2 > budget and max(size) > stride:
+        axis = max(range(2), key=lambda a: (size[a] / target[a], size[a]))  # the relatively largest side, by one stride
+        size[axis] = max(stride, size[axis] - stride)
+    shrunk = any(s < t for s, t in zip(size, target))
+    settings["spatial_size"] = size
+    reasons["spatial_size"] = (f"median frame {[round(float(v)) for v in median]} pixels, rounded up to a multiple of the network's output"
+                               f" stride {stride}" + (f", shrunk along its relatively largest side to fit 2 pairs in {memory:g} GB ({device})"
+                                                       if shrunk else ""))  # fmt: skip
+    pairs = int(min(max(budget // per_pair(size), 2), profile["max_pairs"]))
+    settings["pairs_per_batch"] = pairs
+    reasons["pairs_per_batch"] = (f"{int(budget // per_pair(size))} pair(s) of {size} frames fit {memory:g} GB ({device}; estimate"
+                                  f" {per_pair(size) / 2**20:.0f} MiB per pair: per network its tutorial and the mixed frame"
+                                  f" trained, the other tutorial forward only, two networks); at least 2, at most"
+                                  f" {profile['max_pairs']} (the paper's batch of {2 * profile['max_pairs']} frames)")  # fmt: skip
+    settings["classes"] = classes
+    settings["num_classes"] = len(classes)
+    reasons["num_classes"] = f"dataset.json lists {len(classes)} classes: {', '.join(classes)}"
+    settings["in_channels"] = in_ch
+    counts = sorted({c for v in mods.values() for c in v["channels"]})
+    reasons["in_channels"] = f"the frames' channels ({'RGB' if in_ch == 3 else in_ch})"
+    if len(counts) > 1:
+        warnings.append(f"frames have {counts} channels: the network takes {in_ch}; frames with fewer are refused when loaded")
+    val = fingerprint["validation_cases"]
+    if val:
+        settings["validation"] = {"split": "validation", "cases": len(val)}
+        reasons["validation"] = f"the dataset's own validation list ({len(val)} cases): train with --val_split validation"
+    else:
+        settings["validation"] = {"split": None}
+        reasons["validation"] = "none: the bundle keeps its final weights (--val_split validation validates on a 'validation' list)"
     return {"bundle": bundle, "device": device, "memory_gb": memory, "settings": settings, "reasons": reasons, "warnings": warnings}
 
 

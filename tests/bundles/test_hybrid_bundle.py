@@ -290,3 +290,31 @@ def test_monailabel_trains_on_strong_and_weak_labels_and_serves_network1(tmp_pat
     image = data.datalist("test")[0]["image"]
     result, answer = infer({"image": image})
     assert nib.load(result).shape == Image.open(image).size and answer["label_names"] == {"polyp": 1}
+
+
+def test_a_user_dataset_is_planned_on_its_first_training_run_and_inference_reads_the_model_settings(tmp_path):
+    """Issue 14's convention for this bundle: a dataset of the user's (no synthetic ``family``) with no
+    plan is planned when training starts (frame size from its median frame, pairs per batch from the
+    memory budget, classes, channels), training records the settings beside the model, and inference
+    takes them from there with nothing but --dataset_dir."""
+    from monai.bundle import ConfigParser
+
+    from partialseg.data import plan as P
+
+    data = make_data(tmp_path, size=48)
+    desc = json.loads((data / "dataset.json").read_text())
+    desc.pop("family")
+    (data / "dataset.json").write_text(json.dumps(desc))
+    r = run_bundle(BUNDLE, tmp_path, ("train.json",), threads=1, timeout=600, dataset_dir=str(data), epochs=1, iterations_per_epoch=2,
+                   tau=2, indicator_batch_size=16, progress=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "planning it now" in r.stderr and "plan for hybrid_polyp" in r.stdout
+    planned = P.load_plan(data, "hybrid_polyp")
+    assert planned["spatial_size"] == [48, 48] and planned["in_channels"] == 3 and planned["num_classes"] == 2
+    assert 2 <= planned["pairs_per_batch"] <= 8
+    saved = json.loads((tmp_path / "models" / "model.settings.json").read_text())
+    assert saved["settings"] == P.bundle_overrides(planned, "hybrid_polyp") and set(saved["source"].values()) == {"plan.json"}
+    p = ConfigParser()
+    p.read_config(str(CFG / "inference.json"))
+    p.update({"bundle_root": str(tmp_path), "dataset_dir": str(data)})
+    assert p.get_parsed_content("spatial_size") == [48, 48] and p.get_parsed_content("in_channels") == 3

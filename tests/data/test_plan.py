@@ -524,3 +524,61 @@ def test_dcl_missing_warns_when_two_classes_are_never_annotated(tmp_path):
     two = P.make_plan(dict(fp, class_stats=stats), bundle="dcl_cardiac")
     (warning,) = [w for w in two["warnings"] if "annotates" in w]
     assert two["settings"]["missing"] == "any" and "no case annotates background, ring" in warning and "apart" in warning
+
+
+def _ct_mr_union(root):
+    """A CT source labelling liver and an MR source labelling spleen, 3 cases each at 3 mm, their
+    body boxes 32 x 28 x 24 (CT) and 28 x 28 x 20 (MR): the atlas bundle's kind of dataset."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(5)
+    entries = []
+    for k in range(3):
+        ct = _body_case(rng, (40, 36, 28), np.s_[4:36, 4:32, 2:26], {1: (np.s_[8:16, 8:16, 6:12], 140.0)}, -1000, 40, 10)
+        mr = _body_case(rng, (40, 36, 28), np.s_[6:34, 4:32, 2:22], {2: (np.s_[20:28, 8:14, 6:12], 2400.0)}, 40, 1500, 60)
+        for name, (img, lab), organ, modality in ((f"ct{k}", ct, "liver", "CT"), (f"mr{k}", mr, "spleen", "MR")):
+            _save(root / "imagesTr" / f"{name}.nii.gz", img.astype(np.int16 if modality == "CT" else np.float32), (3.0, 3.0, 3.0))
+            _save(root / "labelsTr" / f"{name}.nii.gz", lab, (3.0, 3.0, 3.0))
+            entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz", "annotated": [organ],
+                            "source": modality.lower(), "modality": modality})  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps({"name": "ctmr", "classes": ["background", "liver", "spleen"], "training": entries}))
+
+
+def test_atlas_plan_takes_the_atlas_grid_and_each_modality(tmp_path, capsys):
+    """atlas_multimodal_abdomen plans from the grid build-atlas resizes every body crop to (the mean
+    cropped shape, no spacing), a DynUNet stride list (first 1), the MICPAM scales the levels allow,
+    and each modality's normalisation by name; no spacing, stage or validation settings."""
+    bundle = "atlas_multimodal_abdomen"
+    _ct_mr_union(tmp_path)
+    assert main(["plan", str(tmp_path), "--bundle", bundle, "--quiet", "--workers", "1"]) == 0
+    assert f"plan for {bundle}" in capsys.readouterr().out
+    s = P.load_plan(tmp_path, bundle)
+    # mean body crop (32 + 28) / 2 x 28 x (24 + 20) / 2 = 30 x 28 x 22 voxels; an axis is halved while its map
+    # stays >= 8 (twice each), the patch rounded up to those strides (32 x 28 x 24), then x = 32 allows a third
+    # halving (32 -> 4): strides [2, 2, 2], [2, 2, 2], [2, 1, 1] after DynUNet's first 1
+    assert s["patch_size"] == [32, 28, 24]
+    assert s["network_def#strides"] == [1, 2, 2, [2, 1, 1]]
+    assert s["network_def#filters"] == [16, 32, 64, 128]
+    assert s["network_def#feature_levels"] == 2  # four levels: two intermediate decoder scales (the paper's three need five)
+    assert s["intensity_by_modality"] == {"CT": "window", "MR": "zscore"}
+    assert (s["num_classes"], s["batch_size"], s["validation"]) == (3, 2, {"split": None})
+    assert not {"pixdim", "full_sources", "normalization", "intensity_range"} & set(s)
+    assert set(P.bundle_overrides(s, bundle)) == set(P.BUNDLES[bundle]["config_keys"])
+
+
+def test_hybrid_frames_plan_shrinks_large_frames_to_the_budget():
+    """hybrid_polyp: whole frames resized to a multiple of the output stride (16); a Kvasir-sized
+    median frame (530 x 620) is shrunk on the CPU budget, side by side relative to the median, until
+    two pairs fit; on 8 GB (cuda) it keeps more of it; channels and classes come from the data."""
+    fp = {"classes": ["background", "polyp"], "validation_cases": [], "spatial_dims": 2,
+          "modalities": {"endoscopy": {"cases": 10, "channels": [3], "shape_median": [530.0, 620.0]}}}  # fmt: skip
+    cpu = P.make_plan(fp, "hybrid_polyp", device="cpu")["settings"]
+    gpu = P.make_plan(fp, "hybrid_polyp", device="cuda")["settings"]
+    for s in (cpu, gpu):
+        assert all(v % 16 == 0 for v in s["spatial_size"]) and 2 <= s["pairs_per_batch"] <= 8
+        assert (s["num_classes"], s["in_channels"], s["validation"]) == (2, 3, {"split": None})
+        h, w = s["spatial_size"]
+        assert abs(h / w - 530 / 620) < 0.1  # shrunk side by side relative to the median frame
+    assert cpu["spatial_size"][1] < gpu["spatial_size"][1] <= 624  # 620 rounded up to 16
+    per_pair = lambda size: 3 * P.estimate_memory(size, 1, [16, 32, 64, 128, 256], [[2, 2]] * 4, 3, 2, 2.0)  # noqa: E731
+    assert 2 * per_pair(cpu["spatial_size"]) <= 0.5 * 2**30 < 2 * per_pair([v + 16 for v in cpu["spatial_size"]])
