@@ -122,6 +122,7 @@ BUNDLES: dict[str, dict[str, Any]] = {
         "grid": "atlas",  # no resampling to a spacing: every body crop is resized to the atlas shape
         "dynunet_strides": True,  # AtlasUNet (DynUNet) takes one stride per level, the first 1
         "feature_levels": 3,  # MICPAM at three intermediate decoder scales (the paper)
+        "min_patch": 32,  # the bundle's AMAN: four stride-2 layers at half resolution need 16 voxels per axis
         "validates": False,  # final weights, no validation split
         "config_keys": ("patch_size", "batch_size", "network_def#filters", "network_def#strides", "network_def#feature_levels",
                         "num_classes", "intensity_by_modality"),
@@ -669,6 +670,10 @@ def make_plan(fingerprint: Mapping[str, Any], bundle: str | None = None, device:
                         weights=list(weights.values()))  # fmt: skip
         what = "median field of view"
     start = [float(round(m / s, 2)) for m, s in zip(mm, spacing)]
+    least = profile.get("min_patch", 0)
+    if least and min(start) < least:
+        what += f" raised to at least {least} voxels per axis (the discriminator's stride-2 layers),"
+        start = [max(v, float(least)) for v in start]
     budget = memory * 2**30
     patch, strides, channels, batch, per_patch = _fit_patch(start, spacing, budget, profile, len(classes))
     median_voxels = [int(round(v)) for v in start]
