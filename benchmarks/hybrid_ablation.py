@@ -219,6 +219,9 @@ def run_arm(arm, seed, data, args) -> dict:
     items = [{"image": c["image"], "label": c["true"] if which == "true" else c["label"], "case": c["case"],
               "supervision": c["supervision"], "weak_type": c["weak_type"]} for c in train]
     ind = InstanceIndicators.from_datalist(items, key="supervision", lr=args.beta) if (dii or weighted) else None
+    # the indicator pass lists the strong cases first: g_S is known before the first weak case, so every weak
+    # instance takes the dot-product path (HybridTrainer.indicator_dots); same values in any order
+    strong_first = sorted(items, key=lambda c: c["supervision"] != "strong")
     sampler = HybridPairSampler(items, args.pairs, ind, weighted=weighted, num_batches=args.iters, seed=seed)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=0)
 
@@ -232,7 +235,7 @@ def run_arm(arm, seed, data, args) -> dict:
         extra = {"network2": net2, "optimizer2": sgd(net2)}
     trainer = HybridTrainer(
         "cpu", 1, loader, net1, sgd(net1), indicators=ind,
-        indicator_loader=DataLoader(items, batch_size=70, shuffle=False) if dii else None,
+        indicator_loader=DataLoader(strong_first, batch_size=70, shuffle=False) if dii else None,
         dii=dii, dcr=dcr, tau=args.tau, lambda_reg=args.lambda_reg, mix=mix,
         reg_rampup=args.iters // 2 if arm == "full_ramp" else args.reg_rampup,
         consistency=consistency, seed=seed, decollate=False, **extra,

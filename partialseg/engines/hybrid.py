@@ -47,6 +47,7 @@ from partialseg.losses.hybrid import (
     class_indices,
     indicator_gradient,
     instance_pixel_weights,
+    last_layer_gradient_dots,
     last_layer_gradients,
     weighted_cross_entropy,
 )
@@ -284,6 +285,13 @@ class HybridTrainer(MultiNetworkTrainer):
         mix: ``"paste"`` (foreground paste) or ``"cutmix"``.
         consistency: ``"ce"`` (pseudo-label CE) or ``"kl"``.
         include_background: let the paste draw the background class.
+        pseudo_label_mode: the no-grad forwards that give the pseudo-labels on the other
+            tutorial (``f1(x_j)``, ``f2(x_i)``): ``"train"`` (default, the ablation's runs: the
+            networks as they train, batch norm normalising by the ``n`` frames' own statistics
+            and updating its running statistics) or ``"eval"`` (the networks' inference
+            predictions: running statistics, nothing updated; cheaper, another method: see
+            ``docs/hybrid.md``, Cost). The predictions on the own tutorial always come from the
+            training forward (detached), as the paper mixes them.
         gradient_method: per-instance gradients: ``"closed_form"``, ``"functional"`` or ``"loop"``.
         seed: seed of the mix draws (iteration ``i`` draws from ``default_rng([seed, i])``).
         image_key, label_key, case_key: batch keys (:class:`HybridBatch`).
@@ -319,6 +327,7 @@ class HybridTrainer(MultiNetworkTrainer):
         mix: str = "paste",
         consistency: str = "ce",
         include_background: bool = False,
+        pseudo_label_mode: str = "train",
         gradient_method: str = "closed_form",
         seed: int = 0,
         image_key: str = "image",
@@ -345,6 +354,7 @@ class HybridTrainer(MultiNetworkTrainer):
         self.gradient_method = check_option(gradient_method, GRADIENT_METHODS, "gradient_method")
         self.loss_function = DCRLoss(lambda_reg=lambda_reg, consistency=consistency, reduction="none")
         self.include_background = bool(include_background)
+        self.pseudo_label_mode = check_option(pseudo_label_mode, ("train", "eval"), "pseudo_label_mode")
         self.seed = check_int(seed, "seed", minimum=0)
         self.indicators = indicators
         self.indicator_loader = indicator_loader
@@ -437,7 +447,15 @@ class HybridTrainer(MultiNetworkTrainer):
         z1_i, z1_m = net1(torch.cat([x_i, x_m])).split(n)
         z2_j, z2_m = net2(torch.cat([x_j, x_m])).split(n)
         with torch.no_grad():
-            z1_j, z2_i = net1(x_j), net2(x_i)
+            if self.pseudo_label_mode == "eval":
+                modes = net1.training, net2.training
+                net1.eval(), net2.eval()
+                try:
+                    z1_j, z2_i = net1(x_j), net2(x_i)
+                finally:
+                    net1.train(modes[0]), net2.train(modes[1])
+            else:
+                z1_j, z2_i = net1(x_j), net2(x_i)
         out.update({Keys.IMAGE: x_i, Keys.LABEL: label[:n], Keys.PRED: torch.softmax(z1_i.detach().float(), 1)})
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if self.consistency == "ce":
@@ -515,10 +533,102 @@ class HybridTrainer(MultiNetworkTrainer):
         g_k = (weak_sum[seen] / weak_count[seen, None]).float()
         return (strong_sum / strong_n).float(), seen, g_k
 
+    def indicator_dots(self) -> tuple[Tensor, Tensor]:
+        """``(weak rows, d gamma)``: ``-g_S . g_k`` of network 1 on ``indicator_loader``, without the ``g_k``.
+
+        The hot path of :meth:`update_indicators` (``gradient_method="closed_form"``), one pass
+        over the loader: the strong cases' closed-form gradients give ``g_S`` (their mean, as
+        :meth:`indicator_gradients`); once every strong case of the indicators has been seen, each
+        weak instance's ``g_S . g_k`` is taken directly by
+        :func:`~partialseg.losses.hybrid.last_layer_gradient_dots` (``g_S`` as a second 1x1
+        convolution on the features, upsampled with the logits, dotted with the pixel errors); a
+        weak instance met before the last strong case keeps its closed-form ``g_k`` until ``g_S``
+        is known. Same values as ``indicator_gradient(*indicator_gradients())`` up to rounding;
+        fastest when the loader lists the strong cases first (e.g. over ``sorted(datalist, key=lambda
+        c: c["supervision"] != "strong")``; strong cases last cost what the closed-form gradients
+        cost). The loader must be deterministic
+        (no random augmentation, as for :meth:`indicator_gradients`): a strong case met again
+        after all strong cases were seen is skipped (its gradient is the one already counted);
+        before that, a repeated case is averaged over its occurrences.
+
+        Raises:
+            ValueError: no strong case in ``indicator_loader``, a case the indicators do not know.
+        """
+        ind = self.indicators
+        if ind is None or self.indicator_loader is None:
+            raise ValueError("indicator_dots needs indicators and an indicator_loader.")
+        network = self.networks["net1"]
+        features_fn, classifier, upsample = _last_layer(network)
+        make_tail = getattr(unwrap_network(network), "logit_tail", None)
+        strong_all = set(ind.strong)
+        strong_sum: dict[str, Tensor] = {}
+        strong_count: dict[str, int] = {}
+        g_s: Tensor | None = None  # set once every strong case has been seen
+        dot_sum = torch.zeros(len(ind), dtype=torch.float64)
+        pending: dict[int, Tensor] = {}  # weak row -> sum of its g_k met before g_S was known
+        weak_count = torch.zeros(len(ind), dtype=torch.long)
+        was_training = network.training
+        network.eval()
+        try:
+            for batchdata in self.indicator_loader:
+                image, label, cases = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+                sd = image.ndim - 2
+                y = self._labels(label, sd, image, cases)
+                with torch.no_grad(), self.autocast():
+                    features = features_fn(image)
+                features = features.float()
+                rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
+                size = tuple(image.shape[2:])
+                tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
+                if callable(make_tail):
+                    tail = make_tail(tuple(features.shape[2:]), size, device=features.device)
+                is_strong = [ind.is_strong(cases[r]) for r in rows.tolist()]
+                strong_k = [k for k, s in enumerate(is_strong) if s and (g_s is None)]
+                if strong_k:
+                    sel = torch.tensor(strong_k, device=rows.device)
+                    grads = last_layer_gradients(features, classifier, y, rows[sel], weights[sel], tail, "closed_form").cpu().double()
+                    for k, g in zip(strong_k, grads):
+                        case = cases[int(rows[k])]
+                        strong_sum[case] = strong_sum[case] + g if case in strong_sum else g
+                        strong_count[case] = strong_count.get(case, 0) + 1
+                    if set(strong_sum) == strong_all:
+                        g_s = torch.stack([strong_sum[c] / strong_count[c] for c in ind.strong]).mean(0)
+                weak_k = [k for k, s in enumerate(is_strong) if not s]
+                if not weak_k:
+                    continue
+                sel = torch.tensor(weak_k, device=rows.device)
+                idx = torch.tensor([ind.index[(cases[int(rows[k])], classes[k])] for k in weak_k])
+                weak_count.index_add_(0, idx, torch.ones_like(idx))
+                if g_s is not None:
+                    dots = last_layer_gradient_dots(features, classifier, y, rows[sel], weights[sel], g_s.float(), tail)
+                    dot_sum.index_add_(0, idx, dots.cpu().double())
+                else:
+                    grads = last_layer_gradients(features, classifier, y, rows[sel], weights[sel], tail, "closed_form").cpu().double()
+                    for i, g in zip(idx.tolist(), grads):
+                        pending[i] = pending[i] + g if i in pending else g
+        finally:
+            network.train(was_training)
+        if g_s is None and strong_sum:  # not every strong case in the loader: the mean over those seen
+            g_s = torch.stack([strong_sum[c] / strong_count[c] for c in strong_sum]).mean(0)
+        if g_s is None:
+            raise ValueError("indicator_loader holds no strong case: g_S (the strong set's gradient) cannot be computed.")
+        for i, g in pending.items():
+            dot_sum[i] += g @ g_s
+        seen = torch.nonzero(weak_count).flatten()
+        return seen, (-dot_sum[seen] / weak_count[seen]).float()
+
     def update_indicators(self) -> Tensor:
-        """Algorithm 1, lines 8-18: ``d gamma_k = -g_S . g_k``, one Adam step, clip. Returns ``d gamma``."""
-        g_s, rows, g_k = self.indicator_gradients()
-        grad = indicator_gradient(g_s, g_k)
+        """Algorithm 1, lines 8-18: ``d gamma_k = -g_S . g_k``, one Adam step, clip. Returns ``d gamma``.
+
+        ``gradient_method="closed_form"`` (default) takes the dot products directly
+        (:meth:`indicator_dots`); ``"functional"`` / ``"loop"`` form every ``g_k``
+        (:meth:`indicator_gradients`, the references).
+        """
+        if self.gradient_method == "closed_form":
+            rows, grad = self.indicator_dots()
+        else:
+            g_s, rows, g_k = self.indicator_gradients()
+            grad = indicator_gradient(g_s, g_k)
         self.indicators.step(rows, grad)  # type: ignore[union-attr]
         self.state.indicator_updates.append(int(self.state.iteration))
         g = self.indicators.gamma  # type: ignore[union-attr]

@@ -53,6 +53,7 @@ __all__ = [
     "class_indices",
     "indicator_gradient",
     "instance_pixel_weights",
+    "last_layer_gradient_dots",
     "last_layer_gradients",
     "weighted_cross_entropy",
 ]
@@ -377,7 +378,8 @@ def last_layer_gradients(
     return _loop(features, classifier, params, y, rows, weights, tail)
 
 
-def _closed_form(features: Tensor, classifier: nn.Module, y: Tensor, rows: Tensor, weights: Tensor, tail: Callable) -> Tensor:
+def _conv_parameters(classifier: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of a 1x1 convolution classifier; TypeError for any other last layer."""
     weight = getattr(classifier, "weight", None)
     bias = getattr(classifier, "bias", None)
     names = [n for n, _ in classifier.named_parameters()]
@@ -386,6 +388,11 @@ def _closed_form(features: Tensor, classifier: nn.Module, y: Tensor, rows: Tenso
             f"the closed-form gradient needs a 1x1 convolution classifier with weight and bias only, got "
             f"{type(classifier).__name__} with parameters {names}; use method='functional'."
         )
+    return weight, bias
+
+
+def _closed_form(features: Tensor, classifier: nn.Module, y: Tensor, rows: Tensor, weights: Tensor, tail: Callable) -> Tensor:
+    _, bias = _conv_parameters(classifier)
     with torch.no_grad():
         z_low = classifier(features).float().index_select(0, rows)  # (K, C, *s)
         f = features.float().index_select(0, rows)
@@ -435,6 +442,94 @@ def _loop(features, classifier, params, y, rows, weights, tail) -> Tensor:
         grads = torch.autograd.grad(loss, list(leaves.values()))
         out.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(out)
+
+
+def last_layer_gradient_dots(
+    features: Tensor,
+    classifier: nn.Module,
+    target: Tensor,
+    rows: Tensor,
+    weights: Tensor,
+    direction: Tensor,
+    tail: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``g_k . v`` for every instance, without forming the per-instance gradients ``g_k``.
+
+    The indicator update needs only ``g_S . g_k``. For a 1x1 convolution classifier with weight
+    ``W``, bias ``b`` and a linear per-sample tail ``U`` (bilinear upsampling), the gradient of
+    instance ``k`` is ``g_k = (sum_q (U^T e_k)(q) f_k(q)^T, sum_q (U^T e_k)(q))`` with ``e_k = r_k
+    (softmax(z_k) - onehot(y_k))``, so for ``v = (G, c)`` (``G`` shaped like ``W``, ``c`` like ``b``)::
+
+        g_k . v = <U^T e_k, G f_k + c> = <e_k, U(G f_k + c)>
+
+    ``v`` acts as a second 1x1 convolution on the features, its ``C`` output channels go through
+    the same tail as the logits (one call for both), and the dot product with the pixel errors is
+    taken at the output resolution: no per-instance gradient, no vector-Jacobian product. With two
+    classes only differences matter (``sum_c e_c = 0`` and softmax sees ``z_1 - z_0``): ``g_k . v
+    = <r_k (sigmoid(U dz) - [y = 1]), U ds>`` with ``dz = (W_1 - W_0) f + b_1 - b_0`` and ``ds =
+    (G_1 - G_0) f + c_1 - c_0``, two channels through the tail. Equal to
+    ``last_layer_gradients(...) @ v`` up to rounding (tested against the loop).
+
+    Args:
+        features, classifier, target, rows, weights, tail: as :func:`last_layer_gradients` (the
+            classifier a 1x1 convolution with weight and optional bias; ``tail`` linear).
+        direction: ``(n,)`` the vector ``v`` (e.g. ``g_S``) in the order of
+            ``classifier.parameters()`` (weight then bias), as :func:`last_layer_gradients` returns.
+
+    Returns:
+        ``(K,)`` float32 dot products (``-`` of them is the indicator gradient).
+
+    Raises:
+        TypeError: a classifier that is not a 1x1 convolution with weight and bias only.
+        ValueError: mismatched shapes.
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv2d(2, 2, 1)
+        >>> _ = torch.nn.init.zeros_(conv.weight); _ = torch.nn.init.zeros_(conv.bias)
+        >>> f = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1); y = torch.ones(1, 1, 1, 1, dtype=torch.long)
+        >>> v = torch.tensor([0.5, 0.0, -0.5, 0.0, 0.5, -0.5])  # the gradient itself: g . g = 4 * 0.25
+        >>> last_layer_gradient_dots(f, conv, y, torch.tensor([0]), torch.ones(1, 1, 1), v).tolist()
+        [1.0]
+    """
+    tail = _identity if tail is None else tail
+    y = class_indices(target, spatial_dims=features.ndim - 2)
+    rows = rows.to(features.device)
+    if weights.shape[0] != rows.shape[0]:
+        raise ValueError(f"{weights.shape[0]} weight maps for {rows.shape[0]} instances.")
+    if tuple(weights.shape[1:]) != tuple(y.shape[1:]):
+        raise ValueError(f"instance weights {tuple(weights.shape)} do not match the target {tuple(y.shape)}.")
+    weight, bias = _conv_parameters(classifier)
+    n_classes, n_features = weight.shape[0], weight.shape[1]
+    n = n_classes * n_features + (n_classes if bias is not None else 0)
+    direction = direction.detach().flatten()
+    if direction.shape[0] != n:
+        raise ValueError(f"the direction has {direction.shape[0]} entries, the classifier {n} parameters.")
+    with torch.no_grad():
+        w = weight.detach().float().reshape(n_classes, n_features)
+        b = bias.detach().float() if bias is not None else torch.zeros(n_classes, device=w.device)
+        v = direction.to(w.device, torch.float32)
+        g, c = v[: n_classes * n_features].view(n_classes, n_features), v[n_classes * n_features :]
+        if bias is None:
+            c = torch.zeros(n_classes, device=w.device)
+        if n_classes == 2:  # differences: two channels through the tail
+            w2, b2 = torch.stack([w[1] - w[0], g[1] - g[0]]), torch.stack([b[1] - b[0], c[1] - c[0]])
+        else:
+            w2, b2 = torch.cat([w, g]), torch.cat([b, c])
+        f = features.detach().float()
+        low = torch.matmul(w2, f.flatten(2)).add_(b2[:, None]).view(f.shape[0], w2.shape[0], *f.shape[2:])
+        out = tail(low).float()  # (B, 2 or 2C, *S)
+        if tuple(out.shape[2:]) != tuple(y.shape[1:]):
+            raise ValueError(f"the tail gives {tuple(out.shape[2:])} maps for a target of {tuple(y.shape)}.")
+        if n_classes == 2:
+            t = torch.sigmoid(out[:, 0]).sub_((y == 1).float()).mul_(out[:, 1])  # (B, *S): e_1 (s_1 - s_0)
+        else:
+            s = out[:, n_classes:]
+            t = (torch.softmax(out[:, :n_classes], 1) * s).sum(1)
+            for k in range(n_classes):
+                t.sub_(torch.where(y == k, s[:, k], 0.0))
+        t = t.flatten(1).index_select(0, rows)
+        return (t * weights.to(t.device, torch.float32).flatten(1)).sum(1)
 
 
 def indicator_gradient(strong_gradients: Tensor, weak_gradients: Tensor) -> Tensor:

@@ -98,6 +98,28 @@ def test_paste_mixes_images_and_pseudo_labels_with_the_same_mask(consistency):
     assert not torch.equal(out["pseudo1_m"], out["pseudo2_m"])  # two initialisations, two pseudo-labels
 
 
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_pseudo_label_mode_eval_takes_the_other_tutorial_from_inference_predictions(mode):
+    data = toy()
+    trainer = _trainer(data, pseudo_label_mode=mode)
+    image, label, cases = _batch(data, [0, 5, 6, 21, 1, 2, 7, 8])
+    trainer.state.output, trainer.state.iteration = {}, 3
+    bn = trainer.networks["net1"].body[1]
+    before = int(bn.num_batches_tracked)
+    trainer.compute_dcr_loss(image, label, cases)
+    out, mask = trainer.state.output, trainer.state.output["mix_mask"]
+    assert all(net.training for net in trainer.networks.values())
+    # "train": the no-grad forward on x_j updates the running statistics too; "eval": only the training forward does
+    assert int(bn.num_batches_tracked) - before == (2 if mode == "train" else 1)
+    net1 = trainer.networks["net1"]
+    with torch.no_grad():
+        net1.eval()
+        expected = net1(image[4:]).argmax(1, keepdim=True)
+        net1.train()
+    agree = bool(torch.equal(out["pseudo1_m"][~mask], expected.expand_as(mask)[~mask]))
+    assert agree == (mode == "eval")  # untrained network: batch and running statistics give other predictions
+
 def test_cutmix_masks_are_boxes_and_draws_are_reproducible():
     y = torch.zeros(6, 16, 16, dtype=torch.long)
     masks = mix_masks(y, np.random.default_rng(1), "cutmix")
@@ -136,6 +158,26 @@ def test_indicator_gradients_equal_autograd_through_the_network():
     torch.testing.assert_close(d_gamma, -(g_k @ g_s), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ind.gamma, 0.5 - 0.1 * torch.sign(d_gamma))  # first Adam step
 
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [2, 0, 1, 3, 4], [2, 3, 4, 0, 1]])
+def test_indicator_dots_equal_the_gradients_dotted_whatever_the_loader_order(order):
+    # strong first (every weak instance by the dot path), mixed, or weak first (closed-form g_k kept until g_S is known)
+    torch.manual_seed(1)
+    data = [
+        {"image": torch.rand(3, 32, 32), "label": (torch.rand(1, 32, 32) > 0.7).long(), "case": f"c{k}",
+         "source": "strong" if k < 2 else "weak"} for k in range(5)
+    ]  # fmt: skip
+    net1 = HybridDeepLab(2, 3, 2)
+    ind = InstanceIndicators.from_datalist(data)
+    loader = DataLoader([data[i] for i in order], batch_size=2)
+    trainer = HybridTrainer("cpu", 1, [], net1, torch.optim.SGD(net1.parameters(), 0.01), indicators=ind, indicator_loader=loader,
+                            dcr=False, gradient_method="loop", decollate=False)
+    g_s, rows, g_k = trainer.indicator_gradients()  # the loop reference
+    dot_rows, d_gamma = trainer.indicator_dots()
+    assert dot_rows.tolist() == rows.tolist() == [0, 1, 2]
+    torch.testing.assert_close(d_gamma, -(g_k @ g_s), rtol=1e-4, atol=1e-7)
+    assert net1.training
 
 def test_pair_sampler_follows_gamma_and_covers_every_case():
     data = toy(n_strong=2, n_good=2, n_bad=2)

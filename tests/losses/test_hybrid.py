@@ -18,6 +18,7 @@ from partialseg.losses.hybrid import (
     class_indices,
     indicator_gradient,
     instance_pixel_weights,
+    last_layer_gradient_dots,
     last_layer_gradients,
     weighted_cross_entropy,
 )
@@ -83,6 +84,44 @@ def test_vectorised_per_instance_gradients_equal_a_loop(with_tail):
     torch.testing.assert_close(last_layer_gradients(f, conv, y, rows, weights, tail), loop, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(last_layer_gradients(f, conv, y, rows, weights, tail, method="functional"), loop, rtol=1e-5, atol=1e-6)
 
+
+
+def test_gradient_dots_on_the_tiny_linear_model_match_hand_computation():
+    # the tiny model above: g_S = (0.5, 0, -0.5, 0, 0.5, -0.5); g_S . g_a = 1, g_S . g_b = -1, g_S . g_c = 0.5
+    # through the dot path: s = g_S applied as a 1x1 conv, <e_k, s_k>; e.g. weak c: f = (0, 1) -> s = (0 + 0.5, 0 - 0.5),
+    # e = (0.5, -0.5) -> 0.25 + 0.25 = 0.5
+    conv = _zero_conv()
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).view(3, 2, 1, 1)
+    y = torch.tensor([1, 0, 1]).view(3, 1, 1, 1)
+    rows, weights, _ = instance_pixel_weights(y, [[WHOLE_CASE]] * 3)
+    g_s = torch.tensor([0.5, 0.0, -0.5, 0.0, 0.5, -0.5])
+    torch.testing.assert_close(last_layer_gradient_dots(f, conv, y, rows, weights, g_s), torch.tensor([1.0, -1.0, 0.5]))
+    # a direction along the bias only: g_k . (0, 0, 0, 0, 1, 0) = sum_p e_0 = +-0.5 (sign caught)
+    v = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    torch.testing.assert_close(last_layer_gradient_dots(f, conv, y, rows, weights, v), torch.tensor([0.5, -0.5, 0.5]))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradient_dots_equal_the_loop_gradients_dotted(classes, bias):
+    # nonzero classifier, bilinear upsampling tail, per-class instances: the dot path against -g_S . g_k from the loop
+    from partialseg.networks.hybrid import BilinearTail
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, classes, 1, bias=bias)
+    f = torch.randn(3, 4, 4, 4)
+    y = torch.randint(0, classes, (3, 1, 8, 8))
+    y[1, 0, 0, :2] = torch.tensor([1, classes - 1])
+    tail = lambda z: F.interpolate(z, size=(8, 8), mode="bilinear", align_corners=False)  # noqa: E731
+    rows, weights, _ = instance_pixel_weights(y, [[WHOLE_CASE], sorted({1, classes - 1}), [WHOLE_CASE]])
+    loop = last_layer_gradients(f, conv, y, rows, weights, tail, method="loop")
+    g_s = loop[0]  # row 0 plays the strong set
+    expected = -indicator_gradient(g_s, loop)
+    for t in (tail, BilinearTail((4, 4), (8, 8))):
+        torch.testing.assert_close(last_layer_gradient_dots(f, conv, y, rows, weights, g_s, t), expected, rtol=1e-4, atol=1e-7)
+    assert float(last_layer_gradient_dots(f, conv, y, rows[:1], weights[:1], g_s, tail)) > 0  # g_S . g_S = |g_S|^2
+    with pytest.raises(ValueError, match="entries"):
+        last_layer_gradient_dots(f, conv, y, rows, weights, g_s[:-1], tail)
 
 def test_functional_gradients_serve_a_classifier_the_closed_form_refuses():
     torch.manual_seed(2)
