@@ -215,15 +215,15 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    text = report(results, command)
+    out.with_suffix(".md").write_text(text.rstrip("\n") + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     if not args.no_docs:
-        import sys
-
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from dcl_ablation import update_results_md
 
-        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py", *(sys.argv[1:] if argv is None else argv)])
-        update_results_md(report(results, command), header=SECTION)
+        update_results_md(text, header=SECTION)
 
 
 SECTION = "## dcl: cost on CPU (one thread)"

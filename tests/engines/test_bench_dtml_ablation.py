@@ -71,3 +71,24 @@ def test_who_is_right_counts_the_disagreeing_voxels():
     args = SimpleNamespace(crop=[1, 1, 4], k=1500.0, device="cpu")
     out = bench.who_is_right(seg, sdm, [(np.zeros((1, 1, 4), np.float32), y)], args)
     assert out["disagree"] == pytest.approx(2 / 4) and out["ms_right"] == pytest.approx(1 / 2)
+
+
+def test_results_sections_are_replaced_only_while_nobody_edited_them(tmp_path, capsys):
+    """benchmarks/_common.update_results_md: a script's section is rewritten on a rerun, but once a person
+    has added text to it (or for a section without the script's stamp) it is left alone, with a note."""
+    bench = _bench()  # puts benchmarks/ on sys.path
+    import _common
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\n## other\n\nkept\n")
+    assert _common.update_results_md("## mine\n\n| a |\n| 1 |\n", doc)
+    assert _common.update_results_md("## mine\n\n| a |\n| 2 |\n", doc)  # unedited: replaced
+    text = doc.read_text()
+    assert "| 2 |" in text and "| 1 |" not in text and "## other\n\nkept" in text and text.count("## mine") == 1
+    doc.write_text(text.replace("| 2 |\n", "| 2 |\n\nWhy 2: a paragraph written by hand.\n"))
+    assert not _common.update_results_md("## mine\n\n| a |\n| 3 |\n", doc)
+    assert "Why 2" in doc.read_text() and "| 3 |" not in doc.read_text()
+    assert "written by hand: not replaced" in capsys.readouterr().err
+    doc.write_text("# Results\n\n## mine\n\nan old section without a stamp\n")
+    assert not _common.update_results_md("## mine\n\nnew\n", doc) and "old section" in doc.read_text()
+    assert bench.SECTION  # the ablation's section header, for the record
