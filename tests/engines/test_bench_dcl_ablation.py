@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,15 +13,13 @@ from partialseg.losses import ConditionalCompatibleLoss
 from partialseg.networks import CompNet
 from partialseg.transforms import PartialLabelToVector
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "dcl_ablation.py"
+from benchmark_harness import load_benchmark
+
 M = 4
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dcl_ablation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dcl_ablation")
 
 
 def _cases(n=6, size=16):

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "dtml_ablation.py"
+from benchmark_harness import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dtml_ablation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dtml_ablation")
 
 
 class _Fixed(torch.nn.Module):
