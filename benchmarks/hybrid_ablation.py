@@ -104,6 +104,8 @@ def parse_args(argv=None):
     ap.add_argument("--widths", type=int, nargs=3, default=[16, 32, 16], metavar=("ASPP", "DECODER", "LOW"),
                     help="HybridDeepLab('small') ASPP, decoder and low-level channels")
     ap.add_argument("--tag", default="", help="a label stored with the runs")
+    ap.add_argument("--balance-strong", action="store_true",
+                    help="DII arms: g_S with each class of a strong mask weighing equally (HybridTrainer balance_strong_classes; not the paper)")
     ap.add_argument("--diagnose", action="store_true",
                     help="DII arms: at every indicator update also record the mean d gamma per weak type and network 1's "
                          "predicted foreground fraction on the strong cases against their true fraction (why gamma moves)")
@@ -124,6 +126,8 @@ def parse_args(argv=None):
 def config_of(args) -> dict:
     keys = ("data_seed", "generator", "iters", "pairs", "lr", "tau", "beta", "lambda_reg", "reg_rampup", "widths")
     cfg = {k: getattr(args, k) for k in keys}
+    if getattr(args, "balance_strong", False):  # only when set: the earlier runs' configs stay equal
+        cfg["balance_strong"] = True
     if args.tag:
         cfg["tag"] = args.tag
     return cfg
@@ -238,7 +242,7 @@ def run_arm(arm, seed, data, args) -> dict:
         indicator_loader=DataLoader(strong_first, batch_size=70, shuffle=False) if dii else None,
         dii=dii, dcr=dcr, tau=args.tau, lambda_reg=args.lambda_reg, mix=mix,
         reg_rampup=args.iters // 2 if arm == "full_ramp" else args.reg_rampup,
-        consistency=consistency, seed=seed, decollate=False, **extra,
+        consistency=consistency, seed=seed, decollate=False, balance_strong_classes=args.balance_strong, **extra,
     )  # fmt: skip
     losses, reg, trajectory = [], [], []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (losses.append(float(torch.as_tensor(e.state.output["loss"]).detach())),

@@ -262,6 +262,22 @@ def _last_layer(network: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Modu
     return features, classifier, getattr(net, "upsample_logits", None)
 
 
+def _balance_strong(weights: Tensor, y: Tensor, rows: Tensor, strong: Sequence[bool]) -> Tensor:
+    """Pixel weights with each class present in a strong row weighing ``1 / (classes present)`` in all."""
+    weights = weights.clone()
+    for k, is_strong in enumerate(strong):
+        if not is_strong:
+            continue
+        yk = y[int(rows[k])]
+        present = torch.unique(yk)
+        w = torch.zeros_like(weights[k])
+        for c in present:
+            m = yk == c
+            w[m] = 1.0 / (len(present) * m.sum())
+        weights[k] = w
+    return weights
+
+
 class HybridTrainer(MultiNetworkTrainer):
     """Pan et al.'s hybrid supervision (DII + DCR) on :class:`~partialseg.engines.MultiNetworkTrainer`.
 
@@ -292,6 +308,11 @@ class HybridTrainer(MultiNetworkTrainer):
             predictions: running statistics, nothing updated; cheaper, another method: see
             ``docs/hybrid.md``, Cost). The predictions on the own tutorial always come from the
             training forward (detached), as the paper mixes them.
+        balance_strong_classes: in ``g_S`` weigh each class present in a strong mask equally
+            (its pixels share ``1 / (classes present)`` of the case's weight) instead of by its
+            pixel count (the paper's mean pixel CE). Not the paper's Eq. 3: an option for data
+            whose strong-set error would otherwise be outvoted by the background (see
+            ``docs/results.md``, hybrid ablation, "Why the same indicators work with DCR").
         gradient_method: per-instance gradients: ``"closed_form"``, ``"functional"`` or ``"loop"``.
         seed: seed of the mix draws (iteration ``i`` draws from ``default_rng([seed, i])``).
         image_key, label_key, case_key: batch keys (:class:`HybridBatch`).
@@ -328,6 +349,7 @@ class HybridTrainer(MultiNetworkTrainer):
         consistency: str = "ce",
         include_background: bool = False,
         pseudo_label_mode: str = "train",
+        balance_strong_classes: bool = False,
         gradient_method: str = "closed_form",
         seed: int = 0,
         image_key: str = "image",
@@ -355,6 +377,7 @@ class HybridTrainer(MultiNetworkTrainer):
         self.loss_function = DCRLoss(lambda_reg=lambda_reg, consistency=consistency, reduction="none")
         self.include_background = bool(include_background)
         self.pseudo_label_mode = check_option(pseudo_label_mode, ("train", "eval"), "pseudo_label_mode")
+        self.balance_strong_classes = bool(balance_strong_classes)
         self.seed = check_int(seed, "seed", minimum=0)
         self.indicators = indicators
         self.indicator_loader = indicator_loader
@@ -508,6 +531,8 @@ class HybridTrainer(MultiNetworkTrainer):
                 with torch.no_grad(), self.autocast():
                     features = features_fn(image)
                 rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
+                if self.balance_strong_classes:
+                    weights = _balance_strong(weights, y, rows, [ind.is_strong(cases[r]) for r in rows.tolist()])
                 size = tuple(image.shape[2:])
                 tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
                 if callable(make_tail):  # the same upsampling as matrices with their transpose (no autograd)
@@ -578,6 +603,8 @@ class HybridTrainer(MultiNetworkTrainer):
                     features = features_fn(image)
                 features = features.float()
                 rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
+                if self.balance_strong_classes:
+                    weights = _balance_strong(weights, y, rows, [ind.is_strong(cases[r]) for r in rows.tolist()])
                 size = tuple(image.shape[2:])
                 tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
                 if callable(make_tail):

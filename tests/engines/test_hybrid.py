@@ -179,6 +179,33 @@ def test_indicator_dots_equal_the_gradients_dotted_whatever_the_loader_order(ord
     torch.testing.assert_close(d_gamma, -(g_k @ g_s), rtol=1e-4, atol=1e-7)
     assert net1.training
 
+
+def test_balanced_strong_gradient_weighs_each_class_of_a_strong_mask_equally():
+    # g_S with balance_strong_classes: grad of sum_c mean_{p: y = c} CE / (classes present), per strong case, averaged
+    torch.manual_seed(2)
+    data = [
+        {"image": torch.rand(3, 32, 32), "label": (torch.rand(1, 32, 32) > 0.85).long(), "case": f"c{k}",
+         "source": "strong" if k < 2 else "weak"} for k in range(4)
+    ]  # fmt: skip
+    net1 = HybridDeepLab(2, 3, 2)
+    ind = InstanceIndicators.from_datalist(data)
+    trainer = HybridTrainer("cpu", 1, [], net1, torch.optim.SGD(net1.parameters(), 0.01), indicators=ind,
+                            indicator_loader=DataLoader(data, batch_size=2), dcr=False, balance_strong_classes=True, decollate=False)
+    g_s, rows, g_k = trainer.indicator_gradients()
+    net1.eval()
+
+    def grad_of(item, balanced):
+        ce = F.cross_entropy(net1(item["image"][None]), item["label"], reduction="none")[0]
+        y = item["label"][0]
+        loss = sum(ce[y == c].mean() for c in (0, 1)) / 2 if balanced else ce.mean()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net1.classifier.parameters()))])
+
+    torch.testing.assert_close(g_s, (grad_of(data[0], True) + grad_of(data[1], True)) / 2, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(g_s, (grad_of(data[0], False) + grad_of(data[1], False)) / 2, rtol=1e-2)
+    torch.testing.assert_close(g_k, torch.stack([grad_of(d, False) for d in data[2:]]), rtol=1e-4, atol=1e-6)  # weak: unchanged
+    _, d_gamma = trainer.indicator_dots()
+    torch.testing.assert_close(d_gamma, -(g_k @ g_s), rtol=1e-4, atol=1e-7)
+
 def test_pair_sampler_follows_gamma_and_covers_every_case():
     data = toy(n_strong=2, n_good=2, n_bad=2)
     ind = InstanceIndicators.from_datalist(data)
