@@ -318,3 +318,12 @@ def test_a_user_dataset_is_planned_on_its_first_training_run_and_inference_reads
     p.read_config(str(CFG / "inference.json"))
     p.update({"bundle_root": str(tmp_path), "dataset_dir": str(data)})
     assert p.get_parsed_content("spatial_size") == [48, 48] and p.get_parsed_content("in_channels") == 3
+
+
+def test_the_indicator_pass_lists_the_strong_cases_first(tmp_path):
+    """g_S is known before the first weak case, so the indicator update takes its fast path
+    (``HybridTrainer.indicator_dots``: no per-instance gradient) for every weak case."""
+    make_data(tmp_path)
+    data = parser(tmp_path).get_parsed_content("indicator#dataset").data
+    kinds = [c["supervision"] for c in data]
+    assert kinds == sorted(kinds, key=lambda k: k != "strong") and kinds.count("strong") == DATA["num_strong"]
