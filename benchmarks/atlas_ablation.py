@@ -32,7 +32,10 @@ Diagnostics per run (``diagnostics`` in the run file), on the test set: for ever
 (``refiner > 0.5``; arms with APRN), the share of the true organ covered by confident
 pseudo-label voxels (> 0.9) and of the volume that is confident at all (> 0.9 or < 0.1); AMAN's
 accuracy at telling labelled-modality pairs from cross-modal ones, and its mean probability on
-cross-modal pairs (arms with AMAN).
+cross-modal pairs (arms with AMAN). The summary adds the Dice of the thresholded atlas alone (no
+training: what the location prior gives by itself). ``--probe-every N`` records, every N
+iterations, the norms of the gradients that ``L_seg`` and ``lambda_2 L_adv`` send into the main
+network's logits (:func:`gradient_probe`).
 
 Run (one thread; resumable: one line per finished (arm, seed) in ``--runs``, done ones skipped)::
 
@@ -217,6 +220,38 @@ def build(arm: str, classes: int, args, device):
     return net, refiner, disc, protos
 
 
+def gradient_probe(trainer, batch, device) -> dict:
+    """Norms of the gradients that ``L_seg`` and ``lambda_2 L_adv`` (AMAN arms) send into the main network's
+    logits on ``batch``, per organ channel and in all (no step taken): which term drives the main network.
+
+    The adversarial term goes through the trainer's own frozen-discriminator pass on the cross-modal pairs.
+    """
+    import torch
+
+    from partialseg.losses.atlas import labelled_classes
+
+    image, label, atlas, modality = trainer.prepare_batch(batch, device)
+    net = trainer.state.networks["network"]
+    lf = trainer.loss_function
+    logits = net(image).float().detach().requires_grad_(True)
+    out = {"iteration": int(trainer.state.iteration)}
+    seg = lf.seg(logits, label.float())
+    g_seg = torch.autograd.grad(seg, logits)[0]
+    out["seg"] = float(g_seg.norm())
+    out["seg_per_class"] = [float(g_seg[:, c].norm()) for c in range(g_seg.shape[1])]
+    if trainer.aman:
+        organ_atlas = trainer._organ_atlas(atlas, label)
+        indicator = trainer.modality_indicator(modality, label.shape[0], label.shape[1] - 1, label.device)
+        prob = torch.softmax(logits, 1)
+        d = trainer.discriminator_logits(prob[:, 1:], organ_atlas, frozen=True, pairs=~indicator)
+        adv = lf.lambda_adv * lf.adversarial(d.float(), indicator)
+        g_adv = torch.autograd.grad(adv, logits)[0]
+        out["adv"] = float(g_adv.norm())
+        out["adv_per_class"] = [float(g_adv[:, c].norm()) for c in range(g_adv.shape[1])]
+        out["labelled"] = labelled_classes(label)[:, 1:].tolist()
+    return out
+
+
 def dice(a, b) -> float:
     import numpy as np
 
@@ -263,6 +298,12 @@ def run_one(arm: str, seed: int, prep: dict, args, device) -> dict:
             g["lr"] = args.lr * (1 - min(it, iterations - 1) / iterations) ** 0.9
         for k in log:
             log[k].append(float(torch.as_tensor(engine.state.output[k]).detach()))
+
+    probes: list[dict] = []
+    if args.probe_every:
+        @trainer.on(Events.ITERATION_COMPLETED(every=args.probe_every))
+        def _probe(engine):
+            probes.append(gradient_probe(engine, engine.state.batch, device))
 
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.run()
@@ -319,11 +360,36 @@ def run_one(arm: str, seed: int, prep: dict, args, device) -> dict:
         "per_class": {g: groups[g]["per_class"] for g in groups},
         "diagnostics": {k: mean(v) for k, v in diag.items()},
         "final_losses": {k: mean(v[-tail:]) for k, v in log.items()},
+        **({"gradient_probe": probes} if probes else {}),
         "labelled_by_modality": {k: [names[i] for i in v] for k, v in labelled.items()},
     }
 
 
 # ---------------------------------------------------------------------------------------------- report
+
+
+def atlas_alone(prep: dict, thresholds=(0.3, 0.5)) -> dict:
+    """Dice of the thresholded atlas itself against the test truth (no training): how much of a
+    cross-modal score the location prior alone gives. ``{threshold: {intramodal, cross_modal, per_class}}``."""
+    import numpy as np
+
+    from partialseg.evaluation.modality import labelled_by_modality, modality_group
+
+    names, atlas = prep["classes"], prep["atlas"]
+    labelled = labelled_by_modality(prep["training"])
+    out = {}
+    for thr in thresholds:
+        groups: dict[str, list[float]] = {"intramodal": [], "cross_modal": []}
+        per: dict[str, list[float]] = {}
+        for e in prep["test"]:
+            for c in range(1, len(names)):
+                d = dice(atlas[c - 1] > thr, e["y"] == c)
+                groups[modality_group(e["modality"], c, labelled)].append(d)
+                per.setdefault(f"{e['modality']} {names[c]}", []).append(d)
+        out[str(thr)] = {g: float(np.mean(v)) for g, v in groups.items()}
+        out[str(thr)]["per_class"] = {k: float(np.mean(v)) for k, v in per.items()}
+    return out
+
 
 
 def summarise(runs: list[dict], arms: list[str]) -> dict:
@@ -416,6 +482,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(RESULTS / "atlas_ablation_runs.jsonl"), help="the resumable run file (JSONL)")
     ap.add_argument("--out", default=str(RESULTS / "atlas_ablation"), help="stem of the .json / .md / .png summary")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the summary from the run file")
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="diagnostic: every N iterations, the gradient norms L_seg and lambda_2 L_adv send into the logits (gradient_probe)")
     args = ap.parse_args(argv)
     args.patch = list(args.frame) if args.patch is None else args.patch
 
@@ -442,14 +510,18 @@ def main(argv=None) -> int:
     summary = summarise(runs, arms)
     if not summary:
         return 0
+    prior = atlas_alone(prepare(Path(args.work), frame=tuple(args.frame)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = table(summary)
     first = runs[0]
     head = (f"`{first.get('command', '')}`; {len(runs)} runs, {iterations} iterations, patch {' x '.join(map(str, first['patch']))}, batch "
             f"{first['batch']}, main network filters {first['filters']}, device {first['device']}, {first['threads']} thread(s).\n\n")
+    text += "".join(f"| atlas alone (> {t}, no training) | - | {100 * v['intramodal']:.1f} | {100 * v['cross_modal']:.1f} | - | - | - | - | - | 0 |\n"
+                    for t, v in prior.items())
     out.with_suffix(".md").write_text("### atlas ablation (benchmarks/atlas_ablation.py)\n\n" + head + text)
-    out.with_suffix(".json").write_text(json.dumps({"iterations": iterations, "seeds": args.seeds, "arms": summary}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"iterations": iterations, "seeds": args.seeds, "arms": summary, "atlas_alone": prior},
+                                                   indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))
     print(text)
     return 0

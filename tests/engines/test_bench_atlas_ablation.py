@@ -84,3 +84,22 @@ def test_patch_sampler_crops_image_label_and_atlas_together():
     again = list(b.PatchSampler(cases, atlas, (3, 5, 2), batch=2, epoch_length=3, seed=0))
     assert all((p["image"] == q["image"]).all() for p, q in zip(batches, again))  # the seed fixes the draws
     sys.modules.pop("bench_atlas_ablation", None)
+
+
+def test_atlas_alone_scores_the_thresholded_prior_by_modality_group():
+    import numpy as np
+
+    b = _bench()
+    y = np.zeros((4, 4, 2), np.int64)
+    y[:2] = 1  # organ 1: the first half
+    y[2:, :2] = 2  # organ 2: a quarter
+    atlas = np.zeros((2, 4, 4, 2), np.float32)
+    atlas[0, :2] = 0.9  # organ 1's prior: exact
+    atlas[1, 2:] = 0.4  # organ 2's prior: twice the organ, below 0.5
+    prep = {"classes": ["background", "a", "b"], "atlas": atlas,
+            "training": [{"modality": "CT", "annotated": [1]}, {"modality": "MR", "annotated": [2]}],
+            "test": [{"modality": "CT", "y": y}, {"modality": "MR", "y": y}]}
+    out = b.atlas_alone(prep, thresholds=(0.3, 0.5))
+    # > 0.3: organ a Dice 1, organ b 2 * 8 / (16 + 8) = 2/3; CT: a intra, b cross; MR: b intra, a cross
+    assert out["0.3"]["intramodal"] == pytest.approx((1 + 2 / 3) / 2) and out["0.3"]["cross_modal"] == pytest.approx((2 / 3 + 1) / 2)
+    assert out["0.5"]["per_class"] == {"CT a": 1.0, "CT b": 0.0, "MR a": 1.0, "MR b": 0.0}
