@@ -317,6 +317,18 @@ def _identity(z: Tensor) -> Tensor:
     return z
 
 
+def _instance_inputs(features: Tensor, target: Tensor, rows: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The class indices of ``target`` and ``rows`` on the features' device, after checking that
+    ``weights`` holds one map per instance on the target's grid."""
+    y = class_indices(target, spatial_dims=features.ndim - 2)
+    rows = rows.to(features.device)
+    if weights.shape[0] != rows.shape[0]:
+        raise ValueError(f"{weights.shape[0]} weight maps for {rows.shape[0]} instances.")
+    if tuple(weights.shape[1:]) != tuple(y.shape[1:]):
+        raise ValueError(f"instance weights {tuple(weights.shape)} do not match the target {tuple(y.shape)}.")
+    return y, rows
+
+
 def last_layer_gradients(
     features: Tensor,
     classifier: nn.Module,
@@ -363,12 +375,7 @@ def last_layer_gradients(
     """
     method = check_option(method, GRADIENT_METHODS, "method")
     tail = _identity if tail is None else tail
-    y = class_indices(target, spatial_dims=features.ndim - 2)
-    rows = rows.to(features.device)
-    if weights.shape[0] != rows.shape[0]:
-        raise ValueError(f"{weights.shape[0]} weight maps for {rows.shape[0]} instances.")
-    if tuple(weights.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(f"instance weights {tuple(weights.shape)} do not match the target {tuple(y.shape)}.")
+    y, rows = _instance_inputs(features, target, rows, weights)
     features = features.detach()
     if method == "closed_form":
         return _closed_form(features, classifier, y, rows, weights, tail)
@@ -493,12 +500,7 @@ def last_layer_gradient_dots(
         [1.0]
     """
     tail = _identity if tail is None else tail
-    y = class_indices(target, spatial_dims=features.ndim - 2)
-    rows = rows.to(features.device)
-    if weights.shape[0] != rows.shape[0]:
-        raise ValueError(f"{weights.shape[0]} weight maps for {rows.shape[0]} instances.")
-    if tuple(weights.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(f"instance weights {tuple(weights.shape)} do not match the target {tuple(y.shape)}.")
+    y, rows = _instance_inputs(features, target, rows, weights)
     weight, bias = _conv_parameters(classifier)
     n_classes, n_features = weight.shape[0], weight.shape[1]
     n = n_classes * n_features + (n_classes if bias is not None else 0)

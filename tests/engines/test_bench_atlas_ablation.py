@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "atlas_ablation.py"
+from benchmark_harness import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_atlas_ablation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("atlas_ablation")
 
 
 def test_arms_are_the_papers_table_2_with_their_modules():
