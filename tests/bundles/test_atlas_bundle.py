@@ -138,20 +138,28 @@ def test_resume_restores_every_module_and_the_prototypes(trained):
         assert steps and min(steps) == after["trainer"]["iteration"], name  # Adam's step counts carried on
 
 
-def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_refused(tmp_path):
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_intensity_by_modality_ct_window_mr_zscore_and_an_unknown_modality_is_refused(tmp_path, config):
     from monai.bundle import ConfigParser
 
+    from partialseg.transforms import ModalityIntensityd
+
     parser = ConfigParser()
-    parser.read_config(str(ATLAS.path / "configs" / "train.json"))
+    parser.read_config(str(ATLAS.path / "configs" / config))
     parser["bundle_root"] = str(tmp_path)
     normalise = parser.get_parsed_content("normalise")
+    assert isinstance(normalise, ModalityIntensityd)
+    pipeline = parser.get("deterministic_transforms" if config == "train.json" else "preprocessing#transforms")
+    assert pipeline.count("@normalise") == 1  # the preprocessing applies it
     image = torch.tensor([[-1000.0, -325.0, 0.0, 162.5, 325.0, 2000.0]])
     ct = normalise({"image": image, "modality": "CT", "case": "a"})["image"]
     torch.testing.assert_close(ct, torch.tensor([[-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]]))  # +-325 HU -> [-1, 1]
     mr = normalise({"image": image, "modality": "MR", "case": "b"})["image"]
     assert abs(float(mr.mean())) < 1e-5 and abs(float(mr.std()) - 1) < 1e-5
-    with pytest.raises(ValueError, match="modality 'PET' of case 'c'"):
+    with pytest.raises(ValueError, match="modality 'PET' of case 'c' has no intensity scheme .*known modalities: 'CT', 'MR'"):
         normalise({"image": image, "modality": "PET", "case": "c"})
+    with pytest.raises(ValueError, match="case 'd' has no modality and no default_modality"):
+        normalise({"image": image, "case": "d"})
     parser["default_modality"] = "CT"  # used for a case without a modality (e.g. a served image)
     torch.testing.assert_close(parser.get_parsed_content("normalise", lazy=False)({"image": image})["image"], ct)
 
