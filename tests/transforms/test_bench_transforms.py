@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "transforms.py"
+from benchmark_harness import load_benchmark
 
 
 def test_benchmark_quick(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_transforms", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("transforms")
     out = tmp_path / "result.json"
     result = module.main(["--quick", "--size", "32", "--out", str(out)])
     assert result["identical"] and result["max_abs_diff"] <= 1e-5
