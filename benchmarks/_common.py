@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (``dcl_ablation``, ``dcl_speed``, ``dtml_ablation``, ``dtml_speed``).
+"""Helpers shared by the benchmark scripts (``dcl_*``, ``dtml_*``, ``atlas_*``, ``hybrid_*``).
 
 * :func:`interleaved`: median seconds of functions called in turn (ABAB...), so that load from
   other processes hits every side alike; optionally CPU time and minor page faults per call;
@@ -6,7 +6,9 @@
   run per line, appended as soon as it finishes);
 * :func:`update_results_md`: replace one ``## `` section of ``docs/results.md``, leaving the others,
   and only while nobody has edited it by hand;
-* :func:`rel`: a path relative to the repository root where it lies inside it.
+* :func:`rel`: a path relative to the repository root where it lies inside it;
+* :func:`retain_freed_memory` / :func:`set_malloc`: the ``--malloc retain`` option of the speed
+  benchmarks (glibc keeps freed memory for the whole process).
 
 The scripts import it from their own folder (``sys.path`` holds it when a script is run, and the
 scripts add it when they are loaded by file path, as the tests do).
@@ -57,6 +59,31 @@ def interleaved(*fns: Callable[[], object], repeats: int, warmup: int = 2, detai
         detail.extend({"wall_s": statistics.median(a), "cpu_s": statistics.median(b), "minor_faults": statistics.median(c)}
                       for a, b, c in zip(times, cpu, flt))
     return [statistics.median(ts) for ts in times]
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc): no trimming of the heap, no mmap for large blocks.
+
+    By default glibc returns large freed blocks to the system (``munmap``, heap trimming) and the
+    next iteration faults the pages in again; a larger working set (two networks' graphs) pays
+    more of this than a smaller one. ``mallopt(M_TRIM_THRESHOLD)`` and ``mallopt(M_MMAP_THRESHOLD)``
+    (the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` environment variables) turn it off
+    for the whole process, as GPU caching allocators do. Returns False where it is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-1, 1 << 30)) and bool(libc.mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def set_malloc(choice: str) -> None:
+    """Apply a speed benchmark's ``--malloc`` choice (``"default"`` or ``"retain"``); exits where ``retain`` is impossible."""
+    if choice == "retain" and not retain_freed_memory():
+        raise SystemExit("--malloc retain needs glibc (mallopt)")
 
 
 def read_runs(path: str | Path) -> list[dict]:

@@ -309,16 +309,12 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-inference", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile one full iteration by phase (torch.profiler)")
     ap.add_argument("--malloc", choices=["default", "retain"], default="default",
-                    help="'retain': glibc keeps freed memory for the whole process (dtml_speed.retain_freed_memory)")
+                    help="'retain': glibc keeps freed memory for the whole process (_common.retain_freed_memory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas_speed.json"))
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if args.malloc == "retain":
-        from dtml_speed import retain_freed_memory
-
-        if not retain_freed_memory():
-            raise SystemExit("--malloc retain needs glibc (mallopt)")
+    _common.set_malloc(args.malloc)
     if device.type == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -58,25 +58,6 @@ def interleaved(*fns, repeats: int, warmup: int = 2, detail: list | None = None)
     return _common.interleaved(*fns, repeats=repeats, warmup=warmup, detail=detail)
 
 
-def retain_freed_memory() -> bool:
-    """Keep freed memory in the process (glibc): no trimming of the heap, no mmap for large blocks.
-
-    By default glibc returns large freed blocks to the system (``munmap``, heap trimming) and the
-    next iteration faults the pages in again; a larger working set (two networks' graphs) pays
-    more of this than a smaller one. ``mallopt(M_TRIM_THRESHOLD)`` and ``mallopt(M_MMAP_THRESHOLD)``
-    (the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` environment variables) turn it off
-    for the whole process, as GPU caching allocators do. Returns False where it is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-1, 1 << 30)) and bool(libc.mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 class SegLoss(torch.nn.Module):
     """0.5 (BCE + Dice), squared denominators pooled over the batch, on the foreground channel."""
 
@@ -195,8 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-inference", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.malloc == "retain" and not retain_freed_memory():
-        raise SystemExit("--malloc retain needs glibc (mallopt)")
+    _common.set_malloc(args.malloc)
     load = None
     if hasattr(__import__("os"), "getloadavg"):
         load = " / ".join(f"{v:.1f}" for v in __import__("os").getloadavg())

@@ -109,6 +109,11 @@ def parse_args(argv=None):
     ap.add_argument("--diagnose", action="store_true",
                     help="DII arms: at every indicator update also record the mean d gamma per weak type and network 1's "
                          "predicted foreground fraction on the strong cases against their true fraction (why gamma moves)")
+    ap.add_argument("--pseudo-label-precision", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                    help="dtype of the DCR pseudo-label forwards (HybridTrainer pseudo_label_precision)")
+    ap.add_argument("--agreement-every", type=int, default=0,
+                    help="every K iterations of a DCR arm, the share of pseudo-label pixels whose bfloat16 and float32 "
+                         "forwards give the same class (copies of the networks, the batch's other tutorial; 0: off)")
     ap.add_argument("--data-dir", default="/tmp/partialseg_hybrid_ablation")
     ap.add_argument("--out", default=str(RESULTS / "hybrid_ablation_runs.jsonl"))
     ap.add_argument("--report", default=str(RESULTS / "hybrid_ablation.md"))
@@ -128,6 +133,8 @@ def config_of(args) -> dict:
     cfg = {k: getattr(args, k) for k in keys}
     if getattr(args, "balance_strong", False):  # only when set: the earlier runs' configs stay equal
         cfg["balance_strong"] = True
+    if getattr(args, "pseudo_label_precision", "float32") != "float32":  # likewise
+        cfg["pseudo_label_precision"] = args.pseudo_label_precision
     if args.tag:
         cfg["tag"] = args.tag
     return cfg
@@ -206,6 +213,28 @@ def evaluate(net, test) -> dict:
     return {"dice": float(np.mean(dice)), "assd": float(np.mean(assd)), "empty": empty, "dice_cases": [round(v, 4) for v in dice]}
 
 
+def pseudo_label_agreement(engine) -> dict:
+    """Share of the pseudo-label pixels on which a bfloat16 forward gives the float32 forward's class.
+
+    The pseudo-label forwards of the coming iteration (network 1 on ``x_j``, network 2 on ``x_i``,
+    train mode: batch statistics), run on copies so that the training (running statistics) is
+    untouched; with ``torch.autocast`` as ``pseudo_label_precision="bfloat16"`` runs them.
+    """
+    import copy
+
+    image, _, _ = engine.prepare_batch(engine.state.batch)
+    n = image.shape[0] // 2
+    same = total = 0
+    with torch.no_grad():
+        for net, x in ((engine.networks["net1"], image[n:]), (engine.networks["net2"], image[:n])):
+            z32 = copy.deepcopy(net).train()(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                z16 = copy.deepcopy(net).train()(x)
+            same += int((z32.argmax(1) == z16.float().argmax(1)).sum())
+            total += z32[:, 0].numel()
+    return {"iteration": int(engine.state.iteration) + 1, "share": same / total}
+
+
 def run_arm(arm, seed, data, args) -> dict:
     from ignite.engine import Events
     from scipy.stats import spearmanr
@@ -242,7 +271,8 @@ def run_arm(arm, seed, data, args) -> dict:
         indicator_loader=DataLoader(strong_first, batch_size=70, shuffle=False) if dii else None,
         dii=dii, dcr=dcr, tau=args.tau, lambda_reg=args.lambda_reg, mix=mix,
         reg_rampup=args.iters // 2 if arm == "full_ramp" else args.reg_rampup,
-        consistency=consistency, seed=seed, decollate=False, balance_strong_classes=args.balance_strong, **extra,
+        consistency=consistency, seed=seed, decollate=False, balance_strong_classes=args.balance_strong,
+        pseudo_label_precision=args.pseudo_label_precision, **extra,
     )  # fmt: skip
     losses, reg, trajectory = [], [], []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (losses.append(float(torch.as_tensor(e.state.output["loss"]).detach())),
@@ -281,10 +311,16 @@ def run_arm(arm, seed, data, args) -> dict:
             trainer._event_handlers[Events.ITERATION_COMPLETED].insert(0, trainer._event_handlers[Events.ITERATION_COMPLETED].pop())
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.tau),
                                   lambda e: trajectory.append({"iteration": e.state.iteration, **gamma_by_type()}))
+    agreement = []
+    if dcr and args.agreement_every:
+        trainer.add_event_handler(Events.ITERATION_STARTED(every=args.agreement_every),
+                                  lambda e: agreement.append(pseudo_label_agreement(e)))
     t0 = time.perf_counter()
     trainer.run()
     elapsed = time.perf_counter() - t0
     result = {"arm": arm, "seed": seed, **evaluate(net1, data["test"]), "time_s": elapsed,
+              "pseudo_label_precision": args.pseudo_label_precision,
+              **({"agreement": agreement, "agreement_min": min(a["share"] for a in agreement)} if agreement else {}),
               "loss": losses[:: max(1, len(losses) // 50)], "loss_reg": reg[:: max(1, len(reg) // 50)]}
     if dii:
         cases = [c["case"] for c in weak]

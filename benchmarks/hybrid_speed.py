@@ -35,39 +35,34 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by file path
+import _common  # noqa: E402
+
 
 def interleaved(*fns, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up.
+    """Median wall seconds of each function, called in turn (ABAB...) ``repeats`` times after a warm-up.
 
-    Wall time; the process CPU time of the same calls is kept in :data:`CPU_MEDIANS` (one thread:
-    the CPU time does not count the time the process waited for a core on a shared machine).
+    ``_common.interleaved``; the process CPU time and the minor page faults of the same calls are
+    kept in :data:`CPU_MEDIANS` and :data:`FAULT_MEDIANS` (one thread: the CPU time does not count
+    the time the process waited for a core on a shared machine).
     """
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, ts, cs in zip(fns, times, cpu):
-            c, t = time.process_time(), time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-            cs.append(time.process_time() - c)
-    CPU_MEDIANS[:] = [statistics.median(cs) for cs in cpu]
-    return [statistics.median(ts) for ts in times]
+    detail: list[dict] = []
+    walls = _common.interleaved(*fns, repeats=repeats, warmup=warmup, detail=detail)
+    CPU_MEDIANS[:] = [d["cpu_s"] for d in detail]
+    FAULT_MEDIANS[:] = [d["minor_faults"] for d in detail]
+    return walls
 
 
-#: process CPU-time medians of the last :func:`interleaved` call, in its order
+#: process CPU-time medians and minor page faults per call of the last :func:`interleaved` call, in its order
 CPU_MEDIANS: list[float] = []
+FAULT_MEDIANS: list[float] = []
 
 
 def make_net(seed, widths, encoder="small"):
@@ -181,8 +176,10 @@ def bench_update(args) -> dict:
 def bench_dcr(args, size: int = 64, encoder: str = "small", repeats: int | None = None, variants: bool = True) -> dict:
     """A DCR iteration against a supervised iteration of one network on the same ``2 n`` frames.
 
-    Variants (``variants``): ``pseudo_label_mode="eval"`` (the pseudo-label forwards in eval
-    mode), and that with both sides in ``channels_last`` memory format.
+    Always also: the pseudo-label forwards in bfloat16 (``pseudo_label_precision="bfloat16"``)
+    and a pseudo-label forward alone in float32 and bfloat16 (the floors). Variants
+    (``variants``): ``pseudo_label_mode="eval"`` (the pseudo-label forwards in eval mode), and
+    that with both sides in ``channels_last`` memory format.
     """
     from partialseg.engines.hybrid import HybridTrainer
 
@@ -194,11 +191,12 @@ def bench_dcr(args, size: int = 64, encoder: str = "small", repeats: int | None 
     batch = {"image": image, "label": label, "case": cases}
     batch_cl = {**batch, "image": image.contiguous(memory_format=torch.channels_last)}
 
-    def dcr_run(mode="train", channels_last=False):
+    def dcr_run(mode="train", channels_last=False, precision="float32"):
         net1, net2 = make_net(1, widths, encoder), make_net(2, widths, encoder)
         if channels_last:
             net1, net2 = net1.to(memory_format=torch.channels_last), net2.to(memory_format=torch.channels_last)
-        trainer = HybridTrainer("cpu", 1, [], net1, sgd(net1), net2, sgd(net2), dii=False, dcr=True, pseudo_label_mode=mode, decollate=False)
+        trainer = HybridTrainer("cpu", 1, [], net1, sgd(net1), net2, sgd(net2), dii=False, dcr=True, pseudo_label_mode=mode,
+                                pseudo_label_precision=precision, decollate=False)  # fmt: skip
         trainer.state.output = {}
         b = batch_cl if channels_last else batch
 
@@ -225,24 +223,35 @@ def bench_dcr(args, size: int = 64, encoder: str = "small", repeats: int | None 
             with torch.no_grad():
                 plain(x[:n])
 
-        return run, pseudo
+        def pseudo_bf16():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                plain(x[:n])
 
-    sup, pseudo = sup_run()
-    fns = {"dcr": dcr_run(), "supervised": sup, "pseudo_label_forward": pseudo}
+        return run, pseudo, pseudo_bf16
+
+    sup, pseudo, pseudo_bf16 = sup_run()
+    fns = {"dcr": dcr_run(), "dcr_bf16_pseudo": dcr_run(precision="bfloat16"), "supervised": sup,
+           "pseudo_label_forward": pseudo, "pseudo_label_forward_bf16": pseudo_bf16}  # fmt: skip
     if variants:
         fns.update({"dcr_eval_pseudo": dcr_run("eval"), "dcr_eval_pseudo_channels_last": dcr_run("eval", True),
                     "supervised_channels_last": sup_run(True)[0]})  # fmt: skip
     times = dict(zip(fns, interleaved(*fns.values(), repeats=repeats or args.repeats, warmup=1 if encoder != "small" else 2)))
-    cpu = dict(zip(fns, CPU_MEDIANS))
+    cpu, faults = dict(zip(fns, CPU_MEDIANS)), dict(zip(fns, FAULT_MEDIANS))
     t_dcr, t_sup, t_fwd = times["dcr"], times["supervised"], times["pseudo_label_forward"]
     # what Eq. 7 must compute: two networks' forward + backward on 2n frames (own tutorial + mixed
     # images) and two pseudo-label forwards on n frames: 2 (t_sup + t_fwd) / t_sup
     out = {"pairs": n, "frames": 2 * n, "frame": [size, size], "encoder": encoder, "repeats": repeats or args.repeats,
            **{f"{k}_ms": 1e3 * v for k, v in times.items()}, **{f"cpu_{k}_ms": 1e3 * v for k, v in cpu.items()},
+           **{f"minor_faults_{k}": v for k, v in faults.items()},
            "ratio": t_dcr / t_sup, "floor_ratio": 2 * (t_sup + t_fwd) / t_sup, "overhead_over_floor": t_dcr / (2 * (t_sup + t_fwd)),
            "target": 2.3}  # fmt: skip
     c_sup = cpu["supervised"]
     out.update({"cpu_ratio": cpu["dcr"] / c_sup, "cpu_floor_ratio": 2 * (c_sup + cpu["pseudo_label_forward"]) / c_sup})
+    out.update({
+        "ratio_bf16_pseudo": times["dcr_bf16_pseudo"] / t_sup, "cpu_ratio_bf16_pseudo": cpu["dcr_bf16_pseudo"] / c_sup,
+        "floor_ratio_bf16_pseudo": 2 * (t_sup + times["pseudo_label_forward_bf16"]) / t_sup,
+        "cpu_floor_ratio_bf16_pseudo": 2 * (c_sup + cpu["pseudo_label_forward_bf16"]) / c_sup,
+    })  # fmt: skip
     if variants:
         out["ratio_eval_pseudo"] = times["dcr_eval_pseudo"] / t_sup
         out["ratio_eval_pseudo_channels_last"] = times["dcr_eval_pseudo_channels_last"] / times["supervised_channels_last"]
@@ -261,23 +270,27 @@ def main(argv=None) -> None:
     ap.add_argument("--dcr-rows", nargs="*", default=["128:small:9", "128:resnet50:3"],
                     help="extra DCR rows SIZE:ENCODER:REPEATS (resnet50: the paper's network, preset widths); none: skip")
     ap.add_argument("--skip-dii", action="store_true", help="only the DCR rows")
+    ap.add_argument("--skip-variants", action="store_true", help="DCR rows without the eval-mode / channels_last variants")
+    ap.add_argument("--malloc", choices=["default", "retain"], default="default",
+                    help="'retain': glibc keeps freed memory for the whole process, both sides alike (_common.retain_freed_memory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hybrid_speed.json"))
     args = ap.parse_args(argv)
+    _common.set_malloc(args.malloc)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     results = {
         "command": " ".join(["OMP_NUM_THREADS=1 python benchmarks/hybrid_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "network": f"HybridDeepLab small, widths {args.widths}",
+        "network": f"HybridDeepLab small, widths {args.widths}", "malloc": args.malloc,
     }  # fmt: skip
     if not args.skip_dii:
         results["gradients"] = bench_gradients(args)
         results["indicator_update"] = bench_update(args)
-    results["dcr"] = bench_dcr(args)
+    results["dcr"] = bench_dcr(args, variants=not args.skip_variants)
     results["dcr_rows"] = []
     for spec in args.dcr_rows:
         size, encoder, repeats = spec.split(":")
-        results["dcr_rows"].append(bench_dcr(args, int(size), encoder, int(repeats)))
+        results["dcr_rows"].append(bench_dcr(args, int(size), encoder, int(repeats), variants=not args.skip_variants))
     results["loadavg_before"], results["loadavg_after"] = list(load_before), list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -23,6 +23,7 @@ sampling on/off is the sampler's ``weighted``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,20 @@ __all__ = ["MIXES", "HybridBatch", "HybridPairSampler", "HybridTrainer", "mix_ma
 
 #: the mixture tutorial's masks: the paper's foreground paste, or a CutMix box (its ablation)
 MIXES = ("paste", "cutmix")
+PSEUDO_LABEL_PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+
+
+def native_bfloat16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+
+    What ``pseudo_label_precision="auto"`` asks: elsewhere bfloat16 is emulated and slower than float32.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.x: absent means no
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
 
 
 def mix_masks(labels: Tensor, rng: np.random.Generator, mix: str = "paste", include_background: bool = False) -> Tensor:
@@ -308,6 +323,14 @@ class HybridTrainer(MultiNetworkTrainer):
             predictions: running statistics, nothing updated; cheaper, another method: see
             ``docs/hybrid.md``, Cost). The predictions on the own tutorial always come from the
             training forward (detached), as the paper mixes them.
+        pseudo_label_precision: the dtype of those no-grad forwards: ``"float32"`` (default) or
+            ``"bfloat16"`` / ``"float16"`` (``torch.autocast`` around them only: the networks'
+            training forwards, backward passes and updates stay in float32; the hard
+            pseudo-labels change only where a pixel's logits nearly tie), or ``"auto"``
+            (``"bfloat16"`` where the device computes it natively: a CUDA device with bfloat16, a
+            CPU with AVX512-BF16 or AMX; else ``"float32"``). Cheaper with large networks (the
+            paper's ResNet-50: its forward costs about half), not with small ones; see
+            ``docs/hybrid.md``, Cost.
         balance_strong_classes: in ``g_S`` weigh each class present in a strong mask equally
             (its pixels share ``1 / (classes present)`` of the case's weight) instead of by its
             pixel count (the paper's mean pixel CE). Not the paper's Eq. 3: an option for data
@@ -349,6 +372,7 @@ class HybridTrainer(MultiNetworkTrainer):
         consistency: str = "ce",
         include_background: bool = False,
         pseudo_label_mode: str = "train",
+        pseudo_label_precision: str = "float32",
         balance_strong_classes: bool = False,
         gradient_method: str = "closed_form",
         seed: int = 0,
@@ -377,6 +401,7 @@ class HybridTrainer(MultiNetworkTrainer):
         self.loss_function = DCRLoss(lambda_reg=lambda_reg, consistency=consistency, reduction="none")
         self.include_background = bool(include_background)
         self.pseudo_label_mode = check_option(pseudo_label_mode, ("train", "eval"), "pseudo_label_mode")
+        self.pseudo_label_precision = check_option(pseudo_label_precision, PSEUDO_LABEL_PRECISIONS, "pseudo_label_precision")
         self.balance_strong_classes = bool(balance_strong_classes)
         self.seed = check_int(seed, "seed", minimum=0)
         self.indicators = indicators
@@ -394,6 +419,19 @@ class HybridTrainer(MultiNetworkTrainer):
         self.state.indicator_updates = []
         if self.dii:
             self.add_event_handler(Events.ITERATION_COMPLETED(every=self.tau), lambda engine: engine.update_indicators())
+
+    def pseudo_label_dtype(self) -> torch.dtype:
+        """The dtype of the pseudo-label forwards (``pseudo_label_precision``, ``"auto"`` resolved)."""
+        if self.pseudo_label_precision != "auto":
+            return getattr(torch, self.pseudo_label_precision)
+        return torch.bfloat16 if native_bfloat16(self._device_type()) else torch.float32
+
+    def pseudo_label_autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to :meth:`pseudo_label_dtype` (a null context for float32)."""
+        dtype = self.pseudo_label_dtype()
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type(), dtype=dtype)
 
     @property
     def lambda_reg(self) -> float:
@@ -469,7 +507,7 @@ class HybridTrainer(MultiNetworkTrainer):
         net1, net2 = self.networks["net1"], self.networks["net2"]
         z1_i, z1_m = net1(torch.cat([x_i, x_m])).split(n)
         z2_j, z2_m = net2(torch.cat([x_j, x_m])).split(n)
-        with torch.no_grad():
+        with torch.no_grad(), self.pseudo_label_autocast():
             if self.pseudo_label_mode == "eval":
                 modes = net1.training, net2.training
                 net1.eval(), net2.eval()

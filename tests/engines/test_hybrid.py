@@ -120,6 +120,53 @@ def test_pseudo_label_mode_eval_takes_the_other_tutorial_from_inference_predicti
     agree = bool(torch.equal(out["pseudo1_m"][~mask], expected.expand_as(mask)[~mask]))
     assert agree == (mode == "eval")  # untrained network: batch and running statistics give other predictions
 
+def test_bfloat16_pseudo_labels_run_only_the_pseudo_label_forwards_in_bfloat16():
+    data = toy()
+    trainer = _trainer(data, pseudo_label_precision="bfloat16")
+    seen = []
+    for net in trainer.networks.values():
+        net.classifier.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    image, label, cases = _batch(data, [0, 5, 6, 21, 1, 2, 7, 8])
+    trainer.state.output, trainer.state.iteration = {}, 3
+    loss = trainer.compute_dcr_loss(image, label, cases)
+    # each network: its training forward (own tutorial + mixed images) in float32, the pseudo-label forward in bfloat16
+    assert sorted(seen, key=str) == sorted([(True, torch.float32)] * 2 + [(False, torch.bfloat16)] * 2, key=str)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for net in trainer.networks.values() for p in net.parameters())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_pseudo_labels_differ_from_float32_ones_only_at_near_ties(seed):
+    data = toy()
+    image, label, cases = _batch(data, [0, 5, 6, 21, 1, 2, 7, 8])
+    outs = {}
+    for precision in ("float32", "bfloat16"):  # the same initialisations: Tiny(seed), Tiny(seed + 10)
+        trainer = _trainer(data, network1=Tiny(seed), network2=Tiny(seed + 10), pseudo_label_precision=precision)
+        trainer.state.output, trainer.state.iteration = {}, 3
+        trainer.compute_dcr_loss(image, label, cases)
+        outs[precision] = trainer.state.output
+    mask = outs["float32"]["mix_mask"]
+    with torch.no_grad():  # network 1's float32 logits on x_j, as its pseudo-label forward saw them (batch statistics of x_j)
+        z = Tiny(seed)(image[4:])
+    margin = (z[:, 1:2] - z[:, 0:1]).abs()
+    differ = outs["float32"]["pseudo1_m"] != outs["bfloat16"]["pseudo1_m"]
+    assert not (differ & mask).any()  # inside B the labels come from the float32 training forward
+    assert differ.float().mean() < 0.01
+    assert (margin[differ] < 0.02 * z.abs().max()).all()  # only where the two classes' logits nearly tie
+
+
+def test_pseudo_label_precision_is_checked_and_auto_follows_the_hardware():
+    from partialseg.engines.hybrid import native_bfloat16
+
+    with pytest.raises(ValueError, match="pseudo_label_precision"):
+        _trainer(toy(), pseudo_label_precision="half")
+    auto = _trainer(toy(), pseudo_label_precision="auto").pseudo_label_dtype()
+    assert auto == (torch.bfloat16 if native_bfloat16("cpu") else torch.float32)
+    assert _trainer(toy(), pseudo_label_precision="float16").pseudo_label_dtype() == torch.float16
+    assert not native_bfloat16("meta")
+
+
 def test_cutmix_masks_are_boxes_and_draws_are_reproducible():
     y = torch.zeros(6, 16, 16, dtype=torch.long)
     masks = mix_masks(y, np.random.default_rng(1), "cutmix")
