@@ -216,12 +216,16 @@ class PartialLabelTrainTask(TrainTask):
         (a planned key's fallback: the task's dataset folder holds no ``plan.json``)."""
         return overrides[key] if key in overrides else plan_fallback(self.train_config.get(key))
 
+    def requested_epochs(self, request: dict[str, Any]) -> int:
+        """The epochs of the run: the request's ``max_epochs``, else the task's default (``max_epochs``)."""
+        return int(request.get("max_epochs", self.max_epochs))
+
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         """Config keys of the stage to run and its start: stage 2, from the served ``models/model.pt`` if any."""
         served = self.bundle_root / "models" / "model.pt"
         return {
             "stage": 2,
-            "epochs_stage2": int(request.get("max_epochs", self.max_epochs)),
+            "epochs_stage2": self.requested_epochs(request),
             "init_from_stage1": served.is_file(),
             "stage1_ckpt": str(served),
         }
@@ -444,7 +448,7 @@ class ConditionalTrainTask(PartialLabelTrainTask):
 
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         stage = self.choose_stage(request)
-        overrides: dict[str, Any] = {"stage": stage, f"epochs_stage{stage}": int(request.get("max_epochs", self.max_epochs))}
+        overrides: dict[str, Any] = {"stage": stage, f"epochs_stage{stage}": self.requested_epochs(request)}
         if stage == 2:
             overrides["stage1_ckpt"] = str(self.bundle_root / "models" / "model.pt")
         return overrides
@@ -511,7 +515,7 @@ class SemiSupervisedTrainTask(PartialLabelTrainTask):
 
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         """One run of ``max_epochs`` epochs from scratch, validated on the labelled cases."""
-        return {"epochs": int(request.get("max_epochs", self.max_epochs)), "val_split": "validation"}
+        return {"epochs": self.requested_epochs(request), "val_split": "validation"}
 
     def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
         """The labelled cases (all training, validated on too) and the unlabelled images of the
@@ -586,7 +590,7 @@ class HybridTrainTask(PartialLabelTrainTask):
 
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         """One run of ``max_epochs`` epochs from scratch, validated on the strong labels."""
-        return {"epochs": int(request.get("max_epochs", self.max_epochs)), "val_split": "validation"}
+        return {"epochs": self.requested_epochs(request), "val_split": "validation"}
 
     @staticmethod
     def supervision(label_path: str, info: dict[str, Any] | None) -> dict[str, str]:
@@ -694,7 +698,7 @@ class AtlasTrainTask(PartialLabelTrainTask):
 
     def stage_overrides(self, request: dict[str, Any]) -> dict[str, Any]:
         """One run of ``max_epochs`` epochs from scratch."""
-        return {"epochs": int(request.get("max_epochs", self.max_epochs))}
+        return {"epochs": self.requested_epochs(request)}
 
     @staticmethod
     def modality(datastore: Datastore, image_id: str, label_info: dict[str, Any] | None) -> str | None:
