@@ -232,7 +232,7 @@ def pseudo_label_agreement(engine) -> dict:
                 z16 = copy.deepcopy(net).train()(x)
             same += int((z32.argmax(1) == z16.float().argmax(1)).sum())
             total += z32[:, 0].numel()
-    return {"iteration": int(engine.state.iteration) + 1, "share": same / total}
+    return {"iteration": int(engine.state.iteration), "share": same / total}  # ITERATION_STARTED: already the coming one
 
 
 def run_arm(arm, seed, data, args) -> dict:
