@@ -86,10 +86,20 @@ def set_malloc(choice: str) -> None:
         raise SystemExit("--malloc retain needs glibc (mallopt)")
 
 
-def read_runs(path: str | Path) -> list[dict]:
-    """The runs of a JSONL run file (one JSON object per non-empty line); [] when it does not exist."""
+def read_runs(path: str | Path, config: dict | None = None) -> list[dict]:
+    """The runs of a JSONL run file (one JSON object per non-empty line); [] when it does not exist.
+
+    ``config``: only the runs made with this configuration (their ``"config"`` entry).
+    """
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return runs if config is None else [r for r in runs if r.get("config") == config]
+
+
+def start_afresh(path: str | Path) -> list[dict]:
+    """A run without ``--resume``: the run file removed; returns the (no) runs to skip."""
+    Path(path).unlink(missing_ok=True)
+    return []
 
 
 def append_run(path: str | Path, run: dict) -> None:

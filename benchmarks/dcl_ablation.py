@@ -536,7 +536,7 @@ def main(argv=None) -> None:
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     cfg = config_of(args)
-    runs = [r for r in _common.read_runs(out) if r.get("config") == cfg]
+    runs = _common.read_runs(out, cfg)
     main_report = Path(args.report).resolve() in ((RESULTS / "dcl_ablation.md").resolve(), (RESULTS / "dcl_stack.md").resolve())
     stem = "dcl_stack" if args.levels else "dcl_ablation"
     verdict_path = Path(args.verdict) if args.verdict else (RESULTS / f"{stem}_verdict.md" if main_report else None)
@@ -547,9 +547,7 @@ def main(argv=None) -> None:
         print(write_report(args, runs, " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_ablation.py", *(a for a in given if a != "--report-only")]), verdict))
         return
     if not args.resume:
-        runs = []
-        if out.is_file():
-            out.unlink()
+        runs = _common.start_afresh(out)
     splits = load_data(args)
     print(f"data: {len(splits['training'])} training, {len(splits['validation'])} validation, {len(splits['test'])} test slices", flush=True)
     cache: dict = {}

@@ -573,15 +573,12 @@ def main(argv=None) -> None:
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dtml_ablation.py", *(a for a in given if a not in ("--report-only", "--resume", "--no-docs"))])
     out = Path(args.out)
     cfg = config_of(args)
-    runs = _common.read_runs(out)
-    runs = [r for r in runs if r.get("config") == cfg]
+    runs = _common.read_runs(out, cfg)
     if args.report_only:
         print(write_report(args, runs, command))
         return
     if not args.resume:
-        runs = []
-        if out.is_file():
-            out.unlink()
+        runs = _common.start_afresh(out)
     t = time.perf_counter()
     data = load_data(args)
     print(f"data: {len(data['train'])} training ({data['n_lab']} labelled), {len(data['test'])} test volumes "

@@ -410,15 +410,12 @@ def main(argv=None) -> None:
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/hybrid_ablation.py", *(a for a in given if a != "--report-only")])
     out, cfg = Path(args.out), config_of(args)
-    runs = _common.read_runs(out)
-    runs = [r for r in runs if r.get("config") == cfg]
+    runs = _common.read_runs(out, cfg)
     if args.report_only:
         print(write_report(args, runs, command))
         return
     if not args.resume:
-        runs = []
-        if out.is_file():
-            out.unlink()
+        runs = _common.start_afresh(out)
     data = load_data(args)
     print(f"data: {data['description']}", flush=True)
     done = {(r["arm"], r["seed"]) for r in runs}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -293,6 +293,19 @@ def _balance_strong(weights: Tensor, y: Tensor, rows: Tensor, strong: Sequence[b
     return weights
 
 
+class _IndicatorBatch(NamedTuple):
+    """One batch of the indicator pass: network 1's last-layer inputs and the instances in it."""
+
+    cases: list[str]
+    y: Tensor  # class indices (B, *spatial)
+    features: Tensor  # the classifier's input, float32
+    classifier: nn.Module
+    tail: Callable | None  # logits -> image grid (upsampling), or None
+    rows: Tensor  # instance -> batch row
+    weights: Tensor  # instance pixel weights
+    classes: list  # instance -> class (None: the whole case)
+
+
 class HybridTrainer(MultiNetworkTrainer):
     """Pan et al.'s hybrid supervision (DII + DCR) on :class:`~partialseg.engines.MultiNetworkTrainer`.
 
@@ -540,29 +553,21 @@ class HybridTrainer(MultiNetworkTrainer):
 
     # ------------------------------------------------------------------------------ upper level
 
-    def indicator_gradients(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Network 1's last-layer gradients on ``indicator_loader``: ``(g_S, weak rows, g_k)``.
+    def _indicators_for(self, caller: str) -> InstanceIndicators:
+        if self.indicators is None or self.indicator_loader is None:
+            raise ValueError(f"{caller} needs indicators and an indicator_loader.")
+        return self.indicators
 
-        ``g_S`` ``(n,)`` is the mean over the strong cases' instance gradients (the gradient of the
-        mean CE over the strong set), ``g_k`` ``(M', n)`` the gradients of the weak instances seen
-        (an instance seen more than once: the mean), ``weak rows`` their indicator rows. Network 1
-        runs in eval mode (batch norm's running statistics, so instances do not interact).
-
-        Raises:
-            ValueError: no strong case in ``indicator_loader``, a case the indicators do not know.
+    def _indicator_batches(self) -> Iterator[_IndicatorBatch]:
+        """Network 1 (eval mode, restored after) over ``indicator_loader``: per batch what the last-layer
+        gradients need (:class:`_IndicatorBatch`). Shared by :meth:`indicator_gradients` and :meth:`indicator_dots`.
         """
-        ind = self.indicators
-        if ind is None or self.indicator_loader is None:
-            raise ValueError("indicator_gradients needs indicators and an indicator_loader.")
+        ind = self._indicators_for("the indicator pass")
         network = self.networks["net1"]
         features_fn, classifier, upsample = _last_layer(network)
         make_tail = getattr(unwrap_network(network), "logit_tail", None)
         was_training = network.training
         network.eval()
-        strong_sum: Tensor | None = None
-        strong_n = 0
-        weak_sum: Tensor | None = None
-        weak_count = torch.zeros(len(ind), dtype=torch.long)
         try:
             for batchdata in self.indicator_loader:
                 image, label, cases = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
@@ -577,21 +582,40 @@ class HybridTrainer(MultiNetworkTrainer):
                 tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
                 if callable(make_tail):  # the same upsampling as matrices with their transpose (no autograd)
                     tail = make_tail(tuple(features.shape[2:]), size, device=features.device)
-                grads = last_layer_gradients(features.float(), classifier, y, rows, weights, tail, self.gradient_method).cpu()
-                if weak_sum is None:
-                    weak_sum = torch.zeros(len(ind), grads.shape[1], dtype=torch.float64)
-                    strong_sum = torch.zeros(grads.shape[1], dtype=torch.float64)
-                for k, (r, c) in enumerate(zip(rows.tolist(), classes)):
-                    case = cases[r]
-                    if ind.is_strong(case):
-                        strong_sum += grads[k]
-                        strong_n += 1
-                    else:
-                        idx = ind.index[(case, c)]
-                        weak_sum[idx] += grads[k]
-                        weak_count[idx] += 1
+                yield _IndicatorBatch(list(cases), y, features.float(), classifier, tail, rows, weights, classes)
         finally:
             network.train(was_training)
+
+    def indicator_gradients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Network 1's last-layer gradients on ``indicator_loader``: ``(g_S, weak rows, g_k)``.
+
+        ``g_S`` ``(n,)`` is the mean over the strong cases' instance gradients (the gradient of the
+        mean CE over the strong set), ``g_k`` ``(M', n)`` the gradients of the weak instances seen
+        (an instance seen more than once: the mean), ``weak rows`` their indicator rows. Network 1
+        runs in eval mode (batch norm's running statistics, so instances do not interact).
+
+        Raises:
+            ValueError: no strong case in ``indicator_loader``, a case the indicators do not know.
+        """
+        ind = self._indicators_for("indicator_gradients")
+        strong_sum: Tensor | None = None
+        strong_n = 0
+        weak_sum: Tensor | None = None
+        weak_count = torch.zeros(len(ind), dtype=torch.long)
+        for b in self._indicator_batches():
+            grads = last_layer_gradients(b.features, b.classifier, b.y, b.rows, b.weights, b.tail, self.gradient_method).cpu()
+            if weak_sum is None:
+                weak_sum = torch.zeros(len(ind), grads.shape[1], dtype=torch.float64)
+                strong_sum = torch.zeros(grads.shape[1], dtype=torch.float64)
+            for k, (r, c) in enumerate(zip(b.rows.tolist(), b.classes)):
+                case = b.cases[r]
+                if ind.is_strong(case):
+                    strong_sum += grads[k]
+                    strong_n += 1
+                else:
+                    idx = ind.index[(case, c)]
+                    weak_sum[idx] += grads[k]
+                    weak_count[idx] += 1
         if strong_n == 0 or strong_sum is None or weak_sum is None:
             raise ValueError("indicator_loader holds no strong case: g_S (the strong set's gradient) cannot be computed.")
         seen = torch.nonzero(weak_count).flatten()
@@ -619,12 +643,7 @@ class HybridTrainer(MultiNetworkTrainer):
         Raises:
             ValueError: no strong case in ``indicator_loader``, a case the indicators do not know.
         """
-        ind = self.indicators
-        if ind is None or self.indicator_loader is None:
-            raise ValueError("indicator_dots needs indicators and an indicator_loader.")
-        network = self.networks["net1"]
-        features_fn, classifier, upsample = _last_layer(network)
-        make_tail = getattr(unwrap_network(network), "logit_tail", None)
+        ind = self._indicators_for("indicator_dots")
         strong_all = set(ind.strong)
         strong_sum: dict[str, Tensor] = {}
         strong_count: dict[str, int] = {}
@@ -632,49 +651,32 @@ class HybridTrainer(MultiNetworkTrainer):
         dot_sum = torch.zeros(len(ind), dtype=torch.float64)
         pending: dict[int, Tensor] = {}  # weak row -> sum of its g_k met before g_S was known
         weak_count = torch.zeros(len(ind), dtype=torch.long)
-        was_training = network.training
-        network.eval()
-        try:
-            for batchdata in self.indicator_loader:
-                image, label, cases = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
-                sd = image.ndim - 2
-                y = self._labels(label, sd, image, cases)
-                with torch.no_grad(), self.autocast():
-                    features = features_fn(image)
-                features = features.float()
-                rows, weights, classes = instance_pixel_weights(y, [ind.instance_classes(c) for c in cases], sd)
-                if self.balance_strong_classes:
-                    weights = _balance_strong(weights, y, rows, [ind.is_strong(cases[r]) for r in rows.tolist()])
-                size = tuple(image.shape[2:])
-                tail = None if upsample is None else (lambda z, size=size: upsample(z, size))
-                if callable(make_tail):
-                    tail = make_tail(tuple(features.shape[2:]), size, device=features.device)
-                is_strong = [ind.is_strong(cases[r]) for r in rows.tolist()]
-                strong_k = [k for k, s in enumerate(is_strong) if s and (g_s is None)]
-                if strong_k:
-                    sel = torch.tensor(strong_k, device=rows.device)
-                    grads = last_layer_gradients(features, classifier, y, rows[sel], weights[sel], tail, "closed_form").cpu().double()
-                    for k, g in zip(strong_k, grads):
-                        case = cases[int(rows[k])]
-                        strong_sum[case] = strong_sum[case] + g if case in strong_sum else g
-                        strong_count[case] = strong_count.get(case, 0) + 1
-                    if set(strong_sum) == strong_all:
-                        g_s = torch.stack([strong_sum[c] / strong_count[c] for c in ind.strong]).mean(0)
-                weak_k = [k for k, s in enumerate(is_strong) if not s]
-                if not weak_k:
-                    continue
-                sel = torch.tensor(weak_k, device=rows.device)
-                idx = torch.tensor([ind.index[(cases[int(rows[k])], classes[k])] for k in weak_k])
-                weak_count.index_add_(0, idx, torch.ones_like(idx))
-                if g_s is not None:
-                    dots = last_layer_gradient_dots(features, classifier, y, rows[sel], weights[sel], g_s.float(), tail)
-                    dot_sum.index_add_(0, idx, dots.cpu().double())
-                else:
-                    grads = last_layer_gradients(features, classifier, y, rows[sel], weights[sel], tail, "closed_form").cpu().double()
-                    for i, g in zip(idx.tolist(), grads):
-                        pending[i] = pending[i] + g if i in pending else g
-        finally:
-            network.train(was_training)
+        for b in self._indicator_batches():
+            rows, weights = b.rows, b.weights
+            is_strong = [ind.is_strong(b.cases[r]) for r in rows.tolist()]
+            strong_k = [k for k, s in enumerate(is_strong) if s and (g_s is None)]
+            if strong_k:
+                sel = torch.tensor(strong_k, device=rows.device)
+                grads = last_layer_gradients(b.features, b.classifier, b.y, rows[sel], weights[sel], b.tail, "closed_form").cpu().double()
+                for k, g in zip(strong_k, grads):
+                    case = b.cases[int(rows[k])]
+                    strong_sum[case] = strong_sum[case] + g if case in strong_sum else g
+                    strong_count[case] = strong_count.get(case, 0) + 1
+                if set(strong_sum) == strong_all:
+                    g_s = torch.stack([strong_sum[c] / strong_count[c] for c in ind.strong]).mean(0)
+            weak_k = [k for k, s in enumerate(is_strong) if not s]
+            if not weak_k:
+                continue
+            sel = torch.tensor(weak_k, device=rows.device)
+            idx = torch.tensor([ind.index[(b.cases[int(rows[k])], b.classes[k])] for k in weak_k])
+            weak_count.index_add_(0, idx, torch.ones_like(idx))
+            if g_s is not None:
+                dots = last_layer_gradient_dots(b.features, b.classifier, b.y, rows[sel], weights[sel], g_s.float(), b.tail)
+                dot_sum.index_add_(0, idx, dots.cpu().double())
+            else:
+                grads = last_layer_gradients(b.features, b.classifier, b.y, rows[sel], weights[sel], b.tail, "closed_form").cpu().double()
+                for i, g in zip(idx.tolist(), grads):
+                    pending[i] = pending[i] + g if i in pending else g
         if g_s is None and strong_sum:  # not every strong case in the loader: the mean over those seen
             g_s = torch.stack([strong_sum[c] / strong_count[c] for c in strong_sum]).mean(0)
         if g_s is None:
