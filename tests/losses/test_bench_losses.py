@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "losses.py"
+from benchmark_harness import load_benchmark
 
 
 def test_quick_run_prints_a_row_per_loss(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_losses", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("losses")
     names = ["MarginalCELoss", "MarginalDiceLoss", "MarginalExclusionLoss", "CompatibleLoss(ce, ce)"]
     out = tmp_path / "losses.json"
     result = module.main(["--quick", "--reps", "1", "--out", str(out), "--only", *names])
@@ -23,9 +18,7 @@ def test_quick_run_prints_a_row_per_loss(tmp_path, capsys):
 
 
 def test_quick_class_sweep_gives_ratios_per_class_count(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_losses", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("losses")
     out = tmp_path / "sweep.json"
     argv = ["--sweep", "--quick", "--reps", "1", "--classes", "3", "5", "--target", "movedim", "--out", str(out)]
     result = module.main([*argv, "--only", "MarginalCELoss", "MarginalDiceLoss"])
