@@ -211,6 +211,20 @@ class PartialLabelTrainTask(TrainTask):
         (folder / "dataset.json").write_text(json.dumps(content, indent=2))
         return content
 
+    @staticmethod
+    def labelled_cases(content: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every labelled case of :meth:`dataset`'s content, once (a held-out validation case included)."""
+        return list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+
+    @staticmethod
+    def rewrite_dataset(content: dict[str, Any], folder: Path, training: list, validation: list) -> dict[str, Any]:
+        """``content`` with these splits (validation drawn from training, declared so), written again as
+        ``folder/dataset.json``; returns it."""
+        content.pop("validation_reuses_training", None)
+        content.update(training=training, validation=validation, validation_reuses_training=True)
+        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
+        return content
+
     def setting(self, overrides: dict[str, Any], key: str) -> Any:
         """The value of config ``key`` in a run with ``overrides``: the override, else ``train.json``'s
         (a planned key's fallback: the task's dataset folder holds no ``plan.json``)."""
@@ -521,7 +535,7 @@ class SemiSupervisedTrainTask(PartialLabelTrainTask):
         """The labelled cases (all training, validated on too) and the unlabelled images of the
         bundle's dimensionality, as ``folder/dataset.json``; returns its content."""
         content = super().dataset(datastore, folder)
-        labelled = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        labelled = self.labelled_cases(content)
         known = set(datastore.get_labeled_images())
         unlabelled, skipped = [], []
         for image_id in sorted(set(datastore.list_images()) - known):
@@ -533,10 +547,7 @@ class SemiSupervisedTrainTask(PartialLabelTrainTask):
             unlabelled.append({"image": image, "source": self.UNLABELLED_SOURCE, "case": image_id})
         if skipped:
             logger.info(f"{self.name}: {len(skipped)} unlabelled image(s) are not {self.dimension}D, left out: {skipped}")
-        content.pop("validation_reuses_training", None)
-        content.update(training=labelled + unlabelled, validation=[dict(c) for c in labelled], validation_reuses_training=True)
-        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
-        return content
+        return self.rewrite_dataset(content, folder, training=labelled + unlabelled, validation=[dict(c) for c in labelled])
 
     def data_overrides(self, content: dict[str, Any]) -> dict[str, Any]:
         """``sampling: "case"`` when the datastore holds no unlabelled image (two streams need both kinds)."""
@@ -616,15 +627,12 @@ class HybridTrainTask(PartialLabelTrainTask):
     def dataset(self, datastore: Datastore, folder: Path) -> dict[str, Any]:
         """Every labelled case (strong or weak, whole-image masks) trains; the strong ones validate."""
         content = super().dataset(datastore, folder)
-        cases = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        cases = self.labelled_cases(content)
         for case in cases:
             case.update(self.supervision(case["label"], datastore.get_label_info(case["case"], DefaultLabelTag.FINAL)))
             case["annotated"] = "all"
         strong = [dict(c) for c in cases if c["supervision"] == "strong"]
-        content.pop("validation_reuses_training", None)
-        content.update(training=cases, validation=strong, validation_reuses_training=True)
-        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
-        return content
+        return self.rewrite_dataset(content, folder, training=cases, validation=strong)
 
     def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
         """Refuse a datastore without a strong or without a weak label (named)."""
@@ -715,13 +723,10 @@ class AtlasTrainTask(PartialLabelTrainTask):
         """Every labelled 3D image trains, with its ``annotated`` organs and its ``modality`` (None
         when the datastore has none: :meth:`check` names it)."""
         content = super().dataset(datastore, folder)
-        cases = list(content["training"]) + [c for c in content["validation"] if not content.get("validation_reuses_training")]
+        cases = self.labelled_cases(content)
         for case in cases:
             case["modality"] = self.modality(datastore, case["case"], datastore.get_label_info(case["case"], DefaultLabelTag.FINAL))
-        content.pop("validation_reuses_training", None)
-        content.update(training=cases, validation=[dict(c) for c in cases], validation_reuses_training=True)
-        (folder / "dataset.json").write_text(json.dumps(content, indent=2))
-        return content
+        return self.rewrite_dataset(content, folder, training=cases, validation=[dict(c) for c in cases])
 
     def check(self, content: dict[str, Any], overrides: dict[str, Any]) -> None:
         """Refuse images without a known modality and organs no label annotates (named), then build
