@@ -37,7 +37,6 @@ UNet of the paper's width (64 base channels), where they are not.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -212,18 +211,8 @@ def main(argv=None) -> None:
                   f"backbone {r['own_backbone_iteration_s'] * 1e3:.0f} ms ({r['ratio_own']:.3f}x), plain UNet "
                   f"{r['plain_unet_iteration_s'] * 1e3:.0f} ms ({r['ratio_plain']:.3f}x); target <= 2.5; DualNet params with a "
                   f"gradient: {r['dualnet_params_with_grad']}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dcl_speed.py", *(sys.argv[1:] if argv is None else argv)])
-    text = report(results, command)
-    out.with_suffix(".md").write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    if not args.no_docs:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from dcl_ablation import update_results_md
-
-        update_results_md(text, header=SECTION)
+    _common.save_report(results, args.out, report(results, command), SECTION, docs=not args.no_docs)
 
 
 SECTION = "## dcl: cost on CPU (one thread)"

@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -194,18 +193,8 @@ def main(argv=None) -> None:
         results["inference"].append(r)
         print(f"[{name}] inference {args.size} (windows {args.crop}): DTMLPredictor {r['predictor_s'] * 1e3:.0f} ms, bare "
               f"{r['bare_s'] * 1e3:.0f} ms: {r['ratio']:.3f}x (target <= 1.05)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/dtml_speed.py", *(sys.argv[1:] if argv is None else argv)])
-    text = report(results, command)
-    out.with_suffix(".md").write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    if not args.no_docs:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from dtml_ablation import update_results_md
-
-        update_results_md(text, header=SECTION)
+    _common.save_report(results, args.out, report(results, command), SECTION, docs=not args.no_docs)
 
 
 if __name__ == "__main__":
