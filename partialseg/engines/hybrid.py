@@ -518,8 +518,8 @@ class HybridTrainer(MultiNetworkTrainer):
         paste = ForegroundPaste()
         x_m = paste(x_i, x_j, mask)
         net1, net2 = self.networks["net1"], self.networks["net2"]
-        # the pseudo-label forwards first, while no graph is alive: the same values, a lower peak (two graphs
-        # plus these forwards' activations made glibc return and fault in ~4x more pages; docs/hybrid.md, Cost)
+        z1_i, z1_m = net1(torch.cat([x_i, x_m])).split(n)
+        z2_j, z2_m = net2(torch.cat([x_j, x_m])).split(n)
         with torch.no_grad(), self.pseudo_label_autocast():
             if self.pseudo_label_mode == "eval":
                 modes = net1.training, net2.training
@@ -530,8 +530,6 @@ class HybridTrainer(MultiNetworkTrainer):
                     net1.train(modes[0]), net2.train(modes[1])
             else:
                 z1_j, z2_i = net1(x_j), net2(x_i)
-        z1_i, z1_m = net1(torch.cat([x_i, x_m])).split(n)
-        z2_j, z2_m = net2(torch.cat([x_j, x_m])).split(n)
         out.update({Keys.IMAGE: x_i, Keys.LABEL: label[:n], Keys.PRED: torch.softmax(z1_i.detach().float(), 1)})
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if self.consistency == "ce":
