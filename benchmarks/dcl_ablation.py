@@ -516,18 +516,13 @@ def write_report(args, runs, command, verdict: str | None = None) -> str:
     if not args.quick:
         Path(args.report).write_text(text)
     if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dcl_ablation.md").resolve():  # only the main study
-        update_results_md(text)
+        _common.update_results_md(text, header=SECTION)
     if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dcl_stack.md").resolve():  # the stack study
-        update_results_md(text, header=STACK_SECTION)
+        _common.update_results_md(text, header=STACK_SECTION)
     return text
 
 
 _rel = _common.rel
-
-
-def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
-    """Replace (or append) our section of docs/results.md, leaving every other section alone."""
-    _common.update_results_md(section_text, path, header)
 
 
 def main(argv=None) -> None:

@@ -503,7 +503,7 @@ def write_report(args, runs, command) -> str:
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(text)
     if not args.no_docs and Path(args.report).resolve() == (RESULTS / "dtml_ablation.md").resolve():
-        update_results_md(text)
+        _common.update_results_md(text, header=SECTION)
     if summary:
         plot(runs, Path(args.report).with_suffix(".png"))
     if any(r.get("arbiter") for r in runs):
@@ -559,11 +559,6 @@ def plot_arbiter(runs: list[dict], path: Path) -> None:
 
 
 _rel = _common.rel
-
-
-def update_results_md(section_text: str, path: Path = ROOT / "docs" / "results.md", header: str = SECTION) -> None:
-    """Replace (or append) our section of docs/results.md, leaving every other section alone."""
-    _common.update_results_md(section_text, path, header)
 
 
 def main(argv=None) -> None:
