@@ -327,3 +327,15 @@ def test_the_indicator_pass_lists_the_strong_cases_first(tmp_path):
     data = parser(tmp_path).get_parsed_content("indicator#dataset").data
     kinds = [c["supervision"] for c in data]
     assert kinds == sorted(kinds, key=lambda k: k != "strong") and kinds.count("strong") == DATA["num_strong"]
+
+
+def test_the_trainer_takes_the_configured_pseudo_label_precision(tmp_path):
+    """The bundle's ``pseudo_label_precision`` reaches ``HybridTrainer`` (default ``"auto"``: bfloat16 where native)."""
+    from partialseg.engines.hybrid import native_bfloat16
+
+    make_data(tmp_path)
+    auto = parser(tmp_path).get_parsed_content("train#trainer")
+    assert auto.pseudo_label_precision == "auto"
+    assert auto.pseudo_label_dtype() == (torch.bfloat16 if native_bfloat16(auto._device_type()) else torch.float32)
+    exact = parser(tmp_path, pseudo_label_precision="float32").get_parsed_content("train#trainer")
+    assert exact.pseudo_label_dtype() == torch.float32
