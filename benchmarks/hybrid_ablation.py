@@ -227,9 +227,10 @@ def pseudo_label_agreement(engine) -> dict:
     same = total = 0
     with torch.no_grad():
         for net, x in ((engine.networks["net1"], image[n:]), (engine.networks["net2"], image[:n])):
-            z32 = copy.deepcopy(net).train()(x)
+            twin = copy.deepcopy(net).train()  # train mode: batch statistics, so the first call does not change the second
+            z32 = twin(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                z16 = copy.deepcopy(net).train()(x)
+                z16 = twin(x)
             same += int((z32.argmax(1) == z16.float().argmax(1)).sum())
             total += z32[:, 0].numel()
     return {"iteration": int(engine.state.iteration), "share": same / total}  # ITERATION_STARTED: already the coming one
